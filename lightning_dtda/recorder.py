@@ -1,0 +1,417 @@
+"""``TrajectoryRecorder``: a Lightning callback that records what attribution needs from a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+from typing_extensions import override
+
+from lightning_dtda._io import load_json, save_json, save_torch
+from lightning_dtda.data import fingerprint_dataset
+from lightning_dtda.trajectory import MANIFEST, SNAPSHOT_FORMAT, jsonable
+
+
+class _RecordingSampler(Sampler[int]):
+    """Passes a sampler's indices through unchanged and remembers those of the current pass.
+
+    The sampler runs in the main process even when the DataLoader has workers, and batches reach
+    ``training_step`` in sampler order, so the k-th batch of a pass holds the k-th chunk of
+    ``batch_size`` indices drawn in that pass, however far the loader has prefetched.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.drawn: list[int] = []
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[int]:
+        self.drawn = []
+        self.passes += 1
+        for index in self.sampler:
+            self.drawn.append(int(index))
+            yield index
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        # ``set_epoch`` and friends of the wrapped sampler stay reachable.
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("lightning-dtda")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class TrajectoryRecorder(Callback):
+    r"""Record the weights, learning rates and batch membership of a training run.
+
+    Attribution by influence functions needs the final weights; unrolled differentiation needs the
+    whole path. This callback keeps both, in one folder per run under ``dirpath``:
+
+    - ``manifest.json``: package versions, the LightningModule's class path and hyperparameters,
+      the seed, the training set's length and fingerprint, the optimizer's class and per-group
+      settings, the schedulers, batch size, steps per epoch, gradient accumulation, world size, and
+      the list of snapshots with their SHA-256 checksums;
+    - ``snapshots/step_XXXXXXXX.pt``: the module's ``state_dict`` at step 0, every
+      ``every_n_train_steps`` optimizer steps or ``every_n_epochs`` epochs, and at the end, with the
+      learning rate of every parameter group; each snapshot also holds, for every optimizer step
+      since the previous snapshot, the dataset indices of each micro-batch (in the order they were
+      in the batch) and the learning rates that step used.
+
+    Batch membership is read from the train DataLoader's sampler: any ``DataLoader`` built with
+    ``batch_size`` (``shuffle=True`` or a custom ``sampler``) works unchanged, with or without
+    workers. Every file is written to a temporary name and renamed, so a killed run leaves no
+    half-written file. The callback's ``state_dict`` (saved in Lightning checkpoints) holds the run
+    folder and the steps since the last snapshot, so ``trainer.fit(ckpt_path=...)`` continues the
+    same run; snapshots written after that checkpoint are discarded as belonging to the abandoned
+    continuation.
+
+    Args:
+        dirpath: Folder of runs (an ensemble). Each run writes into ``dirpath / run_name``.
+        run_name: Name of this run's folder. Defaults to ``seed_{seed}``, or ``run_{k}`` (the first
+            free ``k``) when no seed is known.
+        every_n_train_steps: Snapshot every this many optimizer steps.
+        every_n_epochs: Snapshot at the end of every this many epochs. Defaults to 1 when neither
+            interval is given; at most one of the two may be set.
+        save_optimizer_state: Also store the optimizer's ``state_dict`` in each snapshot.
+        seed: The run's seed. Defaults to the one set by ``lightning.seed_everything``.
+
+    Raises:
+        ValueError: If both intervals are set, or an interval is not a positive integer.
+        RuntimeError: At fit start, if the run folder already holds a recorded run, if the train
+            DataLoader has no ``BatchSampler`` to record from, if there are several optimizers, or
+            under multi-process training.
+
+    Example::
+
+        from lightning import Trainer, seed_everything
+        from lightning_dtda import TrajectoryRecorder
+
+        for seed in range(4):
+            seed_everything(seed)
+            trainer = Trainer(max_epochs=10, callbacks=[TrajectoryRecorder("runs/")])
+            trainer.fit(MyModule(), train_loader)
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        run_name: str | None = None,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        save_optimizer_state: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if every_n_train_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                "TrajectoryRecorder takes every_n_train_steps or every_n_epochs, not both "
+                f"(got {every_n_train_steps} and {every_n_epochs})."
+            )
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if every_n_train_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        self.dirpath = Path(dirpath)
+        self.run_name = run_name
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs
+        self.save_optimizer_state = save_optimizer_state
+        self.seed = seed
+
+        self.run_dir: Path | None = None
+        # Steps since the last snapshot: per step, its micro-batches' indices and its learning rates.
+        self._steps: list[dict[str, Any]] = []
+        self._last_snapshot_step = -1
+        self._resuming = False
+        self._sampler: _RecordingSampler | None = None
+        self._restore_source: Any = None
+        self._pass = 0
+        self._position = 0
+        self._micro_batches: list[list[int]] = []
+        self._step_lrs: list[float] | None = None
+        self._batch_size = 0
+
+    # ------------------------------------------------------------------ data: batch membership
+    def _wrap_loader(self, loader: Any) -> Any:
+        if not isinstance(loader, DataLoader):
+            raise RuntimeError(
+                "TrajectoryRecorder needs a single torch DataLoader for training, got "
+                f"{type(loader).__name__}. Pass one DataLoader (not a list or dict of them)."
+            )
+        batch_sampler = loader.batch_sampler
+        if not isinstance(batch_sampler, BatchSampler) or type(batch_sampler).__iter__ is not BatchSampler.__iter__:
+            raise RuntimeError(
+                "TrajectoryRecorder reads batch membership from the train DataLoader's BatchSampler, but "
+                f"this loader uses batch_sampler={type(batch_sampler).__name__}. Build the loader with "
+                "`DataLoader(dataset, batch_size=..., shuffle=...)` or `sampler=...` (any sampler of "
+                "dataset indices) instead of a custom batch_sampler."
+            )
+        inner = batch_sampler.sampler
+        if isinstance(inner, _RecordingSampler):  # the same loader fitted again
+            inner = inner.sampler
+        self._sampler = _RecordingSampler(inner)
+        batch_sampler.sampler = self._sampler
+        self._batch_size = batch_sampler.batch_size
+        return loader
+
+    def _wrap_data_source(self, trainer: pl.Trainer) -> None:
+        # The sampler must be wrapped before Lightning first iterates the loader, which happens before
+        # ``on_train_start`` (and, with workers, draws indices at once). The only hook that early is
+        # ``setup``, when the loader may not exist yet; so wrap the source that makes it. Lightning
+        # keeps that source on the fit loop (an internal attribute, stable across 2.x).
+        source = trainer.fit_loop._data_source
+        instance = source.instance
+        if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
+            make_loader = getattr(instance, source.name)
+
+            def recorded_loader() -> Any:
+                return self._wrap_loader(make_loader())
+
+            setattr(instance, source.name, recorded_loader)
+            self._restore_source = (instance, source.name)
+        else:
+            self._wrap_loader(instance)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                f"TrajectoryRecorder records single-process training for now (world size {trainer.world_size})."
+            )
+        self._wrap_data_source(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._restore_source is not None:
+            instance, name = self._restore_source
+            delattr(instance, name)
+            self._restore_source = None
+
+    # ------------------------------------------------------------------ run folder and manifest
+    def _choose_run_dir(self, seed: int | None) -> Path:
+        if self.run_name is not None:
+            name = self.run_name
+        elif seed is not None:
+            name = f"seed_{seed}"
+        else:
+            k = 0
+            while (self.dirpath / f"run_{k}").exists():
+                k += 1
+            name = f"run_{k}"
+        run_dir = self.dirpath / name
+        if (run_dir / MANIFEST).exists():
+            raise RuntimeError(
+                f"{run_dir} already holds a recorded run. Give this run another `run_name` or "
+                "`dirpath`, delete the folder, or resume it with `trainer.fit(ckpt_path=...)`."
+            )
+        return run_dir
+
+    def _manifest(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int | None) -> dict[str, Any]:
+        loader = trainer.train_dataloader
+        optimizer = trainer.optimizers[0]
+        cls = type(pl_module)
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "versions": {
+                "lightning_dtda": _package_version(),
+                "lightning": pl.__version__,
+                "torch": torch.__version__,
+            },
+            "module": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": jsonable(dict(pl_module.hparams))},
+            "seed": seed,
+            "dataset": {"length": len(loader.dataset), "fingerprint": fingerprint_dataset(loader.dataset)},
+            "optimizer": {
+                "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+                "param_groups": [jsonable({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups],
+            },
+            "schedulers": [
+                {
+                    "class": f"{type(c.scheduler).__module__}.{type(c.scheduler).__qualname__}",
+                    "interval": c.interval,
+                    "frequency": c.frequency,
+                }
+                for c in trainer.lr_scheduler_configs
+            ],
+            "batch_size": self._batch_size,
+            "drop_last": loader.drop_last,
+            "batches_per_epoch": trainer.num_training_batches,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
+            "max_epochs": trainer.max_epochs,
+            "max_steps": trainer.max_steps,
+            "snapshots": [],
+            "complete": False,
+        }
+
+    # ------------------------------------------------------------------ training hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(f"TrajectoryRecorder supports one optimizer, found {len(trainer.optimizers)}.")
+        if self._sampler is None or trainer.train_dataloader.batch_sampler.sampler is not self._sampler:
+            raise RuntimeError(
+                "TrajectoryRecorder could not attach to the train DataLoader before training began; "
+                "return a torch DataLoader from `train_dataloader()` or pass one to `trainer.fit`."
+            )
+        self._pass = self._sampler.passes
+        self._position = 0
+        self._micro_batches = []
+        if self._resuming:
+            self._resume(trainer)
+            return
+        seed = self.seed
+        if seed is None and "PL_GLOBAL_SEED" in os.environ:
+            seed = int(os.environ["PL_GLOBAL_SEED"])
+        manifest = self._manifest(trainer, pl_module, seed)
+        self.run_dir = self._choose_run_dir(seed)
+        if trainer.is_global_zero:
+            save_json(manifest, self.run_dir / MANIFEST)
+        self._steps = []
+        self._snapshot(trainer, pl_module)
+        rank_zero_info(f"TrajectoryRecorder: recording to {self.run_dir}")
+
+    def _resume(self, trainer: pl.Trainer) -> None:
+        assert self.run_dir is not None
+        expected = self._last_snapshot_step + len(self._steps)
+        if expected != trainer.global_step:
+            raise RuntimeError(
+                f"The checkpoint's TrajectoryRecorder state ends at step {expected}, but training resumes at "
+                f"step {trainer.global_step}; the checkpoint was not written by this recorder's run."
+            )
+        manifest = load_json(self.run_dir / MANIFEST)
+        stale = [s for s in manifest["snapshots"] if s["step"] > self._last_snapshot_step]
+        manifest["snapshots"] = [s for s in manifest["snapshots"] if s["step"] <= self._last_snapshot_step]
+        manifest["complete"] = False
+        if trainer.is_global_zero:
+            save_json(manifest, self.run_dir / MANIFEST)
+            for s in stale:
+                (self.run_dir / s["file"]).unlink(missing_ok=True)
+        self._resuming = False
+        rank_zero_info(f"TrajectoryRecorder: resuming {self.run_dir} at step {trainer.global_step}")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        assert self._sampler is not None
+        if self._sampler.passes != self._pass:  # the loader began a new pass (a new epoch)
+            self._pass = self._sampler.passes
+            self._position = 0
+        start = self._position * self._batch_size
+        indices = self._sampler.drawn[start : start + self._batch_size]
+        self._position += 1
+        try:
+            size = extract_batch_size(batch)
+        except Exception:  # a batch Lightning cannot size: trust the sampler
+            size = len(indices)
+        if size != len(indices):
+            raise RuntimeError(
+                f"Batch {batch_idx} has {size} examples but its sampler drew {len(indices)} indices; a "
+                "collate_fn that adds or drops examples breaks batch membership."
+            )
+        self._micro_batches.append(indices)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # Schedulers step after the optimizer, so the rate read here is the one this step uses.
+        self._step_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = self._last_snapshot_step + len(self._steps)
+        if trainer.global_step == step:  # accumulating: no optimizer step yet
+            return
+        if trainer.global_step != step + 1 or self._step_lrs is None:
+            raise RuntimeError(f"TrajectoryRecorder lost track of optimizer steps at step {trainer.global_step}.")
+        self._steps.append({"micro_batches": self._micro_batches, "lrs": self._step_lrs})
+        self._micro_batches = []
+        self._step_lrs = None
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._snapshot(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._snapshot(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._snapshot(trainer, pl_module)
+        if trainer.is_global_zero and self.run_dir is not None:
+            manifest = load_json(self.run_dir / MANIFEST)
+            manifest["complete"] = True
+            save_json(manifest, self.run_dir / MANIFEST)
+
+    # ------------------------------------------------------------------ snapshots
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_snapshot_step:
+            return
+        assert self.run_dir is not None
+        if trainer.is_global_zero:
+            micro = [m for s in self._steps for m in s["micro_batches"]]
+            payload: dict[str, Any] = {
+                "format": SNAPSHOT_FORMAT,
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "state_dict": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+                "lrs": [float(g["lr"]) for g in trainer.optimizers[0].param_groups],
+                "steps": {
+                    "first": self._last_snapshot_step + 1,
+                    "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
+                    "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
+                    "micro_batches_per_step": torch.tensor(
+                        [len(s["micro_batches"]) for s in self._steps], dtype=torch.long
+                    ),
+                    "lrs": torch.tensor(
+                        [s["lrs"] for s in self._steps], dtype=torch.float64
+                    ).reshape(len(self._steps), len(trainer.optimizers[0].param_groups)),
+                },
+            }
+            if self.save_optimizer_state:
+                payload["optimizer_state"] = trainer.optimizers[0].state_dict()
+            name = f"snapshots/step_{step:08d}.pt"
+            sha256 = save_torch(payload, self.run_dir / name)
+            manifest = load_json(self.run_dir / MANIFEST)
+            manifest["snapshots"].append({"file": name, "step": step, "epoch": trainer.current_epoch, "sha256": sha256})
+            save_json(manifest, self.run_dir / MANIFEST)
+        self._steps = []
+        self._last_snapshot_step = step
+
+    # ------------------------------------------------------------------ checkpoint state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": None if self.run_dir is None else str(self.run_dir),
+            "last_snapshot_step": self._last_snapshot_step,
+            "steps": self._steps,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("run_dir") is None:
+            return
+        self.run_dir = Path(state_dict["run_dir"])
+        self._last_snapshot_step = state_dict["last_snapshot_step"]
+        self._steps = state_dict["steps"]
+        self._resuming = True

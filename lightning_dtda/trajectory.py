@@ -1,0 +1,179 @@
+"""Read-only views of recorded runs, validated on load."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_dtda._io import load_json, load_torch
+
+MANIFEST = "manifest.json"
+SNAPSHOT_FORMAT = 1
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with everything JSON cannot hold replaced by its ``repr``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step: the dataset indices of each of its micro-batches, and its learning rates.
+
+    With gradient accumulation over ``A`` micro-batches Lightning divides each micro-batch's mean loss
+    by ``A``, so the step's gradient is ``(1/A) * sum over micro-batches of their mean gradient``.
+    """
+
+    micro_batches: tuple[torch.Tensor, ...]
+    lrs: tuple[float, ...]
+
+
+class Trajectory:
+    """One recorded run: its manifest, snapshots and optimizer steps.
+
+    Args:
+        path: The run's folder, as written by :class:`~lightning_dtda.TrajectoryRecorder`.
+
+    Raises:
+        FileNotFoundError: If the folder has no ``manifest.json``.
+        ValueError: If the manifest is unreadable, lists no snapshot, or its format is unknown.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise FileNotFoundError(
+                f"{self.path} holds no {MANIFEST}: it is not a run folder written by TrajectoryRecorder."
+            )
+        self.manifest: dict[str, Any] = load_json(self.path / MANIFEST)
+        if self.manifest.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{self.path / MANIFEST} has format {self.manifest.get('format')!r}; expected {SNAPSHOT_FORMAT}.")
+        if not self.manifest["snapshots"]:
+            raise ValueError(f"{self.path} lists no snapshot; the run stopped before training began.")
+
+    def __repr__(self) -> str:
+        return f"Trajectory({str(self.path)!r}, steps={self.final_step})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def seed(self) -> int | None:
+        return self.manifest["seed"]
+
+    @property
+    def dataset_length(self) -> int:
+        return self.manifest["dataset"]["length"]
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        return self.manifest["dataset"]["fingerprint"]
+
+    @property
+    def module_class(self) -> str:
+        return self.manifest["module"]["class"]
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        return [s["step"] for s in self.manifest["snapshots"]]
+
+    @property
+    def final_step(self) -> int:
+        return self.snapshot_steps[-1]
+
+    def snapshot(self, index: int = -1) -> dict[str, Any]:
+        """The snapshot file's content (``state_dict``, ``lrs``, ``steps``, ...), checksum verified."""
+        entry = self.manifest["snapshots"][index]
+        return load_torch(self.path / entry["file"], entry["sha256"])
+
+    def state_dict(self, index: int = -1) -> dict[str, torch.Tensor]:
+        """The module's ``state_dict`` at snapshot ``index`` (default: the final one)."""
+        return self.snapshot(index)["state_dict"]
+
+    @cached_property
+    def steps(self) -> list[Step]:
+        """Every optimizer step of the run, in order (reads every snapshot once)."""
+        steps: list[Step] = []
+        for index in range(len(self.manifest["snapshots"])):
+            record = self.snapshot(index)["steps"]
+            if record["first"] != len(steps) + 1 and len(record["micro_batches_per_step"]):
+                raise ValueError(f"{self.path}: snapshot {index} starts at step {record['first']}, expected {len(steps) + 1}.")
+            micro = torch.split(record["indices"], record["micro_batch_sizes"].tolist())
+            per_step = record["micro_batches_per_step"].tolist()
+            offsets = [0]
+            for n in per_step:
+                offsets.append(offsets[-1] + n)
+            for k in range(len(per_step)):
+                steps.append(Step(tuple(micro[offsets[k] : offsets[k + 1]]), tuple(record["lrs"][k].tolist())))
+        if len(steps) != self.final_step:
+            raise ValueError(f"{self.path}: recorded {len(steps)} optimizer steps but the final snapshot is at step {self.final_step}.")
+        return steps
+
+    @property
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's per-group settings (learning rate, momentum, weight decay, ...)."""
+        return self.manifest["optimizer"]["param_groups"]
+
+    def learning_rate_time(self) -> float:
+        r"""The run's total effective step size :math:`\sum_t \eta_t / (1 - \beta)` (first parameter group).
+
+        Momentum ``beta`` of SGD makes each gradient move the weights ``1 / (1 - beta)`` times as far
+        as one plain step of the same rate; Adam's ``betas`` do not rescale the step in this way.
+        """
+        group = self.optimizer_groups[0]
+        momentum = group.get("momentum", 0.0) if isinstance(group.get("momentum"), (int, float)) else 0.0
+        total = sum(step.lrs[0] for step in self.steps)
+        return total / (1.0 - momentum)
+
+    def load_module_class(self) -> type:
+        """Import the LightningModule class the run trained."""
+        module_name, _, qualname = self.module_class.rpartition(".")
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def load_runs(path: str | Path) -> list[Trajectory]:
+    """Load one run folder, or every run folder directly under ``path`` (an ensemble), sorted by name.
+
+    Raises:
+        FileNotFoundError: If ``path`` holds no run.
+        ValueError: If the runs trained different module classes or on different datasets.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        runs = [Trajectory(path)]
+    else:
+        folders = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
+        if not folders:
+            raise FileNotFoundError(
+                f"{path} holds no recorded run (no {MANIFEST} in it or in its subfolders). Point at the "
+                "TrajectoryRecorder's dirpath or at one run folder inside it."
+            )
+        runs = [Trajectory(p) for p in folders]
+    first = runs[0]
+    for run in runs[1:]:
+        if run.module_class != first.module_class:
+            raise ValueError(f"{path} mixes runs of {first.module_class} ({first.name}) and {run.module_class} ({run.name}).")
+        if run.dataset_fingerprint != first.dataset_fingerprint:
+            raise ValueError(f"{path} mixes runs on different datasets: {first.name} and {run.name} have different fingerprints.")
+    return runs

@@ -1,0 +1,126 @@
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_dtda import TrajectoryRecorder, load_runs
+from models import TinyClassifier, classification_data, trainer
+
+
+def replay_sgd(run, dataset):
+    """Plain SGD from the step-0 snapshot with the recorded membership and learning rates."""
+    model = TinyClassifier(**run.manifest["module"]["hparams"])
+    model.load_state_dict(run.state_dict(0))
+    accumulate = run.manifest["accumulate_grad_batches"]
+    x_all, y_all = dataset.tensors
+    for step in run.steps:
+        model.zero_grad()
+        for idx in step.micro_batches:
+            (F.cross_entropy(model(x_all[idx]), y_all[idx]) / accumulate).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-step.lrs[0])
+    return model.state_dict()
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def fit(tmp_path, loader, recorder, seed=0, **kwargs):
+    pl.seed_everything(seed)
+    model = TinyClassifier()
+    trainer(tmp_path, [recorder], **kwargs).fit(model, loader)
+    return model
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_replay_reproduces_final_weights(tmp_path, accumulate):
+    data = classification_data(n=37)  # 37 = 4 full batches of 8 and a partial one
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    model = fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=3,
+                accumulate_grad_batches=accumulate)
+    [run] = load_runs(tmp_path / "runs")
+    assert run.name == "seed_0" and run.seed == 0
+    assert run.final_step == len(run.steps) == 3 * (5 if accumulate == 1 else 3)
+    # shuffle=True: every epoch is a permutation of the dataset, and epochs differ
+    epochs = torch.cat([m for s in run.steps for m in s.micro_batches]).split(37)
+    assert all(sorted(e.tolist()) == list(range(37)) for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1])
+    final = run.state_dict()
+    assert max_diff(final, model.state_dict()) == 0
+    assert max_diff(replay_sgd(run, data), final) < 1e-6
+
+
+def test_replay_with_workers_and_step_snapshots(tmp_path):
+    # With workers the loader draws indices before on_train_start; the recorder must see them all.
+    data = classification_data(n=32)
+    loader = DataLoader(data, batch_size=8, shuffle=True, num_workers=1)
+    fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=3), max_epochs=2)
+    [run] = load_runs(tmp_path / "runs")
+    assert run.snapshot_steps == [0, 3, 6, 8]
+    assert max_diff(replay_sgd(run, data), run.state_dict()) < 1e-6
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    data = classification_data(n=32)
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ckpt], max_epochs=2,
+            enable_checkpointing=True).fit(TinyClassifier(), loader)
+    pl.seed_everything(1)  # a resumed job need not share the first one's random state
+    model = TinyClassifier()
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+            max_epochs=4, enable_checkpointing=True).fit(model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    [run] = load_runs(tmp_path / "runs")
+    assert run.snapshot_steps == [0, 4, 8, 12, 16]
+    assert run.manifest["complete"]
+    assert max_diff(run.state_dict(), model.state_dict()) == 0
+    assert max_diff(replay_sgd(run, data), run.state_dict()) < 1e-6
+
+
+def test_refuses_to_overwrite_a_recorded_run(tmp_path):
+    loader = DataLoader(classification_data(n=16), batch_size=8)
+    fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=1)
+    with pytest.raises(RuntimeError, match="already holds a recorded run"):
+        fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=1)
+
+
+def test_manifest_describes_the_run(tmp_path):
+    data = classification_data(n=16)
+    fit(tmp_path, DataLoader(data, batch_size=8, shuffle=True), TrajectoryRecorder(tmp_path / "r"), seed=3,
+        max_epochs=1)
+    manifest = json.loads((tmp_path / "r" / "seed_3" / "manifest.json").read_text())
+    assert manifest["module"] == {"class": "models.TinyClassifier",
+                                  "hparams": {"d_in": 6, "hidden": 8, "classes": 3, "lr": 0.1,
+                                              "momentum": 0.0, "weight_decay": 0.0}}
+    assert manifest["dataset"]["length"] == 16
+    assert manifest["optimizer"]["class"] == "torch.optim.sgd.SGD"
+    assert manifest["optimizer"]["param_groups"][0]["lr"] == 0.1
+    assert manifest["batch_size"] == 8 and manifest["batches_per_epoch"] == 2
+    assert [s["step"] for s in manifest["snapshots"]] == [0, 2]
+
+
+def test_interval_arguments_are_validated():
+    with pytest.raises(ValueError, match="not both"):
+        TrajectoryRecorder("x", every_n_train_steps=1, every_n_epochs=1)
+    with pytest.raises(ValueError, match="every_n_epochs must be a positive integer, got 0"):
+        TrajectoryRecorder("x", every_n_epochs=0)
+
+
+def test_custom_batch_sampler_is_refused_with_advice(tmp_path):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    class MyBatches(BatchSampler):
+        def __iter__(self):
+            yield from super().__iter__()
+
+    data = classification_data(n=16)
+    loader = DataLoader(data, batch_sampler=MyBatches(SequentialSampler(data), 4, False))
+    with pytest.raises(RuntimeError, match="instead of a custom batch_sampler"):
+        fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=1)
