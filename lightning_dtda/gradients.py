@@ -1,0 +1,81 @@
+"""Per-example gradients with ``torch.func``, streamed in chunks so ``[N, P]`` is never held."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+
+class _Call(nn.Module):
+    # functional_call substitutes parameters for a module's forward; wrapping the hook in a module
+    # whose child is the user's module lets it substitute them for any hook of that module.
+    def __init__(self, module: nn.Module, fn: Callable[[Any], Tensor]) -> None:
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.fn(batch)
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters attribution differentiates, in ``named_parameters`` order."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def flatten(tensors: dict[str, Tensor] | list[Tensor], batch_dims: int = 0) -> Tensor:
+    """Concatenate tensors (with ``batch_dims`` leading dimensions kept) into ``[..., P]``."""
+    values = tensors.values() if isinstance(tensors, dict) else tensors
+    return torch.cat([t.reshape(*t.shape[:batch_dims], -1) for t in values], dim=-1)
+
+
+def per_example_gradients(module: nn.Module, fn: Callable[[Any], Tensor], batch: Any) -> Tensor:
+    """Gradients of ``fn(batch)[b]`` with respect to the trainable parameters, shape ``[B, P]``.
+
+    ``fn`` maps a batch to one value per example (shape ``[B]``) and is evaluated one example at a
+    time under ``vmap``, so the module must not mix examples (use ``eval()`` for BatchNorm).
+    """
+    wrapper = _Call(module, fn)
+    params = {f"module.{k}": v.detach() for k, v in trainable_parameters(module).items()}
+
+    def value(p: dict[str, Tensor], example: Any) -> Tensor:
+        return functional_call(wrapper, p, (tree_map(lambda t: t.unsqueeze(0), example),))[0]
+
+    grads = vmap(grad(value), in_dims=(None, 0))(params, batch)
+    return flatten(grads, batch_dims=1)
+
+
+def stream_gradients(
+    module: nn.Module,
+    fn: Callable[[Any], Tensor],
+    data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[slice, Tensor]]:
+    """Yield ``(slice of dataset indices, gradients [chunk, P])`` in dataset order.
+
+    Raises:
+        FloatingPointError: If an example's gradient is not finite; the message names its index.
+    """
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    start = 0
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        g = per_example_gradients(module, fn, move_data_to_device(batch, device))
+        bad = (~torch.isfinite(g).all(dim=1)).nonzero().flatten()
+        if len(bad):
+            raise FloatingPointError(
+                f"{desc}: non-finite gradients for examples {(bad + start).tolist()[:20]}; check those "
+                "examples and the loss at the snapshot's weights."
+            )
+        yield slice(start, start + len(g)), g
+        start += len(g)

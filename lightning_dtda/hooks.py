@@ -1,0 +1,125 @@
+"""The attribution hooks a LightningModule may define, and their defaults.
+
+Like ``training_step``, these are methods on the user's LightningModule. All are optional while
+batches are ``(inputs, targets)`` pairs and the loss is cross-entropy (integer targets) or mean
+squared error (floating targets)::
+
+    def attribution_inputs_targets(self, batch) -> tuple[Tensor, Tensor]:
+        # The model's input and the loss's target. Default: ``batch[0], batch[1]``.
+    def attribution_loss_function(self) -> nn.Module:
+        # nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss with reduction="mean", applied to
+        # ``self(inputs)`` and ``targets``. Default: inferred from the targets' dtype.
+    def attribution_train_loss(self, batch) -> Tensor:
+        # Per-example training loss, shape [B]; its mean is the loss ``training_step`` minimises.
+        # Default: the loss function with reduction="none", averaged over non-batch dimensions.
+    def attribution_measurement(self, batch) -> Tensor:
+        # Per-example measurement of a query batch, shape [B]. Default: the training loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+LOSS_FUNCTIONS = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+
+_SIGNATURES = {
+    "attribution_inputs_targets": "def attribution_inputs_targets(self, batch) -> tuple[torch.Tensor, torch.Tensor]",
+    "attribution_loss_function": "def attribution_loss_function(self) -> torch.nn.Module",
+    "attribution_train_loss": "def attribution_train_loss(self, batch) -> torch.Tensor  # shape [B]",
+    "attribution_measurement": "def attribution_measurement(self, batch) -> torch.Tensor  # shape [B]",
+}
+
+
+class MissingHookError(TypeError):
+    """A hook is needed because its default does not apply to this module or batch."""
+
+    def __init__(self, module: nn.Module, hook: str, why: str) -> None:
+        super().__init__(
+            f"{type(module).__name__} needs the attribution hook `{hook}`: {why}. Define it on the "
+            f"LightningModule:\n\n    {_SIGNATURES[hook]}:\n        ...\n"
+        )
+
+
+class Hooks:
+    """Calls a module's attribution hooks, falling back to the defaults for ``(x, y)`` batches.
+
+    Args:
+        module: The LightningModule (any ``nn.Module`` whose ``forward`` maps inputs to outputs).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._loss_function: nn.Module | None = None
+
+    def _user_hook(self, name: str) -> Any:
+        return getattr(self.module, name, None)
+
+    def inputs_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """The ``(inputs, targets)`` of a batch."""
+        hook = self._user_hook("attribution_inputs_targets")
+        if hook is not None:
+            return hook(batch)
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(b, Tensor) for b in batch):
+            return batch[0], batch[1]
+        raise MissingHookError(
+            self.module,
+            "attribution_inputs_targets",
+            f"the default expects a batch that is an (inputs, targets) pair of tensors, got {type(batch).__name__}",
+        )
+
+    def loss_function(self, batch: Any) -> nn.Module:
+        """The loss function with ``reduction='mean'``; ``batch`` serves to infer the default."""
+        if self._loss_function is None:
+            hook = self._user_hook("attribution_loss_function")
+            if hook is not None:
+                loss = hook()
+            else:
+                _, targets = self.inputs_targets(batch)
+                if not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool:
+                    loss = nn.CrossEntropyLoss()
+                elif targets.is_floating_point():
+                    loss = nn.MSELoss()
+                else:
+                    raise MissingHookError(
+                        self.module,
+                        "attribution_loss_function",
+                        f"no default loss for targets of dtype {targets.dtype} (integers mean cross-entropy, "
+                        "floats mean squared error)",
+                    )
+            if not isinstance(loss, LOSS_FUNCTIONS) or loss.reduction != "mean":
+                raise ValueError(
+                    "attribution_loss_function must return nn.CrossEntropyLoss, nn.MSELoss or "
+                    f"nn.BCEWithLogitsLoss with reduction='mean', got {loss!r}."
+                )
+            self._loss_function = loss
+        return self._loss_function
+
+    def _per_example_loss(self, batch: Any) -> Tensor:
+        inputs, targets = self.inputs_targets(batch)
+        loss = copy.copy(self.loss_function(batch))
+        loss.reduction = "none"
+        values = loss(self.module(inputs), targets)
+        # Mean over the remaining dimensions, so the batch mean equals the loss with reduction="mean".
+        return values.reshape(values.shape[0], -1).mean(1)
+
+    @staticmethod
+    def _checked(name: str, values: Tensor) -> Tensor:
+        if values.ndim != 1:
+            raise ValueError(f"{name} must return one value per example, shape [B]; got shape {tuple(values.shape)}.")
+        return values
+
+    def train_loss(self, batch: Any) -> Tensor:
+        """Per-example training loss, shape ``[B]``."""
+        hook = self._user_hook("attribution_train_loss")
+        values = hook(batch) if hook is not None else self._per_example_loss(batch)
+        return self._checked("attribution_train_loss", values)
+
+    def measurement(self, batch: Any) -> Tensor:
+        """Per-example measurement, shape ``[B]``."""
+        hook = self._user_hook("attribution_measurement")
+        values = hook(batch) if hook is not None else self.train_loss(batch)
+        return self._checked("attribution_measurement", values)

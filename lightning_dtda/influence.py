@@ -1,0 +1,241 @@
+"""``Attributor``: per-seed influence of every training example on every query, from recorded runs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.loggers import Logger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from lightning_dtda.curvature import CURVATURES, fit_curvature
+from lightning_dtda.data import fingerprint_dataset
+from lightning_dtda.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.hooks import Hooks
+from lightning_dtda.result import AttributionResult
+from lightning_dtda.trajectory import Trajectory, load_runs
+
+
+class _InputsTargets:
+    """Re-iterable ``(X, y)`` batches of a dataset, as curvlinops consumes them."""
+
+    def __init__(self, data: Dataset, hooks: Hooks, batch_size: int, device: torch.device) -> None:
+        self.loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        self.hooks = hooks
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.loader:
+            yield self.hooks.inputs_targets(move_data_to_device(batch, self.device))
+
+
+def _as_loggers(loggers: Logger | Sequence[Logger] | pl.Trainer | None) -> list[Logger]:
+    if loggers is None:
+        return []
+    if isinstance(loggers, pl.Trainer):
+        return list(loggers.loggers)
+    if isinstance(loggers, Logger):
+        return [loggers]
+    return list(loggers)
+
+
+class Attributor:
+    r"""Predict, for every recorded seed, how removing each training example changes each query's measurement.
+
+    For each run the module is loaded at its final snapshot and the effect of removing training
+    example ``n`` on query ``q`` is the influence-function estimate
+
+    .. math::
+        \Delta m_{q,n} = \nabla m_q^\top (C + \lambda I)^{-1} \nabla \ell_n / N,
+
+    where ``C`` is the curvature of the mean training loss (see ``curvature``), ``N`` the training set
+    size, ``m_q`` the measurement hook and ``l_n`` the per-example training loss hook. Only the ``Q``
+    query gradients are solved; training gradients are streamed and contracted, so memory stays
+    ``O(batch_size x P + Q x P + curvature)``.
+
+    Damping ``"auto"`` is ``1 / (sum over steps of the learning rate / (1 - momentum)) +
+    weight_decay``. Why: a run of total learning-rate "time" ``T`` has moved the weights along a
+    direction of curvature ``c`` only if ``c * T`` is not small; unrolled differentiation of such a
+    run responds to an example's gradient by ``(1 - exp(-c T)) / c``, which the damped inverse
+    ``1 / (c + 1/T)`` follows at both ends (``T`` for flat directions, ``1/c`` for converged ones).
+    Weight decay is part of the training objective's curvature, so it is added as is.
+
+    Args:
+        module: The LightningModule class (instantiated from each run's recorded hyperparameters) or
+            an instance (copied; the original is left untouched).
+        runs: A run folder, a folder of run folders, or already loaded :class:`Trajectory` objects.
+        train_data: The training set in the recorded index order: the dataset of the DataLoader the
+            runs trained on. Its length and fingerprint must match the recorded ones.
+        curvature: ``"ekfac"`` (default), ``"kfac"``, ``"ggn"`` or ``"identity"``.
+        damping: ``"auto"`` (per run, see above) or a positive float.
+        batch_size: Examples per chunk of per-example gradients and per curvature batch.
+        device: Where to compute; defaults to CUDA when available.
+        progress: Show progress bars.
+
+    Raises:
+        ValueError: For an unknown curvature, a damping that is not positive, or training data that
+            is not the data the runs were recorded on.
+
+    Example::
+
+        attributor = Attributor(MyModule, "runs/", train_set, curvature="ekfac")
+        result = attributor.attribute(query_set, loggers=trainer)
+        values, indices = result.top_k(query=0, k=5)
+    """
+
+    def __init__(
+        self,
+        module: type[pl.LightningModule] | pl.LightningModule,
+        runs: str | Path | Sequence[Trajectory],
+        train_data: Dataset,
+        curvature: str = "ekfac",
+        damping: float | str = "auto",
+        batch_size: int = 128,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        if damping != "auto" and not (isinstance(damping, (int, float)) and damping > 0):
+            raise ValueError(f"damping must be 'auto' or a positive number, got {damping!r}.")
+        self.module = module
+        self.runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+        self.train_data = train_data
+        self.curvature = curvature
+        self.damping = damping
+        self.batch_size = batch_size
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = progress
+        self._check_train_data()
+
+    def _check_train_data(self) -> None:
+        run = self.runs[0]
+        n = len(self.train_data)  # type: ignore[arg-type]
+        if n != run.dataset_length:
+            raise ValueError(
+                f"train_data has {n} examples but run {run.name} was recorded on {run.dataset_length}. Pass the "
+                "dataset of the training DataLoader, in its original order."
+            )
+        if fingerprint_dataset(self.train_data) != run.dataset_fingerprint:
+            raise ValueError(
+                f"train_data differs from the data run {run.name} was recorded on (same length, different "
+                "content or order). Pass the dataset of the training DataLoader, in its original order."
+            )
+
+    def damping_for(self, run: Trajectory) -> float:
+        """The damping used for ``run``: the given float, or the ``"auto"`` rule."""
+        if self.damping != "auto":
+            return float(self.damping)
+        weight_decay = run.optimizer_groups[0].get("weight_decay", 0.0) or 0.0
+        return 1.0 / run.learning_rate_time() + float(weight_decay)
+
+    def load_model(self, run: Trajectory, snapshot: int = -1) -> pl.LightningModule:
+        """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""
+        if isinstance(self.module, nn.Module):
+            cls: type = type(self.module)
+            model = copy.deepcopy(self.module)
+        else:
+            cls = self.module
+            model = None
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        if path != run.module_class:
+            raise ValueError(f"Run {run.name} trained {run.module_class}, not {path}.")
+        if model is None:
+            try:
+                model = cls(**run.manifest["module"]["hparams"])
+            except TypeError as err:
+                raise TypeError(
+                    f"Could not build {path} from the recorded hyperparameters ({err}). Call "
+                    "`self.save_hyperparameters()` in its __init__, or pass an instance instead of the class."
+                ) from err
+        state = run.state_dict(snapshot)
+        # Lightning's "64-true" (or "bf16-true") converts the module after construction; match it.
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.load_state_dict(state)
+        return model.to(self.device).eval()
+
+    def _query_data(self, query_data: Dataset) -> Dataset:
+        if len(query_data) == 0:  # type: ignore[arg-type]
+            raise ValueError("query_data is empty; pass at least one query example.")
+        return query_data
+
+    def attribute_run(self, run: Trajectory, query_data: Dataset) -> tuple[Tensor, Tensor, float]:
+        """Effects ``[queries, train]``, base measurements ``[queries]`` and the damping, for one run."""
+        model = self.load_model(run)
+        hooks = Hooks(model)
+        params = list(trainable_parameters(model).values())
+        num_train = run.dataset_length
+        damping = self.damping_for(run)
+        first_batch = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
+        loss_function = hooks.loss_function(first_batch) if self.curvature != "identity" else None
+
+        query_grads = torch.cat(
+            [g for _, g in stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients")]
+        )
+        with torch.no_grad():
+            measurements = torch.cat(
+                [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
+            )
+        data = _InputsTargets(self.train_data, hooks, self.batch_size, self.device)
+        curvature = fit_curvature(self.curvature, model, loss_function, params, data, num_train, progress=False)
+        solved = curvature.solve(query_grads, damping) / num_train  # [Q, P]
+
+        effects = torch.empty(len(query_grads), num_train, dtype=solved.dtype, device=self.device)
+        for rows, grads in stream_gradients(model, hooks.train_loss, self.train_data, self.batch_size, self.device, self.progress, "train gradients"):
+            effects[:, rows] = solved @ grads.T
+        return effects.cpu(), measurements.detach().cpu(), damping
+
+    def attribute(
+        self,
+        query_data: Dataset,
+        loggers: Logger | Sequence[Logger] | pl.Trainer | None = None,
+        top_k: int = 5,
+    ) -> AttributionResult:
+        """Attribute every query to every training example, in every run.
+
+        Args:
+            query_data: Query examples, batched like the training data; the measurement hook is
+                evaluated on them.
+            loggers: Lightning loggers (or a Trainer, whose loggers are used) that receive a table of
+                each query's ``top_k`` helpful and harmful examples and a histogram of the effects.
+            top_k: Rows per query and kind in the logged table.
+
+        Returns:
+            An :class:`AttributionResult` with ``effects [seeds, queries, train]``.
+        """
+        from lightning_dtda.reporting import log_result
+
+        query_data = self._query_data(query_data)
+        effects, measurements, dampings = [], [], []
+        for run in tqdm(self.runs, desc=f"attributing ({self.curvature})", disable=not self.progress):
+            e, m, d = self.attribute_run(run, query_data)
+            effects.append(e)
+            measurements.append(m)
+            dampings.append(d)
+        result = AttributionResult(
+            torch.stack(effects),
+            torch.stack(measurements),
+            [run.name for run in self.runs],
+            {
+                "method": "influence",
+                "curvature": self.curvature,
+                "damping": self.damping,
+                "damping_per_run": dampings,
+                "seeds": [run.seed for run in self.runs],
+                "snapshot_steps": [run.final_step for run in self.runs],
+                "module": self.runs[0].module_class,
+                "dataset_fingerprint": self.runs[0].dataset_fingerprint,
+                "versions": self.runs[0].manifest["versions"],
+            },
+        )
+        log_result(result, _as_loggers(loggers), k=top_k)
+        return result

@@ -1,0 +1,85 @@
+"""Sending an ``AttributionResult`` to Lightning loggers."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from lightning_dtda.result import AttributionResult
+
+TABLE_COLUMNS = ("query", "kind", "rank", "train_index", "mean_shift")
+_HISTOGRAM_BINS = 50
+
+
+def top_k_rows(result: AttributionResult, k: int) -> list[dict[str, Any]]:
+    """Per query, the ``k`` most helpful (removal raises the measurement) and most harmful examples."""
+    rows = []
+    for q in range(result.num_queries):
+        for kind, largest in (("helpful", True), ("harmful", False)):
+            values, indices = result.top_k(q, k, largest=largest)
+            for rank, (v, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+                rows.append({"query": q, "kind": kind, "rank": rank, "train_index": i, "mean_shift": v})
+    return rows
+
+
+def summary_metrics(result: AttributionResult, prefix: str) -> dict[str, float]:
+    shift = result.mean_shift()
+    return {
+        f"{prefix}/mean_shift_mean": shift.mean().item(),
+        f"{prefix}/mean_shift_std": shift.std().item() if shift.numel() > 1 else 0.0,
+        f"{prefix}/mean_shift_abs_max": shift.abs().max().item(),
+    }
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5, prefix: str = "attribution") -> None:
+    """Log summary scalars, a top-``k`` table per query and a histogram of mean shifts to each logger.
+
+    - every logger: the scalars ``{prefix}/mean_shift_mean``, ``_std`` and ``_abs_max`` (``log_metrics``);
+    - ``CSVLogger``: ``{log_dir}/{prefix}_top_k.csv`` (columns ``query, kind, rank, train_index,
+      mean_shift``) and ``{log_dir}/{prefix}_histogram.csv`` (``left, right, count``);
+    - ``TensorBoardLogger``: the table as text ``{prefix}/top_k`` and the histogram ``{prefix}/mean_shift``.
+    """
+    if not loggers:
+        return
+    rows = top_k_rows(result, k)
+    shift = result.mean_shift().flatten().double()
+    metrics = summary_metrics(result, prefix)
+    for logger in loggers:
+        logger.log_metrics(metrics)
+        if isinstance(logger, CSVLogger):
+            log_dir = Path(logger.log_dir)
+            _write_csv(log_dir / f"{prefix}_top_k.csv", TABLE_COLUMNS, rows)
+            counts = torch.histc(shift, bins=_HISTOGRAM_BINS, min=shift.min().item(), max=shift.max().item())
+            edges = torch.linspace(shift.min().item(), shift.max().item(), _HISTOGRAM_BINS + 1)
+            _write_csv(
+                log_dir / f"{prefix}_histogram.csv",
+                ("left", "right", "count"),
+                [{"left": edges[i].item(), "right": edges[i + 1].item(), "count": int(c)} for i, c in enumerate(counts.tolist())],
+            )
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(f"{prefix}/top_k", _markdown(rows))
+            logger.experiment.add_histogram(f"{prefix}/mean_shift", shift.numpy())
+        logger.save()

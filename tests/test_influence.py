@@ -1,0 +1,117 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dtda import Attributor, TrajectoryRecorder, load_runs
+from lightning_dtda import curvature as curvature_module
+from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
+from oracles import dense_ggn_effects, pearson, relative_error, spearman
+
+
+def record(tmp_path, model, data, seeds=(0,), epochs=5, batch_size=8, **trainer_kwargs):
+    for seed in seeds:
+        pl.seed_everything(seed)
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=epochs, **trainer_kwargs).fit(
+            model() if callable(model) and not isinstance(model, pl.LightningModule) else model,
+            DataLoader(data, batch_size=batch_size, shuffle=True),
+        )
+    return tmp_path / "runs"
+
+
+@pytest.fixture(scope="module")
+def classifier_runs(tmp_path_factory):
+    """Two seeds of a float64 MLP (6-8-3, 83 parameters) on 40 examples, and 5 queries."""
+    tmp_path = tmp_path_factory.mktemp("classifier")
+    data = classification_data(n=40, dtype=torch.float64)
+    queries = classification_data(n=5, seed=1, dtype=torch.float64)
+    runs = record(tmp_path, lambda: TinyClassifier(hidden=8), data, seeds=(0, 1), epochs=20,
+                  precision="64-true")
+    return runs, data, queries
+
+
+def oracle_for(attributor, run, data, queries, loss="ce"):
+    model = attributor.load_model(run)
+    return dense_ggn_effects(model, *data.tensors, *queries.tensors, attributor.damping_for(run), loss)[0]
+
+
+def test_ggn_equals_dense_damped_ggn_solve(classifier_runs):
+    runs, data, queries = classifier_runs
+    attributor = Attributor(TinyClassifier, runs, data, curvature="ggn", progress=False)
+    result = attributor.attribute(queries)
+    assert result.effects.shape == (2, 5, 40) and result.measurements.shape == (2, 5)
+    for s, run in enumerate(attributor.runs):
+        assert relative_error(result.effects[s], oracle_for(attributor, run, data, queries)) < 1e-6
+
+
+def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs, monkeypatch):
+    runs, data, queries = classifier_runs
+    monkeypatch.setattr(curvature_module, "DENSE_GGN_MAX_PARAMS", 0)
+    attributor = Attributor(TinyClassifier, runs, data, curvature="ggn", damping=1e-2, progress=False)
+    run = attributor.runs[0]
+    effects, _, _ = attributor.attribute_run(run, queries)
+    assert relative_error(effects, oracle_for(attributor, run, data, queries)) < 1e-5
+
+
+def test_identity_is_a_scaled_gradient_dot_product(classifier_runs):
+    runs, data, queries = classifier_runs
+    attributor = Attributor(TinyClassifier, runs, data, curvature="identity", damping=0.5, progress=False)
+    run = attributor.runs[0]
+    effects, _, _ = attributor.attribute_run(run, queries)
+    _, _, g_train, g_query = dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 1.0)
+    assert relative_error(effects, g_query @ g_train.T / (0.5 * 40)) < 1e-10
+
+
+def test_measurements_are_the_query_losses(classifier_runs):
+    runs, data, queries = classifier_runs
+    attributor = Attributor(TinyClassifier, runs, data, curvature="identity", progress=False)
+    _, measurements, _ = attributor.attribute_run(attributor.runs[1], queries)
+    model = attributor.load_model(attributor.runs[1])
+    x, y = queries.tensors
+    expected = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    assert torch.allclose(measurements, expected.detach())
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_kfac_is_exact_for_one_linear_layer_with_mse(tmp_path, curvature):
+    data = regression_data(n=30, d_in=4, d_out=3, dtype=torch.float64)
+    queries = regression_data(n=4, d_in=4, d_out=3, seed=1, dtype=torch.float64)
+    runs = record(tmp_path, lambda: LinearRegression(d_in=4, d_out=3), data, epochs=3, precision="64-true")
+    attributor = Attributor(LinearRegression, runs, data, curvature=curvature, progress=False)
+    [run] = attributor.runs
+    effects, _, _ = attributor.attribute_run(run, queries)
+    assert relative_error(effects, oracle_for(attributor, run, data, queries, loss="mse")) < 1e-4
+
+
+def test_ekfac_is_at_least_as_close_to_the_ggn_as_kfac(classifier_runs):
+    runs, data, queries = classifier_runs
+    exact = Attributor(TinyClassifier, runs, data, curvature="ggn", progress=False).attribute(queries).effects
+    closeness = {
+        kind: spearman(Attributor(TinyClassifier, runs, data, curvature=kind, progress=False).attribute(queries).effects, exact)
+        for kind in ("kfac", "ekfac")
+    }
+    assert closeness["ekfac"] >= closeness["kfac"]
+    assert closeness["kfac"] > 0.5  # both approximations carry the exact answer's ranking
+
+
+def test_ggn_predicts_leave_one_out_for_converged_linear_regression(tmp_path):
+    """Least squares has a closed-form optimum with and without each example: the exact oracle."""
+    n = 40
+    data = regression_data(n=n, d_in=4, dtype=torch.float64)
+    query = regression_data(n=1, d_in=4, seed=3, dtype=torch.float64)
+    runs = record(tmp_path, lambda: LinearRegression(d_in=4, lr=0.1), data, epochs=150, batch_size=10,
+                  precision="64-true")
+    result = Attributor(LinearRegression, runs, data, curvature="ggn", progress=False).attribute(query)
+
+    x, y = data.tensors
+    X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    xq = torch.cat([query.tensors[0], torch.ones(1, 1, dtype=x.dtype)], 1)
+    yq = query.tensors[1]
+
+    def query_loss(keep):
+        w = torch.linalg.lstsq(X[keep], y[keep]).solution
+        return ((xq @ w - yq) ** 2).mean()
+
+    base = query_loss(torch.ones(n, dtype=torch.bool))
+    truth = torch.stack([query_loss(torch.arange(n) != k) - base for k in range(n)])
+    assert pearson(result.effects[0, 0], truth) > 0.99
