@@ -1,0 +1,141 @@
+"""Bad input fails early with a message that says what to do."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_dtda import Attributor, MissingHookError, TrajectoryRecorder, load_runs
+from models import TinyClassifier, classification_data, trainer
+
+
+class DictData(Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return {"x": x, "y": y}
+
+
+class DictBatches(TinyClassifier):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+
+class WithLayerNorm(TinyClassifier):
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+
+
+class NoHparams(TinyClassifier):
+    def __init__(self, hidden):
+        pl.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def record(tmp_path, module, data, name="runs", seed=0):
+    pl.seed_everything(seed)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / name)], max_epochs=1).fit(module, DataLoader(data, batch_size=8))
+    return tmp_path / name
+
+
+@pytest.fixture
+def data():
+    return classification_data(n=16)
+
+
+@pytest.fixture
+def runs(tmp_path, data):
+    return record(tmp_path, TinyClassifier(), data)
+
+
+def test_module_without_hooks_for_its_batches(tmp_path, data):
+    dict_data = DictData(data)
+    runs = record(tmp_path, DictBatches(), dict_data)
+    attributor = Attributor(DictBatches, runs, dict_data, curvature="identity", progress=False)
+    with pytest.raises(MissingHookError, match=r"DictBatches needs the attribution hook `attribution_inputs_targets`"
+                                               r"(.|\n)*def attribution_inputs_targets\(self, batch\)"):
+        attributor.attribute(dict_data)
+
+
+def test_hooks_make_such_a_module_work(tmp_path, data):
+    class WithHooks(DictBatches):
+        def attribution_inputs_targets(self, batch):
+            return batch["x"], batch["y"]
+
+    dict_data = DictData(data)
+    runs = record(tmp_path, WithHooks(), dict_data)
+    result = Attributor(WithHooks, runs, dict_data, curvature="ggn", progress=False).attribute(dict_data)
+    assert result.effects.shape == (1, 16, 16) and torch.isfinite(result.effects).all()
+
+
+def test_layer_kfac_cannot_handle(tmp_path, data):
+    runs = record(tmp_path, WithLayerNorm(), data)
+    with pytest.raises(ValueError, match=r"layer 'net.1' \(LayerNorm\) has trainable parameters. Use curvature='ggn'"):
+        Attributor(WithLayerNorm, runs, data, curvature="kfac", progress=False).attribute(data)
+
+
+def test_training_data_other_than_recorded(runs, data):
+    with pytest.raises(ValueError, match="has 15 examples but run seed_0 was recorded on 16"):
+        Attributor(TinyClassifier, runs, TensorDataset(*data[:15]))
+    shuffled = TensorDataset(*data[torch.randperm(16, generator=torch.Generator().manual_seed(0))])
+    with pytest.raises(ValueError, match="different content or order"):
+        Attributor(TinyClassifier, runs, shuffled)
+
+
+def test_truncated_snapshot_file(runs, data):
+    [run] = load_runs(runs)
+    path = run.path / run.manifest["snapshots"][-1]["file"]
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="step_00000002.pt does not match the checksum recorded for it"):
+        Attributor(TinyClassifier, runs, data, progress=False).attribute(data)
+
+
+def test_non_finite_gradients_name_the_examples(runs, data):
+    x, y = data[:4]
+    x = x.clone()
+    x[2, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients for examples \[2\]"):
+        Attributor(TinyClassifier, runs, data, curvature="identity", progress=False).attribute(TensorDataset(x, y))
+
+
+def test_bad_arguments(runs, data):
+    with pytest.raises(ValueError, match="damping must be 'auto' or a positive number, got 0"):
+        Attributor(TinyClassifier, runs, data, damping=0)
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        Attributor(TinyClassifier, runs, data, curvature="hessian")
+    with pytest.raises(ValueError, match="query_data is empty"):
+        Attributor(TinyClassifier, runs, data, progress=False).attribute(TensorDataset(*data[:0]))
+
+
+def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no recorded run"):
+        load_runs(tmp_path / "empty")
+    record(tmp_path, TinyClassifier(), data, seed=0)
+    record(tmp_path, TinyClassifier(), classification_data(n=16, seed=5), seed=1)
+    with pytest.raises(ValueError, match="mixes runs on different datasets"):
+        load_runs(tmp_path / "runs")
+
+
+def test_module_class_other_than_recorded(runs, data):
+    with pytest.raises(ValueError, match="trained models.TinyClassifier, not test_errors.WithLayerNorm"):
+        Attributor(WithLayerNorm, runs, data, progress=False).attribute(data)
+
+
+def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
+    runs = record(tmp_path, NoHparams(hidden=5), data)
+    with pytest.raises(TypeError, match="pass an instance instead of the class"):
+        Attributor(NoHparams, runs, data, progress=False).attribute(data)
+    result = Attributor(NoHparams(hidden=5), runs, data, curvature="ggn", progress=False).attribute(data)
+    assert result.effects.shape == (1, 16, 16)

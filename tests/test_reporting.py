@@ -1,0 +1,56 @@
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from lightning_dtda import Attributor, TrajectoryRecorder
+from models import TinyClassifier, classification_data, trainer
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("reporting")
+    data = classification_data(n=24)
+    pl.seed_everything(0)
+    loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
+    fit_trainer = trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2, logger=loggers)
+    fit_trainer.fit(TinyClassifier(), DataLoader(data, batch_size=8, shuffle=True))
+    result = Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", progress=False).attribute(
+        classification_data(n=2, seed=1), loggers=fit_trainer, top_k=3)
+    return result, loggers
+
+
+def test_csv_logger_gets_table_histogram_and_scalars(logged):
+    result, (csv_logger, _) = logged
+    with open(f"{csv_logger.log_dir}/attribution_top_k.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 3  # queries x (helpful, harmful) x k
+    helpful = [r for r in rows if r["query"] == "1" and r["kind"] == "helpful"]
+    values, indices = result.top_k(1, 3)
+    assert [int(r["train_index"]) for r in helpful] == indices.tolist()
+    assert [float(r["mean_shift"]) for r in helpful] == pytest.approx(values.tolist())
+    with open(f"{csv_logger.log_dir}/attribution_histogram.csv") as f:
+        assert sum(int(r["count"]) for r in csv.DictReader(f)) == result.num_queries * result.num_train
+    with open(f"{csv_logger.log_dir}/metrics.csv") as f:
+        logged_rows = [r for r in csv.DictReader(f) if r.get("attribution/mean_shift_abs_max")]
+    assert float(logged_rows[-1]["attribution/mean_shift_abs_max"]) == pytest.approx(
+        result.mean_shift().abs().max().item())
+
+
+def test_tensorboard_logger_gets_text_and_histogram(logged):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, (_, tb_logger) = logged
+    events = EventAccumulator(tb_logger.log_dir, size_guidance={"tensors": 0, "histograms": 0}).Reload()
+    [histogram] = events.Histograms("attribution/mean_shift")
+    assert histogram.histogram_value.num == result.num_queries * result.num_train
+    assert histogram.histogram_value.max == pytest.approx(result.mean_shift().max().item())
+    [text] = events.Tensors("attribution/top_k/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    _, indices = result.top_k(0, 3, largest=False)
+    assert f"| 0 | harmful | 1 | {indices[0].item()} |" in table
+    assert [s.value for s in events.Scalars("attribution/mean_shift_abs_max")] == pytest.approx(
+        [result.mean_shift().abs().max().item()])
