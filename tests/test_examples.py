@@ -1,0 +1,18 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_digits_example_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "digits.py"), "--seeds", "2", "--epochs", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("most helpful") == 5 and out.stdout.count("most harmful") == 5
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["seed_0", "seed_1"]
+    png = (tmp_path / "influential_digits.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert (tmp_path / "result.pt").is_file() and list(tmp_path.glob("csv/*/attribution_top_k.csv"))
