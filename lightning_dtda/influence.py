@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lightning_dtda.curvature import CURVATURES, fit_curvature
-from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.result import AttributionResult
-from lightning_dtda.trajectory import Trajectory, load_runs
+from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
 
 
 class _InputsTargets:
@@ -113,21 +111,7 @@ class Attributor:
         self.batch_size = batch_size
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
-        self._check_train_data()
-
-    def _check_train_data(self) -> None:
-        run = self.runs[0]
-        n = len(self.train_data)  # type: ignore[arg-type]
-        if n != run.dataset_length:
-            raise ValueError(
-                f"train_data has {n} examples but run {run.name} was recorded on {run.dataset_length}. Pass the "
-                "dataset of the training DataLoader, in its original order."
-            )
-        if fingerprint_dataset(self.train_data) != run.dataset_fingerprint:
-            raise ValueError(
-                f"train_data differs from the data run {run.name} was recorded on (same length, different "
-                "content or order). Pass the dataset of the training DataLoader, in its original order."
-            )
+        self.runs[0].check_dataset(train_data)
 
     def damping_for(self, run: Trajectory) -> float:
         """The damping used for ``run``: the given float, or the ``"auto"`` rule."""
@@ -136,37 +120,9 @@ class Attributor:
         weight_decay = run.optimizer_groups[0].get("weight_decay", 0.0) or 0.0
         return 1.0 / run.learning_rate_time() + float(weight_decay)
 
-    def load_model(self, run: Trajectory, snapshot: int = -1) -> pl.LightningModule:
+    def load_model(self, run: Trajectory, snapshot: int = -1) -> nn.Module:
         """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""
-        if isinstance(self.module, nn.Module):
-            cls: type = type(self.module)
-            model = copy.deepcopy(self.module)
-        else:
-            cls = self.module
-            model = None
-        path = f"{cls.__module__}.{cls.__qualname__}"
-        if path != run.module_class:
-            raise ValueError(f"Run {run.name} trained {run.module_class}, not {path}.")
-        if model is None:
-            try:
-                model = cls(**run.manifest["module"]["hparams"])
-            except TypeError as err:
-                raise TypeError(
-                    f"Could not build {path} from the recorded hyperparameters ({err}). Call "
-                    "`self.save_hyperparameters()` in its __init__, or pass an instance instead of the class."
-                ) from err
-        state = run.state_dict(snapshot)
-        # Lightning's "64-true" (or "bf16-true") converts the module after construction; match it.
-        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
-        if dtype is not None:
-            model.to(dtype=dtype)
-        model.load_state_dict(state)
-        return model.to(self.device).eval()
-
-    def _query_data(self, query_data: Dataset) -> Dataset:
-        if len(query_data) == 0:  # type: ignore[arg-type]
-            raise ValueError("query_data is empty; pass at least one query example.")
-        return query_data
+        return instantiate(self.module, run, snapshot, self.device)
 
     def attribute_run(self, run: Trajectory, query_data: Dataset) -> tuple[Tensor, Tensor, float]:
         """Effects ``[queries, train]``, base measurements ``[queries]`` and the damping, for one run."""
@@ -214,7 +170,8 @@ class Attributor:
         """
         from lightning_dtda.reporting import log_result
 
-        query_data = self._query_data(query_data)
+        if len(query_data) == 0:  # type: ignore[arg-type]
+            raise ValueError("query_data is empty; pass at least one query example.")
         effects, measurements, dampings = [], [], []
         for run in tqdm(self.runs, desc=f"attributing ({self.curvature})", disable=not self.progress):
             e, m, d = self.attribute_run(run, query_data)

@@ -229,6 +229,7 @@ class TrajectoryRecorder(Callback):
         loader = trainer.train_dataloader
         optimizer = trainer.optimizers[0]
         cls = type(pl_module)
+        names = {id(p): n for n, p in pl_module.named_parameters()}
         return {
             "format": SNAPSHOT_FORMAT,
             "versions": {
@@ -241,7 +242,10 @@ class TrajectoryRecorder(Callback):
             "dataset": {"length": len(loader.dataset), "fingerprint": fingerprint_dataset(loader.dataset)},
             "optimizer": {
                 "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-                "param_groups": [jsonable({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups],
+                "param_groups": [
+                    jsonable({**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[id(p)] for p in g["params"]]})
+                    for g in optimizer.param_groups
+                ],
             },
             "schedulers": [
                 {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lightning_dtda._io import load_json, load_torch
+from lightning_dtda.data import fingerprint_dataset
 
 MANIFEST = "manifest.json"
 SNAPSHOT_FORMAT = 1
@@ -127,6 +129,20 @@ class Trajectory:
             raise ValueError(f"{self.path}: recorded {len(steps)} optimizer steps but the final snapshot is at step {self.final_step}.")
         return steps
 
+    def check_dataset(self, data: Any) -> None:
+        """Raise ``ValueError`` unless ``data`` has the recorded length and fingerprint."""
+        n = len(data)
+        if n != self.dataset_length:
+            raise ValueError(
+                f"train_data has {n} examples but run {self.name} was recorded on {self.dataset_length}. Pass the "
+                "dataset of the training DataLoader, in its original order."
+            )
+        if fingerprint_dataset(data) != self.dataset_fingerprint:
+            raise ValueError(
+                f"train_data differs from the data run {self.name} was recorded on (same length, different "
+                "content or order). Pass the dataset of the training DataLoader, in its original order."
+            )
+
     @property
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The optimizer's per-group settings (learning rate, momentum, weight decay, ...)."""
@@ -143,13 +159,43 @@ class Trajectory:
         total = sum(step.lrs[0] for step in self.steps)
         return total / (1.0 - momentum)
 
-    def load_module_class(self) -> type:
-        """Import the LightningModule class the run trained."""
-        module_name, _, qualname = self.module_class.rpartition(".")
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
+
+def instantiate(
+    module: type[nn.Module] | nn.Module, run: Trajectory, snapshot: int = -1, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The module of ``run`` at ``snapshot`` (default: the final one), in eval mode on ``device``.
+
+    Args:
+        module: The LightningModule class, built from the run's recorded hyperparameters, or an
+            instance, deep-copied so the caller's module is left untouched.
+
+    Raises:
+        ValueError: If the run trained another class.
+        TypeError: If the class cannot be built from the recorded hyperparameters.
+    """
+    if isinstance(module, nn.Module):
+        cls: type = type(module)
+        model = copy.deepcopy(module)
+    else:
+        cls, model = module, None
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    if path != run.module_class:
+        raise ValueError(f"Run {run.name} trained {run.module_class}, not {path}.")
+    if model is None:
+        try:
+            model = cls(**run.manifest["module"]["hparams"])
+        except TypeError as err:
+            raise TypeError(
+                f"Could not build {path} from the recorded hyperparameters ({err}). Call "
+                "`self.save_hyperparameters()` in its __init__, or pass an instance instead of the class."
+            ) from err
+    state = run.state_dict(snapshot)
+    # Lightning's "64-true" (or "bf16-true") converts the module after construction; match it.
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.load_state_dict(state)
+    return model.to(device).eval()
 
 
 def load_runs(path: str | Path) -> list[Trajectory]:

@@ -1,0 +1,111 @@
+"""``torch.optim`` steps as pure functions, so recorded runs can be replayed (and differentiated).
+
+Each step follows the single-tensor code path of ``torch.optim`` operation for operation, out of
+place, so replaying a run reproduces its weights and autograd can run through the replay. Parameters
+may carry leading batch dimensions (many models replayed at once): every operation is elementwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+SUPPORTED = ("torch.optim.sgd.SGD", "torch.optim.adam.Adam", "torch.optim.adamw.AdamW")
+
+
+@dataclass(frozen=True)
+class FunctionalOptimizer:
+    """The recorded optimizer's per-parameter settings.
+
+    Attributes:
+        kind: ``"sgd"`` or ``"adam"``.
+        groups: Per parameter group, its settings from the run's manifest.
+        group_of: Per trainable parameter (in ``named_parameters`` order), its group index.
+        decoupled: AdamW's decoupled weight decay.
+    """
+
+    kind: str
+    groups: tuple[dict[str, Any], ...]
+    group_of: tuple[int, ...]
+    decoupled: bool = False
+
+    @classmethod
+    def from_manifest(cls, optimizer: dict[str, Any], param_names: list[str]) -> "FunctionalOptimizer":
+        """Build from a manifest's ``optimizer`` entry for the trainable parameters ``param_names``.
+
+        Raises:
+            ValueError: For an optimizer or setting that has no functional twin here.
+        """
+        name = optimizer["class"]
+        if name not in SUPPORTED:
+            raise ValueError(
+                f"Replaying a run needs a functional twin of its optimizer; {name} has none. Supported: "
+                f"{', '.join(SUPPORTED)}."
+            )
+        groups = tuple(optimizer["param_groups"])
+        for g in groups:
+            for flag in ("maximize", "amsgrad"):
+                if g.get(flag):
+                    raise ValueError(f"Replay does not support {name} with {flag}=True.")
+            if name.endswith("SGD") and g.get("dampening", 0) and g.get("nesterov"):
+                raise ValueError("SGD with both dampening and nesterov is not a valid torch optimizer.")
+        index = {n: i for i, g in enumerate(groups) for n in g.get("param_names", [])}
+        missing = [n for n in param_names if n not in index]
+        if missing and len(groups) == 1:
+            index = {n: 0 for n in param_names}
+        elif missing:
+            raise ValueError(f"The manifest does not say which parameter group holds {missing[:3]}.")
+        decoupled = name.endswith("AdamW") or any(g.get("decoupled_weight_decay") for g in groups)
+        return cls("sgd" if name.endswith("SGD") else "adam", groups, tuple(index[n] for n in param_names), decoupled)
+
+    def init(self, params: list[Tensor]) -> dict[str, Any]:
+        """The optimizer state before its first step."""
+        if self.kind == "sgd":
+            return {"momentum_buffer": [None] * len(params)}
+        return {"step": 0, "exp_avg": [p.new_zeros(p.shape) for p in params], "exp_avg_sq": [p.new_zeros(p.shape) for p in params]}
+
+    def step(
+        self, params: list[Tensor], grads: list[Tensor], state: dict[str, Any], lrs: tuple[float, ...]
+    ) -> tuple[list[Tensor], dict[str, Any]]:
+        """One optimizer step with the per-group learning rates ``lrs``; returns new params and state."""
+        if self.kind == "sgd":
+            return self._sgd(params, grads, state, lrs)
+        return self._adam(params, grads, state, lrs)
+
+    def _sgd(self, params, grads, state, lrs):
+        new_params, buffers = [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            group = self.groups[self.group_of[i]]
+            lr, momentum, wd = lrs[self.group_of[i]], group.get("momentum", 0.0), group.get("weight_decay", 0.0)
+            if wd != 0:
+                g = g.add(p, alpha=wd)
+            buf = state["momentum_buffer"][i]
+            if momentum != 0:
+                buf = g.clone() if buf is None else buf.mul(momentum).add(g, alpha=1 - group.get("dampening", 0.0))
+                g = g.add(buf, alpha=momentum) if group.get("nesterov") else buf
+            buffers.append(buf)
+            new_params.append(p.add(g, alpha=-lr))
+        return new_params, {"momentum_buffer": buffers}
+
+    def _adam(self, params, grads, state, lrs):
+        t = state["step"] + 1
+        new_params, exp_avgs, exp_avg_sqs = [], [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            group = self.groups[self.group_of[i]]
+            lr, wd, eps = lrs[self.group_of[i]], group.get("weight_decay", 0.0), group["eps"]
+            beta1, beta2 = group["betas"]
+            if wd != 0:
+                if self.decoupled:
+                    p = p.mul(1 - lr * wd)
+                else:
+                    g = g.add(p, alpha=wd)
+            exp_avg = state["exp_avg"][i].lerp(g, 1 - beta1)
+            exp_avg_sq = state["exp_avg_sq"][i].mul(beta2).addcmul(g, g, value=1 - beta2)
+            step_size = lr / (1 - beta1**t)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add(eps)
+            new_params.append(p.addcdiv(exp_avg, denom, value=-step_size))
+            exp_avgs.append(exp_avg)
+            exp_avg_sqs.append(exp_avg_sq)
+        return new_params, {"step": t, "exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
