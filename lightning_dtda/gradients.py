@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 
-class _Call(nn.Module):
+class HookCall(nn.Module):
+    """Calls ``fn(batch)`` as a module whose child is ``module``, so ``functional_call`` can swap its weights."""
+
     # functional_call substitutes parameters for a module's forward; wrapping the hook in a module
     # whose child is the user's module lets it substitute them for any hook of that module.
     def __init__(self, module: nn.Module, fn: Callable[[Any], Tensor]) -> None:
@@ -43,7 +45,7 @@ def per_example_gradients(module: nn.Module, fn: Callable[[Any], Tensor], batch:
     ``fn`` maps a batch to one value per example (shape ``[B]``) and is evaluated one example at a
     time under ``vmap``, so the module must not mix examples (use ``eval()`` for BatchNorm).
     """
-    wrapper = _Call(module, fn)
+    wrapper = HookCall(module, fn)
     params = {f"module.{k}": v.detach() for k, v in trainable_parameters(module).items()}
 
     def value(p: dict[str, Tensor], example: Any) -> Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_dtda import distribution
 from lightning_dtda._io import load_torch, save_json, save_torch
 
 _RESULT_FORMAT = 1
@@ -56,16 +57,63 @@ class AttributionResult:
         return self.effects.shape[2]
 
     def mean_shift(self) -> Tensor:
-        """Predicted change of the mean measurement over seeds when each example is removed, ``[queries, train]``."""
-        return self.effects.mean(0)
+        """Predicted change of the measurement's mean over seeds, ``[queries, train]`` (the seed-averaged effect)."""
+        return distribution.mean_shift(self.measurements, self.effects)
 
-    def top_k(self, query: int, k: int = 10, largest: bool = True) -> tuple[Tensor, Tensor]:
-        """The ``k`` training examples whose removal most raises (``largest``) or lowers query ``query``'s mean.
+    def variance_shift(self) -> Tensor:
+        """Predicted change of the measurement's variance over seeds, ``[queries, train]``."""
+        return distribution.variance_shift(self.measurements, self.effects)
+
+    def std_shift(self) -> Tensor:
+        """Predicted change of the measurement's standard deviation over seeds, ``[queries, train]``."""
+        return distribution.std_shift(self.measurements, self.effects)
+
+    def wasserstein(self) -> Tensor:
+        """2-Wasserstein distance between the base and predicted distributions, ``[queries, train]`` (>= 0)."""
+        return distribution.wasserstein(self.measurements, self.effects)
+
+    def quantile_shift(self, q: float) -> Tensor:
+        """Predicted change of the measurement's ``q``-quantile over seeds, ``[queries, train]``."""
+        return distribution.quantile_shift(self.measurements, self.effects, q)
+
+    def statistic(self, name: str) -> Tensor:
+        """``mean_shift``, ``variance_shift``, ``std_shift`` or ``wasserstein`` by name
+        (``"mean"``, ``"variance"``, ``"std"``, ``"wasserstein"``), ``[queries, train]``."""
+        return distribution.statistic(name)(self.measurements, self.effects)
+
+    def interval(self, statistic: str = "mean", level: float = 0.9, num_resamples: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Percentile bootstrap interval over seeds of a statistic, ``(low [queries, train], high [queries, train])``.
+
+        Seeds are resampled in pairs (base measurement with its effects). Needs at least two seeds;
+        with few seeds the interval is wide, and it says so.
+        """
+        return distribution.bootstrap_interval(
+            distribution.statistic(statistic), self.measurements, self.effects, level, num_resamples, seed
+        )
+
+    def top_k(self, query: int, k: int = 10, largest: bool = True, statistic: str = "mean") -> tuple[Tensor, Tensor]:
+        """The ``k`` training examples with the largest (or smallest) ``statistic`` for query ``query``.
+
+        With the default ``statistic="mean"`` and a loss measurement, ``largest=True`` gives the most
+        helpful examples (removal raises the loss) and ``largest=False`` the most harmful.
 
         Returns:
-            ``(mean shifts [k], training indices [k])``, most extreme first.
+            ``(values [k], training indices [k])``, most extreme first.
         """
-        return torch.topk(self.mean_shift()[query], min(k, self.num_train), largest=largest)
+        return torch.topk(self.statistic(statistic)[query], min(k, self.num_train), largest=largest)
+
+    def spread_wideners(self, query: int, k: int = 10) -> tuple[Tensor, Tensor]:
+        """Examples whose removal moves the spread much more than the mean, for query ``query``.
+
+        The score is ``|std shift| - |mean shift|``, both in the measurement's units: positive when
+        removing the example changes how *reliably* the query is fitted across seeds more than how
+        well it is fitted on average.
+
+        Returns:
+            ``(scores [k], training indices [k])``, highest score first.
+        """
+        score = self.std_shift()[query].abs() - self.mean_shift()[query].abs()
+        return torch.topk(score, min(k, self.num_train))
 
     def save(self, path: str | Path) -> None:
         """Write the result to ``path`` (atomically) and its settings to ``path`` with suffix ``.json``."""

@@ -1,0 +1,62 @@
+"""Training several seeds of a module into one folder of runs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_dtda.recorder import TrajectoryRecorder
+from lightning_dtda.trajectory import MANIFEST
+from lightning_dtda._io import load_json
+
+
+def train_seeds(
+    make_module: Callable[[], pl.LightningModule],
+    data: pl.LightningDataModule | Any,
+    dirpath: str | Path,
+    seeds: Iterable[int],
+    recorder: dict[str, Any] | None = None,
+    **trainer_kwargs: Any,
+) -> Path:
+    """Train one run per seed, one after another, each recorded into ``dirpath/seed_<seed>``.
+
+    For each seed: ``seed_everything(seed)``, a fresh module from ``make_module()``, a fresh
+    ``Trainer(**trainer_kwargs)`` with a :class:`TrajectoryRecorder` added, and ``fit``. A seed whose
+    run folder is already complete is skipped, so an interrupted call can simply be repeated; an
+    incomplete one (a killed job) is recorded again from scratch.
+
+    Args:
+        make_module: Builds the LightningModule; called after seeding, so initialisation follows the seed.
+        data: A ``LightningDataModule`` or a train ``DataLoader`` (reused for every seed).
+        dirpath: The folder of runs, as given to the Attributor afterwards.
+        seeds: The seeds to train.
+        recorder: Keyword arguments for :class:`TrajectoryRecorder` (not ``dirpath``, ``run_name``, ``seed``).
+        trainer_kwargs: Keyword arguments for ``lightning.pytorch.Trainer``; ``callbacks`` are kept
+            and the recorder appended.
+
+    Returns:
+        ``dirpath``.
+    """
+    dirpath = Path(dirpath)
+    extra_callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
+    for seed in seeds:
+        run_dir = dirpath / f"seed_{seed}"
+        if (run_dir / MANIFEST).is_file():
+            if load_json(run_dir / MANIFEST).get("complete"):
+                rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
+                continue
+            shutil.rmtree(run_dir)
+        pl.seed_everything(seed)
+        module = make_module()
+        callbacks = [*extra_callbacks, TrajectoryRecorder(dirpath, seed=seed, **(recorder or {}))]
+        trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs)
+        if isinstance(data, pl.LightningDataModule):
+            trainer.fit(module, datamodule=data)
+        else:
+            trainer.fit(module, data)
+    return dirpath

@@ -1,0 +1,127 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dtda import Attributor, AttributionResult, load_runs, train_seeds
+from lightning_dtda.evaluation import QuerySpearman, Retraining, leave_one_out_weights, random_subset_weights, retrain
+from lightning_dtda.replay import replay
+from lightning_dtda.trajectory import instantiate
+from models import TinyClassifier, classification_data, trainer
+
+
+class WeightedClassifier(TinyClassifier):
+    """Trains on (x, y, index) batches with a per-example loss weight: Lightning's own leave-one-out."""
+
+    def __init__(self, removed: int = -1, **hparams):
+        super().__init__(**hparams)
+        self.removed = removed
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        weight = (index != self.removed).to(x.dtype)
+        return (F.cross_entropy(self(x), y, reduction="none") * weight).mean()
+
+    def attribution_inputs_targets(self, batch):
+        return batch[0], batch[1]
+
+
+HPARAMS = dict(hidden=5, lr=0.2, momentum=0.9, weight_decay=1e-2)
+
+
+def indexed_data(n=24):
+    x, y = classification_data(n=n, dtype=torch.float64).tensors
+    return TensorDataset(x, y, torch.arange(n))
+
+
+def fit(tmp_path, make_module, data, seed, recorder=True):
+    from lightning_dtda import TrajectoryRecorder
+
+    pl.seed_everything(seed)  # before building the module: the seed fixes the initialisation too
+    module = make_module()
+    callbacks = [TrajectoryRecorder(tmp_path / "runs")] if recorder else []
+    trainer(tmp_path, callbacks, max_epochs=3, precision="64-true").fit(module, DataLoader(data, batch_size=5, shuffle=True))
+    return module
+
+
+def test_replay_leave_one_out_equals_lightning_retraining_with_the_same_seed(tmp_path):
+    data = indexed_data()
+    fit(tmp_path, lambda: WeightedClassifier(**HPARAMS), data, seed=3)
+    [run] = load_runs(tmp_path / "runs")
+    model = instantiate(WeightedClassifier, run, 0)
+    weights = torch.cat([torch.ones(1, 24), leave_one_out_weights(24, [7, 11])])
+    replayed = replay(model, run, data, weights)
+    final = run.state_dict()
+    names = [n for n, p in model.named_parameters()]
+    # weight 1 everywhere is exactly the recorded run
+    assert max((replayed[i][0] - final[n]).abs().max().item() for i, n in enumerate(names)) < 1e-12
+    for row, removed in ((1, 7), (2, 11)):
+        lightning_loo = fit(tmp_path, lambda: WeightedClassifier(removed=removed, **HPARAMS), data, seed=3,
+                                recorder=False)
+        expected = dict(lightning_loo.named_parameters())
+        assert max((replayed[i][row] - expected[n]).abs().max().item() for i, n in enumerate(names)) < 1e-12
+        assert max((replayed[i][row] - final[n]).abs().max().item() for i, n in enumerate(names)) > 1e-4
+
+
+def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
+    data = classification_data(n=30, dtype=torch.float64)
+    queries = classification_data(n=4, seed=1, dtype=torch.float64)
+    for seed in range(3):
+        fit(tmp_path, lambda: TinyClassifier(hidden=6, lr=0.3, momentum=0.5), data, seed=seed)
+    examples = [0, 3, 5, 8, 13, 21]
+    truth = retrain(TinyClassifier, tmp_path / "runs", data, queries, leave_one_out_weights(30, examples), progress=False)
+    assert truth.retrained.shape == (3, 4, 6) and truth.base.shape == (3, 4)
+    # the base row is the recorded run: its measurement equals the final snapshot's
+    for s, run in enumerate(load_runs(tmp_path / "runs")):
+        model = instantiate(TinyClassifier, run)
+        x, y = queries.tensors
+        assert torch.allclose(truth.base[s], F.cross_entropy(model(x), y, reduction="none").detach(), atol=1e-12)
+    result = Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", progress=False).attribute(queries)
+    predicted, actual = truth.table(result, "mean")
+    assert torch.allclose(predicted, result.mean_shift()[:, examples])
+    assert torch.allclose(actual, truth.effects.mean(0))
+    metric = QuerySpearman()
+    metric.update(predicted, actual)
+    assert metric.compute() > 0.5
+
+    truth.save(tmp_path / "truth.pt")
+    loaded = Retraining.load(tmp_path / "truth.pt")
+    assert torch.equal(loaded.retrained, truth.retrained) and loaded.runs == truth.runs
+
+
+def test_subset_predictions_sum_the_removed_examples():
+    g = torch.Generator().manual_seed(0)
+    result = AttributionResult(torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, generator=g), ["a", "b"])
+    weights = random_subset_weights(10, num_subsets=4, fraction=0.5, seed=1)
+    assert (weights.sum(1) == 5).all()
+    truth = Retraining(weights, torch.zeros(2, 3), torch.zeros(2, 3, 4), ["a", "b"])
+    predicted = truth.predicted_effects(result)
+    removed = (weights[2] == 0).nonzero().flatten()
+    assert torch.allclose(predicted[1, 0, 2], result.effects[1, 0, removed].sum())
+
+
+def test_query_spearman_matches_scipy():
+    g = torch.Generator().manual_seed(0)
+    preds, target = torch.randn(5, 30, generator=g), torch.randn(5, 30, generator=g)
+    target[2] = preds[2] ** 3  # a perfectly monotone row
+    metric = QuerySpearman()
+    metric.update(preds[:3], target[:3])
+    metric.update(preds[3:], target[3:])
+    expected = sum(spearmanr(preds[q], target[q]).statistic for q in range(5)) / 5
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_train_seeds_records_each_seed_once(tmp_path):
+    loader = DataLoader(classification_data(n=16), batch_size=8, shuffle=True)
+    kwargs = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path)
+    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1], **kwargs)
+    runs = load_runs(tmp_path / "runs")
+    assert [r.name for r in runs] == ["seed_0", "seed_1"] and [r.seed for r in runs] == [0, 1]
+    assert not torch.equal(runs[0].state_dict(0)["net.0.weight"], runs[1].state_dict(0)["net.0.weight"])
+    stamp = (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns
+    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1, 2], **kwargs)  # seed 0 and 1 are skipped
+    assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
+    assert [r.name for r in load_runs(tmp_path / "runs")] == ["seed_0", "seed_1", "seed_2"]
