@@ -81,3 +81,16 @@ def test_interval_needs_two_seeds_and_a_valid_level():
         result_with(torch.zeros(2, 1, 3), torch.zeros(2, 1)).interval("mean", level=1.5)
     with pytest.raises(ValueError, match="statistic must be one of"):
         result.statistic("median")
+
+
+def test_distribution_figure_has_a_panel_per_example(tmp_path):
+    from lightning_dtda.figures import plot_distributions
+
+    g = torch.Generator().manual_seed(0)
+    result = result_with(torch.randn(8, 2, 5, generator=g), torch.randn(8, 2, generator=g))
+    fig = plot_distributions(result, query=1, examples=[0, 3, 4])
+    assert len(fig.axes) == 3
+    assert "example 3" in fig.axes[1].get_title()
+    assert f"{result.mean_shift()[1, 3]:+.2g}" in fig.axes[1].get_title()
+    fig.savefig(tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
