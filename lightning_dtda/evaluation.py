@@ -134,7 +134,7 @@ def retrain(
 def leave_one_out_weights(num_train: int, examples: Sequence[int] | Tensor) -> Tensor:
     """``[K, N]`` weightings that each remove one of ``examples``."""
     examples = torch.as_tensor(examples)
-    weights = torch.ones(len(examples), num_train)
+    weights = torch.ones(len(examples), num_train, dtype=torch.float64)
     weights[torch.arange(len(examples)), examples] = 0.0
     return weights
 
@@ -143,7 +143,7 @@ def random_subset_weights(num_train: int, num_subsets: int, fraction: float = 0.
     """``[M, N]`` weightings that each keep a random ``fraction`` of the training set (weights 0 or 1)."""
     generator = torch.Generator().manual_seed(seed)
     keep = round(fraction * num_train)
-    weights = torch.zeros(num_subsets, num_train)
+    weights = torch.zeros(num_subsets, num_train, dtype=torch.float64)
     for m in range(num_subsets):
         weights[m, torch.randperm(num_train, generator=generator)[:keep]] = 1.0
     return weights

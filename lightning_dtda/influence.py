@@ -14,11 +14,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from lightning_dtda.curvature import CURVATURES, fit_curvature
+from lightning_dtda.curvature import CURVATURES, SpectralCurvature, fit_curvature, fit_spectral
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.result import AttributionResult
 from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
+from lightning_dtda.segmented import segmented_effects
+from lightning_dtda.unrolled import unrolled_effects
+
+METHODS = ("influence", "unrolled", "segmented")
 
 
 class _InputsTargets:
@@ -95,10 +99,14 @@ class Attributor:
         train_data: Dataset,
         curvature: str = "ekfac",
         damping: float | str = "auto",
+        method: str = "influence",
+        segments: int = 4,
         batch_size: int = 128,
         device: str | torch.device | None = None,
         progress: bool = True,
     ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
         if damping != "auto" and not (isinstance(damping, (int, float)) and damping > 0):
@@ -106,6 +114,8 @@ class Attributor:
         self.module = module
         self.runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
         self.train_data = train_data
+        self.method = method
+        self.segments = segments
         self.curvature = curvature
         self.damping = damping
         self.batch_size = batch_size
@@ -124,31 +134,50 @@ class Attributor:
         """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""
         return instantiate(self.module, run, snapshot, self.device)
 
-    def attribute_run(self, run: Trajectory, query_data: Dataset) -> tuple[Tensor, Tensor, float]:
-        """Effects ``[queries, train]``, base measurements ``[queries]`` and the damping, for one run."""
+    def attribute_run(self, run: Trajectory, query_data: Dataset) -> tuple[Tensor, Tensor, float | None]:
+        """Effects ``[queries, train]``, base measurements ``[queries]`` and the damping (``None`` for
+        ``"unrolled"``), for one run."""
         model = self.load_model(run)
         hooks = Hooks(model)
-        params = list(trainable_parameters(model).values())
-        num_train = run.dataset_length
-        damping = self.damping_for(run)
-        first_batch = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
-        loss_function = hooks.loss_function(first_batch) if self.curvature != "identity" else None
-
         query_grads = torch.cat(
             [g for _, g in stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients")]
         )
         with torch.no_grad():
             measurements = torch.cat(
                 [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
-            )
-        data = _InputsTargets(self.train_data, hooks, self.batch_size, self.device)
-        curvature = fit_curvature(self.curvature, model, loss_function, params, data, num_train, progress=False)
-        solved = curvature.solve(query_grads, damping) / num_train  # [Q, P]
+            ).cpu()
+        if self.method == "unrolled":
+            return unrolled_effects(model, run, self.train_data, query_grads, self.progress).cpu(), measurements, None
+        first_batch = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
+        loss_function = hooks.loss_function(first_batch) if self.curvature != "identity" else None
+        if self.method == "segmented":
 
-        effects = torch.empty(len(query_grads), num_train, dtype=solved.dtype, device=self.device)
+            def fit(snapshot_model: nn.Module) -> SpectralCurvature:
+                snapshot_data = _InputsTargets(self.train_data, Hooks(snapshot_model), self.batch_size, self.device)
+                params = list(trainable_parameters(snapshot_model).values())
+                return fit_spectral(self.curvature, snapshot_model, loss_function, params, snapshot_data, run.dataset_length)
+
+            effects = segmented_effects(
+                run,
+                query_grads,
+                self.segments,
+                load_model=lambda index: self.load_model(run, index),
+                fit=fit,
+                contract=lambda snapshot_model, vectors: self.contract(snapshot_model, Hooks(snapshot_model), vectors),
+            )
+            return effects.cpu(), measurements, None
+        damping = self.damping_for(run)
+        data = _InputsTargets(self.train_data, hooks, self.batch_size, self.device)
+        params = list(trainable_parameters(model).values())
+        curvature = fit_curvature(self.curvature, model, loss_function, params, data, run.dataset_length, progress=False)
+        return self.contract(model, hooks, curvature.solve(query_grads, damping) / run.dataset_length).cpu(), measurements, damping
+
+    def contract(self, model: nn.Module, hooks: Hooks, vectors: Tensor) -> Tensor:
+        """``vectors [Q, P] @ (per-example training gradients [N, P]).T``, streamed in chunks: ``[Q, N]``."""
+        effects = torch.empty(len(vectors), len(self.train_data), dtype=vectors.dtype, device=self.device)  # type: ignore[arg-type]
         for rows, grads in stream_gradients(model, hooks.train_loss, self.train_data, self.batch_size, self.device, self.progress, "train gradients"):
-            effects[:, rows] = solved @ grads.T
-        return effects.cpu(), measurements.detach().cpu(), damping
+            effects[:, rows] = vectors @ grads.T
+        return effects
 
     def attribute(
         self,
@@ -183,7 +212,8 @@ class Attributor:
             torch.stack(measurements),
             [run.name for run in self.runs],
             {
-                "method": "influence",
+                "method": self.method,
+                "segments": self.segments if self.method == "segmented" else None,
                 "curvature": self.curvature,
                 "damping": self.damping,
                 "damping_per_run": dampings,

@@ -252,6 +252,7 @@ class TrajectoryRecorder(Callback):
                     "class": f"{type(c.scheduler).__module__}.{type(c.scheduler).__qualname__}",
                     "interval": c.interval,
                     "frequency": c.frequency,
+                    "cycle_momentum": bool(getattr(c.scheduler, "cycle_momentum", False)),
                 }
                 for c in trainer.lr_scheduler_configs
             ],

@@ -12,6 +12,7 @@ statistics): the replay evaluates it in eval mode.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from lightning_dtda.gradients import HookCall, trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.optim import FunctionalOptimizer
-from lightning_dtda.trajectory import Trajectory
+from lightning_dtda.trajectory import Step, Trajectory
 
 
 def initial_parameters(model: nn.Module, run: Trajectory) -> tuple[list[str], list[Tensor]]:
@@ -35,6 +36,67 @@ def initial_parameters(model: nn.Module, run: Trajectory) -> tuple[list[str], li
     return names, [state[n].to(device=reference[n].device, dtype=reference[n].dtype) for n in names]
 
 
+class Replay:
+    """Replays the optimizer steps of ``run`` for ``M`` weightings at once.
+
+    Parameters and optimizer state carry a leading dimension ``M``. The steps are differentiable:
+    when the given parameters, state or weights require grad, autograd can run back through them.
+
+    Args:
+        model: The run's module (any snapshot: its buffers are kept, its parameters replaced).
+        run: A recorded run.
+        train_data: The training set in recorded index order.
+    """
+
+    def __init__(self, model: nn.Module, run: Trajectory, train_data: Dataset) -> None:
+        self.run = run
+        self.train_data = train_data
+        self.names, self.start = initial_parameters(model, run)
+        for scheduler in run.manifest["schedulers"]:
+            if scheduler.get("cycle_momentum"):
+                name = scheduler["class"].rpartition(".")[2]
+                raise ValueError(
+                    f"Run {run.name}'s scheduler {name} changes the momentum during training; the replay follows the "
+                    "recorded learning rates but not momentum schedules. Train with cycle_momentum=False to replay."
+                )
+        self.optimizer = FunctionalOptimizer.from_manifest(run.manifest["optimizer"], self.names)
+        accumulate = run.manifest["accumulate_grad_batches"]
+        call = HookCall(model, Hooks(model).train_loss)
+        keys = [f"module.{n}" for n in self.names]
+
+        def weighted_loss(params: list[Tensor], w: Tensor, batch: Any) -> Tensor:
+            losses = functional_call(call, dict(zip(keys, params)), (batch,))
+            # Lightning divides each micro-batch's loss by the number of accumulated micro-batches.
+            return (losses * w).mean() / accumulate
+
+        self._batched_grad = vmap(grad(weighted_loss), in_dims=(0, 0, None))
+
+    def initial(self, num_models: int) -> tuple[list[Tensor], dict[str, Any]]:
+        """The step-0 parameters ``[M, *shape]`` and the optimizer's initial state."""
+        params = [p.unsqueeze(0).expand(num_models, *p.shape).clone() for p in self.start]
+        return params, self.optimizer.init(params)
+
+    def steps(
+        self,
+        params: list[Tensor],
+        state: dict[str, Any],
+        weights: Tensor,
+        steps: Sequence[Step],
+        progress: bool = False,
+    ) -> tuple[list[Tensor], dict[str, Any]]:
+        """Apply ``steps`` with per-example loss weights ``weights [M, N]``."""
+        device = params[0].device
+        for step in tqdm(steps, desc=f"replaying {self.run.name}", disable=not progress, leave=False):
+            grads: list[Tensor] | None = None
+            for indices in step.micro_batches:
+                batch = move_data_to_device(default_collate([self.train_data[i] for i in indices.tolist()]), device)
+                g = self._batched_grad(params, weights[:, indices], batch)
+                grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
+            assert grads is not None
+            params, state = self.optimizer.step(params, grads, state, step.lrs)
+        return params, state
+
+
 def replay(
     model: nn.Module,
     run: Trajectory,
@@ -42,41 +104,12 @@ def replay(
     weights: Tensor,
     progress: bool = False,
 ) -> list[Tensor]:
-    """Replay ``run`` once per row of ``weights`` and return the final trainable parameters.
-
-    Args:
-        model: The run's module (any snapshot: its buffers are kept, its parameters replaced).
-        run: A recorded run with batch membership.
-        train_data: The training set in recorded index order.
-        weights: Per-example loss weights, ``[M, N]``.
-
-    Returns:
-        One tensor per trainable parameter, ``[M, *shape]``.
-    """
-    names, start = initial_parameters(model, run)
-    weights = weights.to(device=start[0].device, dtype=start[0].dtype)
-    optimizer = FunctionalOptimizer.from_manifest(run.manifest["optimizer"], names)
-    accumulate = run.manifest["accumulate_grad_batches"]
-    call = HookCall(model, Hooks(model).train_loss)
-    keys = [f"module.{n}" for n in names]
-
-    def weighted_loss(params: list[Tensor], w: Tensor, batch: Any) -> Tensor:
-        losses = functional_call(call, dict(zip(keys, params)), (batch,))
-        # Lightning divides each micro-batch's loss by the number of accumulated micro-batches.
-        return (losses * w).mean() / accumulate
-
-    batched_grad = vmap(grad(weighted_loss), in_dims=(0, 0, None))
-    params = [p.unsqueeze(0).expand(len(weights), *p.shape).clone() for p in start]
-    state = optimizer.init(params)
-    device = start[0].device
-    for step in tqdm(run.steps, desc=f"replaying {run.name}", disable=not progress, leave=False):
-        grads: list[Tensor] | None = None
-        for indices in step.micro_batches:
-            batch = move_data_to_device(default_collate([train_data[i] for i in indices.tolist()]), device)
-            g = batched_grad(params, weights[:, indices], batch)
-            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-        assert grads is not None
-        params, state = optimizer.step(params, grads, state, step.lrs)
+    """Replay ``run`` once per row of ``weights [M, N]``; returns the final trainable parameters, ``[M, *shape]`` each."""
+    replayer = Replay(model, run, train_data)
+    params, state = replayer.initial(len(weights))
+    weights = weights.to(device=params[0].device, dtype=params[0].dtype)
+    with torch.no_grad():
+        params, _ = replayer.steps(params, state, weights, run.steps, progress)
     return params
 
 

@@ -117,7 +117,10 @@ class Trajectory:
         for index in range(len(self.manifest["snapshots"])):
             record = self.snapshot(index)["steps"]
             if record["first"] != len(steps) + 1 and len(record["micro_batches_per_step"]):
-                raise ValueError(f"{self.path}: snapshot {index} starts at step {record['first']}, expected {len(steps) + 1}.")
+                raise ValueError(
+                    f"{self.path} has no batch membership for steps {len(steps) + 1} to {record['first'] - 1}: the "
+                    "snapshot that recorded them is missing from the manifest. Record the run again."
+                )
             micro = torch.split(record["indices"], record["micro_batch_sizes"].tolist())
             per_step = record["micro_batches_per_step"].tolist()
             offsets = [0]

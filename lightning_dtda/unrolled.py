@@ -1,0 +1,106 @@
+"""Unrolled differentiation: exact per-seed removal effects by differentiating through the replayed run.
+
+Give example ``n`` the loss weight ``w_n`` in every step that contains it. The final measurement
+``m(theta_T(w))`` is a differentiable function of ``w``; removing example ``n`` (``w_n: 1 -> 0``)
+changes it, to first order, by ``-dm/dw_n``. One reverse-mode pass (an adjoint carried from
+``dm/dtheta_T`` back through every replayed optimizer step) gives ``dm/dw`` for *all* examples at
+once; the ``Q`` queries' adjoints travel together as a batch.
+
+Memory: the forward replay keeps the parameters and optimizer state only at the recorded
+snapshots; the backward pass recomputes one snapshot interval at a time with autograd, so memory
+is bounded by the interval, not the run's length (gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from lightning_dtda.replay import Replay
+from lightning_dtda.trajectory import Trajectory
+
+# The replay must land on the recorded final weights; a larger gap means it is not the same run
+# (train-mode layers such as dropout, a changed optimizer, or a different training loss).
+_REPLAY_TOLERANCE = 1e-4
+
+
+def _state_tensors(state: dict[str, Any]) -> list[Tensor]:
+    return [t for key in sorted(state) if isinstance(state[key], list) for t in state[key] if t is not None]
+
+
+def _with_state_tensors(state: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
+    rebuilt, it = dict(state), iter(tensors)
+    for key in sorted(state):
+        if isinstance(state[key], list):
+            rebuilt[key] = [None if t is None else next(it) for t in state[key]]
+    return rebuilt
+
+
+def check_replay(run: Trajectory, replay: Replay, final: list[Tensor]) -> None:
+    """Warn if the replay does not reproduce the run's recorded final weights."""
+    recorded = run.state_dict()
+    gap = max(((p[0] - recorded[n].to(p)).abs().max() / recorded[n].abs().max().clamp(min=1e-12)).item() for n, p in zip(replay.names, final))
+    if gap > _REPLAY_TOLERANCE:
+        rank_zero_warn(
+            f"Replaying {run.name} ends {gap:.1e} (relative) away from its recorded final weights: the run "
+            "used train-mode layers (dropout, batch norm), a loss other than the attribution_train_loss hook, "
+            "or an optimizer setting that changed during training. Unrolled effects describe the replay."
+        )
+
+
+def unrolled_effects(
+    model: nn.Module, run: Trajectory, train_data: Dataset, query_grads: Tensor, progress: bool = False
+) -> Tensor:
+    """Removal effects ``[Q, N]`` of every training example on each query, by reverse-mode unrolling.
+
+    Args:
+        model: The run's module.
+        run: A recorded run with batch membership.
+        train_data: The training set in recorded index order.
+        query_grads: ``[Q, P]`` gradients of the measurements at the run's final weights.
+    """
+    replay = Replay(model, run, train_data)
+    steps = run.steps
+    bounds = run.snapshot_steps
+    num_train = run.dataset_length
+    params, state = replay.initial(1)
+    dtype, device = params[0].dtype, params[0].device
+    ones = torch.ones(1, num_train, dtype=dtype, device=device)
+
+    checkpoints = []
+    with torch.no_grad():
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            checkpoints.append((params, state))
+            params, state = replay.steps(params, state, ones, steps[a:b])
+    check_replay(run, replay, params)
+
+    # Adjoints: one row per query for each parameter (and, later, each optimizer state tensor).
+    sizes = [p[0].numel() for p in params]
+    adjoint = [g.reshape(len(query_grads), *p.shape[1:]) for g, p in zip(query_grads.to(dtype).split(sizes, dim=1), params)]
+    state_adjoint: list[Tensor] | None = None
+    dm_dw = torch.zeros(len(query_grads), num_train, dtype=dtype, device=device)
+    segments = list(zip(bounds[:-1], bounds[1:], checkpoints))
+    for a, b, (p_start, s_start) in tqdm(segments[::-1], desc=f"unrolling {run.name}", disable=not progress, leave=False):
+        p_in = [p.detach().requires_grad_() for p in p_start]
+        s_in = [t.detach().requires_grad_() for t in _state_tensors(s_start)]
+        w = ones.clone().requires_grad_()
+        with torch.enable_grad():
+            p_out, s_out = replay.steps(p_in, _with_state_tensors(s_start, s_in), w, steps[a:b])
+        outputs = p_out + _state_tensors(s_out)
+        # Parameters carry a model dimension of 1; each query's adjoint fills it.
+        grad_outputs = [g.unsqueeze(1) for g in adjoint]
+        grad_outputs += [g.unsqueeze(1) for g in state_adjoint] if state_adjoint is not None else [
+            torch.zeros(len(query_grads), *t.shape, dtype=t.dtype, device=t.device) for t in _state_tensors(s_out)
+        ]
+        inputs = p_in + s_in + [w]
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, allow_unused=True)
+        grads = [torch.zeros(len(query_grads), *x.shape, dtype=dtype, device=device) if g is None else g for g, x in zip(grads, inputs)]
+        adjoint = [g.squeeze(1) for g in grads[: len(p_in)]]
+        state_adjoint = [g.squeeze(1) for g in grads[len(p_in) : -1]]
+        dm_dw += grads[-1].squeeze(1)
+    return -dm_dw

@@ -1,0 +1,122 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_dtda import Attributor, TrajectoryRecorder
+from lightning_dtda.evaluation import leave_one_out_weights, retrain
+from models import TinyClassifier, classification_data, trainer
+from oracles import relative_error
+
+
+class AdamClassifier(TinyClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def record(tmp_path, cls, data, seeds=(0,), **hparams):
+    for seed in seeds:
+        pl.seed_everything(seed)
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=5)], max_epochs=3,
+                precision="64-true").fit(cls(**hparams), DataLoader(data, batch_size=6, shuffle=True))
+    return tmp_path / "runs"
+
+
+@pytest.mark.parametrize("cls,hparams", [
+    (TinyClassifier, dict(hidden=5, lr=0.2, momentum=0.9, weight_decay=1e-2)),
+    (AdamClassifier, dict(hidden=5, lr=0.02, weight_decay=1e-2)),
+])
+def test_unrolled_equals_finite_difference_retraining(tmp_path, cls, hparams):
+    data = classification_data(n=20, dtype=torch.float64)
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    runs = record(tmp_path, cls, data, **hparams)
+    result = Attributor(cls, runs, data, method="unrolled", progress=False).attribute(queries)
+
+    # Same seed, every example's weight lowered to 1 - eps in turn: d(measurement)/d(eps).
+    eps = 1e-4
+    truth = retrain(cls, runs, data, queries, 1 - eps * (1 - leave_one_out_weights(20, range(20))), progress=False)
+    finite_difference = truth.effects[0] / eps  # [Q, N]
+    assert relative_error(result.effects[0], finite_difference) < 1e-3
+    # the base measurement is the recorded run's
+    assert torch.allclose(result.measurements[0], truth.base[0], atol=1e-10)
+
+
+def test_segmented_with_one_segment_equals_the_closed_form(tmp_path):
+    from oracles import dense_ggn_effects
+
+    data = classification_data(n=20, dtype=torch.float64)
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    pl.seed_everything(0)
+    # snapshots at step 0 and at the end only: one segment whose curvature and gradients are the final ones
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_epochs=4)], max_epochs=4,
+            precision="64-true").fit(TinyClassifier(hidden=5, lr=0.2, momentum=0.5),
+                                     DataLoader(data, batch_size=6, shuffle=True))
+    attributor = Attributor(TinyClassifier, tmp_path / "runs", data, method="segmented", segments=1,
+                            curvature="ggn", progress=False)
+    [run] = attributor.runs
+    assert run.snapshot_steps == [0, 16]
+    result = attributor.attribute(queries)
+
+    _, G, g_train, g_query = dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 1.0)
+    time = 0.2 / (1 - 0.5) * 16  # eta / (1 - momentum) * K
+    eigenvalues, V = torch.linalg.eigh(G)
+    eigenvalues = eigenvalues.clamp(min=0)
+    f = torch.where(eigenvalues * time > 1e-8, (1 - torch.exp(-time * eigenvalues)) / eigenvalues, time)
+    expected = g_query @ V @ torch.diag(f) @ V.T @ g_train.T / 20  # (I - exp(-eta K G)) G^-1 g / N
+    assert relative_error(result.effects[0], expected) < 1e-6
+
+
+def test_more_segments_approach_unrolling(tmp_path):
+    data = classification_data(n=20, dtype=torch.float64)
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    runs = record(tmp_path, TinyClassifier, data, hidden=5, lr=0.2, momentum=0.5)
+    exact = Attributor(TinyClassifier, runs, data, method="unrolled", progress=False).attribute(queries).effects
+    errors = [
+        relative_error(Attributor(TinyClassifier, runs, data, method="segmented", segments=k, curvature="ggn",
+                                  progress=False).attribute(queries).effects, exact)
+        for k in (1, 2)
+    ]
+    assert errors[1] < errors[0] < 1.0
+
+
+def test_replay_refuses_what_it_cannot_replay(tmp_path):
+    data = classification_data(n=12, dtype=torch.float64)
+    queries = classification_data(n=2, seed=1, dtype=torch.float64)
+
+    class RMSpropClassifier(TinyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.RMSprop(self.parameters(), lr=0.01)
+
+    runs = record(tmp_path, RMSpropClassifier, data)
+    with pytest.raises(ValueError, match="RMSprop has none. Supported: torch.optim.sgd.SGD"):
+        Attributor(RMSpropClassifier, runs, data, method="unrolled", progress=False).attribute(queries)
+    with pytest.raises(ValueError, match="segments=9, but run seed_0 has 2 snapshots after step 0"):
+        Attributor(RMSpropClassifier, runs, data, method="segmented", segments=9, curvature="ggn",
+                   progress=False).attribute(queries)
+
+
+def test_replay_refuses_adam_for_segments_momentum_schedules_and_missing_membership(tmp_path):
+    data = classification_data(n=12, dtype=torch.float64)
+    queries = classification_data(n=2, seed=1, dtype=torch.float64)
+    runs = record(tmp_path / "adam", AdamClassifier, data)
+    with pytest.raises(ValueError, match="method='segmented' models SGD.*Use method='unrolled' for Adam"):
+        Attributor(AdamClassifier, runs, data, method="segmented", segments=1, curvature="ggn",
+                   progress=False).attribute(queries)
+
+    class OneCycle(TinyClassifier):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            return [optimizer], [torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=6)]
+
+    runs = record(tmp_path / "cycle", OneCycle, data)
+    with pytest.raises(ValueError, match="OneCycleLR changes the momentum"):
+        Attributor(OneCycle, runs, data, method="unrolled", progress=False).attribute(queries)
+
+    runs = record(tmp_path / "gap", TinyClassifier, data)
+    manifest = runs / "seed_0" / "manifest.json"
+    import json
+    content = json.loads(manifest.read_text())
+    del content["snapshots"][1]  # the snapshot holding steps 1-5 and their batch membership
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="no batch membership for steps 1 to 5"):
+        Attributor(TinyClassifier, runs, data, method="unrolled", progress=False).attribute(queries)
