@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
 from typing_extensions import override
 
 from lightning_dtda._io import load_json, save_json, save_torch
@@ -43,6 +43,22 @@ class _RecordingSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
+
+    def recover_first_pass(self) -> None:
+        """Recover the indices of a pass that began before this wrapper was installed.
+
+        Under multi-process training the loader is wrapped only at ``on_train_start``, after
+        Lightning created its first iterator (which, with workers, already drew indices). A
+        ``DistributedSampler`` yields the same indices whenever it is iterated within an epoch, so they
+        can be drawn again here; any other sampler cannot be replayed.
+        """
+        if not isinstance(self.sampler, (DistributedSampler, SequentialSampler)):
+            raise RuntimeError(
+                f"The first epoch's indices were drawn from a {type(self.sampler).__name__} before "
+                "TrajectoryRecorder could attach; use num_workers=0 or a DistributedSampler."
+            )
+        self.drawn = [int(i) for i in self.sampler]
+        self.passes = 1
 
     def __getattr__(self, name: str) -> Any:
         # ``set_epoch`` and friends of the wrapped sampler stay reachable.
@@ -76,7 +92,8 @@ class TrajectoryRecorder(Callback):
 
     Batch membership is read from the train DataLoader's sampler: any ``DataLoader`` built with
     ``batch_size`` (``shuffle=True`` or a custom ``sampler``) works unchanged, with or without
-    workers. Every file is written to a temporary name and renamed, so a killed run leaves no
+    workers. Under multi-process strategies (DDP) each optimizer step records every rank's
+    micro-batch, gathered in rank order, and only rank zero writes files. Every file is written to a temporary name and renamed, so a killed run leaves no
     half-written file. The callback's ``state_dict`` (saved in Lightning checkpoints) holds the run
     folder and the steps since the last snapshot, so ``trainer.fit(ckpt_path=...)`` continues the
     same run; snapshots written after that checkpoint are discarded as belonging to the abandoned
@@ -95,8 +112,7 @@ class TrajectoryRecorder(Callback):
     Raises:
         ValueError: If both intervals are set, or an interval is not a positive integer.
         RuntimeError: At fit start, if the run folder already holds a recorded run, if the train
-            DataLoader has no ``BatchSampler`` to record from, if there are several optimizers, or
-            under multi-process training.
+            DataLoader has no ``BatchSampler`` to record from, or if there are several optimizers.
 
     Example::
 
@@ -193,11 +209,10 @@ class TrajectoryRecorder(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.world_size > 1:
-            raise RuntimeError(
-                f"TrajectoryRecorder records single-process training for now (world size {trainer.world_size})."
-            )
-        self._wrap_data_source(trainer)
+        if trainer.world_size == 1:
+            self._wrap_data_source(trainer)
+        # Under multi-process training Lightning replaces the loader by one with a DistributedSampler
+        # after the source made it; that loader is wrapped in on_train_start.
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -273,6 +288,8 @@ class TrajectoryRecorder(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"TrajectoryRecorder supports one optimizer, found {len(trainer.optimizers)}.")
+        if trainer.world_size > 1:
+            self._wrap_loader(trainer.train_dataloader)
         if self._sampler is None or trainer.train_dataloader.batch_sampler.sampler is not self._sampler:
             raise RuntimeError(
                 "TrajectoryRecorder could not attach to the train DataLoader before training began; "
@@ -289,6 +306,7 @@ class TrajectoryRecorder(Callback):
             seed = int(os.environ["PL_GLOBAL_SEED"])
         manifest = self._manifest(trainer, pl_module, seed)
         self.run_dir = self._choose_run_dir(seed)
+        trainer.strategy.barrier()  # every rank has chosen the folder before rank zero fills it
         if trainer.is_global_zero:
             save_json(manifest, self.run_dir / MANIFEST)
         self._steps = []
@@ -317,6 +335,8 @@ class TrajectoryRecorder(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._sampler is not None
+        if self._sampler.passes == 0:
+            self._sampler.recover_first_pass()
         if self._sampler.passes != self._pass:  # the loader began a new pass (a new epoch)
             self._pass = self._sampler.passes
             self._position = 0
@@ -332,7 +352,12 @@ class TrajectoryRecorder(Callback):
                 f"Batch {batch_idx} has {size} examples but its sampler drew {len(indices)} indices; a "
                 "collate_fn that adds or drops examples breaks batch membership."
             )
-        self._micro_batches.append(indices)
+        if trainer.world_size > 1:
+            # Every rank's micro-batch of this step, in rank order (ranks draw equal-sized batches).
+            gathered = trainer.strategy.all_gather(torch.tensor(indices, device=pl_module.device))
+            self._micro_batches.extend(gathered.reshape(trainer.world_size, -1).tolist())
+        else:
+            self._micro_batches.append(indices)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

@@ -60,14 +60,14 @@ class Replay:
                     "recorded learning rates but not momentum schedules. Train with cycle_momentum=False to replay."
                 )
         self.optimizer = FunctionalOptimizer.from_manifest(run.manifest["optimizer"], self.names)
-        accumulate = run.manifest["accumulate_grad_batches"]
+        # Lightning divides each micro-batch's loss by the accumulation count and DDP averages over ranks.
+        normaliser = run.manifest["accumulate_grad_batches"] * run.manifest["world_size"]
         call = HookCall(model, Hooks(model).train_loss)
         keys = [f"module.{n}" for n in self.names]
 
         def weighted_loss(params: list[Tensor], w: Tensor, batch: Any) -> Tensor:
             losses = functional_call(call, dict(zip(keys, params)), (batch,))
-            # Lightning divides each micro-batch's loss by the number of accumulated micro-batches.
-            return (losses * w).mean() / accumulate
+            return (losses * w).mean() / normaliser
 
         self._batched_grad = vmap(grad(weighted_loss), in_dims=(0, 0, None))
 

@@ -39,8 +39,9 @@ def jsonable(value: Any) -> Any:
 class Step:
     """One optimizer step: the dataset indices of each of its micro-batches, and its learning rates.
 
-    With gradient accumulation over ``A`` micro-batches Lightning divides each micro-batch's mean loss
-    by ``A``, so the step's gradient is ``(1/A) * sum over micro-batches of their mean gradient``.
+    With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
+    micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
+    ``(1/(A W)) * sum over its micro-batches of their mean gradient`` (micro-batches in rank order).
     """
 
     micro_batches: tuple[torch.Tensor, ...]

@@ -1,0 +1,30 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dtda import load_runs
+from lightning_dtda.replay import replay
+from lightning_dtda.trajectory import instantiate
+from models import TinyClassifier, classification_data
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ddp_recording_replays_on_one_process(tmp_path, workers):
+    script = Path(__file__).parent / "ddp_record.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(workers)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [run] = load_runs(tmp_path / "runs")
+    assert run.manifest["world_size"] == 2
+    # 36 examples on 2 ranks: 18 per rank, batches of 5 -> 4 steps per epoch, each with 2 micro-batches
+    assert len(run.steps) == 12 and all(len(s.micro_batches) == 2 for s in run.steps)
+    epoch = torch.cat([m for s in run.steps[:4] for m in s.micro_batches])
+    assert sorted(epoch.tolist()) == list(range(36))  # the global batches cover the dataset once
+    model = instantiate(TinyClassifier, run, 0)
+    final = replay(model, run, classification_data(n=36), torch.ones(1, 36))
+    recorded = run.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    assert max((p[0] - recorded[n]).abs().max().item() for p, n in zip(final, names)) < 1e-6
