@@ -17,10 +17,13 @@ from curvlinops import (
     KFACInverseLinearOperator,
     KFACLinearOperator,
 )
+from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.examples import IdentityLinearOperator
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
+
+from lightning_dtda.distributed import all_reduce_sum
 
 CURVATURES = ("ekfac", "kfac", "ggn", "identity")
 
@@ -66,6 +69,7 @@ class DenseGGN(SpectralCurvature):
         num_params = operator.shape[0]
         eye = torch.eye(num_params, dtype=operator.dtype, device=operator.device)
         ggn = torch.cat([operator @ eye[:, i : i + _DENSE_COLUMNS] for i in range(0, num_params, _DENSE_COLUMNS)], dim=1)
+        all_reduce_sum(ggn)  # each rank summed its shard of the data
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh((ggn + ggn.T) / 2)
         # A PSD matrix's rounding error can give tiny negative eigenvalues; they are zeros.
         self.eigenvalues = self.eigenvalues.clamp(min=0.0)
@@ -86,7 +90,7 @@ class CGGGN(Curvature):
         self.shapes = [tuple(p.shape) for p in params]
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
-        op = self.operator
+        op = _SummedOverRanks(self.operator)
         damped = op + damping * IdentityLinearOperator(self.shapes, op.device, op.dtype)
         solver = CGInverseLinearOperator(damped, tolerance=1e-6, eps=0.0, max_iter=max(1000, op.shape[0] // 10))
         x = (solver @ vectors.T).T
@@ -94,6 +98,28 @@ class CGGGN(Curvature):
         if residual.max() > 1e-4:
             rank_zero_warn(f"GGN conjugate gradients stopped at relative residual {residual.max():.1e}; raise the damping.")
         return x
+
+
+class _SummedOverRanks(PyTorchLinearOperator):
+    """A curvature operator on this rank's shard of the data, summed over ranks at every product."""
+
+    def __init__(self, operator: PyTorchLinearOperator) -> None:
+        super().__init__(operator._in_shape, operator._out_shape)
+        self.operator = operator
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        return [all_reduce_sum(t) for t in self.operator._matmat(M)]
+
+    def _adjoint(self) -> "_SummedOverRanks":
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.operator.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.operator.dtype
 
 
 class KFAC(Curvature):
@@ -150,6 +176,9 @@ def fit_curvature(
 ) -> Curvature:
     """Fit curvature ``kind`` for ``loss_function(model(X), y)`` averaged over ``data`` at the current weights.
 
+    Under torch.distributed, ``data`` is this rank's shard and ``num_data`` the full training set's
+    size; the statistics are summed over ranks (see ``distributed``).
+
     Args:
         kind: One of ``"ekfac"``, ``"kfac"``, ``"ggn"``, ``"identity"``.
         model: Maps inputs ``X`` to outputs; in eval mode (the data pass must be deterministic).
@@ -171,9 +200,29 @@ def fit_curvature(
         cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
         # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
         # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
-        operator = cls(model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, **common)
-        return EKFAC(operator) if kind == "ekfac" else KFAC(operator)
+        operator = cls(
+            model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False,
+            num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
+        )
+        # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
+        # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
+        operator.compute_kronecker_factors()
+        for factors in (operator._input_covariances, operator._gradient_covariances):
+            tree_map(all_reduce_sum, factors)
+        if kind == "ekfac":
+            operator.compute_eigenvalue_correction()
+            tree_map(all_reduce_sum, operator._corrected_eigenvalues)
+            return EKFAC(operator)
+        return KFAC(operator)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}.")
+
+
+def _loss_terms_per_example(loss_function: nn.Module, data: Iterable[tuple[Tensor, Tensor]]) -> int:
+    # Given, curvlinops would count loss terms with an extra pass and divide by num_data, which fails
+    # when this rank holds only a shard; one batch tells the terms per example.
+    inputs, targets = next(iter(data))
+    terms = targets.numel() if isinstance(loss_function, nn.CrossEntropyLoss) else targets.shape[:-1].numel()
+    return max(1, terms // len(targets))
 
 
 def fit_spectral(

@@ -63,8 +63,11 @@ def stream_gradients(
     device: torch.device,
     progress: bool,
     desc: str,
+    first_index: int = 0,
 ) -> Iterator[tuple[slice, Tensor]]:
-    """Yield ``(slice of dataset indices, gradients [chunk, P])`` in dataset order.
+    """Yield ``(slice of positions in data, gradients [chunk, P])`` in order.
+
+    ``first_index`` is the dataset index of ``data[0]`` (a shard's offset), for error messages.
 
     Raises:
         FloatingPointError: If an example's gradient is not finite; the message names its index.
@@ -76,7 +79,7 @@ def stream_gradients(
         bad = (~torch.isfinite(g).all(dim=1)).nonzero().flatten()
         if len(bad):
             raise FloatingPointError(
-                f"{desc}: non-finite gradients for examples {(bad + start).tolist()[:20]}; check those "
+                f"{desc}: non-finite gradients for examples {(bad + start + first_index).tolist()[:20]}; check those "
                 "examples and the loss at the snapshot's weights."
             )
         yield slice(start, start + len(g)), g

@@ -11,10 +11,11 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from lightning_dtda.curvature import CURVATURES, SpectralCurvature, fit_curvature, fit_spectral
+from lightning_dtda.distributed import gather_columns, rank_and_world, shard
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.result import AttributionResult
@@ -153,7 +154,7 @@ class Attributor:
         if self.method == "segmented":
 
             def fit(snapshot_model: nn.Module) -> SpectralCurvature:
-                snapshot_data = _InputsTargets(self.train_data, Hooks(snapshot_model), self.batch_size, self.device)
+                snapshot_data = _InputsTargets(self._train_shard(), Hooks(snapshot_model), self.batch_size, self.device)
                 params = list(trainable_parameters(snapshot_model).values())
                 return fit_spectral(self.curvature, snapshot_model, loss_function, params, snapshot_data, run.dataset_length)
 
@@ -167,17 +168,24 @@ class Attributor:
             )
             return effects.cpu(), measurements, None
         damping = self.damping_for(run)
-        data = _InputsTargets(self.train_data, hooks, self.batch_size, self.device)
+        data = _InputsTargets(self._train_shard(), hooks, self.batch_size, self.device)
         params = list(trainable_parameters(model).values())
         curvature = fit_curvature(self.curvature, model, loss_function, params, data, run.dataset_length, progress=False)
         return self.contract(model, hooks, curvature.solve(query_grads, damping) / run.dataset_length).cpu(), measurements, damping
 
+    def _train_shard(self) -> Subset:
+        """This process's share of the training set (all of it unless torch.distributed runs)."""
+        return Subset(self.train_data, shard(len(self.train_data)))  # type: ignore[arg-type]
+
     def contract(self, model: nn.Module, hooks: Hooks, vectors: Tensor) -> Tensor:
         """``vectors [Q, P] @ (per-example training gradients [N, P]).T``, streamed in chunks: ``[Q, N]``."""
-        effects = torch.empty(len(vectors), len(self.train_data), dtype=vectors.dtype, device=self.device)  # type: ignore[arg-type]
-        for rows, grads in stream_gradients(model, hooks.train_loss, self.train_data, self.batch_size, self.device, self.progress, "train gradients"):
+        part = self._train_shard()
+        effects = torch.empty(len(vectors), len(part), dtype=vectors.dtype, device=self.device)
+        for rows, grads in stream_gradients(
+            model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", part.indices[0] if len(part) else 0
+        ):
             effects[:, rows] = vectors @ grads.T
-        return effects
+        return gather_columns(effects, len(self.train_data))  # type: ignore[arg-type]
 
     def attribute(
         self,
@@ -224,5 +232,6 @@ class Attributor:
                 "versions": self.runs[0].manifest["versions"],
             },
         )
-        log_result(result, _as_loggers(loggers), k=top_k)
+        if rank_and_world()[0] == 0:
+            log_result(result, _as_loggers(loggers), k=top_k)
         return result

@@ -1,0 +1,37 @@
+"""Attributes a recorded run on every rank of a torchrun job; run by test_sharded.py."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from lightning_dtda import Attributor  # noqa: E402
+from lightning_dtda import curvature as curvature_module  # noqa: E402
+from models import TinyClassifier, classification_data  # noqa: E402
+
+CASES = {"identity": {}, "ggn": {}, "kfac": {}, "ekfac": {}, "ggn-cg": {"curvature": "ggn"},
+         "segmented": {"method": "segmented", "curvature": "ekfac", "segments": 2}}
+
+
+def attribute(runs, case):
+    kwargs = CASES[case] or {"curvature": case}
+    if case == "ggn-cg":
+        curvature_module.DENSE_GGN_MAX_PARAMS = 0
+    try:
+        return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), batch_size=8,
+                          progress=False, **kwargs).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
+    finally:
+        curvature_module.DENSE_GGN_MAX_PARAMS = 4096
+
+
+if __name__ == "__main__":
+    runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    for case in CASES:
+        result = attribute(runs, case)
+        if dist.get_rank() == 0:
+            result.save(out / f"{case}.pt")
+    dist.destroy_process_group()
