@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from lightning_dtda._io import load_torch, save_torch
 from lightning_dtda.curvature import CURVATURES, SpectralCurvature, fit_curvature, fit_spectral
+from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import gather_columns, rank_and_world, shard
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
@@ -81,6 +85,9 @@ class Attributor:
         batch_size: Examples per chunk of per-example gradients and per curvature batch.
         device: Where to compute; defaults to CUDA when available.
         progress: Show progress bars.
+        cache_dir: If given, each run's effects are saved there (atomically) as soon as they are
+            computed, keyed by the run's snapshot checksums, the data and the settings; a repeated call
+            (after a crash, say) loads finished runs instead of recomputing them.
 
     Raises:
         ValueError: For an unknown curvature, a damping that is not positive, or training data that
@@ -105,6 +112,7 @@ class Attributor:
         batch_size: int = 128,
         device: str | torch.device | None = None,
         progress: bool = True,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -122,6 +130,7 @@ class Attributor:
         self.batch_size = batch_size
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.runs[0].check_dataset(train_data)
 
     def damping_for(self, run: Trajectory) -> float:
@@ -187,6 +196,32 @@ class Attributor:
             effects[:, rows] = vectors @ grads.T
         return gather_columns(effects, len(self.train_data))  # type: ignore[arg-type]
 
+    def cache_path(self, run: Trajectory, query_fingerprint: str) -> Path:
+        """Where ``run``'s effects are cached: named by a hash of everything they depend on."""
+        assert self.cache_dir is not None
+        snapshots = run.manifest["snapshots"] if self.method != "influence" else run.manifest["snapshots"][-1:]
+        key = {
+            "module": run.module_class,
+            "snapshots": [entry["sha256"] for entry in snapshots],
+            "train": run.dataset_fingerprint,
+            "queries": query_fingerprint,
+            "settings": [self.method, self.curvature, self.damping, self.segments if self.method == "segmented" else None],
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.cache_dir / f"{run.name}-{self.method}-{self.curvature}-{digest}.pt"
+
+    def _cached_attribute_run(self, run: Trajectory, query_data: Dataset, query_fingerprint: str) -> tuple[Tensor, Tensor, float | None]:
+        if self.cache_dir is None:
+            return self.attribute_run(run, query_data)
+        path = self.cache_path(run, query_fingerprint)
+        if path.is_file():
+            cached = load_torch(path)
+            return cached["effects"], cached["measurements"], cached["damping"]
+        effects, measurements, damping = self.attribute_run(run, query_data)
+        if rank_and_world()[0] == 0:
+            save_torch({"effects": effects, "measurements": measurements, "damping": damping}, path)
+        return effects, measurements, damping
+
     def attribute(
         self,
         query_data: Dataset,
@@ -210,8 +245,9 @@ class Attributor:
         if len(query_data) == 0:  # type: ignore[arg-type]
             raise ValueError("query_data is empty; pass at least one query example.")
         effects, measurements, dampings = [], [], []
-        for run in tqdm(self.runs, desc=f"attributing ({self.curvature})", disable=not self.progress):
-            e, m, d = self.attribute_run(run, query_data)
+        query_fingerprint = fingerprint_dataset(query_data) if self.cache_dir is not None else ""
+        for run in tqdm(self.runs, desc=f"attributing ({self.method}, {self.curvature})", disable=not self.progress):
+            e, m, d = self._cached_attribute_run(run, query_data, query_fingerprint)
             effects.append(e)
             measurements.append(m)
             dampings.append(d)

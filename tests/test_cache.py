@@ -1,0 +1,55 @@
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from attribute_with_cache import attribute
+from lightning_dtda import TrajectoryRecorder
+from models import TinyClassifier, classification_data, trainer
+
+
+def test_a_killed_attribution_resumes_without_recomputing_finished_runs(tmp_path):
+    data = classification_data(n=48, dtype=torch.float64)
+    for seed in range(4):
+        pl.seed_everything(seed)
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=25, precision="64-true").fit(
+            TinyClassifier(), DataLoader(data, batch_size=4, shuffle=True))
+    cache = tmp_path / "cache"
+    script = Path(__file__).parent / "attribute_with_cache.py"
+    job = subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs"), str(cache)])
+    deadline = time.monotonic() + 240
+    while not list(cache.glob("seed_*.pt")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in cache.glob("seed_*.pt")}
+    assert 1 <= len(finished) < 4, "the job should be killed after its first run and before its last"
+
+    resumed = attribute(tmp_path / "runs", cache)
+    for name, stamp in finished.items():
+        assert (cache / name).stat().st_mtime_ns == stamp  # loaded, not recomputed
+    assert len(list(cache.glob("seed_*.pt"))) == 4
+    fresh = attribute(tmp_path / "runs", None)
+    assert torch.allclose(resumed.effects, fresh.effects, rtol=0, atol=1e-12)
+    assert resumed.runs == fresh.runs
+
+
+def test_the_cache_key_changes_with_the_settings_and_queries(tmp_path):
+    from lightning_dtda import Attributor
+
+    data = classification_data(n=16, dtype=torch.float64)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1, precision="64-true").fit(
+        TinyClassifier(), DataLoader(data, batch_size=4))
+    queries = classification_data(n=2, seed=1, dtype=torch.float64)
+    for damping in (0.1, 0.2):
+        Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", damping=damping, progress=False,
+                   cache_dir=tmp_path / "cache").attribute(queries)
+    Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", damping=0.1, progress=False,
+               cache_dir=tmp_path / "cache").attribute(classification_data(n=2, seed=2, dtype=torch.float64))
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
