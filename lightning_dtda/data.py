@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 # Hashing every example would read a large dataset once more; evenly spaced examples catch a
 # different dataset, a different order or different preprocessing, which are the mistakes that
 # matter here, at a cost independent of the dataset's size.
-_FINGERPRINT_EXAMPLES = 256
+_FINGERPRINT_EXAMPLES = 64
 
 
 def _update(h: "hashlib._Hash", item: Any) -> None:
@@ -37,7 +37,7 @@ def _update(h: "hashlib._Hash", item: Any) -> None:
 
 
 def fingerprint_dataset(dataset: Dataset) -> str:
-    """SHA-256 over the length and up to 256 evenly spaced examples of a map-style dataset."""
+    """SHA-256 over the length and up to 64 evenly spaced examples of a map-style dataset."""
     n = len(dataset)  # type: ignore[arg-type]
     h = hashlib.sha256(f"N{n}".encode())
     for i in np.unique(np.linspace(0, n - 1, num=min(n, _FINGERPRINT_EXAMPLES)).round().astype(int)):

@@ -69,7 +69,10 @@ class Trajectory:
         if self.manifest.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"{self.path / MANIFEST} has format {self.manifest.get('format')!r}; expected {SNAPSHOT_FORMAT}.")
         if not self.manifest["snapshots"]:
-            raise ValueError(f"{self.path} lists no snapshot; the run stopped before training began.")
+            raise ValueError(
+                f"{self.path} lists no snapshot: the run stopped before it finished or reached a checkpoint. "
+                "Resume it with trainer.fit(ckpt_path=...) or record it again."
+            )
 
     def __repr__(self) -> str:
         return f"Trajectory({str(self.path)!r}, steps={self.final_step})"

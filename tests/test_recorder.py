@@ -124,3 +124,19 @@ def test_custom_batch_sampler_is_refused_with_advice(tmp_path):
     loader = DataLoader(data, batch_sampler=MyBatches(SequentialSampler(data), 4, False))
     with pytest.raises(RuntimeError, match="instead of a custom batch_sampler"):
         fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=1)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_refused_with_advice(tmp_path):
+    class Crashes(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                raise RuntimeError("the job dies")
+            return super().training_step(batch, batch_idx)
+
+    pl.seed_everything(0)
+    with pytest.raises(RuntimeError, match="the job dies"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=1)], max_epochs=2).fit(
+            Crashes(), DataLoader(classification_data(n=16), batch_size=4))
+    assert len(list((tmp_path / "runs" / "seed_0" / "snapshots").glob("step_*.pt"))) == 4  # steps 0 to 3, unlisted
+    with pytest.raises(ValueError, match="lists no snapshot: the run stopped before it finished or reached a checkpoint"):
+        load_runs(tmp_path / "runs")

@@ -1,0 +1,187 @@
+"""Speed and peak memory of this project's EK-FAC attribution next to kronfluence's, and the recorder's overhead.
+
+    pip install -e ".[bench]"      # kronfluence, a benchmark-only dependency
+    python benchmarks/speed.py
+
+Each attribution runs in its own process, on the same trained weights, data, queries and damping:
+(a) the digits MLP 64-64-10 (1,000 examples, 50 queries); (b) a convolutional network of about one
+million parameters on 3,000 digits upsampled to 32x32 (50 queries). Wall time covers fitting the
+factors and scoring every (query, train) pair; memory is how far each raised the process's peak
+RSS. The recorder's overhead is the ratio of Lightning training time with and without it (digits
+example: 20 epochs, a snapshot every epoch), alternated and repeated in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits import DigitsMLP  # noqa: E402
+
+from lightning_dtda import Attributor, TrajectoryRecorder, load_runs  # noqa: E402
+from lightning_dtda.trajectory import instantiate  # noqa: E402
+
+BATCH = 128
+
+
+class DigitsCNN(pl.LightningModule):
+    """Two conv layers and a 4096x256 linear layer: about 1.07M parameters on 32x32 inputs."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def datasets(setting: str) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(x, dtype=torch.float32)[order] / 16.0
+    y = torch.tensor(y)[order]
+    if setting == "mlp":
+        return TensorDataset(x[:1000], y[:1000]), TensorDataset(x[1000:1050], y[1000:1050])
+    images = F.interpolate(x.reshape(-1, 1, 8, 8), size=32, mode="bilinear", align_corners=False)
+    index = torch.arange(3000) % 1500  # 3,000 examples from the first 1,500 digits, flipped on the second pass
+    train = torch.where((torch.arange(3000) >= 1500)[:, None, None, None], images[index].flip(-1), images[index])
+    return TensorDataset(train, y[index]), TensorDataset(images[1500:1550], y[1500:1550])
+
+
+MODULES = {"mlp": (DigitsMLP, 20), "cnn": (DigitsCNN, 2)}
+
+
+def train(setting: str, root: Path) -> Path:
+    cls, epochs = MODULES[setting]
+    runs = root / setting
+    if not runs.exists():
+        pl.seed_everything(0)
+        pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[TrajectoryRecorder(runs)]).fit(cls(), DataLoader(datasets(setting)[0], batch_size=32, shuffle=True))
+    return runs
+
+
+def run_ours(setting: str, runs: Path, damping: float) -> torch.Tensor:
+    cls, _ = MODULES[setting]
+    train_set, queries = datasets(setting)
+    result = Attributor(cls, runs, train_set, curvature="ekfac", damping=damping, batch_size=BATCH, device="cpu",
+                        progress=False).attribute(queries)
+    return result.effects[0]
+
+
+def run_kronfluence(setting: str, runs: Path, damping: float, out: Path) -> torch.Tensor:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:  # labels drawn from the model: the true Fisher, as curvlinops' Monte Carlo type
+                with torch.no_grad():
+                    y = torch.multinomial(logits.softmax(-1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    cls, _ = MODULES[setting]
+    [run] = load_runs(runs)
+    model = prepare_model(instantiate(cls, run), Classification())
+    train_set, queries = datasets(setting)
+    analyzer = Analyzer(f"speed_{setting}", model, Classification(), cpu=True, disable_tqdm=True, output_dir=str(out))
+    analyzer.fit_all_factors("ekfac", train_set, per_device_batch_size=BATCH, factor_args=FactorArguments(strategy="ekfac"),
+                             overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores("scores", "ekfac", queries, train_set, per_device_query_batch_size=len(queries),
+                                     per_device_train_batch_size=BATCH, score_args=ScoreArguments(damping_factor=damping),
+                                     overwrite_output_dir=True)
+    # kronfluence scores g_q^T (F + damping)^-1 g_n with summed losses; ours divide by N
+    return analyzer.load_pairwise_scores("scores")["all_modules"] / len(train_set)
+
+
+def child(tool: str, setting: str, runs: Path, damping: float, out: Path) -> None:
+    torch.manual_seed(0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    effects = run_ours(setting, runs, damping) if tool == "ours" else run_kronfluence(setting, runs, damping, out)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    torch.save(effects, out / f"{tool}_{setting}.pt")
+    print(json.dumps({"seconds": seconds, "peak_mib": peak}))
+
+
+def recorder_overhead(repeats: int = 7) -> float:
+    train_set, _ = datasets("mlp")
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats):
+            for record in (False, True):
+                pl.seed_everything(repeat)
+                callbacks = [TrajectoryRecorder(Path(tmp) / f"r{repeat}")] if record else []
+                trainer = pl.Trainer(max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                start = time.perf_counter()
+                trainer.fit(DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True))
+                times[record].append(time.perf_counter() - start)
+    return sorted(times[True])[repeats // 2] / sorted(times[False])[repeats // 2]
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2], sys.argv[3], Path(sys.argv[4]), float(sys.argv[5]), Path(sys.argv[6]))
+        return
+    root = Path("benchmarks/output/speed")
+    root.mkdir(parents=True, exist_ok=True)
+    print("| setting | parameters | ours (s) | kronfluence (s) | time ratio | ours peak (MiB) | kronfluence peak (MiB) | Pearson of scores |")
+    print("|---|---|---|---|---|---|---|---|")
+    for setting in ("mlp", "cnn"):
+        runs = train(setting, root)
+        [run] = load_runs(runs)
+        damping = 1.0 / run.learning_rate_time()  # the "auto" rule (no weight decay here)
+        measured = {}
+        for tool in ("ours", "kronfluence"):
+            out = subprocess.run([sys.executable, __file__, "--child", tool, setting, str(runs), str(damping), str(root)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr[-3000:])
+            measured[tool] = json.loads(out.stdout.strip().splitlines()[-1])
+        ours, theirs = torch.load(root / f"ours_{setting}.pt"), torch.load(root / f"kronfluence_{setting}.pt")
+        pearson = torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten().to(ours)]))[0, 1].item()
+        params = sum(p.numel() for p in MODULES[setting][0]().parameters())
+        o, k = measured["ours"], measured["kronfluence"]
+        print(f"| {setting} | {params:,} | {o['seconds']:.1f} | {k['seconds']:.1f} | {o['seconds'] / k['seconds']:.2f} | "
+              f"{o['peak_mib']:.0f} | {k['peak_mib']:.0f} | {pearson:.3f} |")
+    print(f"\nrecorder overhead on the digits example (median of 7, with / without): {recorder_overhead():.3f}x")
+
+
+if __name__ == "__main__":
+    main()
