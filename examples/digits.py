@@ -22,7 +22,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dtda import AttributionResult, Attributor, TrajectoryRecorder
+from lightning_dtda import Attributor, TrajectoryRecorder
+from lightning_dtda.figures import plot_image_grid
 
 
 class DigitsMLP(pl.LightningModule):
@@ -40,9 +41,28 @@ class DigitsMLP(pl.LightningModule):
         self.log("train_loss", loss, on_epoch=True, on_step=False)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_accuracy", (self(x).argmax(1) == y).float().mean())
+
     def configure_optimizers(self):
         h = self.hparams
         return torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+
+
+class DigitsData(pl.LightningDataModule):
+    """Digits split as in :func:`digits`; the validation set doubles as the query pool."""
+
+    def __init__(self, n_train: int = 1000, batch_size: int = 32) -> None:
+        super().__init__()
+        self.train, self.test = digits(n_train)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test, batch_size=256)
 
 
 def digits(n_train: int = 1000) -> tuple[TensorDataset, TensorDataset]:
@@ -51,29 +71,6 @@ def digits(n_train: int = 1000) -> tuple[TensorDataset, TensorDataset]:
     x = torch.tensor(x, dtype=torch.float32)[order] / 16.0
     y = torch.tensor(y)[order]
     return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
-
-
-def plot_grid(result: AttributionResult, train: TensorDataset, queries: TensorDataset, path: Path, k: int = 4) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(result.num_queries, 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.5 * result.num_queries))
-    for q, row in enumerate(axes):
-        cells = [(queries.tensors[0][q], f"query {q}\nlabel {queries.tensors[1][q].item()}", "black")]
-        for kind, largest, colour in (("helpful", True, "tab:green"), ("harmful", False, "tab:red")):
-            values, indices = result.top_k(q, k, largest=largest)
-            for v, i in zip(values.tolist(), indices.tolist()):
-                cells.append((train.tensors[0][i], f"#{i} ({train.tensors[1][i].item()})\n{v:+.2g}", colour))
-        for ax, (image, title, colour) in zip(row, cells):
-            ax.imshow(image.reshape(8, 8), cmap="gray_r")
-            ax.set_title(title, fontsize=7, color=colour)
-            ax.axis("off")
-    fig.suptitle("Query | most helpful (removal raises the query loss) | most harmful", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -114,7 +111,9 @@ def main() -> None:
             values, indices = result.top_k(q, 3, largest=largest)
             listed = ", ".join(f"#{i} (label {train.tensors[1][i].item()}, {v:+.3g})" for v, i in zip(values.tolist(), indices.tolist()))
             print(f"  most {kind}: {listed}")
-    plot_grid(result, train, queries, args.out / "influential_digits.png")
+    images = lambda data: data.tensors[0].reshape(-1, 8, 8)  # noqa: E731
+    figure = plot_image_grid(result, images(train), images(queries), k=4, labels=train.tensors[1])
+    figure.savefig(args.out / "influential_digits.png", dpi=110)
     print(f"wrote {args.out / 'influential_digits.png'}")
 
 

@@ -54,18 +54,33 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _scatter(result: AttributionResult):
+    # Figures need matplotlib (the "plot" extra) and a spread, i.e. two seeds; without, no figure.
+    if result.num_seeds < 2:
+        return None
+    try:
+        from lightning_dtda.figures import plot_shift_scatter
+
+        return plot_shift_scatter(result)
+    except ImportError:
+        return None
+
+
 def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5, prefix: str = "attribution") -> None:
     """Log summary scalars, a top-``k`` table per query and a histogram of mean shifts to each logger.
 
     - every logger: the scalars ``{prefix}/mean_shift_mean``, ``_std`` and ``_abs_max`` (``log_metrics``);
     - ``CSVLogger``: ``{log_dir}/{prefix}_top_k.csv`` (columns ``query, kind, rank, train_index,
-      mean_shift``) and ``{log_dir}/{prefix}_histogram.csv`` (``left, right, count``);
-    - ``TensorBoardLogger``: the table as text ``{prefix}/top_k`` and the histogram ``{prefix}/mean_shift``.
+      mean_shift``), ``{log_dir}/{prefix}_histogram.csv`` (``left, right, count``) and, with two or
+      more seeds and matplotlib, ``{log_dir}/{prefix}_shift_scatter.png``;
+    - ``TensorBoardLogger``: the table as text ``{prefix}/top_k``, the histogram ``{prefix}/mean_shift``
+      and the figure ``{prefix}/shift_scatter`` (mean against std shift).
     """
     if not loggers:
         return
     rows = top_k_rows(result, k)
     shift = result.mean_shift().flatten().double()
+    figure = _scatter(result)
     metrics = summary_metrics(result, prefix)
     for logger in loggers:
         logger.log_metrics(metrics)
@@ -79,7 +94,15 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
                 ("left", "right", "count"),
                 [{"left": edges[i].item(), "right": edges[i + 1].item(), "count": int(c)} for i, c in enumerate(counts.tolist())],
             )
+            if figure is not None:
+                figure.savefig(log_dir / f"{prefix}_shift_scatter.png", dpi=110)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(f"{prefix}/top_k", _markdown(rows))
             logger.experiment.add_histogram(f"{prefix}/mean_shift", shift.numpy())
+            if figure is not None:
+                logger.experiment.add_figure(f"{prefix}/shift_scatter", figure, close=False)
         logger.save()
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)

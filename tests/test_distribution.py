@@ -94,3 +94,17 @@ def test_distribution_figure_has_a_panel_per_example(tmp_path):
     assert f"{result.mean_shift()[1, 3]:+.2g}" in fig.axes[1].get_title()
     fig.savefig(tmp_path / "d.png")
     assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_scatter_and_image_grid_figures(tmp_path):
+    from lightning_dtda.figures import plot_image_grid, plot_shift_scatter
+
+    g = torch.Generator().manual_seed(0)
+    result = result_with(torch.randn(4, 2, 6, generator=g), torch.randn(4, 2, generator=g))
+    scatter = plot_shift_scatter(result)
+    [points] = scatter.axes[0].collections
+    assert len(points.get_offsets()) == 2 * 6
+    grid = plot_image_grid(result, torch.rand(6, 8, 8), torch.rand(2, 1, 8, 8), k=2, labels=torch.arange(6))
+    assert len(grid.axes) == 2 * (1 + 2 * 2)
+    _, helpful = result.top_k(1, 2)
+    assert grid.axes[5 + 1].get_title().startswith(f"#{helpful[0].item()} ({helpful[0].item()})")

@@ -16,3 +16,19 @@ def test_digits_example_runs(tmp_path):
     png = (tmp_path / "influential_digits.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     assert (tmp_path / "result.pt").is_file() and list(tmp_path.glob("csv/*/attribution_top_k.csv"))
+
+
+def test_lightning_cli_example_runs_from_its_config(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "cli.py"), "fit", "--config", str(ROOT / "examples" / "digits_cli.yaml"),
+         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    from lightning_dtda import AttributionResult, load_runs
+
+    [run] = load_runs(tmp_path / "output" / "cli" / "runs")
+    assert run.seed == 0 and run.manifest["module"]["class"] == "digits.DigitsMLP"
+    result = AttributionResult.load(tmp_path / "output" / "cli" / "runs" / "attribution.pt")
+    assert result.effects.shape == (1, 5, 1000) and result.settings["curvature"] == "ekfac"
+    assert list((tmp_path / "output" / "cli" / "csv").glob("version_*/attribution_top_k.csv"))
