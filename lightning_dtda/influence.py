@@ -82,6 +82,11 @@ class Attributor:
             runs trained on. Its length and fingerprint must match the recorded ones.
         curvature: ``"ekfac"`` (default), ``"kfac"``, ``"ggn"`` or ``"identity"``.
         damping: ``"auto"`` (per run, see above) or a positive float.
+        method: ``"influence"`` (the formula above, at the final snapshot), ``"unrolled"`` (exact
+            first-order effects by differentiating through the replayed run; see ``unrolled``; ignores
+            curvature and damping) or ``"segmented"`` (``segments`` segments of locally quadratic
+            training in the ``"ekfac"`` or ``"ggn"`` eigenbasis; see ``segmented``).
+        segments: Number of segments for ``method="segmented"``.
         batch_size: Examples per chunk of per-example gradients and per curvature batch.
         device: Where to compute; defaults to CUDA when available.
         progress: Show progress bars.
@@ -90,8 +95,8 @@ class Attributor:
             (after a crash, say) loads finished runs instead of recomputing them.
 
     Raises:
-        ValueError: For an unknown curvature, a damping that is not positive, or training data that
-            is not the data the runs were recorded on.
+        ValueError: For an unknown method or curvature, a damping that is not positive, or training
+            data that is not the data the runs were recorded on.
 
     Example::
 
