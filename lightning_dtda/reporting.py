@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
 from lightning_dtda.result import AttributionResult
 
@@ -74,12 +74,17 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
       mean_shift``), ``{log_dir}/{prefix}_histogram.csv`` (``left, right, count``) and, with two or
       more seeds and matplotlib, ``{log_dir}/{prefix}_shift_scatter.png``;
     - ``TensorBoardLogger``: the table as text ``{prefix}/top_k``, the histogram ``{prefix}/mean_shift``
-      and the figure ``{prefix}/shift_scatter`` (mean against std shift).
+      and the figure ``{prefix}/shift_scatter`` (mean against std shift);
+    - ``MLFlowLogger`` (extra ``mlflow``): artifacts ``{prefix}_top_k.json`` (column -> values),
+      ``{prefix}_histogram.json`` and ``{prefix}_shift_scatter.png``.
     """
     if not loggers:
         return
     rows = top_k_rows(result, k)
     shift = result.mean_shift().flatten().double()
+    counts = torch.histc(shift, bins=_HISTOGRAM_BINS, min=shift.min().item(), max=shift.max().item())
+    edges = torch.linspace(shift.min().item(), shift.max().item(), _HISTOGRAM_BINS + 1)
+    histogram = [{"left": edges[i].item(), "right": edges[i + 1].item(), "count": int(c)} for i, c in enumerate(counts.tolist())]
     figure = _scatter(result)
     metrics = summary_metrics(result, prefix)
     for logger in loggers:
@@ -87,13 +92,7 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
         if isinstance(logger, CSVLogger):
             log_dir = Path(logger.log_dir)
             _write_csv(log_dir / f"{prefix}_top_k.csv", TABLE_COLUMNS, rows)
-            counts = torch.histc(shift, bins=_HISTOGRAM_BINS, min=shift.min().item(), max=shift.max().item())
-            edges = torch.linspace(shift.min().item(), shift.max().item(), _HISTOGRAM_BINS + 1)
-            _write_csv(
-                log_dir / f"{prefix}_histogram.csv",
-                ("left", "right", "count"),
-                [{"left": edges[i].item(), "right": edges[i + 1].item(), "count": int(c)} for i, c in enumerate(counts.tolist())],
-            )
+            _write_csv(log_dir / f"{prefix}_histogram.csv", ("left", "right", "count"), histogram)
             if figure is not None:
                 figure.savefig(log_dir / f"{prefix}_shift_scatter.png", dpi=110)
         elif isinstance(logger, TensorBoardLogger):
@@ -101,6 +100,13 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
             logger.experiment.add_histogram(f"{prefix}/mean_shift", shift.numpy())
             if figure is not None:
                 logger.experiment.add_figure(f"{prefix}/shift_scatter", figure, close=False)
+        elif isinstance(logger, MLFlowLogger):
+            # log_dict, not log_table: MLflow's tables need pandas.
+            client, run_id = logger.experiment, logger.run_id
+            client.log_dict(run_id, {c: [row[c] for row in rows] for c in TABLE_COLUMNS}, f"{prefix}_top_k.json")
+            client.log_dict(run_id, histogram, f"{prefix}_histogram.json")
+            if figure is not None:
+                client.log_figure(run_id, figure, f"{prefix}_shift_scatter.png")
         logger.save()
     if figure is not None:
         import matplotlib.pyplot as plt

@@ -54,3 +54,25 @@ def test_tensorboard_logger_gets_text_and_histogram(logged):
     assert f"| 0 | harmful | 1 | {indices[0].item()} |" in table
     assert [s.value for s in events.Scalars("attribution/mean_shift_abs_max")] == pytest.approx(
         [result.mean_shift().abs().max().item()])
+
+
+def test_mlflow_logger_gets_table_histogram_and_figure(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="MLflow logging is tested when the mlflow extra is installed")
+    import json
+
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from lightning_dtda import AttributionResult, log_result
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to local file stores
+    g = torch.Generator().manual_seed(0)
+    result = AttributionResult(torch.randn(3, 2, 7, generator=g), torch.randn(3, 2, generator=g), ["a", "b", "c"])
+    logger = MLFlowLogger(experiment_name="attribution", tracking_uri=f"file:{tmp_path}/mlruns")
+    log_result(result, [logger], k=2)
+    [artifacts] = list((tmp_path / "mlruns").glob(f"*/{logger.run_id}/artifacts"))
+    table = json.loads((artifacts / "attribution_top_k.json").read_text())
+    _, indices = result.top_k(1, 2)
+    helpful = [i for q, kind, i in zip(table["query"], table["kind"], table["train_index"]) if q == 1 and kind == "helpful"]
+    assert helpful == indices.tolist()
+    assert sum(b["count"] for b in json.loads((artifacts / "attribution_histogram.json").read_text())) == 14
+    assert (artifacts / "attribution_shift_scatter.png").read_bytes().startswith(b"\x89PNG")
