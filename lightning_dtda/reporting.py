@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from lightning_dtda.result import AttributionResult
 
@@ -76,7 +76,9 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
     - ``TensorBoardLogger``: the table as text ``{prefix}/top_k``, the histogram ``{prefix}/mean_shift``
       and the figure ``{prefix}/shift_scatter`` (mean against std shift);
     - ``MLFlowLogger`` (extra ``mlflow``): artifacts ``{prefix}_top_k.json`` (column -> values),
-      ``{prefix}_histogram.json`` and ``{prefix}_shift_scatter.png``.
+      ``{prefix}_histogram.json`` and ``{prefix}_shift_scatter.png``;
+    - ``WandbLogger`` (extra ``wandb``): the table ``{prefix}/top_k``, the histogram
+      ``{prefix}/mean_shift`` and the image ``{prefix}/shift_scatter``.
     """
     if not loggers:
         return
@@ -107,6 +109,13 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
             client.log_dict(run_id, histogram, f"{prefix}_histogram.json")
             if figure is not None:
                 client.log_figure(run_id, figure, f"{prefix}_shift_scatter.png")
+        elif isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.log_table(key=f"{prefix}/top_k", columns=list(TABLE_COLUMNS), data=[[row[c] for c in TABLE_COLUMNS] for row in rows])
+            logger.experiment.log({f"{prefix}/mean_shift": wandb.Histogram(shift.numpy())})
+            if figure is not None:
+                logger.log_image(key=f"{prefix}/shift_scatter", images=[figure])
         logger.save()
     if figure is not None:
         import matplotlib.pyplot as plt

@@ -76,3 +76,27 @@ def test_mlflow_logger_gets_table_histogram_and_figure(tmp_path, monkeypatch):
     assert helpful == indices.tolist()
     assert sum(b["count"] for b in json.loads((artifacts / "attribution_histogram.json").read_text())) == 14
     assert (artifacts / "attribution_shift_scatter.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_wandb_offline_logger_gets_table_and_figure(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="W&B logging is tested when the wandb extra is installed")
+    import json
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_dtda import AttributionResult, log_result
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    g = torch.Generator().manual_seed(0)
+    result = AttributionResult(torch.randn(3, 2, 7, generator=g), torch.randn(3, 2, generator=g), ["a", "b", "c"])
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="attribution")
+    log_result(result, [logger], k=2)
+    files = logger.experiment.dir
+    logger.experiment.finish()
+    [table_file] = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/attribution/top_k_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["query", "kind", "rank", "train_index", "mean_shift"]
+    _, indices = result.top_k(0, 2, largest=False)
+    assert [row[3] for row in table["data"] if row[0] == 0 and row[1] == "harmful"] == indices.tolist()
+    [image] = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/attribution/shift_scatter_*.png"))
+    assert image.read_bytes().startswith(b"\x89PNG") and files.startswith(str(tmp_path))
