@@ -35,6 +35,9 @@ class AttributionCallback(Callback):
         method: ``"influence"``, ``"unrolled"`` or ``"segmented"``.
         damping: ``"auto"`` or a positive float.
         top_k: Rows per query and kind in the logged table.
+        every_n_epochs: Also attribute at the end of every this many epochs, on the snapshots
+            recorded so far (the running run's latest snapshot stands in for its final weights);
+            logged at the trainer's global step.
         progress: Show the Attributor's progress bars.
 
     Raises:
@@ -56,8 +59,12 @@ class AttributionCallback(Callback):
         method: str = "influence",
         damping: float | str = "auto",
         top_k: int = 5,
+        every_n_epochs: int | None = None,
         progress: bool = True,
     ) -> None:
+        if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
+            raise ValueError(f"every_n_epochs must be a positive integer or None, got {every_n_epochs!r}.")
+        self.every_n_epochs = every_n_epochs
         self.query_data = query_data
         self.num_queries = num_queries
         self.settings: dict[str, Any] = dict(curvature=curvature, method=method, damping=damping, progress=progress)
@@ -76,17 +83,25 @@ class AttributionCallback(Callback):
         dataset = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
         return Subset(dataset, range(min(self.num_queries, len(dataset))))
 
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def _attribute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int | None) -> None:
         recorder = next((c for c in trainer.callbacks if isinstance(c, TrajectoryRecorder)), None)  # type: ignore[attr-defined]
         if recorder is None:
             raise RuntimeError("AttributionCallback needs a TrajectoryRecorder among the trainer's callbacks.")
-        train_data = trainer.train_dataloader.dataset
+        if not trainer.is_global_zero:
+            return
+        recorder.write_manifest(trainer)
         runs = load_runs(recorder.dirpath)
         rank_zero_info(f"AttributionCallback: attributing {len(runs)} run(s) in {recorder.dirpath}")
-        attributor = Attributor(pl_module, runs, train_data, device=pl_module.device, **self.settings)
-        self.result = attributor.attribute(self._queries(trainer))
-        log_result(self.result, trainer.loggers, k=self.top_k)
+        attributor = Attributor(pl_module, runs, trainer.train_dataloader.dataset, device=pl_module.device, **self.settings)
+        self.result = attributor.attribute(self._queries(trainer))  # on a copy of the module
+        log_result(self.result, trainer.loggers, k=self.top_k, step=step)
         self.result.save(Path(recorder.dirpath) / "attribution.pt")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._attribute(trainer, pl_module, step=trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attribute(trainer, pl_module, step=None)

@@ -404,6 +404,11 @@ class TrajectoryRecorder(Callback):
         self._snapshot(trainer, pl_module)
         self._write_manifest(trainer, complete=True)
 
+    def write_manifest(self, trainer: pl.Trainer) -> None:
+        """Bring the run's manifest up to date with the snapshots taken so far (rank zero), so the
+        run can be read while it trains (``AttributionCallback(every_n_epochs=...)`` does)."""
+        self._write_manifest(trainer, complete=False)
+
     def _write_manifest(self, trainer: pl.Trainer | None, complete: bool) -> None:
         if self._manifest is None or self.run_dir is None or (trainer is not None and not trainer.is_global_zero):
             return

@@ -66,8 +66,13 @@ def _scatter(result: AttributionResult):
         return None
 
 
-def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5, prefix: str = "attribution") -> None:
+def log_result(
+    result: AttributionResult, loggers: Sequence[Logger], k: int = 5, prefix: str = "attribution", step: int | None = None
+) -> None:
     """Log summary scalars, a top-``k`` table per query and a histogram of mean shifts to each logger.
+
+    ``step`` (e.g. the trainer's global step) places scalars, TensorBoard text, histograms and figures
+    on the training timeline; files (CSV, MLflow artifacts) hold the latest result.
 
     - every logger: the scalars ``{prefix}/mean_shift_mean``, ``_std`` and ``_abs_max`` (``log_metrics``);
     - ``CSVLogger``: ``{log_dir}/{prefix}_top_k.csv`` (columns ``query, kind, rank, train_index,
@@ -90,7 +95,7 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
     figure = _scatter(result)
     metrics = summary_metrics(result, prefix)
     for logger in loggers:
-        logger.log_metrics(metrics)
+        logger.log_metrics(metrics, step=step)
         if isinstance(logger, CSVLogger):
             log_dir = Path(logger.log_dir)
             _write_csv(log_dir / f"{prefix}_top_k.csv", TABLE_COLUMNS, rows)
@@ -98,10 +103,10 @@ def log_result(result: AttributionResult, loggers: Sequence[Logger], k: int = 5,
             if figure is not None:
                 figure.savefig(log_dir / f"{prefix}_shift_scatter.png", dpi=110)
         elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_text(f"{prefix}/top_k", _markdown(rows))
-            logger.experiment.add_histogram(f"{prefix}/mean_shift", shift.numpy())
+            logger.experiment.add_text(f"{prefix}/top_k", _markdown(rows), global_step=step)
+            logger.experiment.add_histogram(f"{prefix}/mean_shift", shift.numpy(), global_step=step)
             if figure is not None:
-                logger.experiment.add_figure(f"{prefix}/shift_scatter", figure, close=False)
+                logger.experiment.add_figure(f"{prefix}/shift_scatter", figure, global_step=step, close=False)
         elif isinstance(logger, MLFlowLogger):
             # log_dict, not log_table: MLflow's tables need pandas.
             client, run_id = logger.experiment, logger.run_id

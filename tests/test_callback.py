@@ -53,3 +53,20 @@ def test_callback_without_recorder_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="needs a TrajectoryRecorder"):
         trainer(tmp_path, [AttributionCallback(classification_data(n=2))], max_epochs=1).fit(
             TinyClassifier(), DataLoader(classification_data(n=8), batch_size=4))
+
+
+def test_callback_every_n_epochs_logs_on_the_training_timeline(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path / "tb")
+    callbacks = [TrajectoryRecorder(tmp_path / "runs"),
+                 AttributionCallback(classification_data(n=2, seed=1), curvature="identity", every_n_epochs=2, progress=False)]
+    model = TinyClassifier()
+    trainer(tmp_path, callbacks, max_epochs=4, logger=logger).fit(model, DataLoader(classification_data(n=16), batch_size=4))
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
+    steps = [h.step for h in events.Histograms("attribution/mean_shift")]
+    assert steps[:2] == [8, 16]  # after epochs 2 and 4 (4 steps each), then once more at the end of fit
+    assert model.training  # the callback attributed a copy
+    with pytest.raises(ValueError, match="every_n_epochs must be a positive integer"):
+        AttributionCallback(every_n_epochs=0)
