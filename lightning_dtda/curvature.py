@@ -186,14 +186,15 @@ def fit_curvature(
         params: The trainable parameters, in the order vectors are flattened.
         data: Re-iterable ``(X, y)`` batches covering the whole training set once.
         num_data: Number of training examples ``N``.
-        progress: Show curvlinops' progress bars.
+        progress: Show curvlinops' progress bars for the K-FAC factor passes.
     """
     if kind == "identity":
         return IdentityCurvature()
     # Determinism is checked by eval mode instead of curvlinops' probe, which costs two extra data passes.
-    common = dict(progressbar=progress, check_deterministic=False, num_data=num_data)
+    common = dict(check_deterministic=False, num_data=num_data)
     if kind == "ggn":
-        operator = GGNLinearOperator(model, loss_function, params, data, **common)
+        # No progress bar here: curvlinops would draw one per matrix product, hundreds under CG.
+        operator = GGNLinearOperator(model, loss_function, params, data, progressbar=False, **common)
         return DenseGGN(operator) if operator.shape[0] <= DENSE_GGN_MAX_PARAMS else CGGGN(operator, params)
     if kind in ("kfac", "ekfac"):
         check_kfac_layers(model, kind)
@@ -201,7 +202,7 @@ def fit_curvature(
         # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
         # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
         operator = cls(
-            model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False,
+            model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
             num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
         )
         # Factors are sums over the data divided by num_data, so summing each rank's shard gives the

@@ -184,7 +184,7 @@ class Attributor:
         damping = self.damping_for(run)
         data = _InputsTargets(self._train_shard(), hooks, self.batch_size, self.device)
         params = list(trainable_parameters(model).values())
-        curvature = fit_curvature(self.curvature, model, loss_function, params, data, run.dataset_length, progress=False)
+        curvature = fit_curvature(self.curvature, model, loss_function, params, data, run.dataset_length, self.progress)
         return self.contract(model, hooks, curvature.solve(query_grads, damping) / run.dataset_length).cpu(), measurements, damping
 
     def _train_shard(self) -> Subset:
