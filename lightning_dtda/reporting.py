@@ -54,16 +54,16 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _scatter(result: AttributionResult):
-    # Figures need matplotlib (the "plot" extra) and a spread, i.e. two seeds; without, no figure.
+def _figures(result: AttributionResult) -> dict[str, Any]:
+    # Figures need matplotlib (the "plot" extra) and a spread, i.e. two seeds; without, none.
     if result.num_seeds < 2:
-        return None
+        return {}
     try:
-        from lightning_dtda.figures import plot_shift_scatter
-
-        return plot_shift_scatter(result)
+        from lightning_dtda.figures import plot_distributions, plot_shift_scatter
     except ImportError:
-        return None
+        return {}
+    _, wideners = result.spread_wideners(query=0, k=3)
+    return {"shift_scatter": plot_shift_scatter(result), "spread_wideners": plot_distributions(result, 0, wideners.tolist())}
 
 
 def log_result(
@@ -77,13 +77,15 @@ def log_result(
     - every logger: the scalars ``{prefix}/mean_shift_mean``, ``_std`` and ``_abs_max`` (``log_metrics``);
     - ``CSVLogger``: ``{log_dir}/{prefix}_top_k.csv`` (columns ``query, kind, rank, train_index,
       mean_shift``), ``{log_dir}/{prefix}_histogram.csv`` (``left, right, count``) and, with two or
-      more seeds and matplotlib, ``{log_dir}/{prefix}_shift_scatter.png``;
+      more seeds and matplotlib, the figures ``{log_dir}/{prefix}_shift_scatter.png`` (mean against
+      std shift of every example) and ``{prefix}_spread_wideners.png`` (query 0's base and predicted
+      distributions for its three top spread-wideners);
     - ``TensorBoardLogger``: the table as text ``{prefix}/top_k``, the histogram ``{prefix}/mean_shift``
-      and the figure ``{prefix}/shift_scatter`` (mean against std shift);
+      and the figures ``{prefix}/shift_scatter`` and ``{prefix}/spread_wideners``;
     - ``MLFlowLogger`` (extra ``mlflow``): artifacts ``{prefix}_top_k.json`` (column -> values),
-      ``{prefix}_histogram.json`` and ``{prefix}_shift_scatter.png``;
+      ``{prefix}_histogram.json`` and the two figures as PNG;
     - ``WandbLogger`` (extra ``wandb``): the table ``{prefix}/top_k``, the histogram
-      ``{prefix}/mean_shift`` and the image ``{prefix}/shift_scatter``.
+      ``{prefix}/mean_shift`` and the two figures as images.
     """
     if not loggers:
         return
@@ -92,7 +94,7 @@ def log_result(
     counts = torch.histc(shift, bins=_HISTOGRAM_BINS, min=shift.min().item(), max=shift.max().item())
     edges = torch.linspace(shift.min().item(), shift.max().item(), _HISTOGRAM_BINS + 1)
     histogram = [{"left": edges[i].item(), "right": edges[i + 1].item(), "count": int(c)} for i, c in enumerate(counts.tolist())]
-    figure = _scatter(result)
+    figures = _figures(result)
     metrics = summary_metrics(result, prefix)
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
@@ -100,29 +102,30 @@ def log_result(
             log_dir = Path(logger.log_dir)
             _write_csv(log_dir / f"{prefix}_top_k.csv", TABLE_COLUMNS, rows)
             _write_csv(log_dir / f"{prefix}_histogram.csv", ("left", "right", "count"), histogram)
-            if figure is not None:
-                figure.savefig(log_dir / f"{prefix}_shift_scatter.png", dpi=110)
+            for name, figure in figures.items():
+                figure.savefig(log_dir / f"{prefix}_{name}.png", dpi=110)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(f"{prefix}/top_k", _markdown(rows), global_step=step)
             logger.experiment.add_histogram(f"{prefix}/mean_shift", shift.numpy(), global_step=step)
-            if figure is not None:
-                logger.experiment.add_figure(f"{prefix}/shift_scatter", figure, global_step=step, close=False)
+            for name, figure in figures.items():
+                logger.experiment.add_figure(f"{prefix}/{name}", figure, global_step=step, close=False)
         elif isinstance(logger, MLFlowLogger):
             # log_dict, not log_table: MLflow's tables need pandas.
             client, run_id = logger.experiment, logger.run_id
             client.log_dict(run_id, {c: [row[c] for row in rows] for c in TABLE_COLUMNS}, f"{prefix}_top_k.json")
             client.log_dict(run_id, histogram, f"{prefix}_histogram.json")
-            if figure is not None:
-                client.log_figure(run_id, figure, f"{prefix}_shift_scatter.png")
+            for name, figure in figures.items():
+                client.log_figure(run_id, figure, f"{prefix}_{name}.png")
         elif isinstance(logger, WandbLogger):
             import wandb
 
             logger.log_table(key=f"{prefix}/top_k", columns=list(TABLE_COLUMNS), data=[[row[c] for c in TABLE_COLUMNS] for row in rows])
             logger.experiment.log({f"{prefix}/mean_shift": wandb.Histogram(shift.numpy())})
-            if figure is not None:
-                logger.log_image(key=f"{prefix}/shift_scatter", images=[figure])
+            for name, figure in figures.items():
+                logger.log_image(key=f"{prefix}/{name}", images=[figure])
         logger.save()
-    if figure is not None:
+    if figures:
         import matplotlib.pyplot as plt
 
-        plt.close(figure)
+        for figure in figures.values():
+            plt.close(figure)

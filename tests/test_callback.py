@@ -44,8 +44,11 @@ def test_callback_logs_table_histogram_and_figure(fitted):
     events = EventAccumulator(tb_logger.log_dir, size_guidance={"histograms": 0, "images": 0, "tensors": 0}).Reload()
     [histogram] = events.Histograms("attribution/mean_shift")
     assert histogram.histogram_value.num == 3 * 24
-    [image] = events.Images("attribution/shift_scatter")
-    assert image.encoded_image_string.startswith(b"\x89PNG")
+    for name in ("shift_scatter", "spread_wideners"):
+        [image] = events.Images(f"attribution/{name}")
+        assert image.encoded_image_string.startswith(b"\x89PNG")
+    with open(f"{csv_logger.log_dir}/attribution_spread_wideners.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
 
 
 def test_callback_without_recorder_says_so(tmp_path):

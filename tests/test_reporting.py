@@ -75,7 +75,8 @@ def test_mlflow_logger_gets_table_histogram_and_figure(tmp_path, monkeypatch):
     helpful = [i for q, kind, i in zip(table["query"], table["kind"], table["train_index"]) if q == 1 and kind == "helpful"]
     assert helpful == indices.tolist()
     assert sum(b["count"] for b in json.loads((artifacts / "attribution_histogram.json").read_text())) == 14
-    assert (artifacts / "attribution_shift_scatter.png").read_bytes().startswith(b"\x89PNG")
+    for name in ("shift_scatter", "spread_wideners"):
+        assert (artifacts / f"attribution_{name}.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_wandb_offline_logger_gets_table_and_figure(tmp_path, monkeypatch):
@@ -98,5 +99,7 @@ def test_wandb_offline_logger_gets_table_and_figure(tmp_path, monkeypatch):
     assert table["columns"] == ["query", "kind", "rank", "train_index", "mean_shift"]
     _, indices = result.top_k(0, 2, largest=False)
     assert [row[3] for row in table["data"] if row[0] == 0 and row[1] == "harmful"] == indices.tolist()
-    [image] = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/attribution/shift_scatter_*.png"))
-    assert image.read_bytes().startswith(b"\x89PNG") and files.startswith(str(tmp_path))
+    for name in ("shift_scatter", "spread_wideners"):
+        [image] = list((tmp_path / "wandb").glob(f"offline-run-*/files/media/images/attribution/{name}_*.png"))
+        assert image.read_bytes().startswith(b"\x89PNG")
+    assert files.startswith(str(tmp_path))
