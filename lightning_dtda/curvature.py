@@ -8,6 +8,8 @@ Gauss-Newton matrix (positive semi-definite), exactly (``ggn``) or Kronecker-fac
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import Any
 
 import torch
 from curvlinops import (
@@ -40,6 +42,11 @@ class Curvature:
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         raise NotImplementedError
 
+    def state(self) -> dict[str, Any] | None:
+        """What :func:`fit_curvature` needs to rebuild this curvature without the data (``None``: nothing
+        worth keeping)."""
+        return None
+
 
 class IdentityCurvature(Curvature):
     """``C = 0``: the solve is ``vectors / damping``, so effects are scaled gradient dot products."""
@@ -65,14 +72,21 @@ class SpectralCurvature(Curvature):
 class DenseGGN(SpectralCurvature):
     """The exact GGN as a dense matrix, eigendecomposed once; any damping then costs one product."""
 
-    def __init__(self, operator: GGNLinearOperator) -> None:
+    def __init__(self, eigenvalues: Tensor, eigenvectors: Tensor) -> None:
+        self.eigenvalues, self.eigenvectors = eigenvalues, eigenvectors
+
+    @classmethod
+    def from_operator(cls, operator: GGNLinearOperator) -> "DenseGGN":
         num_params = operator.shape[0]
         eye = torch.eye(num_params, dtype=operator.dtype, device=operator.device)
         ggn = torch.cat([operator @ eye[:, i : i + _DENSE_COLUMNS] for i in range(0, num_params, _DENSE_COLUMNS)], dim=1)
         all_reduce_sum(ggn)  # each rank summed its shard of the data
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh((ggn + ggn.T) / 2)
+        eigenvalues, eigenvectors = torch.linalg.eigh((ggn + ggn.T) / 2)
         # A PSD matrix's rounding error can give tiny negative eigenvalues; they are zeros.
-        self.eigenvalues = self.eigenvalues.clamp(min=0.0)
+        return cls(eigenvalues.clamp(min=0.0), eigenvectors)
+
+    def state(self) -> dict[str, Any]:
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
 
     def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         return ((vectors @ self.eigenvectors) * fn(self.eigenvalues)) @ self.eigenvectors.T
@@ -133,6 +147,10 @@ class KFAC(Curvature):
         inverse = KFACInverseLinearOperator(self.operator, damping=damping, use_exact_damping=True)
         return (inverse @ vectors.T).T
 
+    def state(self) -> dict[str, Any]:
+        # Enum settings as their string values, so the file loads with torch.load(weights_only=True).
+        return {k: v.value if isinstance(v, Enum) else v for k, v in self.operator.state_dict().items()}
+
 
 class EKFAC(KFAC, SpectralCurvature):
     """EK-FAC, whose eigenbasis (Kronecker products of the factors' eigenvectors) and corrected
@@ -173,6 +191,7 @@ def fit_curvature(
     data: Iterable[tuple[Tensor, Tensor]],
     num_data: int,
     progress: bool = False,
+    state: dict[str, Any] | None = None,
 ) -> Curvature:
     """Fit curvature ``kind`` for ``loss_function(model(X), y)`` averaged over ``data`` at the current weights.
 
@@ -187,6 +206,8 @@ def fit_curvature(
         data: Re-iterable ``(X, y)`` batches covering the whole training set once.
         num_data: Number of training examples ``N``.
         progress: Show curvlinops' progress bars for the K-FAC factor passes.
+        state: A fitted curvature's :meth:`Curvature.state` (cached on disk): rebuild from it, with no
+            pass over the data.
     """
     if kind == "identity":
         return IdentityCurvature()
@@ -194,8 +215,10 @@ def fit_curvature(
     common = dict(check_deterministic=False, num_data=num_data)
     if kind == "ggn":
         # No progress bar here: curvlinops would draw one per matrix product, hundreds under CG.
+        if state is not None:
+            return DenseGGN(state["eigenvalues"], state["eigenvectors"])
         operator = GGNLinearOperator(model, loss_function, params, data, progressbar=False, **common)
-        return DenseGGN(operator) if operator.shape[0] <= DENSE_GGN_MAX_PARAMS else CGGGN(operator, params)
+        return DenseGGN.from_operator(operator) if operator.shape[0] <= DENSE_GGN_MAX_PARAMS else CGGGN(operator, params)
     if kind in ("kfac", "ekfac"):
         check_kfac_layers(model, kind)
         cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
@@ -205,6 +228,10 @@ def fit_curvature(
             model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
             num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
         )
+        wrap = EKFAC if kind == "ekfac" else KFAC
+        if state is not None:
+            operator.load_state_dict(state)
+            return wrap(operator)
         # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
         # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
         operator.compute_kronecker_factors()

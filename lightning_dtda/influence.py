@@ -92,7 +92,9 @@ class Attributor:
         progress: Show progress bars.
         cache_dir: If given, each run's effects are saved there (atomically) as soon as they are
             computed, keyed by the run's snapshot checksums, the data and the settings; a repeated call
-            (after a crash, say) loads finished runs instead of recomputing them.
+            (after a crash, say) loads finished runs instead of recomputing them. Fitted curvatures
+            (dense GGN eigendecompositions, K-FAC/EK-FAC factors) are cached there too, keyed by the final
+            snapshot, the training data and the curvature: new queries or another damping reuse them.
 
     Raises:
         ValueError: For an unknown method or curvature, a damping that is not positive, or training
@@ -184,8 +186,21 @@ class Attributor:
         damping = self.damping_for(run)
         data = _InputsTargets(self._train_shard(), hooks, self.batch_size, self.device)
         params = list(trainable_parameters(model).values())
-        curvature = fit_curvature(self.curvature, model, loss_function, params, data, run.dataset_length, self.progress)
+        curvature = self._fit_or_load_curvature(run, model, loss_function, params, data)
         return self.contract(model, hooks, curvature.solve(query_grads, damping) / run.dataset_length).cpu(), measurements, damping
+
+    def _fit_or_load_curvature(self, run: Trajectory, model: nn.Module, loss_function: nn.Module | None, params: list, data: Any):
+        """Fit the curvature at ``run``'s final weights, or load it from ``cache_dir``: the fit depends on
+        the weights and the training data, not on the queries or the damping."""
+        path = None
+        if self.cache_dir is not None:
+            key = json.dumps([run.manifest["snapshots"][-1]["sha256"], run.dataset_fingerprint, self.curvature])
+            path = self.cache_dir / f"{run.name}-curvature-{self.curvature}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        state = load_torch(path) if path is not None and path.is_file() else None
+        curvature = fit_curvature(self.curvature, model, loss_function, params, data, run.dataset_length, self.progress, state)
+        if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
+            save_torch(fitted, path)
+        return curvature
 
     def _train_shard(self) -> Subset:
         """This process's share of the training set (all of it unless torch.distributed runs)."""

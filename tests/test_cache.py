@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -53,3 +54,33 @@ def test_the_cache_key_changes_with_the_settings_and_queries(tmp_path):
     Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", damping=0.1, progress=False,
                cache_dir=tmp_path / "cache").attribute(classification_data(n=2, seed=2, dtype=torch.float64))
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ekfac"])
+def test_fitted_curvature_is_reused_for_new_queries_and_damping(tmp_path, monkeypatch, curvature):
+    from curvlinops import EKFACLinearOperator, GGNLinearOperator
+
+    from lightning_dtda import Attributor
+
+    data = classification_data(n=16, dtype=torch.float64)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2, precision="64-true").fit(
+        TinyClassifier(), DataLoader(data, batch_size=4))
+    cache = tmp_path / "cache"
+
+    def attribute(queries, damping, cache_dir):
+        return Attributor(TinyClassifier, tmp_path / "runs", data, curvature=curvature, damping=damping,
+                          progress=False, cache_dir=cache_dir).attribute(queries)
+
+    attribute(classification_data(n=2, seed=1, dtype=torch.float64), 0.1, cache)
+    assert len(list(cache.glob(f"seed_0-curvature-{curvature}-*.pt"))) == 1
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("the curvature was fitted again")
+
+    new_queries = classification_data(n=3, seed=2, dtype=torch.float64)
+    with monkeypatch.context() as patch:
+        patch.setattr(GGNLinearOperator, "__init__", no_fitting)
+        patch.setattr(EKFACLinearOperator, "compute_kronecker_factors", no_fitting)
+        cached = attribute(new_queries, 0.3, cache)
+    assert torch.allclose(cached.effects, attribute(new_queries, 0.3, None).effects, rtol=0, atol=1e-12)
