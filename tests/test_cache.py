@@ -53,7 +53,8 @@ def test_the_cache_key_changes_with_the_settings_and_queries(tmp_path):
                    cache_dir=tmp_path / "cache").attribute(queries)
     Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", damping=0.1, progress=False,
                cache_dir=tmp_path / "cache").attribute(classification_data(n=2, seed=2, dtype=torch.float64))
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "cache").glob("seed_0-influence-ggn-*.pt"))) == 3
+    assert len(list((tmp_path / "cache").glob("seed_0-curvature-ggn-*.pt"))) == 1  # shared by all three
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "ekfac"])
