@@ -144,8 +144,7 @@ class Attributor:
         """The damping used for ``run``: the given float, or the ``"auto"`` rule."""
         if self.damping != "auto":
             return float(self.damping)
-        weight_decay = run.optimizer_groups[0].get("weight_decay", 0.0) or 0.0
-        return 1.0 / run.learning_rate_time() + float(weight_decay)
+        return 1.0 / run.learning_rate_time() + run.weight_decay
 
     def load_model(self, run: Trajectory, snapshot: int = -1) -> nn.Module:
         """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""

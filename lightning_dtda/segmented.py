@@ -38,16 +38,13 @@ def segment_snapshots(run: Trajectory, num_segments: int) -> list[list[int]]:
     return [chunk.tolist() for chunk in np.array_split(np.array(indices), num_segments)]
 
 
-def _effective_step(run: Trajectory, first_step: int, last_step: int) -> float:
+def _check_sgd(run: Trajectory) -> None:
     optimizer = run.manifest["optimizer"]["class"]
     if not optimizer.endswith("SGD"):
         raise ValueError(
             f"method='segmented' models SGD, whose step is the learning rate; run {run.name} used {optimizer}. "
             "Use method='unrolled' for Adam."
         )
-    momentum = run.optimizer_groups[0].get("momentum", 0.0)
-    lrs = [step.lrs[0] for step in run.steps[first_step:last_step]]
-    return sum(lrs) / len(lrs) / (1.0 - momentum)
 
 
 def segmented_effects(
@@ -69,13 +66,15 @@ def segmented_effects(
         contract: ``(module, vectors [Q, P]) -> vectors @ per-example training gradients^T``, ``[Q, N]``.
     """
     steps = run.snapshot_steps
-    weight_decay = float(run.optimizer_groups[0].get("weight_decay", 0.0) or 0.0)
+    weight_decay = run.weight_decay
     num_train = run.dataset_length
     adjoint = query_grads
     effects = torch.zeros(len(query_grads), num_train, dtype=query_grads.dtype, device=query_grads.device)
-    for group in segment_snapshots(run, num_segments)[::-1]:
+    groups = segment_snapshots(run, num_segments)
+    _check_sgd(run)
+    for group in groups[::-1]:
         first, last = steps[group[0] - 1], steps[group[-1]]
-        time = _effective_step(run, first, last) * (last - first)  # eta_l * K_l
+        time = run.learning_rate_time(first, last)  # eta_l * K_l
         models = [load_model(index) for index in group]
         curvature = fit(models[-1])  # at the segment's last weights
 

@@ -155,16 +155,20 @@ class Trajectory:
         """The optimizer's per-group settings (learning rate, momentum, weight decay, ...)."""
         return self.manifest["optimizer"]["param_groups"]
 
-    def learning_rate_time(self) -> float:
-        r"""The run's total effective step size :math:`\sum_t \eta_t / (1 - \beta)` (first parameter group).
+    @property
+    def weight_decay(self) -> float:
+        """The optimizer's weight decay (first parameter group), 0 when it had none."""
+        return float(self.optimizer_groups[0].get("weight_decay") or 0.0)
+
+    def learning_rate_time(self, first: int = 0, last: int | None = None) -> float:
+        r"""Total effective step size :math:`\sum_t \eta_t / (1 - \beta)` of steps ``first+1 .. last``
+        (default: the whole run), first parameter group.
 
         Momentum ``beta`` of SGD makes each gradient move the weights ``1 / (1 - beta)`` times as far
-        as one plain step of the same rate; Adam's ``betas`` do not rescale the step in this way.
+        as one plain step of the same rate; Adam has no ``momentum`` setting and is not rescaled.
         """
-        group = self.optimizer_groups[0]
-        momentum = group.get("momentum", 0.0) if isinstance(group.get("momentum"), (int, float)) else 0.0
-        total = sum(step.lrs[0] for step in self.steps)
-        return total / (1.0 - momentum)
+        momentum = float(self.optimizer_groups[0].get("momentum") or 0.0)
+        return sum(step.lrs[0] for step in self.steps[first:last]) / (1.0 - momentum)
 
 
 def instantiate(
