@@ -89,7 +89,7 @@ class AttributionCallback(Callback):
             raise RuntimeError("AttributionCallback needs a TrajectoryRecorder among the trainer's callbacks.")
         if not trainer.is_global_zero:
             return
-        recorder.write_manifest(trainer)
+        recorder.write_manifest()
         runs = load_runs(recorder.dirpath)
         rank_zero_info(f"AttributionCallback: attributing {len(runs)} run(s) in {recorder.dirpath}")
         attributor = Attributor(pl_module, runs, trainer.train_dataloader.dataset, device=pl_module.device, **self.settings)

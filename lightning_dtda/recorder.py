@@ -378,7 +378,6 @@ class TrajectoryRecorder(Callback):
                 "collate_fn that adds or drops examples breaks batch membership."
             )
 
-
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -402,15 +401,15 @@ class TrajectoryRecorder(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._snapshot(trainer, pl_module)
-        self._write_manifest(trainer, complete=True)
+        self._write_manifest(complete=True)
 
-    def write_manifest(self, trainer: pl.Trainer) -> None:
+    def write_manifest(self) -> None:
         """Bring the run's manifest up to date with the snapshots taken so far (rank zero), so the
         run can be read while it trains (``AttributionCallback(every_n_epochs=...)`` does)."""
-        self._write_manifest(trainer, complete=False)
+        self._write_manifest(complete=False)
 
-    def _write_manifest(self, trainer: pl.Trainer | None, complete: bool) -> None:
-        if self._manifest is None or self.run_dir is None or (trainer is not None and not trainer.is_global_zero):
+    def _write_manifest(self, complete: bool) -> None:
+        if self._manifest is None or self.run_dir is None or rank_zero_only.rank != 0:
             return
         self._manifest["snapshots"] = self._snapshots
         self._manifest["complete"] = complete
@@ -422,59 +421,39 @@ class TrajectoryRecorder(Callback):
         if step == self._last_snapshot_step:
             return
         if trainer.is_global_zero:
+            assert self.run_dir is not None
             optimizer = trainer.optimizers[0]
-            self._write_snapshot(
-                step,
-                trainer.current_epoch,
-                self._last_snapshot_step + 1,
-                self._steps,
-                {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
-                [float(g["lr"]) for g in optimizer.param_groups],
-                optimizer.state_dict() if self.save_optimizer_state else None,
-            )
+            micro = [m for s in self._steps for m in s["micro_batches"]]
+            payload: dict[str, Any] = {
+                "format": SNAPSHOT_FORMAT,
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                "lrs": [float(g["lr"]) for g in optimizer.param_groups],
+                "steps": {
+                    "first": self._last_snapshot_step + 1,
+                    "indices": torch.tensor([int(i) for m in micro for i in m], dtype=torch.long),
+                    "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
+                    "micro_batches_per_step": torch.tensor([len(s["micro_batches"]) for s in self._steps], dtype=torch.long),
+                    "lrs": torch.tensor([s["lrs"] for s in self._steps], dtype=torch.float64).reshape(
+                        len(self._steps), len(optimizer.param_groups)
+                    ),
+                },
+            }
+            if self.save_optimizer_state:
+                payload["optimizer_state"] = optimizer.state_dict()
+            name = f"snapshots/step_{step:08d}.pt"
+            sha256 = save_torch(payload, self.run_dir / name)
+            # The manifest is rewritten at checkpoints and at the end rather than here: one file write
+            # per snapshot instead of two (the recorder's cost on the digits example is mostly file writes).
+            self._snapshots.append({"file": name, "step": step, "epoch": trainer.current_epoch, "sha256": sha256})
         self._steps = []
         self._last_snapshot_step = step
 
-    def _write_snapshot(
-        self,
-        step: int,
-        epoch: int,
-        first: int,
-        steps: list[dict[str, Any]],
-        state: dict[str, torch.Tensor],
-        lrs: list[float],
-        optimizer_state: dict[str, Any] | None,
-    ) -> None:
-        assert self.run_dir is not None and self._manifest is not None
-        micro = [m for s in steps for m in s["micro_batches"]]
-        payload: dict[str, Any] = {
-            "format": SNAPSHOT_FORMAT,
-            "step": step,
-            "epoch": epoch,
-            "state_dict": state,
-            "lrs": lrs,
-            "steps": {
-                "first": first,
-                "indices": torch.tensor([int(i) for m in micro for i in m], dtype=torch.long),
-                "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
-                "micro_batches_per_step": torch.tensor([len(s["micro_batches"]) for s in steps], dtype=torch.long),
-                "lrs": torch.tensor([s["lrs"] for s in steps], dtype=torch.float64).reshape(len(steps), len(lrs)),
-            },
-        }
-        if optimizer_state is not None:
-            payload["optimizer_state"] = optimizer_state
-        name = f"snapshots/step_{step:08d}.pt"
-        sha256 = save_torch(payload, self.run_dir / name)
-        # The manifest is rewritten at checkpoints and at the end rather than here: one file write per
-        # snapshot instead of two (the recorder's cost on the digits example is mostly file writes).
-        self._snapshots.append({"file": name, "step": step, "epoch": epoch, "sha256": sha256})
-
     @override
     def state_dict(self) -> dict[str, Any]:
-        # A checkpoint is being written: bring the manifest up to date with it. (Called on every rank;
-        # only rank zero holds the manifest.)
-        if self._manifest is not None and rank_zero_only.rank == 0:
-            self._write_manifest(None, complete=False)
+        # A checkpoint is being written: bring the manifest up to date with it (rank zero writes).
+        self._write_manifest(complete=False)
         return {
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "last_snapshot_step": self._last_snapshot_step,
