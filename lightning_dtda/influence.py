@@ -22,9 +22,10 @@ from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import gather_columns, rank_and_world, shard
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
+from lightning_dtda.reporting import log_result
 from lightning_dtda.result import AttributionResult
-from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
 from lightning_dtda.segmented import segmented_effects
+from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
 from lightning_dtda.unrolled import unrolled_effects
 
 METHODS = ("influence", "unrolled", "segmented")
@@ -193,8 +194,8 @@ class Attributor:
         the weights and the training data, not on the queries or the damping."""
         path = None
         if self.cache_dir is not None:
-            key = json.dumps([run.manifest["snapshots"][-1]["sha256"], run.dataset_fingerprint, self.curvature])
-            path = self.cache_dir / f"{run.name}-curvature-{self.curvature}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+            key = {"snapshot": run.manifest["snapshots"][-1]["sha256"], "train": run.dataset_fingerprint, "curvature": self.curvature}
+            path = self._cache_file(run, f"curvature-{self.curvature}", key)
         state = load_torch(path) if path is not None and path.is_file() else None
         curvature = fit_curvature(self.curvature, model, loss_function, params, data, run.dataset_length, self.progress, state)
         if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
@@ -217,7 +218,6 @@ class Attributor:
 
     def cache_path(self, run: Trajectory, query_fingerprint: str) -> Path:
         """Where ``run``'s effects are cached: named by a hash of everything they depend on."""
-        assert self.cache_dir is not None
         snapshots = run.manifest["snapshots"] if self.method != "influence" else run.manifest["snapshots"][-1:]
         key = {
             "module": run.module_class,
@@ -226,8 +226,12 @@ class Attributor:
             "queries": query_fingerprint,
             "settings": [self.method, self.curvature, self.damping, self.segments if self.method == "segmented" else None],
         }
+        return self._cache_file(run, f"{self.method}-{self.curvature}", key)
+
+    def _cache_file(self, run: Trajectory, label: str, key: dict[str, Any]) -> Path:
+        assert self.cache_dir is not None
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return self.cache_dir / f"{run.name}-{self.method}-{self.curvature}-{digest}.pt"
+        return self.cache_dir / f"{run.name}-{label}-{digest}.pt"
 
     def _cached_attribute_run(self, run: Trajectory, query_data: Dataset, query_fingerprint: str) -> tuple[Tensor, Tensor, float | None]:
         if self.cache_dir is None:
@@ -259,8 +263,6 @@ class Attributor:
         Returns:
             An :class:`AttributionResult` with ``effects [seeds, queries, train]``.
         """
-        from lightning_dtda.reporting import log_result
-
         if len(query_data) == 0:  # type: ignore[arg-type]
             raise ValueError("query_data is empty; pass at least one query example.")
         effects, measurements, dampings = [], [], []
