@@ -18,13 +18,14 @@ CASES = {"identity": {}, "ggn": {}, "kfac": {}, "ekfac": {}, "ggn-cg": {"curvatu
 
 def attribute(runs, case):
     kwargs = CASES[case] or {"curvature": case}
+    dense_limit = curvature_module.DENSE_GGN_MAX_PARAMS
     if case == "ggn-cg":
         curvature_module.DENSE_GGN_MAX_PARAMS = 0
     try:
         return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), batch_size=8,
                           progress=False, **kwargs).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
     finally:
-        curvature_module.DENSE_GGN_MAX_PARAMS = 4096
+        curvature_module.DENSE_GGN_MAX_PARAMS = dense_limit
 
 
 if __name__ == "__main__":

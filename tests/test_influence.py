@@ -1,9 +1,9 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from lightning_dtda import Attributor, TrajectoryRecorder, load_runs
+from lightning_dtda import Attributor, TrajectoryRecorder
 from lightning_dtda import curvature as curvature_module
 from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
