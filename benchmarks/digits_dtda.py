@@ -44,6 +44,7 @@ METHODS = {
     "ggn": dict(curvature="ggn"),
     "segmented (ekfac, 4 segments)": dict(method="segmented", curvature="ekfac", segments=4),
     "unrolled": dict(method="unrolled"),
+    "unrolled (ReLU smoothing 0.1)": dict(method="unrolled", relu_smoothing=0.1),
 }
 
 

@@ -12,6 +12,7 @@ statistics): the replay evaluates it in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from lightning_dtda.gradients import HookCall, trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.optim import FunctionalOptimizer
+from lightning_dtda.relu import ReLUSmoothing
 from lightning_dtda.trajectory import Step, Trajectory
 
 
@@ -46,9 +48,11 @@ class Replay:
         model: The run's module (any snapshot: its buffers are kept, its parameters replaced).
         run: A recorded run.
         train_data: The training set in recorded index order.
+        relu_smoothing: If given, ReLUs in the training loss get this kink width in their second
+            derivatives (see ``relu``); values and gradients are unchanged.
     """
 
-    def __init__(self, model: nn.Module, run: Trajectory, train_data: Dataset) -> None:
+    def __init__(self, model: nn.Module, run: Trajectory, train_data: Dataset, relu_smoothing: float | None = None) -> None:
         self.run = run
         self.train_data = train_data
         self.names, self.start = initial_parameters(model, run)
@@ -64,9 +68,13 @@ class Replay:
         normaliser = run.manifest["accumulate_grad_batches"] * run.manifest["world_size"]
         call = HookCall(model, Hooks(model).train_loss)
         keys = [f"module.{n}" for n in self.names]
+        # Only the loss is evaluated under the smoothing mode: it runs every op through Python.
+        self.smoothing = ReLUSmoothing(relu_smoothing) if relu_smoothing is not None else None
+        loss_context = self.smoothing or contextlib.nullcontext()
 
         def weighted_loss(params: list[Tensor], w: Tensor, batch: Any) -> Tensor:
-            losses = functional_call(call, dict(zip(keys, params)), (batch,))
+            with loss_context:
+                losses = functional_call(call, dict(zip(keys, params)), (batch,))
             return (losses * w).mean() / normaliser
 
         self._batched_grad = vmap(grad(weighted_loss), in_dims=(0, 0, None))

@@ -9,6 +9,8 @@ once; the ``Q`` queries' adjoints travel together as a batch.
 Memory: the forward replay keeps the parameters and optimizer state only at the recorded
 snapshots; the backward pass recomputes one snapshot interval at a time with autograd, so memory
 is bounded by the interval, not the run's length (gradient checkpointing).
+
+``relu_smoothing`` blurs ReLU's kink in the replay's second derivatives; see ``relu``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def check_replay(run: Trajectory, replay: Replay, final: list[Tensor]) -> None:
 
 
 def unrolled_effects(
-    model: nn.Module, run: Trajectory, train_data: Dataset, query_grads: Tensor, progress: bool = False
+    model: nn.Module,
+    run: Trajectory,
+    train_data: Dataset,
+    query_grads: Tensor,
+    progress: bool = False,
+    relu_smoothing: float | None = None,
 ) -> Tensor:
     """Removal effects ``[Q, N]`` of every training example on each query, by reverse-mode unrolling.
 
@@ -63,8 +70,10 @@ def unrolled_effects(
         run: A recorded run with batch membership.
         train_data: The training set in recorded index order.
         query_grads: ``[Q, P]`` gradients of the measurements at the run's final weights.
+        relu_smoothing: ``None`` for the exact derivative, or the width ``sigma`` (in
+            pre-activation units) of the Gaussian that stands in for ReLU's kink (see ``relu``).
     """
-    replay = Replay(model, run, train_data)
+    replay = Replay(model, run, train_data, relu_smoothing)
     steps = run.steps
     bounds = run.snapshot_steps
     num_train = run.dataset_length
@@ -103,4 +112,6 @@ def unrolled_effects(
         adjoint = [g.squeeze(1) for g in grads[: len(p_in)]]
         state_adjoint = [g.squeeze(1) for g in grads[len(p_in) : -1]]
         dm_dw += grads[-1].squeeze(1)
+    if replay.smoothing is not None and not replay.smoothing.used:
+        rank_zero_warn(f"relu_smoothing had no effect on {run.name}: its training loss calls no ReLU.")
     return -dm_dw
