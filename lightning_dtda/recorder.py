@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
 from typing_extensions import override
 
-from lightning_dtda._io import load_json, save_json, save_torch
+from lightning_dtda._io import load_json, save_archive, save_json
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.trajectory import MANIFEST, SNAPSHOT_FORMAT, jsonable
 
@@ -88,7 +88,8 @@ class TrajectoryRecorder(Callback):
       settings, the schedulers, batch size, steps per epoch, gradient accumulation, world size, and
       the list of snapshots with their SHA-256 checksums (brought up to date whenever a checkpoint
       is saved and at the end of training, when it is marked complete);
-    - ``snapshots/step_XXXXXXXX.pt``: the module's ``state_dict`` at step 0, every
+    - ``snapshots/step_XXXXXXXX.snapshot`` (a JSON header and raw tensor bytes; read it with
+      ``Trajectory.snapshot``): the module's ``state_dict`` at step 0, every
       ``every_n_train_steps`` optimizer steps or ``every_n_epochs`` epochs, and at the end, with the
       learning rate of every parameter group; each snapshot also holds, for every optimizer step
       since the previous snapshot, the dataset indices of each micro-batch (in the order they were
@@ -337,7 +338,7 @@ class TrajectoryRecorder(Callback):
             save_json(manifest, self.run_dir / MANIFEST)
             # Snapshots written after the checkpoint belong to the abandoned continuation.
             kept = {entry["file"] for entry in self._snapshots}
-            for path in (self.run_dir / "snapshots").glob("step_*.pt"):
+            for path in (self.run_dir / "snapshots").glob("step_*.snapshot"):
                 if f"snapshots/{path.name}" not in kept:
                     path.unlink()
         self._resuming = False
@@ -432,7 +433,7 @@ class TrajectoryRecorder(Callback):
                 "lrs": [float(g["lr"]) for g in optimizer.param_groups],
                 "steps": {
                     "first": self._last_snapshot_step + 1,
-                    "indices": torch.tensor([int(i) for m in micro for i in m], dtype=torch.long),
+                    "indices": torch.tensor(list(itertools.chain.from_iterable(micro)), dtype=torch.long),
                     "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
                     "micro_batches_per_step": torch.tensor([len(s["micro_batches"]) for s in self._steps], dtype=torch.long),
                     "lrs": torch.tensor([s["lrs"] for s in self._steps], dtype=torch.float64).reshape(
@@ -442,8 +443,8 @@ class TrajectoryRecorder(Callback):
             }
             if self.save_optimizer_state:
                 payload["optimizer_state"] = optimizer.state_dict()
-            name = f"snapshots/step_{step:08d}.pt"
-            sha256 = save_torch(payload, self.run_dir / name)
+            name = f"snapshots/step_{step:08d}.snapshot"
+            sha256 = save_archive(payload, self.run_dir / name)
             # The manifest is rewritten at checkpoints and at the end rather than here: one file write
             # per snapshot instead of two (the recorder's cost on the digits example is mostly file writes).
             self._snapshots.append({"file": name, "step": step, "epoch": trainer.current_epoch, "sha256": sha256})

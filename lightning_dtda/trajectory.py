@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dtda._io import load_json, load_torch
+from lightning_dtda._io import load_archive, load_json
 from lightning_dtda.data import fingerprint_dataset
 
 MANIFEST = "manifest.json"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: snapshots are archives (see _io), not torch.save files
 
 
 def jsonable(value: Any) -> Any:
@@ -67,7 +67,10 @@ class Trajectory:
             )
         self.manifest: dict[str, Any] = load_json(self.path / MANIFEST)
         if self.manifest.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"{self.path / MANIFEST} has format {self.manifest.get('format')!r}; expected {SNAPSHOT_FORMAT}.")
+            raise ValueError(
+                f"{self.path / MANIFEST} has format {self.manifest.get('format')!r}, but this version of lightning-dtda "
+                f"reads format {SNAPSHOT_FORMAT}. Record the run again with this version."
+            )
         if not self.manifest["snapshots"]:
             raise ValueError(
                 f"{self.path} lists no snapshot: the run stopped before it finished or reached a checkpoint. "
@@ -108,7 +111,7 @@ class Trajectory:
     def snapshot(self, index: int = -1) -> dict[str, Any]:
         """The snapshot file's content (``state_dict``, ``lrs``, ``steps``, ...), checksum verified."""
         entry = self.manifest["snapshots"][index]
-        return load_torch(self.path / entry["file"], entry["sha256"])
+        return load_archive(self.path / entry["file"], entry["sha256"])
 
     def state_dict(self, index: int = -1) -> dict[str, torch.Tensor]:
         """The module's ``state_dict`` at snapshot ``index`` (default: the final one)."""

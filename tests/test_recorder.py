@@ -137,6 +137,6 @@ def test_a_run_killed_before_its_first_checkpoint_is_refused_with_advice(tmp_pat
     with pytest.raises(RuntimeError, match="the job dies"):
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=1)], max_epochs=2).fit(
             Crashes(), DataLoader(classification_data(n=16), batch_size=4))
-    assert len(list((tmp_path / "runs" / "seed_0" / "snapshots").glob("step_*.pt"))) == 4  # steps 0 to 3, unlisted
+    assert len(list((tmp_path / "runs" / "seed_0" / "snapshots").glob("step_*.snapshot"))) == 4  # steps 0 to 3, unlisted
     with pytest.raises(ValueError, match="lists no snapshot: the run stopped before it finished or reached a checkpoint"):
         load_runs(tmp_path / "runs")
