@@ -8,6 +8,7 @@ and no further). Removing a whole example crosses many kinks, and their expected
 order in the removal. :class:`ReLUSmoothing` stands a Gaussian density of width ``sigma`` in for
 that delta: the derivative of training with each kink blurred over ``sigma`` of pre-activation.
 Forward values and first derivatives stay exact, so a replay still lands on the recorded weights.
+Only ReLU is blurred; other kinks (max-pooling, LeakyReLU, clamps) stay exact.
 """
 
 from __future__ import annotations
