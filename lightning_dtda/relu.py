@@ -22,19 +22,23 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 
-class _ReLUStep(torch.autograd.Function):
-    """``1[z > 0]``, whose derivative is a Gaussian density of width ``sigma`` instead of zero."""
+class _OfPreActivation(torch.autograd.Function):
+    """A function of the pre-activation ``z`` (saved for backward) and the kink width ``sigma``."""
 
     generate_vmap_rule = True
-
-    @staticmethod
-    def forward(z: Tensor, sigma: float) -> Tensor:
-        return (z > 0).to(z.dtype)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
         ctx.save_for_backward(inputs[0])
         ctx.sigma = inputs[1]
+
+
+class _ReLUStep(_OfPreActivation):
+    """``1[z > 0]``, whose derivative is a Gaussian density of width ``sigma`` instead of zero."""
+
+    @staticmethod
+    def forward(z: Tensor, sigma: float) -> Tensor:
+        return (z > 0).to(z.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -43,19 +47,12 @@ class _ReLUStep(torch.autograd.Function):
         return grad * density, None
 
 
-class _SmoothedReLU(torch.autograd.Function):
+class _SmoothedReLU(_OfPreActivation):
     """ReLU with the exact value and first derivative, and a differentiable step in its backward."""
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(z: Tensor, sigma: float) -> Tensor:
         return z.clamp(min=0)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-        ctx.sigma = inputs[1]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
