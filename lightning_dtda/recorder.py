@@ -446,7 +446,7 @@ class TrajectoryRecorder(Callback):
             name = f"snapshots/step_{step:08d}.snapshot"
             sha256 = save_archive(payload, self.run_dir / name)
             # The manifest is rewritten at checkpoints and at the end rather than here: one file write
-            # per snapshot instead of two (the recorder's cost on the digits example is mostly file writes).
+            # per snapshot instead of two (file writes are a large share of the recorder's cost).
             self._snapshots.append({"file": name, "step": step, "epoch": trainer.current_epoch, "sha256": sha256})
         self._steps = []
         self._last_snapshot_step = step
