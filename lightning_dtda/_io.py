@@ -124,7 +124,7 @@ def decode_archive(data: bytes) -> dict[str, Any]:
     start = len(_ARCHIVE_MAGIC) + 8
     (length,) = struct.unpack_from("<Q", data, len(_ARCHIVE_MAGIC))
     tree = json.loads(data[start : start + length])
-    body = bytearray(data[start + length :])  # writable, so torch.frombuffer shares it without a warning
+    body = bytearray(memoryview(data)[start + length :])  # one copy, writable: torch.frombuffer shares it quietly
 
     def region(offset: int, size: int) -> None:
         if offset < 0 or offset + size > len(body):
