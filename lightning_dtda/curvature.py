@@ -268,28 +268,17 @@ def _loss_terms_per_example(loss_function: nn.Module, data: Iterable[tuple[Tenso
     return max(1, terms // len(targets))
 
 
-def fit_spectral(
-    kind: str,
-    model: nn.Module,
-    loss_function: nn.Module,
-    params: list[nn.Parameter],
-    data: Iterable[tuple[Tensor, Tensor]],
-    num_data: int,
-) -> SpectralCurvature:
-    """Like :func:`fit_curvature`, for the backends with an eigenbasis: ``"ekfac"``, or ``"ggn"`` up to
-    ``DENSE_GGN_MAX_PARAMS`` parameters.
+def check_spectral(kind: str, num_params: int) -> None:
+    """Refuse a backend without an eigenbasis: :func:`fit_curvature` gives a :class:`SpectralCurvature`
+    for ``"ekfac"``, and for ``"ggn"`` up to ``DENSE_GGN_MAX_PARAMS`` parameters.
 
     Raises:
         ValueError: For another backend, or ``"ggn"`` on a model too large to eigendecompose.
     """
     if kind not in ("ekfac", "ggn"):
         raise ValueError(f"This estimator needs the curvature's eigenbasis: use curvature='ekfac' or 'ggn', not {kind!r}.")
-    num_params = sum(p.numel() for p in params)
     if kind == "ggn" and num_params > DENSE_GGN_MAX_PARAMS:
         raise ValueError(
             f"curvature='ggn' here needs a dense eigendecomposition, affordable up to {DENSE_GGN_MAX_PARAMS} "
             f"parameters; the model has {num_params}. Use curvature='ekfac'."
         )
-    curvature = fit_curvature(kind, model, loss_function, params, data, num_data)
-    assert isinstance(curvature, SpectralCurvature)
-    return curvature

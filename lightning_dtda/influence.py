@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from lightning_dtda._io import load_torch, save_torch
-from lightning_dtda.curvature import CURVATURES, SpectralCurvature, fit_curvature, fit_spectral
+from lightning_dtda.curvature import CURVATURES, SpectralCurvature, check_spectral, fit_curvature
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import gather_columns, rank_and_world, shard
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
@@ -184,7 +184,10 @@ class Attributor:
             def fit(snapshot_model: nn.Module) -> SpectralCurvature:
                 snapshot_data = _InputsTargets(self._train_shard(), Hooks(snapshot_model), self.batch_size, self.device)
                 params = list(trainable_parameters(snapshot_model).values())
-                return fit_spectral(self.curvature, snapshot_model, loss_function, params, snapshot_data, run.dataset_length)
+                check_spectral(self.curvature, sum(p.numel() for p in params))
+                curvature = fit_curvature(self.curvature, snapshot_model, loss_function, params, snapshot_data, run.dataset_length)
+                assert isinstance(curvature, SpectralCurvature)
+                return curvature
 
             effects = segmented_effects(
                 run,

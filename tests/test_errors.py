@@ -139,3 +139,11 @@ def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
         Attributor(NoHparams, runs, data, progress=False).attribute(data)
     result = Attributor(NoHparams(hidden=5), runs, data, curvature="ggn", progress=False).attribute(data)
     assert result.effects.shape == (1, 16, 16)
+
+
+def test_segmented_needs_an_eigenbasis(runs, data, monkeypatch):
+    with pytest.raises(ValueError, match="needs the curvature's eigenbasis: use curvature='ekfac' or 'ggn', not 'kfac'"):
+        Attributor(TinyClassifier, runs, data, method="segmented", segments=1, curvature="kfac", progress=False).attribute(data)
+    monkeypatch.setattr("lightning_dtda.curvature.DENSE_GGN_MAX_PARAMS", 10)
+    with pytest.raises(ValueError, match="affordable up to 10 parameters; the model has 83. Use curvature='ekfac'"):
+        Attributor(TinyClassifier, runs, data, method="segmented", segments=1, curvature="ggn", progress=False).attribute(data)
