@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP, digits  # noqa: E402
 
-from lightning_dtda import Attributor, TrajectoryRecorder  # noqa: E402
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder  # noqa: E402
 
 
 def record(root: Path, precision: str, train: TensorDataset) -> Path:
@@ -46,7 +46,7 @@ def main() -> int:
             effects = {}
             for device in ("cpu", "cuda"):
                 start = time.perf_counter()
-                effects[device] = Attributor(DigitsMLP, fp32, train, curvature=kind, device=device,
+                effects[device] = Attributor(DigitsMLP, fp32, train, estimator=Influence(curvature=kind), device=device,
                                              progress=False).attribute(queries).effects
                 seconds = time.perf_counter() - start
                 print(f"{kind:8s} {device:4s} {seconds:6.2f} s")
@@ -54,7 +54,7 @@ def main() -> int:
             print(f"{kind:8s} relative difference cuda vs cpu: {rel:.2e}")
             if not rel < 1e-3:
                 failures.append(f"{kind}: cuda differs from cpu by {rel:.2e}")
-        result = Attributor(DigitsMLP, bf16, train, curvature="ekfac", device="cuda", progress=False).attribute(queries)
+        result = Attributor(DigitsMLP, bf16, train, estimator=Influence(curvature="ekfac"), device="cuda", progress=False).attribute(queries)
         finite = bool(torch.isfinite(result.effects).all())
         print(f"bf16-mixed run, ekfac on cuda: finite={finite}, effects dtype {result.effects.dtype}, "
               f"max |effect| {result.effects.abs().max():.3g}")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP  # noqa: E402
 
-from lightning_dtda import AttributionResult, Attributor, distribution, load_runs, train_seeds  # noqa: E402
+from lightning_dtda import AttributionResult, Attributor, Influence, Segmented, Unrolled, distribution, load_runs, train_seeds  # noqa: E402
 from lightning_dtda.evaluation import (  # noqa: E402
     QuerySpearman,
     Retraining,
@@ -38,13 +38,13 @@ from lightning_dtda.evaluation import (  # noqa: E402
 
 STATISTICS = ("mean", "variance", "wasserstein")
 METHODS = {
-    "identity": dict(curvature="identity"),
-    "kfac": dict(curvature="kfac"),
-    "ekfac": dict(curvature="ekfac"),
-    "ggn": dict(curvature="ggn"),
-    "segmented (ekfac, 4 segments)": dict(method="segmented", curvature="ekfac", segments=4),
-    "unrolled": dict(method="unrolled"),
-    "unrolled (ReLU smoothing 0.1)": dict(method="unrolled", relu_smoothing=0.1),
+    "identity": Influence(curvature="identity"),
+    "kfac": Influence(curvature="kfac"),
+    "ekfac": Influence(curvature="ekfac"),
+    "ggn": Influence(curvature="ggn"),
+    "segmented (ekfac, 4 segments)": Segmented(segments=4, curvature="ekfac"),
+    "unrolled": Unrolled(),
+    "unrolled (ReLU smoothing 0.1)": Unrolled(relu_smoothing=0.1),
 }
 
 
@@ -112,7 +112,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         start = time.perf_counter()
-        attributor = Attributor(DigitsMLP, runs[: args.estimator_seeds], train, progress=False, **METHODS[method])
+        attributor = Attributor(DigitsMLP, runs[: args.estimator_seeds], train, METHODS[method], progress=False)
         result = attributor.attribute(queries)
         seconds = time.perf_counter() - start
         rows.append((method, result, seconds))

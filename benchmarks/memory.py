@@ -38,7 +38,7 @@ def measure(n: int) -> dict[str, float]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from digits import DigitsMLP
 
-    from lightning_dtda import Attributor, TrajectoryRecorder
+    from lightning_dtda import Attributor, Influence, TrajectoryRecorder
 
     train, queries = digits_upsampled(n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +47,7 @@ def measure(n: int) -> dict[str, float]:
                    enable_model_summary=False, callbacks=[TrajectoryRecorder(tmp)]).fit(
             DigitsMLP(), torch.utils.data.DataLoader(train, batch_size=32, shuffle=True))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        Attributor(DigitsMLP, tmp, train, curvature="ekfac", batch_size=128, progress=False).attribute(queries)
+        Attributor(DigitsMLP, tmp, train, estimator=Influence(curvature="ekfac"), batch_size=128, progress=False).attribute(queries)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"n": n, "peak_before_mib": before, "peak_after_mib": after, "attribution_mib": after - before}
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP  # noqa: E402
 
-from lightning_dtda import Attributor, TrajectoryRecorder, load_runs  # noqa: E402
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder, load_runs  # noqa: E402
 from lightning_dtda.trajectory import instantiate  # noqa: E402
 
 BATCH = 128
@@ -91,7 +91,7 @@ def train(setting: str, root: Path) -> Path:
 def run_ours(setting: str, runs: Path, damping: float) -> torch.Tensor:
     cls, _ = MODULES[setting]
     train_set, queries = datasets(setting)
-    result = Attributor(cls, runs, train_set, curvature="ekfac", damping=damping, batch_size=BATCH, device="cpu",
+    result = Attributor(cls, runs, train_set, estimator=Influence(curvature="ekfac", damping=damping), batch_size=BATCH, device="cpu",
                         progress=False).attribute(queries)
     return result.effects[0]
 

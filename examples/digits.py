@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dtda import Attributor, TrajectoryRecorder
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder
 from lightning_dtda.figures import plot_image_grid
 
 
@@ -100,7 +100,7 @@ def main() -> None:
         )
         trainer.fit(DigitsMLP(), DataLoader(train, batch_size=32, shuffle=True))
 
-    attributor = Attributor(DigitsMLP, args.out / "runs", train, curvature="ekfac")
+    attributor = Attributor(DigitsMLP, args.out / "runs", train, Influence(curvature="ekfac"))
     result = attributor.attribute(queries, loggers=CSVLogger(args.out, name="csv"))
     result.save(args.out / "result.pt")
 

@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_dtda.recorder import TrajectoryRecorder
-from lightning_dtda.trajectory import MANIFEST
-from lightning_dtda._io import load_json
+from lightning_dtda.run_format import MANIFEST
+from lightning_dtda.trajectory import Trajectory
 
 
 def train_seeds(
@@ -27,8 +27,9 @@ def train_seeds(
 
     For each seed: ``seed_everything(seed)``, a fresh module from ``make_module()``, a fresh
     ``Trainer(**trainer_kwargs)`` with a :class:`TrajectoryRecorder` added, and ``fit``. A seed whose
-    run folder is already complete is skipped, so an interrupted call can simply be repeated; an
-    incomplete one (a killed job) is recorded again from scratch.
+    run has finished is skipped and its files are left untouched, so an interrupted call can simply be
+    repeated; an abandoned one (a killed job) is recorded again from scratch; one still in progress
+    in another process is refused.
 
     Args:
         make_module: Builds the LightningModule; called after seeding, so initialisation follows the seed.
@@ -47,9 +48,13 @@ def train_seeds(
     for seed in seeds:
         run_dir = dirpath / f"seed_{seed}"
         if (run_dir / MANIFEST).is_file():
-            if load_json(run_dir / MANIFEST).get("complete"):
+            run = Trajectory(run_dir)
+            if run.status == "finished":
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
+            if run.status == "in progress":
+                raise RuntimeError(f"train_seeds: {run.describe_status()}; wait for it or stop that process first.")
+            rank_zero_info(f"train_seeds: recording seed {seed} again ({run.describe_status()}).")
             shutil.rmtree(run_dir)
         pl.seed_everything(seed)
         module = make_module()

@@ -32,19 +32,19 @@ class FunctionalOptimizer:
     decoupled: bool = False
 
     @classmethod
-    def from_manifest(cls, optimizer: dict[str, Any], param_names: list[str]) -> "FunctionalOptimizer":
-        """Build from a manifest's ``optimizer`` entry for the trainable parameters ``param_names``.
+    def from_manifest(cls, name: str, param_groups: list[dict[str, Any]], param_names: list[str]) -> "FunctionalOptimizer":
+        """Build from a manifest's optimizer class path and parameter groups, for the trainable
+        parameters ``param_names``.
 
         Raises:
             ValueError: For an optimizer or setting that has no functional twin here.
         """
-        name = optimizer["class"]
         if name not in SUPPORTED:
             raise ValueError(
                 f"Replaying a run needs a functional twin of its optimizer; {name} has none. Supported: "
                 f"{', '.join(SUPPORTED)}."
             )
-        groups = tuple(optimizer["param_groups"])
+        groups = tuple(param_groups)
         for g in groups:
             for flag in ("maximize", "amsgrad"):
                 if g.get(flag):

@@ -27,7 +27,8 @@ from lightning_dtda.gradients import HookCall, trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.optim import FunctionalOptimizer
 from lightning_dtda.relu import ReLUSmoothing
-from lightning_dtda.trajectory import Step, Trajectory
+from lightning_dtda.run_format import Step
+from lightning_dtda.trajectory import Trajectory
 
 
 def initial_parameters(model: nn.Module, run: Trajectory) -> tuple[list[str], list[Tensor]]:
@@ -56,16 +57,16 @@ class Replay:
         self.run = run
         self.train_data = train_data
         self.names, self.start = initial_parameters(model, run)
-        for scheduler in run.manifest["schedulers"]:
+        for scheduler in run.manifest.schedulers:
             if scheduler.get("cycle_momentum"):
                 name = scheduler["class"].rpartition(".")[2]
                 raise ValueError(
                     f"Run {run.name}'s scheduler {name} changes the momentum during training; the replay follows the "
                     "recorded learning rates but not momentum schedules. Train with cycle_momentum=False to replay."
                 )
-        self.optimizer = FunctionalOptimizer.from_manifest(run.manifest["optimizer"], self.names)
+        self.optimizer = FunctionalOptimizer.from_manifest(run.manifest.optimizer_class, run.manifest.param_groups, self.names)
         # Lightning divides each micro-batch's loss by the accumulation count and DDP averages over ranks.
-        normaliser = run.manifest["accumulate_grad_batches"] * run.manifest["world_size"]
+        normaliser = run.manifest.accumulate_grad_batches * run.manifest.world_size
         call = HookCall(model, Hooks(model).train_loss)
         keys = [f"module.{n}" for n in self.names]
         # Only the loss is evaluated under the smoothing mode: it runs every op through Python.

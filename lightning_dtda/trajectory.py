@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,38 +12,7 @@ from torch import nn
 
 from lightning_dtda._io import load_archive, load_json
 from lightning_dtda.data import fingerprint_dataset
-
-MANIFEST = "manifest.json"
-SNAPSHOT_FORMAT = 2  # 2: snapshots are archives (see _io), not torch.save files
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with everything JSON cannot hold replaced by its ``repr``."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return repr(value)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One optimizer step: the dataset indices of each of its micro-batches, and its learning rates.
-
-    With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
-    micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
-    ``(1/(A W)) * sum over its micro-batches of their mean gradient`` (micro-batches in rank order).
-    """
-
-    micro_batches: tuple[torch.Tensor, ...]
-    lrs: tuple[float, ...]
-
+from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step
 
 class Trajectory:
     """One recorded run: its manifest, snapshots and optimizer steps.
@@ -54,9 +20,12 @@ class Trajectory:
     Args:
         path: The run's folder, as written by :class:`~lightning_dtda.TrajectoryRecorder`.
 
+    Attributes:
+        manifest: What the run's ``manifest.json`` says (see :class:`~lightning_dtda.run_format.Manifest`).
+
     Raises:
         FileNotFoundError: If the folder has no ``manifest.json``.
-        ValueError: If the manifest is unreadable, lists no snapshot, or its format is unknown.
+        ValueError: If the manifest is unreadable or its format is unknown.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -65,20 +34,37 @@ class Trajectory:
             raise FileNotFoundError(
                 f"{self.path} holds no {MANIFEST}: it is not a run folder written by TrajectoryRecorder."
             )
-        self.manifest: dict[str, Any] = load_json(self.path / MANIFEST)
-        if self.manifest.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(
-                f"{self.path / MANIFEST} has format {self.manifest.get('format')!r}, but this version of lightning-dtda "
-                f"reads format {SNAPSHOT_FORMAT}. Record the run again with this version."
-            )
-        if not self.manifest["snapshots"]:
-            raise ValueError(
-                f"{self.path} lists no snapshot: the run stopped before it finished or reached a checkpoint. "
-                "Resume it with trainer.fit(ckpt_path=...) or record it again."
-            )
+        try:
+            self.manifest = Manifest.from_json(load_json(self.path / MANIFEST))
+        except ValueError as err:
+            raise ValueError(f"{self.path / MANIFEST}: {err}") from err
 
     def __repr__(self) -> str:
-        return f"Trajectory({str(self.path)!r}, steps={self.final_step})"
+        return f"Trajectory({str(self.path)!r}, status={self.status!r}, steps={self.snapshot_steps[-1:]})"
+
+    @property
+    def status(self) -> str:
+        """``"finished"`` (training ended), ``"in progress"`` (its recording process still runs),
+        ``"abandoned"`` (training raised, or the process is gone: killed or crashed) or ``"unfinished"``
+        (recorded on another host, or by a version that did not note its process: either of the last two)."""
+        if self.manifest.complete:
+            return "finished"
+        if self.manifest.stopped is not None:
+            return "abandoned"
+        writer = self.manifest.writer
+        alive = None if writer is None else writer.is_alive()
+        if alive is None:
+            return "unfinished"
+        return "in progress" if alive else "abandoned"
+
+    def describe_status(self) -> str:
+        """One line for error messages: the run, its status, and how far it got."""
+        writer = self.manifest.writer
+        where = "" if writer is None else f" (recorded by process {writer.pid} on {writer.host})"
+        if self.manifest.stopped is not None:
+            where = f" (training stopped: {self.manifest.stopped})"
+        listed = f"latest listed snapshot at step {self.snapshot_steps[-1]}" if self.manifest.snapshots else "no snapshot listed yet"
+        return f"{self.name}: {self.status}{where}, {listed}"
 
     @property
     def name(self) -> str:
@@ -86,55 +72,60 @@ class Trajectory:
 
     @property
     def seed(self) -> int | None:
-        return self.manifest["seed"]
+        return self.manifest.seed
 
     @property
     def dataset_length(self) -> int:
-        return self.manifest["dataset"]["length"]
+        return self.manifest.dataset_length
 
     @property
     def dataset_fingerprint(self) -> str:
-        return self.manifest["dataset"]["fingerprint"]
+        return self.manifest.dataset_fingerprint
 
     @property
     def module_class(self) -> str:
-        return self.manifest["module"]["class"]
+        return self.manifest.module_class
+
+    @property
+    def snapshots(self) -> tuple[SnapshotEntry, ...]:
+        """The listed snapshots, in step order."""
+        if not self.manifest.snapshots:
+            raise ValueError(
+                f"{self.describe_status()}: there are no weights to read yet. Wait for the run to reach a "
+                "checkpoint or finish, resume it with trainer.fit(ckpt_path=...), or record it again."
+            )
+        return self.manifest.snapshots
 
     @property
     def snapshot_steps(self) -> list[int]:
-        return [s["step"] for s in self.manifest["snapshots"]]
+        return [s.step for s in self.manifest.snapshots]
 
     @property
     def final_step(self) -> int:
-        return self.snapshot_steps[-1]
+        """The step of the latest listed snapshot: the final one once the run has finished."""
+        return self.snapshots[-1].step
 
-    def snapshot(self, index: int = -1) -> dict[str, Any]:
-        """The snapshot file's content (``state_dict``, ``lrs``, ``steps``, ...), checksum verified."""
-        entry = self.manifest["snapshots"][index]
-        return load_archive(self.path / entry["file"], entry["sha256"])
+    def snapshot(self, index: int = -1) -> SnapshotContent:
+        """The content of snapshot ``index`` (default: the latest listed), checksum verified."""
+        entry = self.snapshots[index]
+        return SnapshotContent.from_tree(load_archive(self.path / entry.file, entry.sha256))
 
     def state_dict(self, index: int = -1) -> dict[str, torch.Tensor]:
         """The module's ``state_dict`` at snapshot ``index`` (default: the final one)."""
-        return self.snapshot(index)["state_dict"]
+        return self.snapshot(index).state_dict
 
     @cached_property
     def steps(self) -> list[Step]:
         """Every optimizer step of the run, in order (reads every snapshot once)."""
         steps: list[Step] = []
-        for index in range(len(self.manifest["snapshots"])):
-            record = self.snapshot(index)["steps"]
-            if record["first"] != len(steps) + 1 and len(record["micro_batches_per_step"]):
+        for index in range(len(self.snapshots)):
+            first, block = self.snapshot(index).decoded_steps()
+            if first != len(steps) + 1 and block:
                 raise ValueError(
-                    f"{self.path} has no batch membership for steps {len(steps) + 1} to {record['first'] - 1}: the "
+                    f"{self.path} has no batch membership for steps {len(steps) + 1} to {first - 1}: the "
                     "snapshot that recorded them is missing from the manifest. Record the run again."
                 )
-            micro = torch.split(record["indices"], record["micro_batch_sizes"].tolist())
-            per_step = record["micro_batches_per_step"].tolist()
-            offsets = [0]
-            for n in per_step:
-                offsets.append(offsets[-1] + n)
-            for k in range(len(per_step)):
-                steps.append(Step(tuple(micro[offsets[k] : offsets[k + 1]]), tuple(record["lrs"][k].tolist())))
+            steps.extend(block)
         if len(steps) != self.final_step:
             raise ValueError(f"{self.path}: recorded {len(steps)} optimizer steps but the final snapshot is at step {self.final_step}.")
         return steps
@@ -156,7 +147,7 @@ class Trajectory:
     @property
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The optimizer's per-group settings (learning rate, momentum, weight decay, ...)."""
-        return self.manifest["optimizer"]["param_groups"]
+        return self.manifest.param_groups
 
     @property
     def weight_decay(self) -> float:
@@ -197,7 +188,7 @@ def instantiate(
         raise ValueError(f"Run {run.name} trained {run.module_class}, not {path}.")
     if model is None:
         try:
-            model = cls(**run.manifest["module"]["hparams"])
+            model = cls(**run.manifest.hparams)
         except TypeError as err:
             raise TypeError(
                 f"Could not build {path} from the recorded hyperparameters ({err}). Call "
@@ -212,28 +203,58 @@ def instantiate(
     return model.to(device).eval()
 
 
-def load_runs(path: str | Path) -> list[Trajectory]:
+def load_runs(path: str | Path, unfinished: bool = False) -> list[Trajectory]:
     """Load one run folder, or every run folder directly under ``path`` (an ensemble), sorted by name.
+
+    Args:
+        path: A run folder or a folder of them (a ``TrajectoryRecorder``'s ``dirpath``).
+        unfinished: Also load runs that have not finished (see :attr:`Trajectory.status`): their latest
+            listed snapshot then stands in for the final weights. By default they are refused, so a
+            run still training, or one that was killed, is never pooled with finished runs by mistake.
 
     Raises:
         FileNotFoundError: If ``path`` holds no run.
-        ValueError: If the runs trained different module classes or on different datasets.
+        ValueError: If a run has not finished (unless ``unfinished``; the message says which and why),
+            or the runs trained different module classes or on different datasets.
     """
     path = Path(path)
+    runs = find_runs(path)
+    pending = [run for run in runs if run.status != "finished" and not (unfinished and run.manifest.snapshots)]
+    if pending:
+        lines = "\n".join(f"  - {run.describe_status()}" for run in pending)
+        advice = (
+            "Wait for runs in progress, resume abandoned ones with trainer.fit(ckpt_path=...) or delete their "
+            "folders, or pass unfinished=True to pool each run's latest snapshot as if it were final."
+        )
+        if unfinished:
+            advice = "They have no snapshot listed yet; wait for a checkpoint or the end of training, or delete their folders."
+        raise ValueError(f"{path} holds runs that have not finished:\n{lines}\n{advice}")
+    check_poolable(runs)
+    return runs
+
+
+def find_runs(path: Path) -> list[Trajectory]:
+    """Every run in ``path`` (a run folder or a folder of them), sorted by name, whatever its status.
+
+    Raises:
+        FileNotFoundError: If ``path`` holds no run.
+    """
     if (path / MANIFEST).is_file():
-        runs = [Trajectory(path)]
-    else:
-        folders = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
-        if not folders:
-            raise FileNotFoundError(
-                f"{path} holds no recorded run (no {MANIFEST} in it or in its subfolders). Point at the "
-                "TrajectoryRecorder's dirpath or at one run folder inside it."
-            )
-        runs = [Trajectory(p) for p in folders]
+        return [Trajectory(path)]
+    folders = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
+    if not folders:
+        raise FileNotFoundError(
+            f"{path} holds no recorded run (no {MANIFEST} in it or in its subfolders). Point at the "
+            "TrajectoryRecorder's dirpath or at one run folder inside it."
+        )
+    return [Trajectory(p) for p in folders]
+
+
+def check_poolable(runs: list[Trajectory]) -> None:
+    """Raise ``ValueError`` unless the runs trained one module class on one dataset."""
     first = runs[0]
     for run in runs[1:]:
         if run.module_class != first.module_class:
-            raise ValueError(f"{path} mixes runs of {first.module_class} ({first.name}) and {run.module_class} ({run.name}).")
+            raise ValueError(f"The runs mix {first.module_class} ({first.name}) and {run.module_class} ({run.name}).")
         if run.dataset_fingerprint != first.dataset_fingerprint:
-            raise ValueError(f"{path} mixes runs on different datasets: {first.name} and {run.name} have different fingerprints.")
-    return runs
+            raise ValueError(f"The runs mix datasets: {first.name} and {run.name} have different fingerprints.")

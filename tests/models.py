@@ -30,6 +30,14 @@ class TinyClassifier(pl.LightningModule):
                                weight_decay=self.hparams.weight_decay)
 
 
+class ReLUClassifier(TinyClassifier):
+    """TinyClassifier with a ReLU instead of tanh."""
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        self.net[1] = nn.ReLU()
+
+
 class LinearRegression(pl.LightningModule):
     """One linear layer with mean squared error."""
 

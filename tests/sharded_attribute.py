@@ -8,22 +8,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from lightning_dtda import Attributor  # noqa: E402
+from lightning_dtda import Attributor, Influence, Segmented  # noqa: E402
 from lightning_dtda import curvature as curvature_module  # noqa: E402
 from models import TinyClassifier, classification_data  # noqa: E402
 
-CASES = {"identity": {}, "ggn": {}, "kfac": {}, "ekfac": {}, "ggn-cg": {"curvature": "ggn"},
-         "segmented": {"method": "segmented", "curvature": "ekfac", "segments": 2}}
+CASES = {"identity": Influence(curvature="identity"), "ggn": Influence(curvature="ggn"), "kfac": Influence(curvature="kfac"),
+         "ekfac": Influence(curvature="ekfac"), "ggn-cg": Influence(curvature="ggn"),
+         "segmented": Segmented(segments=2, curvature="ekfac")}
 
 
 def attribute(runs, case):
-    kwargs = CASES[case] or {"curvature": case}
     dense_limit = curvature_module.DENSE_GGN_MAX_PARAMS
     if case == "ggn-cg":
         curvature_module.DENSE_GGN_MAX_PARAMS = 0
     try:
-        return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), batch_size=8,
-                          progress=False, **kwargs).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
+        return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
+                          progress=False).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
     finally:
         curvature_module.DENSE_GGN_MAX_PARAMS = dense_limit
 

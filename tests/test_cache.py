@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from attribute_with_cache import attribute
-from lightning_dtda import TrajectoryRecorder
+from lightning_dtda import Influence, TrajectoryRecorder
 from models import TinyClassifier, classification_data, trainer
 
 
@@ -49,9 +49,9 @@ def test_the_cache_key_changes_with_the_settings_and_queries(tmp_path):
         TinyClassifier(), DataLoader(data, batch_size=4))
     queries = classification_data(n=2, seed=1, dtype=torch.float64)
     for damping in (0.1, 0.2):
-        Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", damping=damping, progress=False,
+        Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn", damping=damping), progress=False,
                    cache_dir=tmp_path / "cache").attribute(queries)
-    Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", damping=0.1, progress=False,
+    Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn", damping=0.1), progress=False,
                cache_dir=tmp_path / "cache").attribute(classification_data(n=2, seed=2, dtype=torch.float64))
     assert len(list((tmp_path / "cache").glob("seed_0-influence-ggn-*.pt"))) == 3
     assert len(list((tmp_path / "cache").glob("seed_0-curvature-ggn-*.pt"))) == 1  # shared by all three
@@ -70,7 +70,7 @@ def test_fitted_curvature_is_reused_for_new_queries_and_damping(tmp_path, monkey
     cache = tmp_path / "cache"
 
     def attribute(queries, damping, cache_dir):
-        return Attributor(TinyClassifier, tmp_path / "runs", data, curvature=curvature, damping=damping,
+        return Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature=curvature, damping=damping),
                           progress=False, cache_dir=cache_dir).attribute(queries)
 
     attribute(classification_data(n=2, seed=1, dtype=torch.float64), 0.1, cache)

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lightning_dtda import AttributionCallback, AttributionResult, TrajectoryRecorder
+from lightning_dtda import AttributionCallback, AttributionResult, Influence, TrajectoryRecorder, load_runs
 from models import TinyClassifier, classification_data, trainer
 
 
@@ -18,7 +18,7 @@ def fitted(tmp_path_factory):
     for seed in range(2):
         pl.seed_everything(seed)
         loggers = [CSVLogger(tmp_path / "csv", version=seed), TensorBoardLogger(tmp_path / "tb", version=seed)]
-        callback = AttributionCallback(queries, curvature="ggn", top_k=2, progress=False)
+        callback = AttributionCallback(queries, estimator=Influence(curvature="ggn"), top_k=2, progress=False)
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), callback], max_epochs=2, logger=loggers).fit(
             TinyClassifier(), DataLoader(data, batch_size=8, shuffle=True))
     return callback.result, loggers, tmp_path
@@ -63,7 +63,7 @@ def test_callback_every_n_epochs_logs_on_the_training_timeline(tmp_path):
     pl.seed_everything(0)
     logger = TensorBoardLogger(tmp_path / "tb")
     callbacks = [TrajectoryRecorder(tmp_path / "runs"),
-                 AttributionCallback(classification_data(n=2, seed=1), curvature="identity", every_n_epochs=2, progress=False)]
+                 AttributionCallback(classification_data(n=2, seed=1), estimator=Influence(curvature="identity"), every_n_epochs=2, progress=False)]
     model = TinyClassifier()
     trainer(tmp_path, callbacks, max_epochs=4, logger=logger).fit(model, DataLoader(classification_data(n=16), batch_size=4))
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
@@ -72,3 +72,61 @@ def test_callback_every_n_epochs_logs_on_the_training_timeline(tmp_path):
     assert model.training  # the callback attributed a copy
     with pytest.raises(ValueError, match="every_n_epochs must be a positive integer"):
         AttributionCallback(every_n_epochs=0)
+
+
+def test_repeated_train_seeds_with_the_callback_leaves_finished_runs_untouched(tmp_path):
+    from lightning_dtda import train_seeds
+
+    loader = DataLoader(classification_data(n=16), batch_size=4, shuffle=True)
+    kwargs = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def callbacks():
+        return [AttributionCallback(classification_data(n=2, seed=1), Influence(curvature="identity"), progress=False)]
+
+    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1], callbacks=callbacks(), **kwargs)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("seed_*/**/*") if p.is_file()}
+    assert all(run.status == "finished" for run in load_runs(tmp_path / "runs"))
+    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1, 2], callbacks=callbacks(), **kwargs)
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+    assert [run.status for run in load_runs(tmp_path / "runs")] == ["finished"] * 3
+
+
+def test_the_end_of_fit_result_is_logged_at_the_last_step_once(tmp_path):
+    pl.seed_everything(0)
+    logger = CSVLogger(tmp_path / "csv")
+    callback = AttributionCallback(classification_data(n=2, seed=1), Influence(curvature="identity"), every_n_epochs=1, progress=False)
+    # Listed before the recorder, whose interval is 2 epochs: it still attributes each epoch's weights.
+    trainer(tmp_path, [callback, TrajectoryRecorder(tmp_path / "runs", every_n_epochs=2)], max_epochs=2, logger=logger).fit(
+        TinyClassifier(), DataLoader(classification_data(n=16), batch_size=4))
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("attribution/mean_shift_mean")]
+    assert steps == [4, 8]  # epochs 1 and 2; the end of fit reuses the last epoch's result
+    saved = AttributionResult.load(tmp_path / "runs" / "attribution.pt")
+    assert saved.settings["run_status"] == ["finished"] and saved.settings["snapshot_steps"] == [8]
+
+
+def test_missing_query_data_is_reported_before_training(tmp_path):
+    class Counts(TinyClassifier):
+        steps = 0
+
+        def training_step(self, batch, batch_idx):
+            Counts.steps += 1
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="no validation dataloader to take queries from; pass query_data"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), AttributionCallback()], max_epochs=1).fit(
+            Counts(), DataLoader(classification_data(n=8), batch_size=4))
+    assert Counts.steps == 0
+    with pytest.raises(RuntimeError, match="needs a TrajectoryRecorder among the trainer's callbacks"):
+        trainer(tmp_path, [AttributionCallback(classification_data(n=2))], max_epochs=1).fit(
+            Counts(), DataLoader(classification_data(n=8), batch_size=4))
+    assert Counts.steps == 0
+
+
+def test_queries_default_to_the_validation_set_even_when_validation_is_off(tmp_path):
+    pl.seed_everything(0)
+    dm = pl.LightningDataModule.from_datasets(classification_data(n=16), classification_data(n=6, seed=1), batch_size=4)
+    callback = AttributionCallback(num_queries=3, estimator=Influence(curvature="identity"), progress=False)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), callback], max_epochs=1, limit_val_batches=0).fit(
+        TinyClassifier(), datamodule=dm)
+    assert callback.result.effects.shape == (1, 3, 16)

@@ -18,7 +18,7 @@ def test_ddp_recording_replays_on_one_process(tmp_path, workers):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     [run] = load_runs(tmp_path / "runs")
-    assert run.manifest["world_size"] == 2
+    assert run.manifest.world_size == 2
     # 36 examples on 2 ranks: 18 per rank, batches of 5 -> 4 steps per epoch, each with 2 micro-batches
     assert len(run.steps) == 12 and all(len(s.micro_batches) == 2 for s in run.steps)
     epoch = torch.cat([m for s in run.steps[:4] for m in s.micro_batches])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_dtda import Attributor, MissingHookError, TrajectoryRecorder, load_runs
+from lightning_dtda import Attributor, Influence, MissingHookError, Segmented, TrajectoryRecorder, load_runs
 from models import TinyClassifier, classification_data, trainer
 
 
@@ -62,7 +62,7 @@ def runs(tmp_path, data):
 def test_module_without_hooks_for_its_batches(tmp_path, data):
     dict_data = DictData(data)
     runs = record(tmp_path, DictBatches(), dict_data)
-    attributor = Attributor(DictBatches, runs, dict_data, curvature="identity", progress=False)
+    attributor = Attributor(DictBatches, runs, dict_data, estimator=Influence(curvature="identity"), progress=False)
     with pytest.raises(MissingHookError, match=r"DictBatches needs the attribution hook `attribution_inputs_targets`"
                                                r"(.|\n)*def attribution_inputs_targets\(self, batch\)"):
         attributor.attribute(dict_data)
@@ -75,14 +75,14 @@ def test_hooks_make_such_a_module_work(tmp_path, data):
 
     dict_data = DictData(data)
     runs = record(tmp_path, WithHooks(), dict_data)
-    result = Attributor(WithHooks, runs, dict_data, curvature="ggn", progress=False).attribute(dict_data)
+    result = Attributor(WithHooks, runs, dict_data, estimator=Influence(curvature="ggn"), progress=False).attribute(dict_data)
     assert result.effects.shape == (1, 16, 16) and torch.isfinite(result.effects).all()
 
 
 def test_layer_kfac_cannot_handle(tmp_path, data):
     runs = record(tmp_path, WithLayerNorm(), data)
     with pytest.raises(ValueError, match=r"layer 'net.1' \(LayerNorm\) has trainable parameters. Use curvature='ggn'"):
-        Attributor(WithLayerNorm, runs, data, curvature="kfac", progress=False).attribute(data)
+        Attributor(WithLayerNorm, runs, data, estimator=Influence(curvature="kfac"), progress=False).attribute(data)
 
 
 def test_training_data_other_than_recorded(runs, data):
@@ -95,7 +95,7 @@ def test_training_data_other_than_recorded(runs, data):
 
 def test_truncated_snapshot_file(runs, data):
     [run] = load_runs(runs)
-    path = run.path / run.manifest["snapshots"][-1]["file"]
+    path = run.path / run.snapshots[-1].file
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="step_00000002.snapshot does not match the checksum recorded for it"):
         Attributor(TinyClassifier, runs, data, progress=False).attribute(data)
@@ -106,14 +106,18 @@ def test_non_finite_gradients_name_the_examples(runs, data):
     x = x.clone()
     x[2, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"non-finite gradients for examples \[2\]"):
-        Attributor(TinyClassifier, runs, data, curvature="identity", progress=False).attribute(TensorDataset(x, y))
+        Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(TensorDataset(x, y))
 
 
 def test_bad_arguments(runs, data):
     with pytest.raises(ValueError, match="damping must be 'auto' or a positive number, got 0"):
-        Attributor(TinyClassifier, runs, data, damping=0)
+        Influence(damping=0)
     with pytest.raises(ValueError, match="curvature must be one of"):
-        Attributor(TinyClassifier, runs, data, curvature="hessian")
+        Influence(curvature="hessian")
+    with pytest.raises(ValueError, match="segments must be a positive integer, got 0"):
+        Segmented(segments=0)
+    with pytest.raises(TypeError, match="estimator must be an Estimator such as Influence()"):
+        Attributor(TinyClassifier, runs, data, estimator="ekfac")
     with pytest.raises(ValueError, match="query_data is empty"):
         Attributor(TinyClassifier, runs, data, progress=False).attribute(TensorDataset(*data[:0]))
 
@@ -124,7 +128,7 @@ def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
         load_runs(tmp_path / "empty")
     record(tmp_path, TinyClassifier(), data, seed=0)
     record(tmp_path, TinyClassifier(), classification_data(n=16, seed=5), seed=1)
-    with pytest.raises(ValueError, match="mixes runs on different datasets"):
+    with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
         load_runs(tmp_path / "runs")
 
 
@@ -137,13 +141,13 @@ def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
     runs = record(tmp_path, NoHparams(hidden=5), data)
     with pytest.raises(TypeError, match="pass an instance instead of the class"):
         Attributor(NoHparams, runs, data, progress=False).attribute(data)
-    result = Attributor(NoHparams(hidden=5), runs, data, curvature="ggn", progress=False).attribute(data)
+    result = Attributor(NoHparams(hidden=5), runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(data)
     assert result.effects.shape == (1, 16, 16)
 
 
 def test_segmented_needs_an_eigenbasis(runs, data, monkeypatch):
     with pytest.raises(ValueError, match="needs the curvature's eigenbasis: use curvature='ekfac' or 'ggn', not 'kfac'"):
-        Attributor(TinyClassifier, runs, data, method="segmented", segments=1, curvature="kfac", progress=False).attribute(data)
+        Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="kfac"), progress=False).attribute(data)
     monkeypatch.setattr("lightning_dtda.curvature.DENSE_GGN_MAX_PARAMS", 10)
     with pytest.raises(ValueError, match="affordable up to 10 parameters; the model has 83. Use curvature='ekfac'"):
-        Attributor(TinyClassifier, runs, data, method="segmented", segments=1, curvature="ggn", progress=False).attribute(data)
+        Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn"), progress=False).attribute(data)

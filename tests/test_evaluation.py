@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dtda import Attributor, AttributionResult, load_runs, train_seeds
+from lightning_dtda import Attributor, AttributionResult, Influence, load_runs, train_seeds
 from lightning_dtda.evaluation import QuerySpearman, Retraining, leave_one_out_weights, random_subset_weights, retrain
 from lightning_dtda.replay import replay
 from lightning_dtda.trajectory import instantiate
@@ -78,7 +78,7 @@ def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
         model = instantiate(TinyClassifier, run)
         x, y = queries.tensors
         assert torch.allclose(truth.base[s], F.cross_entropy(model(x), y, reduction="none").detach(), atol=1e-12)
-    result = Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", progress=False).attribute(queries)
+    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False).attribute(queries)
     predicted, actual = truth.table(result, "mean")
     assert torch.allclose(predicted, result.mean_shift()[:, examples])
     assert torch.allclose(actual, truth.effects.mean(0))

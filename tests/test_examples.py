@@ -28,7 +28,7 @@ def test_lightning_cli_example_runs_from_its_config(tmp_path):
     from lightning_dtda import AttributionResult, load_runs
 
     [run] = load_runs(tmp_path / "output" / "cli" / "runs")
-    assert run.seed == 0 and run.manifest["module"]["class"] == "digits.DigitsMLP"
+    assert run.seed == 0 and run.module_class == "digits.DigitsMLP"
     result = AttributionResult.load(tmp_path / "output" / "cli" / "runs" / "attribution.pt")
     assert result.effects.shape == (1, 5, 1000) and result.settings["curvature"] == "ekfac"
     assert list((tmp_path / "output" / "cli" / "csv").glob("version_*/attribution_top_k.csv"))

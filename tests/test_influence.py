@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_dtda import Attributor, TrajectoryRecorder
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder
 from lightning_dtda import curvature as curvature_module
 from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
@@ -32,12 +32,12 @@ def classifier_runs(tmp_path_factory):
 
 def oracle_for(attributor, run, data, queries, loss="ce"):
     model = attributor.load_model(run)
-    return dense_ggn_effects(model, *data.tensors, *queries.tensors, attributor.damping_for(run), loss)[0]
+    return dense_ggn_effects(model, *data.tensors, *queries.tensors, attributor.estimator.damping_for(run), loss)[0]
 
 
 def test_ggn_equals_dense_damped_ggn_solve(classifier_runs):
     runs, data, queries = classifier_runs
-    attributor = Attributor(TinyClassifier, runs, data, curvature="ggn", progress=False)
+    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn"), progress=False)
     result = attributor.attribute(queries)
     assert result.effects.shape == (2, 5, 40) and result.measurements.shape == (2, 5)
     for s, run in enumerate(attributor.runs):
@@ -47,7 +47,7 @@ def test_ggn_equals_dense_damped_ggn_solve(classifier_runs):
 def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs, monkeypatch):
     runs, data, queries = classifier_runs
     monkeypatch.setattr(curvature_module, "DENSE_GGN_MAX_PARAMS", 0)
-    attributor = Attributor(TinyClassifier, runs, data, curvature="ggn", damping=1e-2, progress=False)
+    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-2), progress=False)
     run = attributor.runs[0]
     effects, _, _ = attributor.attribute_run(run, queries)
     assert relative_error(effects, oracle_for(attributor, run, data, queries)) < 1e-5
@@ -55,7 +55,7 @@ def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs, monkeypa
 
 def test_identity_is_a_scaled_gradient_dot_product(classifier_runs):
     runs, data, queries = classifier_runs
-    attributor = Attributor(TinyClassifier, runs, data, curvature="identity", damping=0.5, progress=False)
+    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="identity", damping=0.5), progress=False)
     run = attributor.runs[0]
     effects, _, _ = attributor.attribute_run(run, queries)
     _, _, g_train, g_query = dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 1.0)
@@ -64,7 +64,7 @@ def test_identity_is_a_scaled_gradient_dot_product(classifier_runs):
 
 def test_measurements_are_the_query_losses(classifier_runs):
     runs, data, queries = classifier_runs
-    attributor = Attributor(TinyClassifier, runs, data, curvature="identity", progress=False)
+    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="identity"), progress=False)
     _, measurements, _ = attributor.attribute_run(attributor.runs[1], queries)
     model = attributor.load_model(attributor.runs[1])
     x, y = queries.tensors
@@ -77,7 +77,7 @@ def test_kfac_is_exact_for_one_linear_layer_with_mse(tmp_path, curvature):
     data = regression_data(n=30, d_in=4, d_out=3, dtype=torch.float64)
     queries = regression_data(n=4, d_in=4, d_out=3, seed=1, dtype=torch.float64)
     runs = record(tmp_path, lambda: LinearRegression(d_in=4, d_out=3), data, epochs=3, precision="64-true")
-    attributor = Attributor(LinearRegression, runs, data, curvature=curvature, progress=False)
+    attributor = Attributor(LinearRegression, runs, data, estimator=Influence(curvature=curvature), progress=False)
     [run] = attributor.runs
     effects, _, _ = attributor.attribute_run(run, queries)
     assert relative_error(effects, oracle_for(attributor, run, data, queries, loss="mse")) < 1e-4
@@ -85,9 +85,9 @@ def test_kfac_is_exact_for_one_linear_layer_with_mse(tmp_path, curvature):
 
 def test_ekfac_is_at_least_as_close_to_the_ggn_as_kfac(classifier_runs):
     runs, data, queries = classifier_runs
-    exact = Attributor(TinyClassifier, runs, data, curvature="ggn", progress=False).attribute(queries).effects
+    exact = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(queries).effects
     closeness = {
-        kind: spearman(Attributor(TinyClassifier, runs, data, curvature=kind, progress=False).attribute(queries).effects, exact)
+        kind: spearman(Attributor(TinyClassifier, runs, data, estimator=Influence(curvature=kind), progress=False).attribute(queries).effects, exact)
         for kind in ("kfac", "ekfac")
     }
     assert closeness["ekfac"] >= closeness["kfac"]
@@ -101,7 +101,7 @@ def test_ggn_predicts_leave_one_out_for_converged_linear_regression(tmp_path):
     query = regression_data(n=1, d_in=4, seed=3, dtype=torch.float64)
     runs = record(tmp_path, lambda: LinearRegression(d_in=4, lr=0.1), data, epochs=150, batch_size=10,
                   precision="64-true")
-    result = Attributor(LinearRegression, runs, data, curvature="ggn", progress=False).attribute(query)
+    result = Attributor(LinearRegression, runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(query)
 
     x, y = data.tensors
     X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)

@@ -5,9 +5,8 @@ from lightning_dtda.optim import FunctionalOptimizer
 
 
 def group_settings(optimizer, names):
-    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "param_names": n}
-                             for g, n in zip(optimizer.param_groups, names)]}
+    return (f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+            [{**{k: v for k, v in g.items() if k != "params"}, "param_names": n} for g, n in zip(optimizer.param_groups, names)])
 
 
 @pytest.mark.parametrize("make", [
@@ -25,7 +24,7 @@ def test_functional_step_matches_torch_optim(make):
               torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)]
     # two groups with different rates, and a rate that changes between steps (a scheduler)
     optimizer = make([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.05}])
-    functional = FunctionalOptimizer.from_manifest(group_settings(optimizer, [["w"], ["b"]]), ["w", "b"])
+    functional = FunctionalOptimizer.from_manifest(*group_settings(optimizer, [["w"], ["b"]]), ["w", "b"])
     mine = [p.detach().clone() for p in params]
     state = functional.init(mine)
     for step in range(6):
@@ -42,9 +41,9 @@ def test_functional_step_matches_torch_optim(make):
 
 
 def test_unsupported_optimizer_names_the_supported_ones():
-    settings = {"class": "torch.optim.rmsprop.RMSprop", "param_groups": [{"lr": 0.1}]}
+    settings = ("torch.optim.rmsprop.RMSprop", [{"lr": 0.1}])
     with pytest.raises(ValueError, match="RMSprop has none. Supported: torch.optim.sgd.SGD, torch.optim.adam.Adam"):
-        FunctionalOptimizer.from_manifest(settings, ["w"])
-    settings = {"class": "torch.optim.adam.Adam", "param_groups": [{"lr": 0.1, "amsgrad": True}]}
+        FunctionalOptimizer.from_manifest(*settings, ["w"])
+    settings = ("torch.optim.adam.Adam", [{"lr": 0.1, "amsgrad": True}])
     with pytest.raises(ValueError, match="amsgrad=True"):
-        FunctionalOptimizer.from_manifest(settings, ["w"])
+        FunctionalOptimizer.from_manifest(*settings, ["w"])

@@ -13,9 +13,9 @@ from models import TinyClassifier, classification_data, trainer
 
 def replay_sgd(run, dataset):
     """Plain SGD from the step-0 snapshot with the recorded membership and learning rates."""
-    model = TinyClassifier(**run.manifest["module"]["hparams"])
+    model = TinyClassifier(**run.manifest.hparams)
     model.load_state_dict(run.state_dict(0))
-    accumulate = run.manifest["accumulate_grad_batches"]
+    accumulate = run.manifest.accumulate_grad_batches
     x_all, y_all = dataset.tensors
     for step in run.steps:
         model.zero_grad()
@@ -31,10 +31,10 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def fit(tmp_path, loader, recorder, seed=0, **kwargs):
+def fit(tmp_path, loader, recorder, seed=0, datamodule=None, **kwargs):
     pl.seed_everything(seed)
     model = TinyClassifier()
-    trainer(tmp_path, [recorder], **kwargs).fit(model, loader)
+    trainer(tmp_path, [recorder], **kwargs).fit(model, loader, datamodule=datamodule)
     return model
 
 
@@ -79,7 +79,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
             max_epochs=4, enable_checkpointing=True).fit(model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     [run] = load_runs(tmp_path / "runs")
     assert run.snapshot_steps == [0, 4, 8, 12, 16]
-    assert run.manifest["complete"]
+    assert run.manifest.complete
     assert max_diff(run.state_dict(), model.state_dict()) == 0
     assert max_diff(replay_sgd(run, data), run.state_dict()) < 1e-6
 
@@ -137,6 +137,75 @@ def test_a_run_killed_before_its_first_checkpoint_is_refused_with_advice(tmp_pat
     with pytest.raises(RuntimeError, match="the job dies"):
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=1)], max_epochs=2).fit(
             Crashes(), DataLoader(classification_data(n=16), batch_size=4))
-    assert len(list((tmp_path / "runs" / "seed_0" / "snapshots").glob("step_*.snapshot"))) == 4  # steps 0 to 3, unlisted
-    with pytest.raises(ValueError, match="lists no snapshot: the run stopped before it finished or reached a checkpoint"):
+    assert len(list((tmp_path / "runs" / "seed_0" / "snapshots").glob("step_*.snapshot"))) == 4  # steps 0 to 3
+    with pytest.raises(ValueError, match=r"seed_0: abandoned \(training stopped: RuntimeError: the job dies\), latest listed "
+                                         r"snapshot at step 3\n.*or pass unfinished=True"):
         load_runs(tmp_path / "runs")
+    [run] = load_runs(tmp_path / "runs", unfinished=True)
+    assert run.status == "abandoned" and run.final_step == 3 and len(run.steps) == 3
+
+
+def test_a_from_datasets_datamodule_fitted_twice_records_two_runs(tmp_path):
+    data = classification_data(n=16)
+    dm = pl.LightningDataModule.from_datasets(train_dataset=data, batch_size=4)
+    for seed in (0, 1):
+        fit(tmp_path, None, TrajectoryRecorder(tmp_path / "runs"), seed=seed, max_epochs=1, datamodule=dm)
+    assert [run.name for run in load_runs(tmp_path / "runs")] == ["seed_0", "seed_1"]
+    assert "train_dataloader" in vars(dm) and not getattr(dm.train_dataloader, "__dtda_recording__", False)
+
+
+def test_train_seeds_with_a_datamodule(tmp_path):
+    from lightning_dtda import train_seeds
+
+    dm = pl.LightningDataModule.from_datasets(train_dataset=classification_data(n=16), batch_size=4)
+    train_seeds(TinyClassifier, dm, tmp_path / "runs", seeds=[0, 1], max_epochs=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False)
+    assert [(run.name, run.status) for run in load_runs(tmp_path / "runs")] == [("seed_0", "finished"), ("seed_1", "finished")]
+
+
+def test_state_dict_writes_nothing_and_two_recorders_keep_their_own_state(tmp_path):
+    class Probe(pl.Callback):
+        """Calls the first recorder's state_dict mid-training and notes whether any file changed."""
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            files = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*")}
+            self.state = trainer.callbacks[0].state_dict()
+            self.unchanged = files == {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*")}
+
+    data = classification_data(n=16)
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    probe = Probe()
+    recorders = [TrajectoryRecorder(tmp_path / "a"), TrajectoryRecorder(tmp_path / "b", every_n_train_steps=2)]
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    pl.seed_everything(0)
+    trainer(tmp_path, [*recorders, probe, ckpt], max_epochs=2, enable_checkpointing=True).fit(TinyClassifier(), loader)
+    assert probe.unchanged and probe.state["run_dir"] == str(tmp_path / "a" / "seed_0")
+    assert recorders[0].state_key != recorders[1].state_key
+    [a], [b] = load_runs(tmp_path / "a"), load_runs(tmp_path / "b")
+    assert a.snapshot_steps == [0, 4, 8] and b.snapshot_steps == [0, 2, 4, 6, 8]
+    assert [m.tolist() for s in a.steps for m in s.micro_batches] == [m.tolist() for s in b.steps for m in s.micro_batches]
+    # Resuming restores each recorder's own state: both runs continue to step 16.
+    model = TinyClassifier()
+    resumed = [TrajectoryRecorder(tmp_path / "a"), TrajectoryRecorder(tmp_path / "b", every_n_train_steps=2)]
+    trainer(tmp_path, [*resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=4, enable_checkpointing=True).fit(
+        model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    [a], [b] = load_runs(tmp_path / "a"), load_runs(tmp_path / "b")
+    assert a.snapshot_steps == [0, 4, 8, 12, 16] and b.snapshot_steps == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert max_diff(replay_sgd(a, data), model.state_dict()) < 1e-6 and max_diff(b.state_dict(), model.state_dict()) == 0
+
+
+def test_a_run_in_progress_is_never_pooled_silently(tmp_path):
+    class Loads(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.callbacks[0].write_manifest()
+            with pytest.raises(ValueError, match=r"seed_1: in progress \(recorded by process \d+ on .*\), latest listed snapshot at step 4"):
+                load_runs(tmp_path / "runs")
+            self.pooled = [(run.name, run.status) for run in load_runs(tmp_path / "runs", unfinished=True)]
+
+    loader = DataLoader(classification_data(n=16), batch_size=4, shuffle=True)
+    fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), seed=0, max_epochs=1)
+    probe = Loads()
+    pl.seed_everything(1)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), probe], max_epochs=1).fit(TinyClassifier(), loader)
+    assert probe.pooled == [("seed_0", "finished"), ("seed_1", "in progress")]
+    assert [run.status for run in load_runs(tmp_path / "runs")] == ["finished", "finished"]

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from lightning_dtda import Attributor
+from lightning_dtda import Attributor, Unrolled
 from lightning_dtda.relu import ReLUSmoothing
 from test_unrolled import record
-from models import TinyClassifier, classification_data
+from models import ReLUClassifier, TinyClassifier, classification_data
 
 RELU_CALLS = {
     "module": lambda z: nn.ReLU()(z),
@@ -54,30 +54,22 @@ def test_relu_smoothing_adds_the_blurred_kink_to_second_derivatives(relu):
     torch.testing.assert_close(grad(lambda w: loss(w, ReLUSmoothing(sigma)))(W), grad(lambda w: loss(w, None))(W))
 
 
-class ReLUClassifier(TinyClassifier):
-    def __init__(self, **hparams) -> None:
-        super().__init__(**hparams)
-        self.net[1] = nn.ReLU()
-
-
 def test_unrolled_relu_smoothing_keeps_the_replay_and_changes_only_second_order(tmp_path):
     data = classification_data(n=20, dtype=torch.float64)
     queries = classification_data(n=3, seed=1, dtype=torch.float64)
     runs = record(tmp_path, ReLUClassifier, data, hidden=5, lr=0.2, momentum=0.9)
-    exact = Attributor(ReLUClassifier, runs, data, method="unrolled", progress=False).attribute(queries)
-    smoothed = Attributor(ReLUClassifier, runs, data, method="unrolled", relu_smoothing=0.5, progress=False).attribute(queries)
+    exact = Attributor(ReLUClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
+    smoothed = Attributor(ReLUClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.5), progress=False).attribute(queries)
     torch.testing.assert_close(smoothed.measurements, exact.measurements)
     assert smoothed.settings["relu_smoothing"] == 0.5
     # An example's last step enters its effect through its gradient alone; the kinks act on later steps.
     assert 0.01 < (smoothed.effects - exact.effects).norm() / exact.effects.norm() < 1.0
 
 
-def test_relu_smoothing_warns_without_relu_and_refuses_other_methods(tmp_path):
+def test_relu_smoothing_warns_without_relu_and_refuses_a_bad_width(tmp_path):
     data = classification_data(n=20, dtype=torch.float64)
     runs = record(tmp_path, TinyClassifier, data, hidden=5)  # tanh
     with pytest.warns(UserWarning, match="relu_smoothing had no effect on .*calls no ReLU"):
-        Attributor(TinyClassifier, runs, data, method="unrolled", relu_smoothing=0.5, progress=False).attribute(data)
-    with pytest.raises(ValueError, match="applies to method='unrolled' only"):
-        Attributor(TinyClassifier, runs, data, relu_smoothing=0.5)
-    with pytest.raises(ValueError, match="positive width"):
-        Attributor(TinyClassifier, runs, data, method="unrolled", relu_smoothing=0.0)
+        Attributor(TinyClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.5), progress=False).attribute(data)
+    with pytest.raises(ValueError, match="relu_smoothing must be None or a positive width, got 0.0"):
+        Unrolled(relu_smoothing=0.0)

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lightning_dtda import Attributor, TrajectoryRecorder
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder
 from models import TinyClassifier, classification_data, trainer
 
 
@@ -18,7 +18,7 @@ def logged(tmp_path_factory):
     loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
     fit_trainer = trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2, logger=loggers)
     fit_trainer.fit(TinyClassifier(), DataLoader(data, batch_size=8, shuffle=True))
-    result = Attributor(TinyClassifier, tmp_path / "runs", data, curvature="ggn", progress=False).attribute(
+    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False).attribute(
         classification_data(n=2, seed=1), loggers=fit_trainer, top_k=3)
     return result, loggers
 

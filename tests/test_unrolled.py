@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_dtda import Attributor, TrajectoryRecorder
+from lightning_dtda import Attributor, Segmented, TrajectoryRecorder, Unrolled
 from lightning_dtda.evaluation import leave_one_out_weights, retrain
 from models import TinyClassifier, classification_data, trainer
 from oracles import relative_error
@@ -30,7 +30,7 @@ def test_unrolled_equals_finite_difference_retraining(tmp_path, cls, hparams):
     data = classification_data(n=20, dtype=torch.float64)
     queries = classification_data(n=3, seed=1, dtype=torch.float64)
     runs = record(tmp_path, cls, data, **hparams)
-    result = Attributor(cls, runs, data, method="unrolled", progress=False).attribute(queries)
+    result = Attributor(cls, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
 
     # Same seed, every example's weight lowered to 1 - eps in turn: d(measurement)/d(eps).
     eps = 1e-4
@@ -51,8 +51,8 @@ def test_segmented_with_one_segment_equals_the_closed_form(tmp_path):
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_epochs=4)], max_epochs=4,
             precision="64-true").fit(TinyClassifier(hidden=5, lr=0.2, momentum=0.5),
                                      DataLoader(data, batch_size=6, shuffle=True))
-    attributor = Attributor(TinyClassifier, tmp_path / "runs", data, method="segmented", segments=1,
-                            curvature="ggn", progress=False)
+    attributor = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Segmented(segments=1, curvature="ggn"),
+                             progress=False)
     [run] = attributor.runs
     assert run.snapshot_steps == [0, 16]
     result = attributor.attribute(queries)
@@ -70,9 +70,9 @@ def test_more_segments_approach_unrolling(tmp_path):
     data = classification_data(n=20, dtype=torch.float64)
     queries = classification_data(n=3, seed=1, dtype=torch.float64)
     runs = record(tmp_path, TinyClassifier, data, hidden=5, lr=0.2, momentum=0.5)
-    exact = Attributor(TinyClassifier, runs, data, method="unrolled", progress=False).attribute(queries).effects
+    exact = Attributor(TinyClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries).effects
     errors = [
-        relative_error(Attributor(TinyClassifier, runs, data, method="segmented", segments=k, curvature="ggn",
+        relative_error(Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=k, curvature="ggn"),
                                   progress=False).attribute(queries).effects, exact)
         for k in (1, 2)
     ]
@@ -89,9 +89,9 @@ def test_replay_refuses_what_it_cannot_replay(tmp_path):
 
     runs = record(tmp_path, RMSpropClassifier, data)
     with pytest.raises(ValueError, match="RMSprop has none. Supported: torch.optim.sgd.SGD"):
-        Attributor(RMSpropClassifier, runs, data, method="unrolled", progress=False).attribute(queries)
+        Attributor(RMSpropClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
     with pytest.raises(ValueError, match="segments=9, but run seed_0 has 2 snapshots after step 0"):
-        Attributor(RMSpropClassifier, runs, data, method="segmented", segments=9, curvature="ggn",
+        Attributor(RMSpropClassifier, runs, data, estimator=Segmented(segments=9, curvature="ggn"),
                    progress=False).attribute(queries)
 
 
@@ -99,8 +99,8 @@ def test_replay_refuses_adam_for_segments_momentum_schedules_and_missing_members
     data = classification_data(n=12, dtype=torch.float64)
     queries = classification_data(n=2, seed=1, dtype=torch.float64)
     runs = record(tmp_path / "adam", AdamClassifier, data)
-    with pytest.raises(ValueError, match="method='segmented' models SGD.*Use method='unrolled' for Adam"):
-        Attributor(AdamClassifier, runs, data, method="segmented", segments=1, curvature="ggn",
+    with pytest.raises(ValueError, match=r"Segmented models SGD.*Use Unrolled\(\) for Adam"):
+        Attributor(AdamClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn"),
                    progress=False).attribute(queries)
 
     class OneCycle(TinyClassifier):
@@ -110,7 +110,7 @@ def test_replay_refuses_adam_for_segments_momentum_schedules_and_missing_members
 
     runs = record(tmp_path / "cycle", OneCycle, data)
     with pytest.raises(ValueError, match="OneCycleLR changes the momentum"):
-        Attributor(OneCycle, runs, data, method="unrolled", progress=False).attribute(queries)
+        Attributor(OneCycle, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
 
     runs = record(tmp_path / "gap", TinyClassifier, data)
     manifest = runs / "seed_0" / "manifest.json"
@@ -119,4 +119,4 @@ def test_replay_refuses_adam_for_segments_momentum_schedules_and_missing_members
     del content["snapshots"][1]  # the snapshot holding steps 1-5 and their batch membership
     manifest.write_text(json.dumps(content))
     with pytest.raises(ValueError, match="no batch membership for steps 1 to 5"):
-        Attributor(TinyClassifier, runs, data, method="unrolled", progress=False).attribute(queries)
+        Attributor(TinyClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries)

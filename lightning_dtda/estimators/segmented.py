@@ -17,13 +17,16 @@ training. ``C_l`` includes the weight decay; SGD momentum ``beta`` scales ``eta`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_dtda.curvature import SpectralCurvature
+from lightning_dtda.curvature import SpectralCurvature, check_spectral
+from lightning_dtda.estimators.base import Estimator, RunContext
+from lightning_dtda.gradients import trainable_parameters
 from lightning_dtda.trajectory import Trajectory
 
 
@@ -39,32 +42,56 @@ def segment_snapshots(run: Trajectory, num_segments: int) -> list[list[int]]:
 
 
 def _check_sgd(run: Trajectory) -> None:
-    optimizer = run.manifest["optimizer"]["class"]
+    optimizer = run.manifest.optimizer_class
     if not optimizer.endswith("SGD"):
         raise ValueError(
-            f"method='segmented' models SGD, whose step is the learning rate; run {run.name} used {optimizer}. "
-            "Use method='unrolled' for Adam."
+            f"Segmented models SGD, whose step is the learning rate; run {run.name} used {optimizer}. "
+            "Use Unrolled() for Adam."
         )
 
 
-def segmented_effects(
-    run: Trajectory,
-    query_grads: Tensor,
-    num_segments: int,
-    load_model: Callable[[int], nn.Module],
-    fit: Callable[[nn.Module], SpectralCurvature],
-    contract: Callable[[nn.Module, Tensor], Tensor],
-) -> Tensor:
-    """Removal effects ``[Q, N]`` by segmented unrolling.
+@dataclass(frozen=True)
+class Segmented(Estimator):
+    """Segmented unrolling (see the module docstring): the run as ``segments`` segments of locally
+    quadratic SGD, each with the curvature at its last snapshot. One segment over a long run is the
+    damped influence function; more segments follow the run's path more closely.
 
     Args:
-        run: The recorded run.
-        query_grads: ``[Q, P]`` measurement gradients at the final snapshot.
-        num_segments: Number of segments.
-        load_model: Snapshot index -> the module at that snapshot.
-        fit: Module -> its curvature (EK-FAC or dense GGN) at the module's weights.
-        contract: ``(module, vectors [Q, P]) -> vectors @ per-example training gradients^T``, ``[Q, N]``.
+        segments: Number of segments; at most the number of snapshots after step 0.
+        curvature: ``"ekfac"`` (default) or ``"ggn"`` (dense eigendecomposition, up to 4,096
+            parameters): any function of the curvature is needed, so the backend must have an eigenbasis.
+
+    Raises:
+        ValueError: For fewer than one segment or a curvature without an eigenbasis; at attribution, for a
+            run with fewer snapshots than segments or an optimizer other than SGD.
+
+    Example::
+
+        Attributor(MyModule, "runs/", train_set, estimator=Segmented(segments=4, curvature="ekfac"))
     """
+
+    segments: int = 4
+    curvature: str = "ekfac"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
+            raise ValueError(f"segments must be a positive integer, got {self.segments!r}.")
+        check_spectral(self.curvature, 0)
+
+    def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
+        return segmented_effects(context, self.segments, self.curvature), {}
+
+
+def segmented_effects(context: RunContext, num_segments: int, kind: str) -> Tensor:
+    """Removal effects ``[Q, N]`` by segmented unrolling of ``context.run`` with curvature ``kind``."""
+    run, query_grads = context.run, context.query_grads
+
+    def fit(model: torch.nn.Module) -> SpectralCurvature:
+        check_spectral(kind, sum(p.numel() for p in trainable_parameters(model).values()))
+        curvature = context.fit_curvature(kind, model)
+        assert isinstance(curvature, SpectralCurvature)
+        return curvature
+
     steps = run.snapshot_steps
     weight_decay = run.weight_decay
     num_train = run.dataset_length
@@ -75,7 +102,7 @@ def segmented_effects(
     for group in groups[::-1]:
         first, last = steps[group[0] - 1], steps[group[-1]]
         time = run.learning_rate_time(first, last)  # eta_l * K_l
-        models = [load_model(index) for index in group]
+        models = [context.load_model(index) for index in group]
         curvature = fit(models[-1])  # at the segment's last weights
 
         def contribution(e: Tensor, time: float = time) -> Tensor:
@@ -85,6 +112,6 @@ def segmented_effects(
 
         weighted = curvature.apply(contribution, adjoint) / num_train
         for model in models:  # the example's gradient, averaged over the segment's snapshots
-            effects += contract(model, weighted) / len(group)
+            effects += context.contract(model, weighted) / len(group)
         adjoint = curvature.apply(lambda e, time=time: torch.exp(-time * (e + weight_decay)), adjoint)
     return effects

@@ -1,0 +1,194 @@
+"""``Attributor``: per-seed removal effects of every training example on every query, from recorded runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.loggers import Logger
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from lightning_dtda._io import load_torch, save_torch
+from lightning_dtda.data import fingerprint_dataset
+from lightning_dtda.distributed import rank_and_world
+from lightning_dtda.estimators import Estimator, Influence, RunContext
+from lightning_dtda.estimators.base import cache_file
+from lightning_dtda.gradients import stream_gradients
+from lightning_dtda.hooks import Hooks
+from lightning_dtda.reporting import log_result
+from lightning_dtda.result import AttributionResult
+from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
+
+
+def _as_loggers(loggers: Logger | Sequence[Logger] | pl.Trainer | None) -> list[Logger]:
+    if loggers is None:
+        return []
+    if isinstance(loggers, pl.Trainer):
+        return list(loggers.loggers)
+    if isinstance(loggers, Logger):
+        return [loggers]
+    return list(loggers)
+
+
+class Attributor:
+    r"""Predict, for every recorded seed, how removing each training example changes each query's measurement.
+
+    The Attributor coordinates; the ``estimator`` computes. For each run it loads the module at the
+    final snapshot, computes the query gradients and base measurements, hands them to the estimator
+    (:class:`~lightning_dtda.Influence`, :class:`~lightning_dtda.Unrolled` or
+    :class:`~lightning_dtda.Segmented`), caches what it returns, and pools the runs into an
+    :class:`AttributionResult` of effects ``[seeds, queries, train]``. Sign: an effect is the
+    predicted change of the measurement when the example is *removed*.
+
+    Args:
+        module: The LightningModule class (instantiated from each run's recorded hyperparameters) or
+            an instance (copied; the original is left untouched).
+        runs: A run folder, a folder of run folders, or already loaded :class:`Trajectory` objects. A
+            folder with a run that has not finished is refused (see :func:`load_runs`).
+        train_data: The training set in the recorded index order: the dataset of the DataLoader the
+            runs trained on. Its length and fingerprint must match the recorded ones.
+        estimator: How effects are estimated per run. Default: ``Influence()`` (EK-FAC, ``"auto"`` damping).
+        batch_size: Examples per chunk of per-example gradients and per curvature batch.
+        device: Where to compute; defaults to CUDA when available.
+        progress: Show progress bars.
+        cache_dir: If given, each run's effects are saved there (atomically) as soon as they are
+            computed, keyed by the snapshots they depend on, the data and the estimator's settings; a
+            repeated call (after a crash, say) loads finished runs instead of recomputing them. Fitted
+            curvatures at the final snapshot (dense GGN eigendecompositions, K-FAC/EK-FAC factors) are
+            cached there too: new queries or another damping reuse them.
+
+    Raises:
+        TypeError: If ``estimator`` is not an :class:`~lightning_dtda.estimators.Estimator`.
+        ValueError: If the training data is not the data the runs were recorded on.
+
+    Example::
+
+        attributor = Attributor(MyModule, "runs/", train_set, estimator=Influence(curvature="ekfac"))
+        result = attributor.attribute(query_set, loggers=trainer)
+        values, indices = result.top_k(query=0, k=5)
+    """
+
+    def __init__(
+        self,
+        module: type[pl.LightningModule] | pl.LightningModule,
+        runs: str | Path | Sequence[Trajectory],
+        train_data: Dataset,
+        estimator: Estimator | None = None,
+        batch_size: int = 128,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        estimator = Influence() if estimator is None else estimator
+        if not isinstance(estimator, Estimator):
+            raise TypeError(
+                f"estimator must be an Estimator such as Influence(), Unrolled() or Segmented(), got {estimator!r}."
+            )
+        self.module = module
+        self.runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+        self.train_data = train_data
+        self.estimator = estimator
+        self.batch_size = batch_size
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = progress
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.runs[0].check_dataset(train_data)
+
+    def load_model(self, run: Trajectory, snapshot: int = -1) -> torch.nn.Module:
+        """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""
+        return instantiate(self.module, run, snapshot, self.device)
+
+    def attribute_run(self, run: Trajectory, query_data: Dataset) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Effects ``[queries, train]``, base measurements ``[queries]`` and what the estimator chose
+        for this run (e.g. ``{"damping": ...}``), for one run."""
+        model = self.load_model(run)
+        hooks = Hooks(model)
+        query_grads = torch.cat(
+            [g for _, g in stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients")]
+        )
+        with torch.no_grad():
+            measurements = torch.cat(
+                [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
+            ).cpu()
+        context = RunContext(
+            run, self.module, model, query_grads, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir
+        )
+        effects, info = self.estimator.estimate(context)
+        return effects.cpu(), measurements, info
+
+    def cache_path(self, run: Trajectory, query_fingerprint: str) -> Path:
+        """Where ``run``'s effects are cached: named by a hash of everything they depend on."""
+        assert self.cache_dir is not None
+        key = {
+            "module": run.module_class,
+            "snapshots": [entry.sha256 for entry in self.estimator.snapshots_used(run)],
+            "train": run.dataset_fingerprint,
+            "queries": query_fingerprint,
+            "estimator": self.estimator.settings(),
+        }
+        return cache_file(self.cache_dir, run, self.estimator.label, key)
+
+    def _cached_attribute_run(self, run: Trajectory, query_data: Dataset, query_fingerprint: str) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        if self.cache_dir is None:
+            return self.attribute_run(run, query_data)
+        path = self.cache_path(run, query_fingerprint)
+        if path.is_file():
+            cached = load_torch(path)
+            return cached["effects"], cached["measurements"], cached["info"]
+        effects, measurements, info = self.attribute_run(run, query_data)
+        if rank_and_world()[0] == 0:
+            save_torch({"effects": effects, "measurements": measurements, "info": info}, path)
+        return effects, measurements, info
+
+    def attribute(
+        self,
+        query_data: Dataset,
+        loggers: Logger | Sequence[Logger] | pl.Trainer | None = None,
+        top_k: int = 5,
+    ) -> AttributionResult:
+        """Attribute every query to every training example, in every run.
+
+        Args:
+            query_data: Query examples, batched like the training data; the measurement hook is
+                evaluated on them.
+            loggers: Lightning loggers (or a Trainer, whose loggers are used) that receive a table of
+                each query's ``top_k`` helpful and harmful examples and a histogram of the effects.
+            top_k: Rows per query and kind in the logged table.
+
+        Returns:
+            An :class:`AttributionResult` with ``effects [seeds, queries, train]``; its ``settings``
+            hold the estimator's settings, what it chose per run, and each run's seed, final step and status.
+        """
+        if len(query_data) == 0:  # type: ignore[arg-type]
+            raise ValueError("query_data is empty; pass at least one query example.")
+        effects, measurements, per_run = [], [], []
+        query_fingerprint = fingerprint_dataset(query_data) if self.cache_dir is not None else ""
+        for run in tqdm(self.runs, desc=f"attributing ({self.estimator.label})", disable=not self.progress):
+            e, m, info = self._cached_attribute_run(run, query_data, query_fingerprint)
+            effects.append(e)
+            measurements.append(m)
+            per_run.append(info)
+        result = AttributionResult(
+            torch.stack(effects),
+            torch.stack(measurements),
+            [run.name for run in self.runs],
+            {
+                **self.estimator.settings(),
+                "per_run": per_run,
+                "seeds": [run.seed for run in self.runs],
+                "snapshot_steps": [run.final_step for run in self.runs],
+                "run_status": [run.status for run in self.runs],
+                "module": self.runs[0].module_class,
+                "dataset_fingerprint": self.runs[0].dataset_fingerprint,
+                "versions": self.runs[0].manifest.versions,
+            },
+        )
+        if rank_and_world()[0] == 0:
+            log_result(result, _as_loggers(loggers), k=top_k)
+        return result

@@ -1,0 +1,147 @@
+"""The estimator protocol, and what the Attributor hands an estimator for one run.
+
+An estimator is a small frozen dataclass holding only its own settings. ``estimate(context)``
+returns one run's removal effects ``[Q, N]`` and a dict of what it chose for that run (the damping,
+say). Its :meth:`Estimator.settings` are both the cache key of its results and what a saved
+``AttributionResult`` records, so a result says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_dtda._io import load_torch, save_torch
+from lightning_dtda.curvature import Curvature, fit_curvature
+from lightning_dtda.distributed import gather_columns, rank_and_world, shard
+from lightning_dtda.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.hooks import Hooks
+from lightning_dtda.run_format import SnapshotEntry
+from lightning_dtda.trajectory import Trajectory, instantiate
+
+
+class Estimator:
+    """Base class of the estimators (:class:`Influence`, :class:`Unrolled`, :class:`Segmented`).
+
+    Subclasses are frozen dataclasses that validate their settings in ``__post_init__`` and implement
+    :meth:`estimate`.
+    """
+
+    def estimate(self, context: "RunContext") -> tuple[Tensor, dict[str, Any]]:
+        """Removal effects ``[queries, train]`` for ``context.run`` (sign: the predicted change of the
+        measurement when the example is removed), and what was chosen for this run (JSON-able)."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """``{"estimator": class name, **fields}``: the cache key and ``AttributionResult.settings["estimator"]``."""
+        return {"estimator": type(self).__name__, **asdict(self)}  # type: ignore[call-overload]
+
+    @property
+    def label(self) -> str:
+        """A short name for files and progress bars, e.g. ``influence-ekfac``."""
+        curvature = getattr(self, "curvature", None)
+        return type(self).__name__.lower() + (f"-{curvature}" if curvature else "")
+
+    def snapshots_used(self, run: Trajectory) -> tuple[SnapshotEntry, ...]:
+        """The snapshots the effects depend on (part of the cache key); all of them unless overridden."""
+        return run.snapshots
+
+
+class _InputsTargets:
+    """Re-iterable ``(X, y)`` batches of a dataset, as curvlinops consumes them."""
+
+    def __init__(self, data: Dataset, hooks: Hooks, batch_size: int, device: torch.device) -> None:
+        self.loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        self.hooks = hooks
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.loader:
+            yield self.hooks.inputs_targets(move_data_to_device(batch, self.device))
+
+
+@dataclass
+class RunContext:
+    """What an estimator needs for one run, prepared by the Attributor.
+
+    Attributes:
+        run: The recorded run.
+        module: The LightningModule class or instance the Attributor was given.
+        model: The module at the run's final snapshot, in eval mode on ``device``.
+        query_grads: ``[Q, P]`` measurement gradients at the final weights.
+        train_data: The whole training set, in recorded index order.
+        batch_size: Examples per chunk of gradients and per curvature batch.
+        device: Where to compute.
+        progress: Show progress bars.
+        cache_dir: Where fitted curvatures are cached, or ``None``.
+    """
+
+    run: Trajectory
+    module: type[nn.Module] | nn.Module
+    model: nn.Module
+    query_grads: Tensor
+    train_data: Dataset
+    batch_size: int
+    device: torch.device
+    progress: bool
+    cache_dir: Path | None
+
+    @property
+    def num_train(self) -> int:
+        return self.run.dataset_length
+
+    def load_model(self, snapshot: int = -1) -> nn.Module:
+        """The module at snapshot ``snapshot`` of the run, in eval mode on ``device``."""
+        return instantiate(self.module, self.run, snapshot, self.device)
+
+    def train_shard(self) -> Subset:
+        """This process's share of the training set (all of it unless torch.distributed runs)."""
+        return Subset(self.train_data, shard(len(self.train_data)))  # type: ignore[arg-type]
+
+    def contract(self, model: nn.Module, vectors: Tensor) -> Tensor:
+        """``vectors [Q, P] @ (per-example training gradients at model's weights [N, P]).T``, streamed: ``[Q, N]``."""
+        part = self.train_shard()
+        effects = torch.empty(len(vectors), len(part), dtype=vectors.dtype, device=self.device)
+        first = part.indices[0] if len(part) else 0
+        hooks = Hooks(model)
+        for rows, grads in stream_gradients(model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first):
+            effects[:, rows] = vectors @ grads.T
+        return gather_columns(effects, len(self.train_data))  # type: ignore[arg-type]
+
+    def fit_curvature(self, kind: str, model: nn.Module, cache: bool = False) -> Curvature:
+        """Curvature ``kind`` of the mean training loss at ``model``'s weights.
+
+        With ``cache`` (only for the final snapshot's model) and a ``cache_dir``, the fitted state is
+        saved and reused: the fit depends on the weights and the training data, not on the queries
+        or the damping.
+        """
+        hooks = Hooks(model)
+        loss_function = None
+        if kind != "identity":
+            loss_function = hooks.loss_function(move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device))
+        path = None
+        if cache and self.cache_dir is not None:
+            key = {"snapshot": self.run.snapshots[-1].sha256, "train": self.run.dataset_fingerprint, "curvature": kind}
+            path = cache_file(self.cache_dir, self.run, f"curvature-{kind}", key)
+        state = load_torch(path) if path is not None and path.is_file() else None
+        data = _InputsTargets(self.train_shard(), hooks, self.batch_size, self.device)
+        params = list(trainable_parameters(model).values())
+        curvature = fit_curvature(kind, model, loss_function, params, data, self.num_train, self.progress, state)
+        if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
+            save_torch(fitted, path)
+        return curvature
+
+
+def cache_file(cache_dir: Path, run: Trajectory, label: str, key: dict[str, Any]) -> Path:
+    """``cache_dir/{run}-{label}-{hash of key}.pt``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / f"{run.name}-{label}-{digest}.pt"

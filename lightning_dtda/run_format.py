@@ -1,0 +1,260 @@
+"""The on-disk format of a recorded run: typed records for ``manifest.json``, its snapshot entries and
+the per-step block inside each snapshot. This module is the only place that knows the JSON keys and
+the block's tensor layout; the recorder writes through it and every reader reads through it.
+
+A run folder holds ``manifest.json`` (a :class:`Manifest`) and ``snapshots/step_XXXXXXXX.snapshot``
+files (flat archives, see ``_io``) whose content is a :class:`SnapshotContent`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+FORMAT = 2  # 2: snapshots are flat archives (see _io), not torch.save files
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with everything JSON cannot hold replaced by its ``repr``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """One snapshot as the manifest lists it: its file (relative to the run folder), optimizer step,
+    epoch and the SHA-256 of the file's bytes."""
+
+    file: str
+    step: int
+    epoch: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "step": self.step, "epoch": self.epoch, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "SnapshotEntry":
+        return cls(data["file"], int(data["step"]), int(data["epoch"]), data["sha256"])
+
+
+@dataclass(frozen=True)
+class Writer:
+    """The process that records a run, so a reader can tell a run in progress from an abandoned one."""
+
+    host: str
+    pid: int
+
+    @classmethod
+    def this_process(cls) -> "Writer":
+        return cls(socket.gethostname(), os.getpid())
+
+    def is_alive(self) -> bool | None:
+        """Whether the writing process still runs; ``None`` when it ran on another host (unknowable)."""
+        if self.host != socket.gethostname():
+            return None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists, owned by someone else
+            return True
+        return True
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a run folder's ``manifest.json`` says about the run.
+
+    Attributes:
+        module_class: The LightningModule's import path, ``module.QualName``.
+        hparams: Its hyperparameters (``self.hparams``), JSON-able.
+        seed: The run's seed, or ``None``.
+        dataset_length: Training set size ``N``.
+        dataset_fingerprint: See ``data.fingerprint_dataset``.
+        optimizer_class: The optimizer's import path.
+        param_groups: Per parameter group, its settings and ``param_names``.
+        schedulers: Per scheduler: ``class``, ``interval``, ``frequency``, ``cycle_momentum``.
+        snapshots: The snapshots written so far, in step order.
+        complete: Whether training ended and the final snapshot is listed.
+        stopped: Why training stopped early (the exception), if the recorder saw it stop.
+        writer: The recording process (``None`` for runs recorded before 0.2).
+    """
+
+    versions: dict[str, str]
+    module_class: str
+    hparams: dict[str, Any]
+    seed: int | None
+    dataset_length: int
+    dataset_fingerprint: str
+    optimizer_class: str
+    param_groups: list[dict[str, Any]]
+    schedulers: list[dict[str, Any]]
+    batch_size: int
+    drop_last: bool
+    batches_per_epoch: int | float
+    accumulate_grad_batches: int
+    world_size: int
+    precision: str
+    max_epochs: int | None
+    max_steps: int
+    snapshots: tuple[SnapshotEntry, ...] = ()
+    complete: bool = False
+    stopped: str | None = None
+    writer: Writer | None = None
+    format: int = field(default=FORMAT)
+
+    def with_snapshots(self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None) -> "Manifest":
+        return replace(self, snapshots=tuple(snapshots), complete=complete, stopped=stopped)
+
+    def to_json(self) -> dict[str, Any]:
+        # The layout of format 2 as the first recorder wrote it, so earlier runs read unchanged.
+        return {
+            "format": self.format,
+            "versions": self.versions,
+            "module": {"class": self.module_class, "hparams": self.hparams},
+            "seed": self.seed,
+            "dataset": {"length": self.dataset_length, "fingerprint": self.dataset_fingerprint},
+            "optimizer": {"class": self.optimizer_class, "param_groups": self.param_groups},
+            "schedulers": self.schedulers,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "batches_per_epoch": self.batches_per_epoch,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "world_size": self.world_size,
+            "precision": self.precision,
+            "max_epochs": self.max_epochs,
+            "max_steps": self.max_steps,
+            "snapshots": [s.to_json() for s in self.snapshots],
+            "complete": self.complete,
+            "stopped": self.stopped,
+            "writer": None if self.writer is None else {"host": self.writer.host, "pid": self.writer.pid},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Manifest":
+        """Read a manifest; raises ``ValueError`` for another format or a missing key."""
+        if data.get("format") != FORMAT:
+            raise ValueError(
+                f"format {data.get('format')!r}, but this version of lightning-dtda reads format {FORMAT}. "
+                "Record the run again with this version."
+            )
+        try:
+            writer = data.get("writer")
+            return cls(
+                versions=dict(data["versions"]),
+                module_class=data["module"]["class"],
+                hparams=dict(data["module"]["hparams"]),
+                seed=data["seed"],
+                dataset_length=int(data["dataset"]["length"]),
+                dataset_fingerprint=data["dataset"]["fingerprint"],
+                optimizer_class=data["optimizer"]["class"],
+                param_groups=list(data["optimizer"]["param_groups"]),
+                schedulers=list(data["schedulers"]),
+                batch_size=data["batch_size"],
+                drop_last=bool(data["drop_last"]),
+                batches_per_epoch=data["batches_per_epoch"],
+                accumulate_grad_batches=int(data["accumulate_grad_batches"]),
+                world_size=int(data["world_size"]),
+                precision=data["precision"],
+                max_epochs=data["max_epochs"],
+                max_steps=data["max_steps"],
+                snapshots=tuple(SnapshotEntry.from_json(s) for s in data["snapshots"]),
+                complete=bool(data["complete"]),
+                stopped=data.get("stopped"),
+                writer=None if writer is None else Writer(writer["host"], int(writer["pid"])),
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"the manifest lacks or garbles the entry {err}; it was not written by TrajectoryRecorder.") from err
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step: the dataset indices of each of its micro-batches, and its learning rates.
+
+    With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
+    micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
+    ``(1/(A W)) * sum over its micro-batches of their mean gradient`` (micro-batches in rank order).
+    """
+
+    micro_batches: tuple[Tensor, ...]
+    lrs: tuple[float, ...]
+
+
+def encode_steps(first: int, steps: Sequence[tuple[Sequence[Sequence[int]], Sequence[float]]], num_groups: int) -> dict[str, Any]:
+    """The per-step block of a snapshot: steps ``first, first + 1, ...``, each given as
+    ``(micro-batches as index lists, learning rate per group)``, as four flat tensors."""
+    micro = [m for batches, _ in steps for m in batches]
+    return {
+        "first": first,
+        "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
+        "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
+        "micro_batches_per_step": torch.tensor([len(batches) for batches, _ in steps], dtype=torch.long),
+        "lrs": torch.tensor([list(lrs) for _, lrs in steps], dtype=torch.float64).reshape(len(steps), num_groups),
+    }
+
+
+def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
+    """Invert :func:`encode_steps`: ``(first step number, steps)``."""
+    micro = torch.split(block["indices"], block["micro_batch_sizes"].tolist())
+    steps, start = [], 0
+    for k, count in enumerate(block["micro_batches_per_step"].tolist()):
+        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist())))
+        start += count
+    return int(block["first"]), steps
+
+
+@dataclass(frozen=True)
+class SnapshotContent:
+    """What one snapshot file holds.
+
+    Attributes:
+        step: The optimizer step the weights are at.
+        epoch: The epoch it was taken in.
+        state_dict: The module's ``state_dict`` (CPU tensors).
+        lrs: The learning rate of every parameter group at that moment.
+        steps: The per-step block (see :func:`encode_steps`) for the steps since the previous snapshot.
+        optimizer_state: The optimizer's ``state_dict``, if the recorder was asked to keep it.
+    """
+
+    step: int
+    epoch: int
+    state_dict: dict[str, Tensor]
+    lrs: list[float]
+    steps: dict[str, Any]
+    optimizer_state: dict[str, Any] | None = None
+
+    def to_tree(self) -> dict[str, Any]:
+        tree = {"format": FORMAT, "step": self.step, "epoch": self.epoch, "state_dict": self.state_dict, "lrs": self.lrs, "steps": self.steps}
+        if self.optimizer_state is not None:
+            tree["optimizer_state"] = self.optimizer_state
+        return tree
+
+    @classmethod
+    def from_tree(cls, tree: Mapping[str, Any]) -> "SnapshotContent":
+        return cls(tree["step"], tree["epoch"], tree["state_dict"], tree["lrs"], tree["steps"], tree.get("optimizer_state"))
+
+    def decoded_steps(self) -> tuple[int, list[Step]]:
+        return decode_steps(self.steps)
+
+
+def snapshot_file(step: int) -> str:
+    """A snapshot's file name, relative to the run folder."""
+    return f"snapshots/step_{step:08d}.snapshot"

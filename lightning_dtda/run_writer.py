@@ -1,0 +1,154 @@
+"""Writing one run's folder: choosing it, the manifest, the snapshots, and pruning on resume.
+
+Only rank zero touches files; every method that decides something (the folder) is a collective,
+called on every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_dtda._io import load_json, save_archive, save_json
+from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, encode_steps, snapshot_file
+
+
+class RunWriter:
+    """The files of one recorded run under ``dirpath``.
+
+    Args:
+        dirpath: The folder of runs.
+        run_name: This run's folder name; ``None`` chooses ``seed_{seed}`` or the first free ``run_{k}``.
+        save_optimizer_state: Also store the optimizer's ``state_dict`` in each snapshot.
+    """
+
+    def __init__(self, dirpath: Path, run_name: str | None, save_optimizer_state: bool) -> None:
+        self.dirpath = dirpath
+        self.run_name = run_name
+        self.save_optimizer_state = save_optimizer_state
+        self.run_dir: Path | None = None
+        self.manifest: Manifest | None = None
+        self.snapshots: list[SnapshotEntry] = []
+        # Steps since the last snapshot: per step, its micro-batches' indices and its learning rates.
+        self.steps: list[tuple[list[list[int]], list[float]]] = []
+        self.last_snapshot_step = -1
+        self.complete = False
+        self.stopped: str | None = None
+
+    @property
+    def next_step(self) -> int:
+        """The optimizer step the next :meth:`add_step` records."""
+        return self.last_snapshot_step + len(self.steps) + 1
+
+    def _choose_run_dir(self, seed: int | None) -> Path | str:
+        if self.run_name is not None:
+            name = self.run_name
+        elif seed is not None:
+            name = f"seed_{seed}"
+        else:
+            k = 0
+            while (self.dirpath / f"run_{k}").exists():
+                k += 1
+            name = f"run_{k}"
+        run_dir = self.dirpath / name
+        if (run_dir / MANIFEST).exists():
+            return (
+                f"{run_dir} already holds a recorded run. Give this run another `run_name` or "
+                "`dirpath`, delete the folder, or resume it with `trainer.fit(ckpt_path=...)`."
+            )
+        return run_dir
+
+    def start(self, trainer: pl.Trainer, manifest: Manifest) -> None:
+        """Choose the run folder on rank zero, share it with every rank, and write the manifest."""
+        # Rank zero decides, like ModelCheckpoint's dirpath: ranks could see different folders otherwise.
+        choice = trainer.strategy.broadcast(self._choose_run_dir(manifest.seed) if trainer.is_global_zero else None)
+        if isinstance(choice, str):
+            raise RuntimeError(choice)
+        self.run_dir = Path(choice)
+        self.manifest = manifest
+        self.snapshots, self.steps, self.complete, self.stopped = [], [], False, None
+        self.flush()
+
+    def resume(self, trainer: pl.Trainer) -> None:
+        """Continue the run restored by :meth:`load_state_dict` at ``trainer.global_step``."""
+        assert self.run_dir is not None
+        if self.next_step - 1 != trainer.global_step:
+            raise RuntimeError(
+                f"The checkpoint's TrajectoryRecorder state ends at step {self.next_step - 1}, but training resumes at "
+                f"step {trainer.global_step}; the checkpoint was not written by this recorder's run."
+            )
+        self.manifest = Manifest.from_json(load_json(self.run_dir / MANIFEST))
+        self.complete, self.stopped = False, None
+        if trainer.is_global_zero:
+            self.flush()
+            # Snapshots written after the checkpoint belong to the abandoned continuation.
+            kept = {entry.file for entry in self.snapshots}
+            for path in (self.run_dir / "snapshots").glob("step_*.snapshot"):
+                if f"snapshots/{path.name}" not in kept:
+                    path.unlink()
+
+    def add_step(self, micro_batches: list[list[int]], lrs: list[float]) -> None:
+        self.steps.append((micro_batches, lrs))
+
+    def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the module's weights at the current step, with the steps since the last snapshot."""
+        step = trainer.global_step
+        if step == self.last_snapshot_step:
+            return
+        if trainer.is_global_zero:
+            assert self.run_dir is not None
+            optimizer = trainer.optimizers[0]
+            content = SnapshotContent(
+                step=step,
+                epoch=trainer.current_epoch,
+                state_dict={k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                lrs=[float(g["lr"]) for g in optimizer.param_groups],
+                steps=encode_steps(self.last_snapshot_step + 1, self.steps, len(optimizer.param_groups)),
+                optimizer_state=optimizer.state_dict() if self.save_optimizer_state else None,
+            )
+            name = snapshot_file(step)
+            sha256 = save_archive(content.to_tree(), self.run_dir / name)
+            # The manifest is rewritten at checkpoints and at the end rather than here: one file write
+            # per snapshot instead of two (file writes are a large share of the recorder's cost).
+            self.snapshots.append(SnapshotEntry(name, step, trainer.current_epoch, sha256))
+        self.steps = []
+        self.last_snapshot_step = step
+
+    def finish(self) -> None:
+        """Mark the run complete. Nothing un-marks it afterwards."""
+        self.complete = True
+        self.flush()
+
+    def stop(self, reason: str) -> None:
+        """Note that training stopped early (``reason``: the exception), so readers know the run is abandoned."""
+        if not self.complete:
+            self.stopped = reason
+            self.flush()
+
+    def flush(self) -> None:
+        """Bring the manifest up to date with the snapshots written so far (rank zero writes)."""
+        if self.manifest is None or self.run_dir is None or rank_zero_only.rank != 0:
+            return
+        manifest = self.manifest.with_snapshots(self.snapshots, self.complete, self.stopped)
+        save_json(manifest.to_json(), self.run_dir / MANIFEST)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": None if self.run_dir is None else str(self.run_dir),
+            "last_snapshot_step": self.last_snapshot_step,
+            "steps": [{"micro_batches": m, "lrs": lrs} for m, lrs in self.steps],
+            "snapshots": [s.to_json() for s in self.snapshots],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore from a checkpoint; ``True`` if it held a run to resume."""
+        if state.get("run_dir") is None:
+            return False
+        self.run_dir = Path(state["run_dir"])
+        self.last_snapshot_step = state["last_snapshot_step"]
+        self.steps = [(s["micro_batches"], s["lrs"]) for s in state["steps"]]
+        self.snapshots = [SnapshotEntry.from_json(s) for s in state["snapshots"]]
+        return True
