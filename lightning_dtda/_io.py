@@ -62,7 +62,7 @@ def load_torch(path: str | Path, sha256: str | None = None) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged zip archive
-        raise ValueError(f"{path} is not a readable snapshot file (truncated or corrupt): {err}") from err
+        raise ValueError(f"{path} is not a readable file (truncated or corrupt): {err}") from err
 
 
 def save_json(obj: Any, path: str | Path) -> None:

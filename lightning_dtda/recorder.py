@@ -82,7 +82,9 @@ class TrajectoryRecorder(Callback):
       the seed, the training set's length and fingerprint, the optimizer's class and per-group
       settings, the schedulers, batch size, steps per epoch, gradient accumulation, world size, and
       the list of snapshots with their SHA-256 checksums (brought up to date whenever a checkpoint
-      is saved and at the end of training, when it is marked complete);
+      is saved, when training raises, and at the end of training, when it is marked complete), and
+      the recording process (host, pid), so readers can tell a run in progress from an abandoned one
+      (see ``Trajectory.status``);
     - ``snapshots/step_XXXXXXXX.snapshot`` (a JSON header and raw tensor bytes; read it with
       ``Trajectory.snapshot``): the module's ``state_dict`` at step 0, every
       ``every_n_train_steps`` optimizer steps or ``every_n_epochs`` epochs, and at the end, with the
@@ -97,7 +99,9 @@ class TrajectoryRecorder(Callback):
     half-written file. The callback's ``state_dict`` (saved in Lightning checkpoints) holds the run
     folder and the steps since the last snapshot, so ``trainer.fit(ckpt_path=...)`` continues the
     same run; snapshots written after that checkpoint are discarded as belonging to the abandoned
-    continuation.
+    continuation. ``state_dict`` writes nothing; the manifest is written in ``on_save_checkpoint``.
+    The run folder is chosen on rank zero and broadcast to the others. Two recorders may share a
+    Trainer (their ``state_key`` names ``dirpath`` and ``run_name``).
 
     Args:
         dirpath: Folder of runs (an ensemble). Each run writes into ``dirpath / run_name``.
