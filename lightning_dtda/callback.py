@@ -47,7 +47,8 @@ class AttributionCallback(Callback):
         progress: Show the Attributor's progress bars.
 
     Raises:
-        ValueError: For an ``every_n_epochs`` that is not a positive integer or an estimator that is not one.
+        ValueError: For an ``every_n_epochs`` that is not a positive integer.
+        TypeError: For an ``estimator`` that is not an :class:`~lightning_dtda.estimators.Estimator`.
         RuntimeError: At fit start, if the trainer has no ``TrajectoryRecorder``, or no query data was
             given and there is no validation dataloader to take it from.
 
@@ -72,7 +73,7 @@ class AttributionCallback(Callback):
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be a positive integer or None, got {every_n_epochs!r}.")
         if not isinstance(estimator, Estimator):
-            raise ValueError(f"estimator must be an Estimator such as Influence(), Unrolled() or Segmented(), got {estimator!r}.")
+            raise TypeError(f"estimator must be an Estimator such as Influence(), Unrolled() or Segmented(), got {estimator!r}.")
         self.query_data = query_data
         self.num_queries = num_queries
         self.estimator = estimator

@@ -231,7 +231,7 @@ class TrajectoryRecorder(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Say so in the manifest: a reader then knows this run is abandoned, not in progress.
-        self.writer.stop(f"{type(exception).__name__}: {exception}"[:200])
+        self.writer.stop(trainer, pl_module, f"{type(exception).__name__}: {exception}"[:200])
 
     def write_manifest(self) -> None:
         """Bring the run's manifest up to date with the snapshots taken so far (rank zero), so the

@@ -36,6 +36,10 @@ class AttributionResult:
     runs: list[str]
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        estimator = {k: v for k, v in self.settings.items() if k in ("estimator", "curvature", "damping", "segments", "relu_smoothing")}
+        return f"AttributionResult(effects [seeds, queries, train] = {list(self.effects.shape)}, runs={self.runs}, {estimator})"
+
     def __post_init__(self) -> None:
         s, q, _ = self.effects.shape
         if tuple(self.measurements.shape) != (s, q) or len(self.runs) != s:

@@ -122,11 +122,15 @@ class RunWriter:
         self.complete = True
         self.flush()
 
-    def stop(self, reason: str) -> None:
-        """Note that training stopped early (``reason``: the exception), so readers know the run is abandoned."""
-        if not self.complete:
-            self.stopped = reason
-            self.flush()
+    def stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        """Note that training stopped early (``reason``: the exception), so readers know the run is
+        abandoned, with a snapshot of the last completed step so nothing since the last one is lost."""
+        if self.complete or self.manifest is None:
+            return
+        if self.next_step - 1 == trainer.global_step:  # else it raised between an optimizer step and its record
+            self.snapshot(trainer, pl_module)
+        self.stopped = reason
+        self.flush()
 
     def flush(self) -> None:
         """Bring the manifest up to date with the snapshots written so far (rank zero writes)."""

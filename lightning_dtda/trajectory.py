@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 from lightning_dtda._io import load_archive, load_json
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step
+
 
 class Trajectory:
     """One recorded run: its manifest, snapshots and optimizer steps.
@@ -224,12 +226,21 @@ def load_runs(path: str | Path, unfinished: bool = False) -> list[Trajectory]:
         lines = "\n".join(f"  - {run.describe_status()}" for run in pending)
         advice = (
             "Wait for runs in progress, resume abandoned ones with trainer.fit(ckpt_path=...) or delete their "
-            "folders, or pass unfinished=True to pool each run's latest snapshot as if it were final."
+            f"folders, or pass load_runs({str(path)!r}, unfinished=True) as the Attributor's runs to pool each "
+            "run's latest snapshot as if it were final."
         )
         if unfinished:
             advice = "They have no snapshot listed yet; wait for a checkpoint or the end of training, or delete their folders."
         raise ValueError(f"{path} holds runs that have not finished:\n{lines}\n{advice}")
     check_poolable(runs)
+    partial = [run for run in runs if run.status != "finished"]
+    if partial:
+        warnings.warn(
+            "Pooling runs that have not finished, at their latest snapshot: "
+            + ", ".join(f"{run.name} (step {run.final_step}, {run.status})" for run in partial)
+            + f"; the runs' final steps are {sorted({run.final_step for run in runs})}.",
+            stacklevel=2,
+        )
     return runs
 
 

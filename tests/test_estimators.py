@@ -96,6 +96,16 @@ def test_every_estimator_is_configurable_from_a_lightning_cli_file(tmp_path, est
     assert callback.cache_dir == str(tmp_path / "cache") and callback.batch_size == 7
 
 
-def test_a_bad_setting_in_a_cli_file_is_refused_with_the_estimators_message(tmp_path):
-    with pytest.raises((ValueError, SystemExit)):
+def test_a_bad_setting_in_a_cli_file_is_refused_when_the_file_is_parsed(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         cli_callbacks(tmp_path, "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: kfac}")
+    assert "Expected a typing.Literal['ekfac', 'ggn']. Got value: kfac" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="segments must be a positive integer, got 0"):
+        cli_callbacks(tmp_path, "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 0}")
+
+
+def test_a_result_prints_its_shape_and_estimator_not_its_numbers():
+    data, queries = pinned_data()
+    result = Attributor(ReLUClassifier, DATA / "runs_0_1", data, Influence("identity", 0.5), progress=False).attribute(queries)
+    assert repr(result) == ("AttributionResult(effects [seeds, queries, train] = [1, 2, 24], runs=['seed_0'], "
+                            "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5})")

@@ -126,23 +126,28 @@ def test_custom_batch_sampler_is_refused_with_advice(tmp_path):
         fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=1)
 
 
-def test_a_run_killed_before_its_first_checkpoint_is_refused_with_advice(tmp_path):
+def test_a_run_that_raised_is_abandoned_keeps_its_last_step_and_is_refused_with_advice(tmp_path):
     class Crashes(TinyClassifier):
         def training_step(self, batch, batch_idx):
-            if self.global_step == 3:
+            if self.global_step == 6:
                 raise RuntimeError("the job dies")
             return super().training_step(batch, batch_idx)
 
+    data = classification_data(n=16)
     pl.seed_everything(0)
+    model = Crashes()
     with pytest.raises(RuntimeError, match="the job dies"):
-        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=1)], max_epochs=2).fit(
-            Crashes(), DataLoader(classification_data(n=16), batch_size=4))
-    assert len(list((tmp_path / "runs" / "seed_0" / "snapshots").glob("step_*.snapshot"))) == 4  # steps 0 to 3
+        # snapshots every 4 steps: steps 5 and 6 are kept by the snapshot the recorder takes when training raises
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2).fit(model, DataLoader(data, batch_size=4, shuffle=True))
+    assert sorted(p.name for p in (tmp_path / "runs" / "seed_0" / "snapshots").iterdir()) == [
+        "step_00000000.snapshot", "step_00000004.snapshot", "step_00000006.snapshot"]
     with pytest.raises(ValueError, match=r"seed_0: abandoned \(training stopped: RuntimeError: the job dies\), latest listed "
-                                         r"snapshot at step 3\n.*or pass unfinished=True"):
+                                         r"snapshot at step 6\n.*, unfinished=True\) as the Attributor's runs"):
         load_runs(tmp_path / "runs")
-    [run] = load_runs(tmp_path / "runs", unfinished=True)
-    assert run.status == "abandoned" and run.final_step == 3 and len(run.steps) == 3
+    with pytest.warns(UserWarning, match=r"Pooling runs that have not finished, at their latest snapshot: seed_0 \(step 6, abandoned\)"):
+        [run] = load_runs(tmp_path / "runs", unfinished=True)
+    assert run.status == "abandoned" and run.snapshot_steps == [0, 4, 6] and len(run.steps) == 6
+    assert max_diff(run.state_dict(), model.state_dict()) == 0 and max_diff(replay_sgd(run, data), run.state_dict()) < 1e-6
 
 
 def test_a_from_datasets_datamodule_fitted_twice_records_two_runs(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -47,8 +47,9 @@ class Influence(Estimator):
         Attributor(MyModule, "runs/", train_set, estimator=Influence(curvature="ggn", damping=1e-3))
     """
 
-    curvature: str = "ekfac"
-    damping: float | str = "auto"
+    # Literal types let a LightningCLI file be checked when it is parsed, before anything trains.
+    curvature: Literal["ekfac", "kfac", "ggn", "identity"] = "ekfac"
+    damping: Literal["auto"] | float = "auto"
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:

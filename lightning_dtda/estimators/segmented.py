@@ -18,7 +18,7 @@ training. ``C_l`` includes the weight decay; SGD momentum ``beta`` scales ``eta`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class Segmented(Estimator):
     """
 
     segments: int = 4
-    curvature: str = "ekfac"
+    curvature: Literal["ekfac", "ggn"] = "ekfac"
 
     def __post_init__(self) -> None:
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
