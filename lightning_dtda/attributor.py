@@ -120,6 +120,13 @@ class Attributor:
             run, self.module, model, query_grads, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir
         )
         effects, info = self.estimator.estimate(context)
+        bad = (~torch.isfinite(effects)).any(dim=0).nonzero().flatten()
+        if len(bad):
+            raise FloatingPointError(
+                f"{self.estimator.label} gave non-finite effects on run {run.name} for training examples "
+                f"{bad.tolist()[:20]}{' ...' if len(bad) > 20 else ''} ({len(bad)} in all); check those examples, and the "
+                "run's final weights and learning rates."
+            )
         return effects.cpu(), measurements, info
 
     def cache_path(self, run: Trajectory, query_fingerprint: str) -> Path:

@@ -10,9 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 SUPPORTED = ("torch.optim.sgd.SGD", "torch.optim.adam.Adam", "torch.optim.adamw.AdamW")
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` for ``v >= 0``, with derivative 0 instead of infinity at ``v = 0``.
+
+    Adam's ``exp_avg_sq`` entry is exactly 0 only where every gradient of that parameter entry has been
+    exactly 0 so far: a weight on an always-zero input feature, a dead unit. Reweighting examples
+    leaves such an entry at 0 (its gradient is 0 whatever the weights), so the trajectory's true
+    derivative there is 0, while ``sqrt``'s is infinite and reverse mode returns ``0 * inf = NaN``.
+    (For an entry at 0 whose gradient could move, ``sqrt(g^2)`` is ``|g|``, and 0 is its subgradient.)
+    The inner ``where`` keeps the unused branch's gradient finite, so the outer one can discard it.
+    """
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, 1.0).sqrt(), 0.0)
 
 
 @dataclass(frozen=True)
@@ -104,7 +119,7 @@ class FunctionalOptimizer:
             exp_avg = state["exp_avg"][i].lerp(g, 1 - beta1)
             exp_avg_sq = state["exp_avg_sq"][i].mul(beta2).addcmul(g, g, value=1 - beta2)
             step_size = lr / (1 - beta1**t)
-            denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add(eps)
+            denom = (_sqrt(exp_avg_sq) / (1 - beta2**t) ** 0.5).add(eps)
             new_params.append(p.addcdiv(exp_avg, denom, value=-step_size))
             exp_avgs.append(exp_avg)
             exp_avg_sqs.append(exp_avg_sq)

@@ -120,3 +120,32 @@ def test_replay_refuses_adam_for_segments_momentum_schedules_and_missing_members
     manifest.write_text(json.dumps(content))
     with pytest.raises(ValueError, match="no batch membership for steps 1 to 5"):
         Attributor(TinyClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
+
+
+def test_adam_on_always_zero_features_gives_finite_effects_equal_to_finite_differences(tmp_path):
+    """Raw digits have pixels that are 0 in every image: Adam's exp_avg_sq stays exactly 0 for their
+    weights, where sqrt's derivative is infinite; the unrolled effects must stay finite and exact."""
+    data = classification_data(n=20, dtype=torch.float64)
+    data.tensors[0][:, :2] = 0.0  # two features that are always 0
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    queries.tensors[0][:, :2] = 0.0
+    runs = record(tmp_path, AdamClassifier, data, hidden=5, lr=0.02)
+    result = Attributor(AdamClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
+    assert torch.isfinite(result.effects).all()
+    eps = 1e-4
+    truth = retrain(AdamClassifier, runs, data, queries, 1 - eps * (1 - leave_one_out_weights(20, range(20))), progress=False)
+    assert relative_error(result.effects[0], truth.effects[0] / eps) < 1e-3
+
+
+def test_non_finite_effects_name_the_run_and_examples(tmp_path):
+    data = classification_data(n=12, dtype=torch.float64)
+    runs = record(tmp_path, TinyClassifier, data)
+
+    class Overflows(Unrolled):
+        def estimate(self, context):
+            effects, info = super().estimate(context)
+            effects[:, 3] = float("nan")
+            return effects, info
+
+    with pytest.raises(FloatingPointError, match=r"overflows gave non-finite effects on run seed_0 for training examples \[3\]"):
+        Attributor(TinyClassifier, runs, data, estimator=Overflows(), progress=False).attribute(classification_data(n=2, seed=1, dtype=torch.float64))
