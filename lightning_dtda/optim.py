@@ -8,6 +8,7 @@ may carry leading batch dimensions (many models replayed at once): every operati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -82,17 +83,27 @@ class FunctionalOptimizer:
         return {"step": 0, "exp_avg": [p.new_zeros(p.shape) for p in params], "exp_avg_sq": [p.new_zeros(p.shape) for p in params]}
 
     def step(
-        self, params: list[Tensor], grads: list[Tensor], state: dict[str, Any], lrs: tuple[float, ...]
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: dict[str, Any],
+        lrs: tuple[float, ...],
+        scheduled: Mapping[str, tuple[float, ...]] | None = None,
     ) -> tuple[list[Tensor], dict[str, Any]]:
-        """One optimizer step with the per-group learning rates ``lrs``; returns new params and state."""
+        """One optimizer step with the per-group learning rates ``lrs`` and, where recorded, the per-group
+        values of the other scheduled settings (``{"momentum": ...}``, ``{"beta1": ..., "beta2": ...}``,
+        see ``run_format.SCHEDULED``); returns new params and state."""
+        groups = [
+            {**group, **{name: values[k] for name, values in (scheduled or {}).items()}} for k, group in enumerate(self.groups)
+        ]
         if self.kind == "sgd":
-            return self._sgd(params, grads, state, lrs)
-        return self._adam(params, grads, state, lrs)
+            return self._sgd(params, grads, state, lrs, groups)
+        return self._adam(params, grads, state, lrs, groups)
 
-    def _sgd(self, params, grads, state, lrs):
+    def _sgd(self, params, grads, state, lrs, groups):
         new_params, buffers = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
-            group = self.groups[self.group_of[i]]
+            group = groups[self.group_of[i]]
             lr, momentum, wd = lrs[self.group_of[i]], group.get("momentum", 0.0), group.get("weight_decay", 0.0)
             if wd != 0:
                 g = g.add(p, alpha=wd)
@@ -104,13 +115,13 @@ class FunctionalOptimizer:
             new_params.append(p.add(g, alpha=-lr))
         return new_params, {"momentum_buffer": buffers}
 
-    def _adam(self, params, grads, state, lrs):
+    def _adam(self, params, grads, state, lrs, groups):
         t = state["step"] + 1
         new_params, exp_avgs, exp_avg_sqs = [], [], []
         for i, (p, g) in enumerate(zip(params, grads)):
-            group = self.groups[self.group_of[i]]
+            group = groups[self.group_of[i]]
             lr, wd, eps = lrs[self.group_of[i]], group.get("weight_decay", 0.0), group["eps"]
-            beta1, beta2 = group["betas"]
+            beta1, beta2 = group.get("beta1", group["betas"][0]), group.get("beta2", group["betas"][1])
             if wd != 0:
                 if self.decoupled:
                     p = p.mul(1 - lr * wd)

@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.membership import BatchMembership
-from lightning_dtda.run_format import Manifest, Writer, jsonable
+from lightning_dtda.run_format import Manifest, Writer, jsonable, scheduled_settings
 from lightning_dtda.run_writer import RunWriter
 
 
@@ -156,7 +156,7 @@ class TrajectoryRecorder(Callback):
         self.membership = BatchMembership()
         self.writer = RunWriter(self.dirpath, run_name, save_optimizer_state)
         self._resuming = False
-        self._step_lrs: list[float] | None = None
+        self._step_settings: list[dict[str, float]] | None = None
 
     @property
     @override
@@ -199,9 +199,9 @@ class TrajectoryRecorder(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        # Schedulers step after the optimizer step, so the rate read before any micro-batch of a step
-        # is the one that step uses.
-        self._step_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+        # Schedulers step after the optimizer step, so the rate (and momentum) read before any
+        # micro-batch of a step is the one that step uses.
+        self._step_settings = [{"lr": g["lr"], **scheduled_settings(g)} for g in trainer.optimizers[0].param_groups]
         self.membership.on_batch_start(trainer, batch, batch_idx, pl_module.device)
 
     @override
@@ -211,10 +211,10 @@ class TrajectoryRecorder(Callback):
         step = self.writer.next_step
         if trainer.global_step == step - 1:  # accumulating: no optimizer step yet
             return
-        if trainer.global_step != step or self._step_lrs is None:
+        if trainer.global_step != step or self._step_settings is None:
             raise RuntimeError(f"TrajectoryRecorder lost track of optimizer steps at step {trainer.global_step}.")
-        self.writer.add_step(self.membership.take_step(), self._step_lrs)
-        self._step_lrs = None
+        self.writer.add_step(self.membership.take_step(), self._step_settings)
+        self._step_settings = None
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.writer.snapshot(trainer, pl_module)
 

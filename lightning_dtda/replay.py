@@ -58,11 +58,11 @@ class Replay:
         self.train_data = train_data
         self.names, self.start = initial_parameters(model, run)
         for scheduler in run.manifest.schedulers:
-            if scheduler.get("cycle_momentum"):
+            if scheduler.get("cycle_momentum") and not run.steps[0].scheduled:
                 name = scheduler["class"].rpartition(".")[2]
                 raise ValueError(
-                    f"Run {run.name}'s scheduler {name} changes the momentum during training; the replay follows the "
-                    "recorded learning rates but not momentum schedules. Train with cycle_momentum=False to replay."
+                    f"Run {run.name}'s scheduler {name} changes the momentum during training, and the run was recorded "
+                    "by a version that did not record momentum per step. Record it again with this version."
                 )
         self.optimizer = FunctionalOptimizer.from_manifest(run.manifest.optimizer_class, run.manifest.param_groups, self.names)
         # Lightning divides each micro-batch's loss by the accumulation count and DDP averages over ranks.
@@ -102,7 +102,7 @@ class Replay:
                 g = self._batched_grad(params, weights[:, indices], batch)
                 grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
             assert grads is not None
-            params, state = self.optimizer.step(params, grads, state, step.lrs)
+            params, state = self.optimizer.step(params, grads, state, step.lrs, step.scheduled)
         return params, state
 
 

@@ -185,9 +185,24 @@ class Manifest:
             raise ValueError(f"the manifest lacks or garbles the entry {err}; it was not written by TrajectoryRecorder.") from err
 
 
+# Optimizer settings that schedulers change besides the learning rate (OneCycleLR's cycle_momentum,
+# user schedules): recorded per step and group, as learning rates are.
+SCHEDULED = ("momentum", "beta1", "beta2")
+
+
+def scheduled_settings(group: Mapping[str, Any]) -> dict[str, float]:
+    """The :data:`SCHEDULED` settings an optimizer parameter group has (``betas`` split in two)."""
+    found = {"momentum": group["momentum"]} if "momentum" in group else {}
+    if "betas" in group:
+        found["beta1"], found["beta2"] = group["betas"]
+    return {k: float(v) for k, v in found.items()}
+
+
 @dataclass(frozen=True)
 class Step:
-    """One optimizer step: the dataset indices of each of its micro-batches, and its learning rates.
+    """One optimizer step: the dataset indices of each of its micro-batches, its learning rates, and
+    the other scheduled settings it used (``{"momentum": per group}`` or ``{"beta1": ..., "beta2": ...}``;
+    empty for runs recorded before 0.2, which did not record them).
 
     With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
     micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
@@ -196,18 +211,28 @@ class Step:
 
     micro_batches: tuple[Tensor, ...]
     lrs: tuple[float, ...]
+    scheduled: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
-def encode_steps(first: int, steps: Sequence[tuple[Sequence[Sequence[int]], Sequence[float]]], num_groups: int) -> dict[str, Any]:
+StepRecord = tuple[Sequence[Sequence[int]], Sequence[Mapping[str, float]]]
+
+
+def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> dict[str, Any]:
     """The per-step block of a snapshot: steps ``first, first + 1, ...``, each given as
-    ``(micro-batches as index lists, learning rate per group)``, as four flat tensors."""
+    ``(micro-batches as index lists, per group {"lr": ..., and its SCHEDULED settings})``, as flat tensors."""
     micro = [m for batches, _ in steps for m in batches]
+
+    def table(name: str) -> Tensor:
+        return torch.tensor([[g[name] for g in groups] for _, groups in steps], dtype=torch.float64).reshape(len(steps), num_groups)
+
+    names = [n for n in SCHEDULED if steps and n in steps[0][1][0]]
     return {
         "first": first,
         "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
         "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
         "micro_batches_per_step": torch.tensor([len(batches) for batches, _ in steps], dtype=torch.long),
-        "lrs": torch.tensor([list(lrs) for _, lrs in steps], dtype=torch.float64).reshape(len(steps), num_groups),
+        "lrs": table("lr"),
+        "scheduled": {name: table(name) for name in names},
     }
 
 
@@ -216,7 +241,8 @@ def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
     micro = torch.split(block["indices"], block["micro_batch_sizes"].tolist())
     steps, start = [], 0
     for k, count in enumerate(block["micro_batches_per_step"].tolist()):
-        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist())))
+        scheduled = {name: tuple(values[k].tolist()) for name, values in block.get("scheduled", {}).items()}
+        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled))
         start += count
     return int(block["first"]), steps
 

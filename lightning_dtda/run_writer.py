@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_dtda._io import load_json, save_archive, save_json
-from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, encode_steps, snapshot_file
+from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, StepRecord, encode_steps, snapshot_file
 
 
 class RunWriter:
@@ -32,8 +32,9 @@ class RunWriter:
         self.run_dir: Path | None = None
         self.manifest: Manifest | None = None
         self.snapshots: list[SnapshotEntry] = []
-        # Steps since the last snapshot: per step, its micro-batches' indices and its learning rates.
-        self.steps: list[tuple[list[list[int]], list[float]]] = []
+        # Steps since the last snapshot: per step, its micro-batches' indices and, per parameter group,
+        # its learning rate and scheduled settings.
+        self.steps: list[StepRecord] = []
         self.last_snapshot_step = -1
         self.complete = False
         self.stopped: str | None = None
@@ -90,8 +91,8 @@ class RunWriter:
                 if f"snapshots/{path.name}" not in kept:
                     path.unlink()
 
-    def add_step(self, micro_batches: list[list[int]], lrs: list[float]) -> None:
-        self.steps.append((micro_batches, lrs))
+    def add_step(self, micro_batches: list[list[int]], settings: list[dict[str, float]]) -> None:
+        self.steps.append((micro_batches, settings))
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the module's weights at the current step, with the steps since the last snapshot."""
@@ -143,7 +144,7 @@ class RunWriter:
         return {
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "last_snapshot_step": self.last_snapshot_step,
-            "steps": [{"micro_batches": m, "lrs": lrs} for m, lrs in self.steps],
+            "steps": [{"micro_batches": m, "settings": settings} for m, settings in self.steps],
             "snapshots": [s.to_json() for s in self.snapshots],
         }
 
@@ -153,6 +154,6 @@ class RunWriter:
             return False
         self.run_dir = Path(state["run_dir"])
         self.last_snapshot_step = state["last_snapshot_step"]
-        self.steps = [(s["micro_batches"], s["lrs"]) for s in state["steps"]]
+        self.steps = [(s["micro_batches"], s["settings"] if "settings" in s else [{"lr": lr} for lr in s["lrs"]]) for s in state["steps"]]
         self.snapshots = [SnapshotEntry.from_json(s) for s in state["snapshots"]]
         return True

@@ -161,10 +161,12 @@ class Trajectory:
         (default: the whole run), first parameter group.
 
         Momentum ``beta`` of SGD makes each gradient move the weights ``1 / (1 - beta)`` times as far
-        as one plain step of the same rate; Adam has no ``momentum`` setting and is not rescaled.
+        as one plain step of the same rate (the step's own ``beta`` where a schedule changed it); Adam has
+        no ``momentum`` setting and is not rescaled.
         """
         momentum = float(self.optimizer_groups[0].get("momentum") or 0.0)
-        return sum(step.lrs[0] for step in self.steps[first:last]) / (1.0 - momentum)
+        # A momentum schedule (recorded per step since 0.2) gives each step its own factor.
+        return sum(step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0]) for step in self.steps[first:last])
 
 
 def instantiate(

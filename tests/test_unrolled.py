@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_dtda import Attributor, Segmented, TrajectoryRecorder, Unrolled
+from lightning_dtda import Attributor, Segmented, TrajectoryRecorder, Unrolled, load_runs
 from lightning_dtda.evaluation import leave_one_out_weights, retrain
+from lightning_dtda.replay import replay
 from models import TinyClassifier, classification_data, trainer
 from oracles import relative_error
 
@@ -95,22 +96,13 @@ def test_replay_refuses_what_it_cannot_replay(tmp_path):
                    progress=False).attribute(queries)
 
 
-def test_replay_refuses_adam_for_segments_momentum_schedules_and_missing_membership(tmp_path):
+def test_replay_refuses_adam_for_segments_and_missing_membership(tmp_path):
     data = classification_data(n=12, dtype=torch.float64)
     queries = classification_data(n=2, seed=1, dtype=torch.float64)
     runs = record(tmp_path / "adam", AdamClassifier, data)
     with pytest.raises(ValueError, match=r"Segmented models SGD.*Use Unrolled\(\) for Adam"):
         Attributor(AdamClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn"),
                    progress=False).attribute(queries)
-
-    class OneCycle(TinyClassifier):
-        def configure_optimizers(self):
-            optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-            return [optimizer], [torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=6)]
-
-    runs = record(tmp_path / "cycle", OneCycle, data)
-    with pytest.raises(ValueError, match="OneCycleLR changes the momentum"):
-        Attributor(OneCycle, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
 
     runs = record(tmp_path / "gap", TinyClassifier, data)
     manifest = runs / "seed_0" / "manifest.json"
@@ -149,3 +141,38 @@ def test_non_finite_effects_name_the_run_and_examples(tmp_path):
 
     with pytest.raises(FloatingPointError, match=r"overflows gave non-finite effects on run seed_0 for training examples \[3\]"):
         Attributor(TinyClassifier, runs, data, estimator=Overflows(), progress=False).attribute(classification_data(n=2, seed=1, dtype=torch.float64))
+
+
+class OneCycleSGD(TinyClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+        return [optimizer], [{"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.3, total_steps=12),
+                              "interval": "step"}]
+
+
+class OneCycleAdam(TinyClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.02)
+        return [optimizer], [{"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=12),
+                              "interval": "step"}]
+
+
+@pytest.mark.parametrize("cls", [OneCycleSGD, OneCycleAdam])
+def test_momentum_and_beta_schedules_replay_exactly(tmp_path, cls):
+    """OneCycleLR with cycle_momentum moves SGD's momentum and Adam's beta1 every step: the recorder keeps
+    them per step and the replay lands on the recorded weights and equals finite differences."""
+    data = classification_data(n=24, dtype=torch.float64)
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    pl.seed_everything(0)
+    model = cls(hidden=5)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=5)], max_epochs=3, precision="64-true").fit(
+        model, DataLoader(data, batch_size=6, shuffle=True))
+    [run] = load_runs(tmp_path / "runs")
+    name = "momentum" if cls is OneCycleSGD else "beta1"
+    assert len({step.scheduled[name] for step in run.steps}) > 5
+    params = replay(model, run, data, torch.ones(1, 24, dtype=torch.float64))
+    assert max((p[0] - run.state_dict()[n]).abs().max().item() for n, p in zip(dict(model.named_parameters()), params)) < 1e-12
+    result = Attributor(cls, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(queries)
+    eps = 1e-4
+    truth = retrain(cls, tmp_path / "runs", data, queries, 1 - eps * (1 - leave_one_out_weights(24, range(24))), progress=False)
+    assert relative_error(result.effects[0], truth.effects[0] / eps) < 1e-3
