@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_dtda.data import fingerprint_dataset
@@ -68,6 +69,11 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
         precision=str(trainer.precision),
         max_epochs=trainer.max_epochs,
         max_steps=trainer.max_steps,
+        gradient_clipping={
+            "value": trainer.gradient_clip_val,
+            "algorithm": str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"),
+            "custom": is_overridden("configure_gradient_clipping", pl_module),
+        },
         writer=Writer.this_process(),
     )
 

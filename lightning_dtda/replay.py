@@ -31,6 +31,21 @@ from lightning_dtda.run_format import Step
 from lightning_dtda.trajectory import Trajectory
 
 
+def _refuse_train_mode_layers(model: nn.Module, run: Trajectory) -> None:
+    # The replay evaluates the forward in eval mode; these layers computed something else in training.
+    layers = [
+        f"{name!r} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or isinstance(m, nn.modules.batchnorm._NormBase)
+    ]
+    if layers:
+        raise ValueError(
+            f"Run {run.name}'s module has layers that compute differently in training: {', '.join(layers[:5])}. Dropout "
+            "draws random masks and batch or instance norm uses batch statistics, which the replay does not reproduce "
+            "yet, so it would describe another run. Use Influence() or Segmented() for this model."
+        )
+
+
 def initial_parameters(model: nn.Module, run: Trajectory) -> tuple[list[str], list[Tensor]]:
     """Names and step-0 values of the trainable parameters, on the model's device and dtype."""
     names = list(trainable_parameters(model))
@@ -56,6 +71,7 @@ class Replay:
     def __init__(self, model: nn.Module, run: Trajectory, train_data: Dataset, relu_smoothing: float | None = None) -> None:
         self.run = run
         self.train_data = train_data
+        _refuse_train_mode_layers(model, run)
         self.names, self.start = initial_parameters(model, run)
         for scheduler in run.manifest.schedulers:
             if scheduler.get("cycle_momentum") and not run.steps[0].scheduled:
@@ -64,6 +80,12 @@ class Replay:
                     f"Run {run.name}'s scheduler {name} changes the momentum during training, and the run was recorded "
                     "by a version that did not record momentum per step. Record it again with this version."
                 )
+        self.clipping = run.manifest.gradient_clipping or {}
+        if self.clipping.get("custom"):
+            raise ValueError(
+                f"Run {run.name}'s module overrides configure_gradient_clipping; the replay applies only Lightning's "
+                "own clipping (gradient_clip_val with the 'norm' or 'value' algorithm)."
+            )
         self.optimizer = FunctionalOptimizer.from_manifest(run.manifest.optimizer_class, run.manifest.param_groups, self.names)
         # Lightning divides each micro-batch's loss by the accumulation count and DDP averages over ranks.
         normaliser = run.manifest.accumulate_grad_batches * run.manifest.world_size
@@ -102,8 +124,21 @@ class Replay:
                 g = self._batched_grad(params, weights[:, indices], batch)
                 grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
             assert grads is not None
+            grads = self._clip(grads)
             params, state = self.optimizer.step(params, grads, state, step.lrs, step.scheduled)
         return params, state
+
+
+    def _clip(self, grads: list[Tensor]) -> list[Tensor]:
+        """Lightning's clipping of the accumulated gradient, per weighting (``torch.nn.utils``' formulas)."""
+        value = self.clipping.get("value")
+        if not value:
+            return grads
+        if self.clipping["algorithm"] == "value":
+            return [g.clamp(-value, value) for g in grads]
+        norm = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)  # [M]
+        scale = (value / (norm + 1e-6)).clamp(max=1.0)
+        return [g * scale.view(-1, *[1] * (g.ndim - 1)) for g in grads]
 
 
 def replay(

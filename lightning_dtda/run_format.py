@@ -92,6 +92,8 @@ class Manifest:
         optimizer_class: The optimizer's import path.
         param_groups: Per parameter group, its settings and ``param_names``.
         schedulers: Per scheduler: ``class``, ``interval``, ``frequency``, ``cycle_momentum``.
+        gradient_clipping: ``{"value": Trainer's gradient_clip_val, "algorithm": "norm" | "value", "custom":
+            whether the module overrides configure_gradient_clipping}``; ``None`` for runs recorded before 0.2.
         snapshots: The snapshots written so far, in step order.
         complete: Whether training ended and the final snapshot is listed.
         stopped: Why training stopped early (the exception), if the recorder saw it stop.
@@ -115,6 +117,7 @@ class Manifest:
     precision: str
     max_epochs: int | None
     max_steps: int
+    gradient_clipping: dict[str, Any] | None = None
     snapshots: tuple[SnapshotEntry, ...] = ()
     complete: bool = False
     stopped: str | None = None
@@ -142,6 +145,7 @@ class Manifest:
             "precision": self.precision,
             "max_epochs": self.max_epochs,
             "max_steps": self.max_steps,
+            "gradient_clipping": self.gradient_clipping,
             "snapshots": [s.to_json() for s in self.snapshots],
             "complete": self.complete,
             "stopped": self.stopped,
@@ -176,6 +180,7 @@ class Manifest:
                 precision=data["precision"],
                 max_epochs=data["max_epochs"],
                 max_steps=data["max_steps"],
+                gradient_clipping=data.get("gradient_clipping"),
                 snapshots=tuple(SnapshotEntry.from_json(s) for s in data["snapshots"]),
                 complete=bool(data["complete"]),
                 stopped=data.get("stopped"),
