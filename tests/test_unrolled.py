@@ -143,6 +143,29 @@ def test_non_finite_effects_name_the_run_and_examples(tmp_path):
         Attributor(TinyClassifier, runs, data, estimator=Overflows(), progress=False).attribute(classification_data(n=2, seed=1, dtype=torch.float64))
 
 
+def fit_recorded(tmp_path, model, data, **trainer_kwargs):
+    """Train ``model`` (float64, seed 0) with a recorder snapshotting every 5 steps; returns it and its run."""
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=5)], max_epochs=3, precision="64-true",
+            **trainer_kwargs).fit(model, DataLoader(data, batch_size=6, shuffle=True))
+    [run] = load_runs(tmp_path / "runs")
+    return model, run
+
+
+def replay_gap(model, run, data):
+    """Largest absolute difference between the replayed and the recorded final parameters."""
+    params = replay(model, run, data, torch.ones(1, len(data), dtype=torch.float64))
+    return max((p[0] - run.state_dict()[n]).abs().max().item() for n, p in zip(dict(model.named_parameters()), params))
+
+
+def assert_unrolled_equals_finite_differences(cls, runs, data, eps):
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    result = Attributor(cls, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
+    n = len(data)
+    truth = retrain(cls, runs, data, queries, 1 - eps * (1 - leave_one_out_weights(n, range(n))), progress=False)
+    assert relative_error(result.effects[0], truth.effects[0] / eps) < 1e-3
+
+
 class OneCycleSGD(TinyClassifier):
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
@@ -162,42 +185,24 @@ def test_momentum_and_beta_schedules_replay_exactly(tmp_path, cls):
     """OneCycleLR with cycle_momentum moves SGD's momentum and Adam's beta1 every step: the recorder keeps
     them per step and the replay lands on the recorded weights and equals finite differences."""
     data = classification_data(n=24, dtype=torch.float64)
-    queries = classification_data(n=3, seed=1, dtype=torch.float64)
-    pl.seed_everything(0)
-    model = cls(hidden=5)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=5)], max_epochs=3, precision="64-true").fit(
-        model, DataLoader(data, batch_size=6, shuffle=True))
-    [run] = load_runs(tmp_path / "runs")
+    model, run = fit_recorded(tmp_path, cls(hidden=5), data)
     name = "momentum" if cls is OneCycleSGD else "beta1"
     assert len({step.scheduled[name] for step in run.steps}) > 5
-    params = replay(model, run, data, torch.ones(1, 24, dtype=torch.float64))
-    assert max((p[0] - run.state_dict()[n]).abs().max().item() for n, p in zip(dict(model.named_parameters()), params)) < 1e-12
-    result = Attributor(cls, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(queries)
-    eps = 1e-4
-    truth = retrain(cls, tmp_path / "runs", data, queries, 1 - eps * (1 - leave_one_out_weights(24, range(24))), progress=False)
-    assert relative_error(result.effects[0], truth.effects[0] / eps) < 1e-3
+    assert replay_gap(model, run, data) < 1e-12
+    assert_unrolled_equals_finite_differences(cls, tmp_path / "runs", data, 1e-4)
 
 
 @pytest.mark.parametrize("algorithm,value", [("norm", 0.3), ("value", 0.05)])
 def test_gradient_clipping_replays_exactly(tmp_path, algorithm, value):
     data = classification_data(n=24, dtype=torch.float64)
-    queries = classification_data(n=3, seed=1, dtype=torch.float64)
-    pl.seed_everything(0)
-    model = TinyClassifier(hidden=5, lr=0.3, momentum=0.5)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=5)], max_epochs=3, precision="64-true",
-            gradient_clip_val=value, gradient_clip_algorithm=algorithm).fit(model, DataLoader(data, batch_size=6, shuffle=True))
-    [run] = load_runs(tmp_path / "runs")
+    model, run = fit_recorded(tmp_path, TinyClassifier(hidden=5, lr=0.3, momentum=0.5), data,
+                              gradient_clip_val=value, gradient_clip_algorithm=algorithm)
     assert run.manifest.gradient_clipping == {"value": value, "algorithm": algorithm, "custom": False}
-    params = replay(model, run, data, torch.ones(1, 24, dtype=torch.float64))
-    assert max((p[0] - run.state_dict()[n]).abs().max().item() for n, p in zip(dict(model.named_parameters()), params)) < 1e-12
-    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(queries)
-    eps = 1e-5
-    truth = retrain(TinyClassifier, tmp_path / "runs", data, queries, 1 - eps * (1 - leave_one_out_weights(24, range(24))), progress=False)
-    assert relative_error(result.effects[0], truth.effects[0] / eps) < 1e-3
+    assert replay_gap(model, run, data) < 1e-12
+    assert_unrolled_equals_finite_differences(TinyClassifier, tmp_path / "runs", data, 1e-5)
     # the run was clipped: a replay without clipping would land elsewhere
     object.__setattr__(run.manifest, "gradient_clipping", None)
-    params = replay(model, run, data, torch.ones(1, 24, dtype=torch.float64))
-    assert max((p[0] - run.state_dict()[n]).abs().max().item() for n, p in zip(dict(model.named_parameters()), params)) > 1e-3
+    assert replay_gap(model, run, data) > 1e-3
 
 
 def test_train_mode_layers_are_refused_before_any_work(tmp_path):
