@@ -36,12 +36,14 @@ def _refuse_train_mode_layers(model: nn.Module, run: Trajectory) -> None:
     layers = [
         f"{name!r} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or isinstance(m, nn.modules.batchnorm._NormBase)
+        if (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+        # instance norm without running statistics normalises the same way in both modes
+        or (isinstance(m, nn.modules.batchnorm._NormBase) and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats))
     ]
     if layers:
         raise ValueError(
             f"Run {run.name}'s module has layers that compute differently in training: {', '.join(layers[:5])}. Dropout "
-            "draws random masks and batch or instance norm uses batch statistics, which the replay does not reproduce "
+            "draws random masks and batch norm (or instance norm with running statistics) uses batch statistics, which the replay does not reproduce "
             "yet, so it would describe another run. Use Influence() or Segmented() for this model."
         )
 

@@ -219,6 +219,12 @@ def test_train_mode_layers_are_refused_before_any_work(tmp_path):
         Attributor(WithDropoutAndBatchNorm, runs, data, estimator=Unrolled(), progress=False).attribute(data)
     with pytest.raises(ValueError, match="compute differently in training"):
         retrain(WithDropoutAndBatchNorm, runs, data, data, leave_one_out_weights(12, [0]), progress=False)
+    from lightning_dtda.replay import _refuse_train_mode_layers
+
+    [run] = load_runs(runs)
+    _refuse_train_mode_layers(nn.Sequential(nn.InstanceNorm1d(4), nn.Dropout(0.0), nn.LayerNorm(4)), run)  # same in both modes
+    with pytest.raises(ValueError, match=r"'0' \(InstanceNorm1d\)"):
+        _refuse_train_mode_layers(nn.Sequential(nn.InstanceNorm1d(4, track_running_stats=True)), run)
 
 
 def test_a_replay_that_misses_is_refused_after_the_first_interval_naming_the_causes(tmp_path):
