@@ -117,7 +117,7 @@ class Attributor:
                 [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
             ).cpu()
         context = RunContext(
-            run, self.module, model, query_grads, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir
+            run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir
         )
         effects, info = self.estimator.estimate(context)
         bad = (~torch.isfinite(effects)).any(dim=0).nonzero().flatten()

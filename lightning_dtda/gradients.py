@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,14 +39,20 @@ def flatten(tensors: dict[str, Tensor] | list[Tensor], batch_dims: int = 0) -> T
     return torch.cat([t.reshape(*t.shape[:batch_dims], -1) for t in values], dim=-1)
 
 
-def per_example_gradients(module: nn.Module, fn: Callable[[Any], Tensor], batch: Any) -> Tensor:
-    """Gradients of ``fn(batch)[b]`` with respect to the trainable parameters, shape ``[B, P]``.
+def per_example_gradients(module: nn.Module, fn: Callable[[Any], Tensor], batch: Any, wrt: Sequence[str] | None = None) -> Tensor:
+    """Gradients of ``fn(batch)[b]`` with respect to the trainable parameters (or the parameters and
+    buffers named ``wrt``), shape ``[B, P]``.
 
     ``fn`` maps a batch to one value per example (shape ``[B]``) and is evaluated one example at a
     time under ``vmap``, so the module must not mix examples (use ``eval()`` for BatchNorm).
     """
     wrapper = HookCall(module, fn)
-    params = {f"module.{k}": v.detach() for k, v in trainable_parameters(module).items()}
+    if wrt is None:
+        tensors = trainable_parameters(module)
+    else:
+        named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        tensors = {k: named[k] for k in wrt}
+    params = {f"module.{k}": v.detach() for k, v in tensors.items()}
 
     def value(p: dict[str, Tensor], example: Any) -> Tensor:
         return functional_call(wrapper, p, (tree_map(lambda t: t.unsqueeze(0), example),))[0]
@@ -64,10 +70,12 @@ def stream_gradients(
     progress: bool,
     desc: str,
     first_index: int = 0,
+    wrt: Sequence[str] | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Yield ``(slice of positions in data, gradients [chunk, P])`` in order.
 
-    ``first_index`` is the dataset index of ``data[0]`` (a shard's offset), for error messages.
+    ``first_index`` is the dataset index of ``data[0]`` (a shard's offset), for error messages; ``wrt``
+    is as for :func:`per_example_gradients`.
 
     Raises:
         FloatingPointError: If an example's gradient is not finite; the message names its index.
@@ -75,7 +83,7 @@ def stream_gradients(
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     start = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        g = per_example_gradients(module, fn, move_data_to_device(batch, device))
+        g = per_example_gradients(module, fn, move_data_to_device(batch, device), wrt)
         bad = (~torch.isfinite(g).all(dim=1)).nonzero().flatten()
         if len(bad):
             raise FloatingPointError(

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -78,6 +79,14 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
     )
 
 
+def _rng_states(device: torch.device) -> dict[str, Tensor]:
+    """The states of the generators a training step on ``device`` can draw from (see ``run_format.GENERATORS``)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
 class TrajectoryRecorder(Callback):
     r"""Record the weights, learning rates and batch membership of a training run.
 
@@ -96,7 +105,9 @@ class TrajectoryRecorder(Callback):
       ``every_n_train_steps`` optimizer steps or ``every_n_epochs`` epochs, and at the end, with the
       learning rate of every parameter group; each snapshot also holds, for every optimizer step
       since the previous snapshot, the dataset indices of each micro-batch (in the order they were
-      in the batch) and the learning rates that step used.
+      in the batch), the learning rates (and momentum or betas) that step used and, for each
+      micro-batch whose training step drew random numbers (dropout), the state the CPU or CUDA
+      generator had at its start, so a replay draws the same masks.
 
     Batch membership is read from the train DataLoader's sampler: any ``DataLoader`` built with
     ``batch_size`` (``shuffle=True`` or a custom ``sampler``) works unchanged, with or without
@@ -163,6 +174,8 @@ class TrajectoryRecorder(Callback):
         self.writer = RunWriter(self.dirpath, run_name, save_optimizer_state)
         self._resuming = False
         self._step_settings: list[dict[str, float]] | None = None
+        self._rng_at_start: dict[str, Tensor] = {}
+        self._step_rng: list[dict[str, Tensor]] = []
 
     @property
     @override
@@ -209,18 +222,22 @@ class TrajectoryRecorder(Callback):
         # micro-batch of a step is the one that step uses.
         self._step_settings = [{"lr": g["lr"], **scheduled_settings(g)} for g in trainer.optimizers[0].param_groups]
         self.membership.on_batch_start(trainer, batch, batch_idx, pl_module.device)
+        self._rng_at_start = _rng_states(pl_module.device)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # Keep a generator's state only if this micro-batch drew from it (~5 KB for the CPU's, 16 bytes for CUDA's).
+        now = _rng_states(pl_module.device)
+        self._step_rng.append({k: v for k, v in self._rng_at_start.items() if not torch.equal(v, now[k])})
         step = self.writer.next_step
         if trainer.global_step == step - 1:  # accumulating: no optimizer step yet
             return
         if trainer.global_step != step or self._step_settings is None:
             raise RuntimeError(f"TrajectoryRecorder lost track of optimizer steps at step {trainer.global_step}.")
-        self.writer.add_step(self.membership.take_step(), self._step_settings)
-        self._step_settings = None
+        self.writer.add_step(self.membership.take_step(), self._step_settings, self._step_rng)
+        self._step_settings, self._step_rng = None, []
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.writer.snapshot(trainer, pl_module)
 

@@ -4,16 +4,22 @@ A replay starts from the run's step-0 snapshot and repeats every recorded optimi
 recorded micro-batches and learning rates, through a functional twin of the optimizer. Giving
 example ``n`` the weight ``w_n`` in every step that contains it (loss ``mean_b(w_b l_b)``, so the
 batch's normaliser is unchanged) is the coupled counterfactual of DESIGN section 1: same seed, same
-initialisation, same batch order. ``w = 1`` everywhere is the recorded run itself.
+initialisation, same batch order, same dropout masks. ``w = 1`` everywhere is the recorded run itself.
 
-The model's forward must be deterministic and not depend on train mode (no dropout, no batch
-statistics): the replay evaluates it in eval mode.
+The training loss is evaluated as Lightning trained: in train mode. Random ops in the forward
+(dropout) draw the numbers they drew in the run: the replay restores the generator states the
+recorder kept for each micro-batch, and every weighting shares them (``vmap``'s ``randomness="same"``).
+Batch norm normalises with the batch's statistics and its running statistics are replayed state
+(``[M, *shape]``, like the parameters), updated as ``torch.nn.BatchNorm`` updates them. A weighted-down
+example still counts in its batch's statistics, as it did in the run: the counterfactual reweights
+its loss, nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,51 +36,173 @@ from lightning_dtda.relu import ReLUSmoothing
 from lightning_dtda.run_format import Step
 from lightning_dtda.trajectory import Trajectory
 
+_BATCH_NORMS = nn.modules.batchnorm._BatchNorm
 
-def _refuse_train_mode_layers(model: nn.Module, run: Trajectory) -> None:
-    # The replay evaluates the forward in eval mode; these layers computed something else in training.
-    layers = [
-        f"{name!r} ({type(m).__name__})"
+
+def running_statistics(model: nn.Module) -> list[str]:
+    """Names of the buffers a train-mode forward updates: batch norms' running means and variances."""
+    return [
+        f"{name}.{buffer}"
         for name, m in model.named_modules()
-        if (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-        # instance norm without running statistics normalises the same way in both modes
-        or (isinstance(m, nn.modules.batchnorm._NormBase) and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats))
+        if isinstance(m, _BATCH_NORMS) and m.track_running_stats
+        for buffer in ("running_mean", "running_var")
     ]
-    if layers:
-        raise ValueError(
-            f"Run {run.name}'s module has layers that compute differently in training: {', '.join(layers[:5])}. Dropout "
-            "draws random masks and batch norm (or instance norm with running statistics) uses batch statistics, which the replay does not reproduce "
-            "yet, so it would describe another run. Use Influence() or Segmented() for this model."
-        )
 
 
-def initial_parameters(model: nn.Module, run: Trajectory) -> tuple[list[str], list[Tensor]]:
-    """Names and step-0 values of the trainable parameters, on the model's device and dtype."""
-    names = list(trainable_parameters(model))
+def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) -> None:
+    """Refuse, before any work, a run whose training the replay cannot reproduce, naming the cause."""
+    problems = []
+    for name, m in model.named_modules():
+        if isinstance(m, _BATCH_NORMS) and m.track_running_stats and m.momentum is None:
+            problems.append(f"batch norm {name!r} averages its statistics cumulatively (momentum=None)")
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            problems.append(f"instance norm {name!r} tracks running statistics")
+        elif isinstance(m, _BATCH_NORMS) and run.manifest.world_size > 1:
+            problems.append(f"batch norm {name!r} normalised each process's batch separately (multi-process training)")
+    has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    steps = run.steps
+    if has_dropout and steps and steps[0].rng is None:
+        problems.append("it has dropout, and the run was recorded by a version that did not record random states (record it again)")
+    drew = {generator for step in steps for states in (step.rng or ()) for generator in states}
+    if drew and run.manifest.world_size > 1:
+        problems.append("its training step drew random numbers on several processes, whose states are not recorded")
+    if "cuda" in drew and device.type != "cuda":
+        problems.append("its training step drew random numbers on CUDA, which only a CUDA replay reproduces (use device='cuda')")
+    if problems:
+        raise ValueError(f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". Use Influence() or Segmented() for it.")
+
+
+def _normalized(input: Tensor, dims: list[int], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input - mean) / sqrt(var + eps)`` over ``dims`` from primitives, with the mean and (biased) variance."""
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, unbiased=False, keepdim=True)
+    return (input - mean) * torch.rsqrt(var + eps), mean, var
+
+
+def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
+    out = out if weight is None else out * weight.view(shape)
+    return out if bias is None else out + bias.view(shape)
+
+
+# Torch's fused batch-, instance- and layer-norm kernels give second derivatives under vmap(grad(...))
+# that are off by 1e-5 to 1e-3 relative (measured against finite differences and plain autograd; group
+# and RMS norm are exact), and the replay differentiates the training gradient. It normalises with
+# these decompositions instead, exact to rounding.
+def _batch_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
+    dims = [0, *range(2, input.ndim)]
+    out, mean, var = _normalized(input, dims, self.eps)
+    if self.track_running_stats:  # torch's running variance is the unbiased one
+        count = input.numel() // input.shape[1]
+        self._replay_collected[self._replay_name] = (mean.flatten(), var.flatten() * count / max(count - 1, 1))
+    return _affine(out, self.weight, self.bias, [1, -1, *[1] * (input.ndim - 2)])
+
+
+def _instance_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
+    channel_dim = input.ndim - self._get_no_batch_dim()  # 1 for batched input, 0 for one example
+    out, _, _ = _normalized(input, list(range(channel_dim + 1, input.ndim)), self.eps)
+    return _affine(out, self.weight, self.bias, [-1, *[1] * (input.ndim - channel_dim - 1)])
+
+
+def _layer_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
+    out, _, _ = _normalized(input, list(range(input.ndim - len(self.normalized_shape), input.ndim)), self.eps)
+    return _affine(out, self.weight, self.bias, list(self.normalized_shape))
+
+
+_DECOMPOSED = (
+    (_BATCH_NORMS, _batch_norm_forward),
+    (nn.modules.instancenorm._InstanceNorm, _instance_norm_forward),
+    (nn.LayerNorm, _layer_norm_forward),
+)
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Train mode, with normalisation layers decomposed (see above), and batch norms normalising by their
+    batch's statistics without touching their buffers, putting the statistics (mean, unbiased
+    variance) they saw in ``collected`` by module name."""
+    modes = {m: m.training for m in model.modules()}
+    patched = []
+    for name, m in model.named_modules():
+        forward = next((f for kind, f in _DECOMPOSED if isinstance(m, kind)), None)
+        if forward is not None:
+            m._replay_name, m._replay_collected = name, collected
+            m.forward = types.MethodType(forward, m)
+            patched.append(m)
+    model.train()
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward, m._replay_name, m._replay_collected
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextlib.contextmanager
+def differentiable_running_statistics(model: nn.Module) -> Iterator[None]:
+    """Eval-mode batch norms written out, so autograd reaches their running statistics (torch's kernel
+    refuses to differentiate with respect to them)."""
+
+    def forward(self: nn.Module, input: Tensor) -> Tensor:
+        shape = [1, -1, *[1] * (input.ndim - 2)]
+        out = (input - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats]
+    for m in norms:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
+
+
+def _restore_random_states(step: Step, micro_batch: int, device: torch.device) -> None:
+    """Put the generators a micro-batch drew from back in the states its training step found them in."""
+    states = step.rng[micro_batch] if step.rng is not None else {}
+    if "cpu" in states:
+        torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def initial_state(model: nn.Module, run: Trajectory, names: list[str]) -> list[Tensor]:
+    """Step-0 values of the parameters or buffers ``names``, on the model's device and dtype."""
     state = run.state_dict(0)
-    reference = dict(model.named_parameters())
-    return names, [state[n].to(device=reference[n].device, dtype=reference[n].dtype) for n in names]
+    reference = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return [state[n].to(device=reference[n].device, dtype=reference[n].dtype) for n in names]
 
 
 class Replay:
     """Replays the optimizer steps of ``run`` for ``M`` weightings at once.
 
-    Parameters and optimizer state carry a leading dimension ``M``. The steps are differentiable:
-    when the given parameters, state or weights require grad, autograd can run back through them.
+    Parameters, optimizer state and running statistics carry a leading dimension ``M``. The steps are
+    differentiable: when the given parameters, state or weights require grad, autograd can run back
+    through them.
 
     Args:
-        model: The run's module (any snapshot: its buffers are kept, its parameters replaced).
+        model: The run's module (any snapshot: its parameters and running statistics are replaced).
         run: A recorded run.
         train_data: The training set in recorded index order.
         relu_smoothing: If given, ReLUs in the training loss get this kink width in their second
             derivatives (see ``relu``); values and gradients are unchanged.
+
+    Raises:
+        ValueError: For a run it cannot reproduce (see :func:`check_replayable`), a scheduler that changed
+            the momentum of a run recorded before 0.2, or custom gradient clipping.
     """
 
     def __init__(self, model: nn.Module, run: Trajectory, train_data: Dataset, relu_smoothing: float | None = None) -> None:
         self.run = run
         self.train_data = train_data
-        _refuse_train_mode_layers(model, run)
-        self.names, self.start = initial_parameters(model, run)
+        self.model = model
+        self.device = next(model.parameters()).device
+        check_replayable(model, run, self.device)
+        self.names = list(trainable_parameters(model))
+        self.buffer_names = running_statistics(model)
+        self.start = initial_state(model, run, self.names)
+        self.start_buffers = initial_state(model, run, self.buffer_names)
         for scheduler in run.manifest.schedulers:
             if scheduler.get("cycle_momentum") and not run.steps[0].scheduled:
                 name = scheduler["class"].rpartition(".")[2]
@@ -93,21 +221,28 @@ class Replay:
         normaliser = run.manifest.accumulate_grad_batches * run.manifest.world_size
         call = HookCall(model, Hooks(model).train_loss)
         keys = [f"module.{n}" for n in self.names]
+        buffer_keys = [f"module.{n}" for n in self.buffer_names]
+        momenta = [model.get_submodule(n.rpartition(".")[0]).momentum for n in self.buffer_names]
         # Only the loss is evaluated under the smoothing mode: it runs every op through Python.
         self.smoothing = ReLUSmoothing(relu_smoothing) if relu_smoothing is not None else None
         loss_context = self.smoothing or contextlib.nullcontext()
+        self._collected: dict[str, tuple[Tensor, Tensor]] = {}
 
-        def weighted_loss(params: list[Tensor], w: Tensor, batch: Any) -> Tensor:
+        def weighted_loss(params: list[Tensor], buffers: list[Tensor], w: Tensor, batch: Any) -> tuple[Tensor, list[Tensor]]:
+            self._collected.clear()
             with loss_context:
-                losses = functional_call(call, dict(zip(keys, params)), (batch,))
-            return (losses * w).mean() / normaliser
+                losses = functional_call(call, {**dict(zip(keys, params)), **dict(zip(buffer_keys, buffers))}, (batch,))
+            return (losses * w).mean() / normaliser, [self._updated(n, b, m) for n, b, m in zip(self.buffer_names, buffers, momenta)]
 
-        self._batched_grad = vmap(grad(weighted_loss), in_dims=(0, 0, None))
+        # Every weighting draws the same random numbers (dropout masks): those of the recorded run.
+        self._batched_grad = vmap(grad(weighted_loss, has_aux=True), in_dims=(0, 0, 0, None), randomness="same")
 
     def initial(self, num_models: int) -> tuple[list[Tensor], dict[str, Any]]:
-        """The step-0 parameters ``[M, *shape]`` and the optimizer's initial state."""
+        """The step-0 parameters ``[M, *shape]`` and the initial state: the optimizer's, and the
+        running statistics under ``"running_stats"`` (``[M, *shape]`` each, in ``buffer_names`` order)."""
         params = [p.unsqueeze(0).expand(num_models, *p.shape).clone() for p in self.start]
-        return params, self.optimizer.init(params)
+        buffers = [b.unsqueeze(0).expand(num_models, *b.shape).clone() for b in self.start_buffers]
+        return params, {**self.optimizer.init(params), "running_stats": buffers}
 
     def steps(
         self,
@@ -119,17 +254,30 @@ class Replay:
     ) -> tuple[list[Tensor], dict[str, Any]]:
         """Apply ``steps`` with per-example loss weights ``weights [M, N]``."""
         device = params[0].device
-        for step in tqdm(steps, desc=f"replaying {self.run.name}", disable=not progress, leave=False):
-            grads: list[Tensor] | None = None
-            for indices in step.micro_batches:
-                batch = move_data_to_device(default_collate([self.train_data[i] for i in indices.tolist()]), device)
-                g = self._batched_grad(params, weights[:, indices], batch)
-                grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
-            assert grads is not None
-            grads = self._clip(grads)
-            params, state = self.optimizer.step(params, grads, state, step.lrs, step.scheduled)
-        return params, state
+        state = dict(state)
+        buffers = state.pop("running_stats")
+        devices = [device] if device.type == "cuda" else []
+        # The replay sets the generators to the run's states; the caller's sequence resumes afterwards.
+        with torch.random.fork_rng(devices=devices), _train_mode(self.model, self._collected):
+            for step in tqdm(steps, desc=f"replaying {self.run.name}", disable=not progress, leave=False):
+                grads: list[Tensor] | None = None
+                for k, indices in enumerate(step.micro_batches):
+                    batch = move_data_to_device(default_collate([self.train_data[i] for i in indices.tolist()]), device)
+                    _restore_random_states(step, k, device)
+                    g, buffers = self._batched_grad(params, buffers, weights[:, indices], batch)
+                    grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
+                assert grads is not None
+                grads = self._clip(grads)
+                params, state = self.optimizer.step(params, grads, state, step.lrs, step.scheduled)
+        return params, {**state, "running_stats": buffers}
 
+    def _updated(self, name: str, running: Tensor, momentum: float) -> Tensor:
+        """torch.nn.BatchNorm's update of a running statistic by the batch's: ``(1 - momentum) running + momentum batch``."""
+        module, _, buffer = name.rpartition(".")
+        if module not in self._collected:  # the layer took no part in the training loss
+            return running
+        mean, var = self._collected[module]
+        return torch.lerp(running, var if buffer == "running_var" else mean, momentum)
 
     def _clip(self, grads: list[Tensor]) -> list[Tensor]:
         """Lightning's clipping of the accumulated gradient, per weighting (``torch.nn.utils``' formulas)."""
@@ -142,6 +290,10 @@ class Replay:
         scale = (value / (norm + 1e-6)).clamp(max=1.0)
         return [g * scale.view(-1, *[1] * (g.ndim - 1)) for g in grads]
 
+    def named(self, params: list[Tensor], state: dict[str, Any]) -> dict[str, Tensor]:
+        """The replayed parameters and running statistics by name, ``[M, *shape]`` each."""
+        return {**dict(zip(self.names, params)), **dict(zip(self.buffer_names, state["running_stats"]))}
+
 
 def replay(
     model: nn.Module,
@@ -149,24 +301,26 @@ def replay(
     train_data: Dataset,
     weights: Tensor,
     progress: bool = False,
-) -> list[Tensor]:
-    """Replay ``run`` once per row of ``weights [M, N]``; returns the final trainable parameters, ``[M, *shape]`` each."""
+) -> dict[str, Tensor]:
+    """Replay ``run`` once per row of ``weights [M, N]``; returns the final trainable parameters and
+    running statistics by name, ``[M, *shape]`` each."""
     replayer = Replay(model, run, train_data)
     params, state = replayer.initial(len(weights))
     weights = weights.to(device=params[0].device, dtype=params[0].dtype)
     with torch.no_grad():
-        params, _ = replayer.steps(params, state, weights, run.steps, progress)
-    return params
+        params, state = replayer.steps(params, state, weights, run.steps, progress)
+    return replayer.named(params, state)
 
 
-def measure(model: nn.Module, params: list[Tensor], query_data: Dataset, batch_size: int = 256) -> Tensor:
-    """The measurement hook on ``query_data`` for each of ``M`` parameter sets, ``[M, queries]``."""
+def measure(model: nn.Module, replayed: dict[str, Tensor], query_data: Dataset, batch_size: int = 256) -> Tensor:
+    """The measurement hook on ``query_data`` (``model`` in eval mode) for each of ``M`` replayed
+    models (``replay``'s output), ``[M, queries]``."""
     call = HookCall(model, Hooks(model).measurement)
-    keys = [f"module.{n}" for n in trainable_parameters(model)]
-    device = params[0].device
+    params = {f"module.{n}": t for n, t in replayed.items()}
+    device = next(iter(replayed.values())).device
 
-    def one(p: list[Tensor], batch: Any) -> Tensor:
-        return functional_call(call, dict(zip(keys, p)), (batch,))
+    def one(p: dict[str, Tensor], batch: Any) -> Tensor:
+        return functional_call(call, p, (batch,))
 
     with torch.no_grad():
         return torch.cat(

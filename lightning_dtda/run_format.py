@@ -203,11 +203,19 @@ def scheduled_settings(group: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in found.items()}
 
 
+# The random-number generators whose state the recorder keeps, for each micro-batch whose training
+# step drew from them (dropout, any random op in the forward): the replay restores them to draw the
+# same numbers. ``cuda`` is the generator of the module's CUDA device.
+GENERATORS = ("cpu", "cuda")
+
+
 @dataclass(frozen=True)
 class Step:
-    """One optimizer step: the dataset indices of each of its micro-batches, its learning rates, and
-    the other scheduled settings it used (``{"momentum": per group}`` or ``{"beta1": ..., "beta2": ...}``;
-    empty for runs recorded before 0.2, which did not record them).
+    """One optimizer step: the dataset indices of each of its micro-batches, its learning rates, the
+    other scheduled settings it used (``{"momentum": per group}`` or ``{"beta1": ..., "beta2": ...}``;
+    empty for runs recorded before 0.2), and per micro-batch the state, at its start, of each generator
+    (see :data:`GENERATORS`) its training step drew random numbers from (``None`` for runs recorded
+    before 0.3, which did not record them).
 
     With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
     micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
@@ -217,37 +225,61 @@ class Step:
     micro_batches: tuple[Tensor, ...]
     lrs: tuple[float, ...]
     scheduled: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    rng: tuple[Mapping[str, Tensor], ...] | None = None
 
 
-StepRecord = tuple[Sequence[Sequence[int]], Sequence[Mapping[str, float]]]
+# Per step: its micro-batches' indices, per parameter group {"lr": ..., and its SCHEDULED settings},
+# and per micro-batch {generator: state at its start} for the generators it drew from.
+StepRecord = tuple[Sequence[Sequence[int]], Sequence[Mapping[str, float]], Sequence[Mapping[str, Tensor]]]
 
 
 def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> dict[str, Any]:
-    """The per-step block of a snapshot: steps ``first, first + 1, ...``, each given as
-    ``(micro-batches as index lists, per group {"lr": ..., and its SCHEDULED settings})``, as flat tensors."""
-    micro = [m for batches, _ in steps for m in batches]
+    """The per-step block of a snapshot: steps ``first, first + 1, ...`` (see :data:`StepRecord`), as
+    flat tensors. Random states are kept only for the micro-batches that drew random numbers
+    (``rng[generator]``: their positions among the block's micro-batches and their states)."""
+    micro = [m for batches, _, _ in steps for m in batches]
+    micro_rng = [r for _, _, states in steps for r in states]
 
     def table(name: str) -> Tensor:
-        return torch.tensor([[g[name] for g in groups] for _, groups in steps], dtype=torch.float64).reshape(len(steps), num_groups)
+        return torch.tensor([[g[name] for g in groups] for _, groups, _ in steps], dtype=torch.float64).reshape(len(steps), num_groups)
 
     names = [n for n in SCHEDULED if steps and n in steps[0][1][0]]
+    rng = {}
+    for generator in GENERATORS:
+        positions = [k for k, r in enumerate(micro_rng) if generator in r]
+        if positions:
+            rng[generator] = {
+                "positions": torch.tensor(positions, dtype=torch.long),
+                "states": torch.stack([micro_rng[k][generator] for k in positions]),
+            }
     return {
         "first": first,
         "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
         "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
-        "micro_batches_per_step": torch.tensor([len(batches) for batches, _ in steps], dtype=torch.long),
+        "micro_batches_per_step": torch.tensor([len(batches) for batches, _, _ in steps], dtype=torch.long),
         "lrs": table("lr"),
         "scheduled": {name: table(name) for name in names},
+        # A marker as well as the states: runs recorded before 0.3 have no "rng" entry at all.
+        "rng": {"recorded": True, **rng},
     }
 
 
 def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
     """Invert :func:`encode_steps`: ``(first step number, steps)``."""
     micro = torch.split(block["indices"], block["micro_batch_sizes"].tolist())
+    micro_rng: list[dict[str, Tensor]] | None = None
+    if "rng" in block:
+        micro_rng = [{} for _ in micro]
+        for generator in GENERATORS:
+            if generator in block["rng"]:
+                for k, state in zip(block["rng"][generator]["positions"].tolist(), block["rng"][generator]["states"]):
+                    # A copy: the generators' setters crash on a view into the archive's buffer.
+                    micro_rng[k][generator] = state.clone()
     steps, start = [], 0
     for k, count in enumerate(block["micro_batches_per_step"].tolist()):
         scheduled = {name: tuple(values[k].tolist()) for name, values in block.get("scheduled", {}).items()}
-        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled))
+        rng = None if micro_rng is None else tuple(micro_rng[start : start + count])
+        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled, rng))
         start += count
     return int(block["first"]), steps
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
 from lightning_dtda._io import load_json, save_archive, save_json
 from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, StepRecord, encode_steps, snapshot_file
@@ -32,8 +33,7 @@ class RunWriter:
         self.run_dir: Path | None = None
         self.manifest: Manifest | None = None
         self.snapshots: list[SnapshotEntry] = []
-        # Steps since the last snapshot: per step, its micro-batches' indices and, per parameter group,
-        # its learning rate and scheduled settings.
+        # Steps since the last snapshot (see run_format.StepRecord).
         self.steps: list[StepRecord] = []
         self.last_snapshot_step = -1
         self.complete = False
@@ -91,8 +91,9 @@ class RunWriter:
                 if f"snapshots/{path.name}" not in kept:
                     path.unlink()
 
-    def add_step(self, micro_batches: list[list[int]], settings: list[dict[str, float]]) -> None:
-        self.steps.append((micro_batches, settings))
+    def add_step(self, micro_batches: list[list[int]], settings: list[dict[str, float]], rng: list[dict[str, Tensor]]) -> None:
+        """Record one optimizer step (see ``run_format.StepRecord``)."""
+        self.steps.append((micro_batches, settings, rng))
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the module's weights at the current step, with the steps since the last snapshot."""
@@ -144,7 +145,7 @@ class RunWriter:
         return {
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "last_snapshot_step": self.last_snapshot_step,
-            "steps": [{"micro_batches": m, "settings": settings} for m, settings in self.steps],
+            "steps": [{"micro_batches": m, "settings": settings, "rng": rng} for m, settings, rng in self.steps],
             "snapshots": [s.to_json() for s in self.snapshots],
         }
 
@@ -154,6 +155,9 @@ class RunWriter:
             return False
         self.run_dir = Path(state["run_dir"])
         self.last_snapshot_step = state["last_snapshot_step"]
-        self.steps = [(s["micro_batches"], s["settings"] if "settings" in s else [{"lr": lr} for lr in s["lrs"]]) for s in state["steps"]]
+        self.steps = [
+            (s["micro_batches"], s["settings"] if "settings" in s else [{"lr": lr} for lr in s["lrs"]], s.get("rng", [{} for _ in s["micro_batches"]]))
+            for s in state["steps"]
+        ]
         self.snapshots = [SnapshotEntry.from_json(s) for s in state["snapshots"]]
         return True

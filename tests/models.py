@@ -38,6 +38,60 @@ class ReLUClassifier(TinyClassifier):
         self.net[1] = nn.ReLU()
 
 
+class SmallCNN(pl.LightningModule):
+    """Conv-BatchNorm-ReLU-max-pool, dropout and a linear head on ``(image [B, 1, 6, 6], label, index)``
+    batches: the layers that compute differently in training. SGD (momentum, weight decay) or Adam, with
+    a cosine schedule."""
+
+    def __init__(self, channels: int = 3, classes: int = 3, lr: float = 0.1, optimizer: str = "sgd",
+                 dropout: float = 0.3, total_steps: int = 12) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * 9, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self(x), y)
+
+    def attribution_inputs_targets(self, batch):
+        return batch[0], batch[1]
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=1e-3)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=1e-3)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.hparams.total_steps)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+class WeightedCNN(SmallCNN):
+    """SmallCNN trained on ``(x, y, index)`` batches with example ``removed``'s loss weighted by
+    ``weight``: Lightning's own reweighted retraining, the oracle of the replay."""
+
+    def __init__(self, removed: int = -1, weight: float = 1.0, **hparams) -> None:
+        super().__init__(**hparams)
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        weights = torch.where(index == self.hparams.removed, self.hparams.weight, 1.0).to(x.dtype)
+        return (F.cross_entropy(self(x), y, reduction="none") * weights).mean()
+
+
+def image_data(n: int = 24, classes: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
+    """``(image [1, 6, 6], label, index)`` examples; the label is the brightest of ``classes`` regions."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=g, dtype=dtype)
+    y = torch.stack([x[:, 0, :, 2 * k : 2 * k + 2].mean((1, 2)) for k in range(classes)], 1).argmax(1)
+    return TensorDataset(x, y, torch.arange(n))
+
+
 class LinearRegression(pl.LightningModule):
     """One linear layer with mean squared error."""
 
@@ -80,3 +134,15 @@ def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def fit_weighted_cnn(tmp_path, data, recorder=True, precision="64-true", **hparams):
+    """Train a WeightedCNN with gradient clipping (seed 0, batches of 6, 2 epochs), recording a snapshot every 3 steps."""
+    from lightning_dtda import TrajectoryRecorder
+
+    pl.seed_everything(0)
+    model = WeightedCNN(**hparams)
+    callbacks = [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=3)] if recorder else []
+    trainer(tmp_path, callbacks, max_epochs=2, precision=precision, gradient_clip_val=0.5).fit(
+        model, torch.utils.data.DataLoader(data, batch_size=6, shuffle=True))
+    return model

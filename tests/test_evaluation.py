@@ -9,7 +9,7 @@ from lightning_dtda import Attributor, AttributionResult, Influence, load_runs, 
 from lightning_dtda.evaluation import QuerySpearman, Retraining, leave_one_out_weights, random_subset_weights, retrain
 from lightning_dtda.replay import replay
 from lightning_dtda.trajectory import instantiate
-from models import TinyClassifier, classification_data, trainer
+from models import TinyClassifier, WeightedCNN, classification_data, fit_weighted_cnn, image_data, trainer
 
 
 class WeightedClassifier(TinyClassifier):
@@ -54,15 +54,26 @@ def test_replay_leave_one_out_equals_lightning_retraining_with_the_same_seed(tmp
     weights = torch.cat([torch.ones(1, 24), leave_one_out_weights(24, [7, 11])])
     replayed = replay(model, run, data, weights)
     final = run.state_dict()
-    names = [n for n, p in model.named_parameters()]
     # weight 1 everywhere is exactly the recorded run
-    assert max((replayed[i][0] - final[n]).abs().max().item() for i, n in enumerate(names)) < 1e-12
+    assert max((t[0] - final[n]).abs().max().item() for n, t in replayed.items()) < 1e-12
     for row, removed in ((1, 7), (2, 11)):
         lightning_loo = fit(tmp_path, lambda: WeightedClassifier(removed=removed, **HPARAMS), data, seed=3,
                                 recorder=False)
         expected = dict(lightning_loo.named_parameters())
-        assert max((replayed[i][row] - expected[n]).abs().max().item() for i, n in enumerate(names)) < 1e-12
-        assert max((replayed[i][row] - final[n]).abs().max().item() for i, n in enumerate(names)) > 1e-4
+        assert max((t[row] - expected[n]).abs().max().item() for n, t in replayed.items()) < 1e-12
+        assert max((t[row] - final[n]).abs().max().item() for n, t in replayed.items()) > 1e-4
+
+
+def test_retraining_a_cnn_with_dropout_batch_norm_and_clipping_equals_lightning_retraining(tmp_path):
+    data, queries = image_data(24, dtype=torch.float64), image_data(3, seed=1, dtype=torch.float64)
+    fit_weighted_cnn(tmp_path, data)
+    truth = retrain(WeightedCNN, tmp_path / "runs", data, queries, leave_one_out_weights(24, [5, 18]), progress=False)
+    for column, removed in enumerate((5, 18)):
+        lightning = fit_weighted_cnn(tmp_path, data, recorder=False, removed=removed, weight=0.0).eval()
+        with torch.no_grad():
+            expected = F.cross_entropy(lightning(queries.tensors[0]), queries.tensors[1], reduction="none")
+        assert (truth.retrained[0, :, column] - expected).abs().max() < 1e-12
+        assert (truth.effects[0, :, column]).abs().max() > 1e-3  # removing the example did change the queries
 
 
 def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):

@@ -51,6 +51,8 @@ def test_replay_reproduces_final_weights(tmp_path, accumulate):
     epochs = torch.cat([m for s in run.steps for m in s.micro_batches]).split(37)
     assert all(sorted(e.tolist()) == list(range(37)) for e in epochs)
     assert not torch.equal(epochs[0], epochs[1])
+    # no random op in the forward: no random state kept, one (empty) entry per micro-batch
+    assert all(len(s.rng) == len(s.micro_batches) and not any(s.rng) for s in run.steps)
     final = run.state_dict()
     assert max_diff(final, model.state_dict()) == 0
     assert max_diff(replay_sgd(run, data), final) < 1e-6

@@ -78,6 +78,7 @@ class RunContext:
         module: The LightningModule class or instance the Attributor was given.
         model: The module at the run's final snapshot, in eval mode on ``device``.
         query_grads: ``[Q, P]`` measurement gradients at the final weights.
+        query_data: The queries.
         train_data: The whole training set, in recorded index order.
         batch_size: Examples per chunk of gradients and per curvature batch.
         device: Where to compute.
@@ -89,6 +90,7 @@ class RunContext:
     module: type[nn.Module] | nn.Module
     model: nn.Module
     query_grads: Tensor
+    query_data: Dataset
     train_data: Dataset
     batch_size: int
     device: torch.device

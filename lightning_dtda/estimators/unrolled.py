@@ -25,7 +25,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_dtda.estimators.base import Estimator, RunContext
-from lightning_dtda.replay import Replay
+from lightning_dtda.gradients import stream_gradients
+from lightning_dtda.hooks import Hooks
+from lightning_dtda.replay import Replay, differentiable_running_statistics, running_statistics
 from lightning_dtda.trajectory import Trajectory
 
 # The replay must land on the recorded weights; a larger gap means it is not the same run.
@@ -48,18 +50,21 @@ def _with_state_tensors(state: dict[str, Any], tensors: list[Tensor]) -> dict[st
     return rebuilt
 
 
-def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], snapshot: int) -> None:
+def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int) -> None:
     """Raise (after the first snapshot interval: before the long pass) or warn (at the end) if the
-    replay does not reproduce the weights recorded at ``snapshot``."""
+    replay does not reproduce the weights and running statistics recorded at ``snapshot``."""
     recorded = run.state_dict(snapshot)
-    gap = max(((p[0] - recorded[n].to(p)).abs().max() / recorded[n].abs().max().clamp(min=1e-12)).item() for n, p in zip(replay.names, params))
+    gap = max(
+        ((t[0] - recorded[n].to(t)).abs().max() / recorded[n].abs().max().clamp(min=1e-12)).item()
+        for n, t in replay.named(params, state).items()
+    )
     mixed = "mixed" in run.manifest.precision
     if gap <= (_MIXED_PRECISION_TOLERANCE if mixed else _REPLAY_TOLERANCE):
         return
     message = (
         f"Replaying {run.name} to step {run.snapshot_steps[snapshot]} lands {gap:.1e} (relative) away from its recorded "
         "weights, so the replay is not the run. Possible causes: a training loss other than the attribution_train_loss "
-        "hook's (or a training_step that adds terms to it); random ops in the forward other than nn.Dropout layers; "
+        "hook's (or a training_step that adds terms to it); random data augmentation (the replay reads train_data as it is); "
         "manual optimization or an optimizer step changed by a callback or closure; parameters trained but not "
         f"trainable in the module given to the Attributor; mixed precision (this run: {run.manifest.precision})."
     )
@@ -96,7 +101,17 @@ class Unrolled(Estimator):
             raise ValueError(f"relu_smoothing must be None or a positive width, got {self.relu_smoothing!r}.")
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
-        effects = unrolled_effects(context.model, context.run, context.train_data, context.query_grads, context.progress, self.relu_smoothing)
+        names = running_statistics(context.model)
+        buffer_grads = None
+        if names:  # the final measurement (eval mode) also depends on the running statistics the replay carries
+            with differentiable_running_statistics(context.model):
+                buffer_grads = torch.cat([
+                    g for _, g in stream_gradients(context.model, Hooks(context.model).measurement, context.query_data, context.batch_size,
+                                                   context.device, context.progress, "query gradients (running statistics)", wrt=names)
+                ])
+        effects = unrolled_effects(
+            context.model, context.run, context.train_data, context.query_grads, buffer_grads, context.progress, self.relu_smoothing
+        )
         return effects, {}
 
 
@@ -105,6 +120,7 @@ def unrolled_effects(
     run: Trajectory,
     train_data: Dataset,
     query_grads: Tensor,
+    query_buffer_grads: Tensor | None = None,
     progress: bool = False,
     relu_smoothing: float | None = None,
 ) -> Tensor:
@@ -115,6 +131,8 @@ def unrolled_effects(
         run: A recorded run with batch membership.
         train_data: The training set in recorded index order.
         query_grads: ``[Q, P]`` gradients of the measurements at the run's final weights.
+        query_buffer_grads: ``[Q, B]`` their gradients with respect to the running statistics
+            (``replay.running_statistics``' order), for a module with batch norms.
         relu_smoothing: ``None`` for the exact derivative, or the width ``sigma`` (in
             pre-activation units) of the Gaussian that stands in for ReLU's kink (see ``relu``).
     """
@@ -132,14 +150,25 @@ def unrolled_effects(
             checkpoints.append((params, state))
             params, state = replay.steps(params, state, ones, steps[a:b])
             if index == 1:  # refuse before the long pass, not after it
-                check_replay(run, replay, params, index)
+                check_replay(run, replay, params, state, index)
     if len(bounds) > 2:
-        check_replay(run, replay, params, len(bounds) - 1)
+        check_replay(run, replay, params, state, len(bounds) - 1)
 
-    # Adjoints: one row per query for each parameter (and, later, each optimizer state tensor).
+    # Adjoints: one row per query for each parameter and each state tensor. The optimizer's final
+    # state does not enter the measurement; the running statistics do.
     sizes = [p[0].numel() for p in params]
     adjoint = [g.reshape(len(query_grads), *p.shape[1:]) for g, p in zip(query_grads.to(dtype).split(sizes, dim=1), params)]
-    state_adjoint: list[Tensor] | None = None
+    final_state_adjoint = {
+        k: [None if t is None else torch.zeros(len(query_grads), *t.shape[1:], dtype=dtype, device=device) for t in v]
+        for k, v in state.items()
+        if isinstance(v, list)
+    }
+    if query_buffer_grads is not None:
+        buffer_sizes = [b[0].numel() for b in state["running_stats"]]
+        final_state_adjoint["running_stats"] = [
+            g.reshape(len(query_grads), *b.shape[1:]) for g, b in zip(query_buffer_grads.to(dtype).split(buffer_sizes, dim=1), state["running_stats"])
+        ]
+    state_adjoint = _state_tensors(final_state_adjoint)
     dm_dw = torch.zeros(len(query_grads), num_train, dtype=dtype, device=device)
     segments = list(zip(bounds[:-1], bounds[1:], checkpoints))
     for a, b, (p_start, s_start) in tqdm(segments[::-1], desc=f"unrolling {run.name}", disable=not progress, leave=False):
@@ -151,9 +180,7 @@ def unrolled_effects(
         outputs = p_out + _state_tensors(s_out)
         # Parameters carry a model dimension of 1; each query's adjoint fills it.
         grad_outputs = [g.unsqueeze(1) for g in adjoint]
-        grad_outputs += [g.unsqueeze(1) for g in state_adjoint] if state_adjoint is not None else [
-            torch.zeros(len(query_grads), *t.shape, dtype=t.dtype, device=t.device) for t in _state_tensors(s_out)
-        ]
+        grad_outputs += [g.unsqueeze(1) for g in state_adjoint]
         inputs = p_in + s_in + [w]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, allow_unused=True)
         grads = [torch.zeros(len(query_grads), *x.shape, dtype=dtype, device=device) if g is None else g for g, x in zip(grads, inputs)]
