@@ -176,6 +176,7 @@ class TrajectoryRecorder(Callback):
         self._step_settings: list[dict[str, float]] | None = None
         self._rng_at_start: dict[str, Tensor] = {}
         self._step_rng: list[dict[str, Tensor]] = []
+        self._scale_before_step: float | None = None
 
     @property
     @override
@@ -225,6 +226,13 @@ class TrajectoryRecorder(Callback):
         self._rng_at_start = _rng_states(pl_module.device)
 
     @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # 16-mixed: the gradient scaler skips the step when it finds inf/NaN gradients, and lowers its
+        # scale; Lightning counts the step anyway. (The scaler syncs on its own check already.)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scale_before_step = None if scaler is None else scaler.get_scale()
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -236,8 +244,10 @@ class TrajectoryRecorder(Callback):
             return
         if trainer.global_step != step or self._step_settings is None:
             raise RuntimeError(f"TrajectoryRecorder lost track of optimizer steps at step {trainer.global_step}.")
-        self.writer.add_step(self.membership.take_step(), self._step_settings, self._step_rng)
-        self._step_settings, self._step_rng = None, []
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        skipped = self._scale_before_step is not None and scaler.get_scale() < self._scale_before_step
+        self.writer.add_step(self.membership.take_step(), self._step_settings, self._step_rng, skipped)
+        self._step_settings, self._step_rng, self._scale_before_step = None, [], None
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.writer.snapshot(trainer, pl_module)
 

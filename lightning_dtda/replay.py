@@ -267,6 +267,8 @@ class Replay:
                     g, buffers = self._batched_grad(params, buffers, weights[:, indices], batch)
                     grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
                 assert grads is not None
+                if step.skipped:  # the gradient scaler skipped it; the forwards above still updated batch norms
+                    continue
                 grads = self._clip(grads)
                 params, state = self.optimizer.step(params, grads, state, step.lrs, step.scheduled)
         return params, {**state, "running_stats": buffers}

@@ -215,7 +215,8 @@ class Step:
     other scheduled settings it used (``{"momentum": per group}`` or ``{"beta1": ..., "beta2": ...}``;
     empty for runs recorded before 0.2), and per micro-batch the state, at its start, of each generator
     (see :data:`GENERATORS`) its training step drew random numbers from (``None`` for runs recorded
-    before 0.3, which did not record them).
+    before 0.3, which did not record them). ``skipped``: the optimizer step did not happen (a 16-mixed
+    run's gradient scaler found inf/NaN gradients); the forward did (batch norm statistics, random draws).
 
     With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
     micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
@@ -226,22 +227,24 @@ class Step:
     lrs: tuple[float, ...]
     scheduled: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     rng: tuple[Mapping[str, Tensor], ...] | None = None
+    skipped: bool = False
 
 
 # Per step: its micro-batches' indices, per parameter group {"lr": ..., and its SCHEDULED settings},
-# and per micro-batch {generator: state at its start} for the generators it drew from.
-StepRecord = tuple[Sequence[Sequence[int]], Sequence[Mapping[str, float]], Sequence[Mapping[str, Tensor]]]
+# per micro-batch {generator: state at its start} for the generators it drew from, and whether the
+# optimizer step was skipped.
+StepRecord = tuple[Sequence[Sequence[int]], Sequence[Mapping[str, float]], Sequence[Mapping[str, Tensor]], bool]
 
 
 def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> dict[str, Any]:
     """The per-step block of a snapshot: steps ``first, first + 1, ...`` (see :data:`StepRecord`), as
     flat tensors. Random states are kept only for the micro-batches that drew random numbers
     (``rng[generator]``: their positions among the block's micro-batches and their states)."""
-    micro = [m for batches, _, _ in steps for m in batches]
-    micro_rng = [r for _, _, states in steps for r in states]
+    micro = [m for batches, *_ in steps for m in batches]
+    micro_rng = [r for _, _, states, _ in steps for r in states]
 
     def table(name: str) -> Tensor:
-        return torch.tensor([[g[name] for g in groups] for _, groups, _ in steps], dtype=torch.float64).reshape(len(steps), num_groups)
+        return torch.tensor([[g[name] for g in groups] for _, groups, *_ in steps], dtype=torch.float64).reshape(len(steps), num_groups)
 
     names = [n for n in SCHEDULED if steps and n in steps[0][1][0]]
     rng = {}
@@ -256,7 +259,8 @@ def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> di
         "first": first,
         "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
         "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
-        "micro_batches_per_step": torch.tensor([len(batches) for batches, _, _ in steps], dtype=torch.long),
+        "micro_batches_per_step": torch.tensor([len(batches) for batches, *_ in steps], dtype=torch.long),
+        "skipped": torch.tensor([k for k, (*_, skipped) in enumerate(steps) if skipped], dtype=torch.long),
         "lrs": table("lr"),
         "scheduled": {name: table(name) for name in names},
         # A marker as well as the states: runs recorded before 0.3 have no "rng" entry at all.
@@ -275,11 +279,12 @@ def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
                 for k, state in zip(block["rng"][generator]["positions"].tolist(), block["rng"][generator]["states"]):
                     # A copy: the generators' setters crash on a view into the archive's buffer.
                     micro_rng[k][generator] = state.clone()
+    skipped = set(block["skipped"].tolist()) if "skipped" in block else set()
     steps, start = [], 0
     for k, count in enumerate(block["micro_batches_per_step"].tolist()):
         scheduled = {name: tuple(values[k].tolist()) for name, values in block.get("scheduled", {}).items()}
         rng = None if micro_rng is None else tuple(micro_rng[start : start + count])
-        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled, rng))
+        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled, rng, k in skipped))
         start += count
     return int(block["first"]), steps
 

@@ -91,9 +91,9 @@ class RunWriter:
                 if f"snapshots/{path.name}" not in kept:
                     path.unlink()
 
-    def add_step(self, micro_batches: list[list[int]], settings: list[dict[str, float]], rng: list[dict[str, Tensor]]) -> None:
+    def add_step(self, micro_batches: list[list[int]], settings: list[dict[str, float]], rng: list[dict[str, Tensor]], skipped: bool) -> None:
         """Record one optimizer step (see ``run_format.StepRecord``)."""
-        self.steps.append((micro_batches, settings, rng))
+        self.steps.append((micro_batches, settings, rng, skipped))
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the module's weights at the current step, with the steps since the last snapshot."""
@@ -145,7 +145,7 @@ class RunWriter:
         return {
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "last_snapshot_step": self.last_snapshot_step,
-            "steps": [{"micro_batches": m, "settings": settings, "rng": rng} for m, settings, rng in self.steps],
+            "steps": [{"micro_batches": m, "settings": settings, "rng": rng, "skipped": skipped} for m, settings, rng, skipped in self.steps],
             "snapshots": [s.to_json() for s in self.snapshots],
         }
 
@@ -156,7 +156,12 @@ class RunWriter:
         self.run_dir = Path(state["run_dir"])
         self.last_snapshot_step = state["last_snapshot_step"]
         self.steps = [
-            (s["micro_batches"], s["settings"] if "settings" in s else [{"lr": lr} for lr in s["lrs"]], s.get("rng", [{} for _ in s["micro_batches"]]))
+            (
+                s["micro_batches"],
+                s["settings"] if "settings" in s else [{"lr": lr} for lr in s["lrs"]],
+                s.get("rng", [{} for _ in s["micro_batches"]]),
+                s.get("skipped", False),
+            )
             for s in state["steps"]
         ]
         self.snapshots = [SnapshotEntry.from_json(s) for s in state["snapshots"]]
