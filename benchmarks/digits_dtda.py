@@ -1,6 +1,7 @@
 """The public d-TDA benchmark: how well each estimator predicts distributional removal effects.
 
-    python benchmarks/digits_dtda.py            # first run ~15 min on 2 CPU cores; cached reruns ~5 min
+    python benchmarks/digits_dtda.py              # first run ~15 min on 2 CPU cores; cached reruns ~5 min
+    python benchmarks/digits_dtda.py --model cnn  # the BatchNorm/dropout CNN row
 
 Setting: scikit-learn digits, N = 500 training examples (the first 500 of a fixed permutation),
 50 queries from the rest; MLP 64-64-10 (ReLU), SGD with momentum 0.9, lr 0.03, batch 32,
@@ -11,6 +12,10 @@ Ground truth: 32 seeds recorded with Lightning; for 100 removed examples each se
 giving true mean, variance and W2 shifts; 100 random half-subsets x 4 seeds give the LDS.
 Estimators use the first 8 seeds. The ceiling row is the ground truth's split-half reliability
 (16 seeds against the other 16). Everything expensive is cached under --out.
+
+``--model cnn``: the same data and protocol with ``digits_cnn.DigitsCNN`` (Conv-BatchNorm-ReLU-max-pool,
+Dropout 0.2, Linear; SGD with momentum, a cosine schedule, ``gradient_clip_val=1``), the layers
+that compute differently in training; ground truth by the same coupled replay (same dropout masks).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP  # noqa: E402
+from digits_cnn import DigitsCNN  # noqa: E402
 
 from lightning_dtda import AttributionResult, Attributor, Influence, Segmented, Unrolled, distribution, load_runs, train_seeds  # noqa: E402
 from lightning_dtda.evaluation import (  # noqa: E402
@@ -41,6 +47,7 @@ METHODS = {
     "identity": Influence(curvature="identity"),
     "kfac": Influence(curvature="kfac"),
     "ekfac": Influence(curvature="ekfac"),
+    "ekfac (Linear/Conv2d layers only)": Influence(curvature="ekfac"),
     "ggn": Influence(curvature="ggn"),
     "segmented (ekfac, 4 segments)": Segmented(segments=4, curvature="ekfac"),
     "unrolled": Unrolled(),
@@ -74,7 +81,8 @@ def score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/output/digits_dtda"))
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/output/digits_dtda[_cnn]")
     parser.add_argument("--truth-seeds", type=int, default=32)
     parser.add_argument("--estimator-seeds", type=int, default=8)
     parser.add_argument("--examples", type=int, default=100)
@@ -83,6 +91,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     args = parser.parse_args()
+    args.out = args.out or Path("benchmarks/output/digits_dtda" + ("_cnn" if args.model == "cnn" else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -90,10 +99,14 @@ def main() -> None:
     runs_dir = args.out / "runs"
     start = time.perf_counter()
     already = len(list(runs_dir.glob("seed_*"))) if runs_dir.exists() else 0
+    steps = args.epochs * -(-len(train) // 32)
+    Module, make_module, trainer_kwargs = (
+        (DigitsCNN, lambda: DigitsCNN(total_steps=steps), {"gradient_clip_val": 1.0}) if args.model == "cnn" else (DigitsMLP, DigitsMLP, {})
+    )
     train_seeds(
-        DigitsMLP, DataLoader(train, batch_size=32, shuffle=True), runs_dir, range(args.truth_seeds),
+        make_module, DataLoader(train, batch_size=32, shuffle=True), runs_dir, range(args.truth_seeds),
         max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
     )
     trained = args.truth_seeds - already
     timing_path = args.out / "training_seconds.json"
@@ -104,16 +117,28 @@ def main() -> None:
 
     examples = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.examples]
     loo = cached(args.out / f"loo_{args.truth_seeds}x{args.examples}.pt",
-                 lambda: retrain(DigitsMLP, runs, train, queries, leave_one_out_weights(len(train), examples)))
+                 lambda: retrain(Module, runs, train, queries, leave_one_out_weights(len(train), examples)))
     lds = cached(args.out / f"lds_{args.subset_seeds}x{args.subsets}.pt",
-                 lambda: retrain(DigitsMLP, runs[: args.subset_seeds], train, queries,
+                 lambda: retrain(Module, runs[: args.subset_seeds], train, queries,
                                  random_subset_weights(len(train), args.subsets, 0.5, seed=2)))
 
-    rows = []
+    rows, refused = [], []
     for method in args.methods:
         start = time.perf_counter()
-        attributor = Attributor(DigitsMLP, runs[: args.estimator_seeds], train, METHODS[method], progress=False)
-        result = attributor.attribute(queries)
+        module = Module
+        if method == "ekfac (Linear/Conv2d layers only)":
+            # K-FAC has no factors for batch norm (issue #13): attribute through the layers it supports.
+            module = DigitsCNN(total_steps=steps)
+            for m in module.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.requires_grad_(False)
+        attributor = Attributor(module, runs[: args.estimator_seeds], train, METHODS[method], progress=False)
+        try:
+            result = attributor.attribute(queries)
+        except ValueError as err:  # e.g. K-FAC on batch norm parameters (issue #13)
+            print(f"{method}: refused: {err}".splitlines()[0])
+            refused.append(method)
+            continue
         seconds = time.perf_counter() - start
         rows.append((method, result, seconds))
         if method == "ekfac":
@@ -138,6 +163,7 @@ def main() -> None:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {name} | {fmt(cells['mean'])} | {fmt(cells['variance'])} | {fmt(cells['wasserstein'])} | "
                      f"{fmt(cells['lds'])} | {seconds:.1f} | {seconds / result.num_seeds / seconds_per_seed:.2f} |")
+    lines += [f"| {method} | refused | — | — | — | — | — |" for method in refused]
     # What an estimator that got every one of its 8 seeds exactly right would score.
     k = args.estimator_seeds
     exact = {stat: score(distribution.statistic(stat)(loo.base[:k], loo.effects[:k]), loo.statistic(stat)) for stat in STATISTICS}
