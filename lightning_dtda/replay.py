@@ -26,6 +26,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
@@ -57,6 +58,11 @@ def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) ->
             problems.append(f"batch norm {name!r} averages its statistics cumulatively (momentum=None)")
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
             problems.append(f"instance norm {name!r} tracks running statistics")
+        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            problems.append(
+                f"attention {name!r} has dropout={m.dropout} inside torch's fused attention kernel, whose random draws "
+                "the replay's differentiable kernel cannot reproduce (set it to 0)"
+            )
         elif isinstance(m, _BATCH_NORMS) and run.manifest.world_size > 1:
             problems.append(f"batch norm {name!r} normalised each process's batch separately (multi-process training)")
     has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
@@ -130,7 +136,9 @@ def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]]) -
             patched.append(m)
     model.train()
     try:
-        yield
+        # The fused attention kernels have no second derivatives; the math one does.
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
     finally:
         for m in patched:
             del m.forward, m._replay_name, m._replay_collected

@@ -92,6 +92,36 @@ def image_data(n: int = 24, classes: int = 3, seed: int = 0, dtype: torch.dtype 
     return TensorDataset(x, y, torch.arange(n))
 
 
+class TinyTransformer(pl.LightningModule):
+    """Token embeddings, one ``nn.TransformerEncoderLayer`` (attention, LayerNorm, dropout) and a linear
+    head on ``[B, T]`` token batches; AdamW."""
+
+    def __init__(self, vocab: int = 12, d: int = 8, dropout: float = 0.1, attention_dropout: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = nn.Embedding(vocab, d)
+        self.layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=16, dropout=dropout, batch_first=True)
+        if not attention_dropout:
+            self.layer.self_attn.dropout = 0.0
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(tokens)).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def token_data(n: int = 24, length: int = 5, vocab: int = 12, seed: int = 0) -> TensorDataset:
+    """Token sequences labelled by whether token 3 occurs."""
+    x = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+    return TensorDataset(x, (x == 3).any(1).long())
+
+
 class LinearRegression(pl.LightningModule):
     """One linear layer with mean squared error."""
 

@@ -9,7 +9,7 @@ from lightning_dtda import Attributor, Segmented, TrajectoryRecorder, Unrolled, 
 from lightning_dtda.evaluation import leave_one_out_weights, retrain
 from lightning_dtda.replay import replay
 from lightning_dtda.hooks import Hooks
-from models import TinyClassifier, WeightedCNN, classification_data, fit_weighted_cnn, image_data, trainer
+from models import TinyClassifier, TinyTransformer, WeightedCNN, classification_data, fit_weighted_cnn, image_data, token_data, trainer
 from oracles import relative_error
 
 
@@ -161,8 +161,8 @@ def replay_gap(model, run, data):
     return max((t[0] - run.state_dict()[n]).abs().max().item() for n, t in replayed.items())
 
 
-def assert_unrolled_equals_finite_differences(cls, runs, data, eps):
-    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+def assert_unrolled_equals_finite_differences(cls, runs, data, eps, queries=None):
+    queries = classification_data(n=3, seed=1, dtype=torch.float64) if queries is None else queries
     result = Attributor(cls, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
     n = len(data)
     truth = retrain(cls, runs, data, queries, 1 - eps * (1 - leave_one_out_weights(n, range(n))), progress=False)
@@ -248,6 +248,19 @@ def test_layer_and_group_norm_need_nothing_special(tmp_path):
     model, run = fit_recorded(tmp_path, Norms(lr=0.2, momentum=0.9), data)
     assert replay_gap(model, run, data) < 1e-12
     assert_unrolled_equals_finite_differences(Norms, tmp_path / "runs", data, 1e-6)
+
+
+def test_a_transformer_with_attention_and_layer_norm_replays_exactly(tmp_path):
+    """nn.TransformerEncoderLayer: embeddings, attention (the replay needs the math kernel: the fused
+    ones have no second derivatives), LayerNorm; AdamW and clipping. (With its dropout > 0 the replay
+    misses, and is refused after its first interval: not yet understood, see issue #11.)"""
+    data = token_data(24)
+    model, run = fit_recorded(tmp_path, TinyTransformer(dropout=0.0), data, gradient_clip_val=1.0)
+    assert replay_gap(model, run, data) < 1e-10  # the run's fused attention and the replay's math kernel round differently
+    assert_unrolled_equals_finite_differences(TinyTransformer, tmp_path / "runs", data, 1e-7, token_data(3, seed=1))
+    with pytest.raises(ValueError, match=r"attention 'layer.self_attn' has dropout=0.1 inside torch's fused attention"):
+        Attributor(TinyTransformer(dropout=0.1, attention_dropout=True), tmp_path / "runs", data, estimator=Unrolled(), progress=False)\
+            .attribute(token_data(3, seed=1))
 
 
 def test_a_replay_leaves_the_callers_random_sequence_alone(tmp_path):

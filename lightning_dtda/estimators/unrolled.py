@@ -65,6 +65,7 @@ def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: d
         f"Replaying {run.name} to step {run.snapshot_steps[snapshot]} lands {gap:.1e} (relative) away from its recorded "
         "weights, so the replay is not the run. Possible causes: a training loss other than the attribution_train_loss "
         "hook's (or a training_step that adds terms to it); random data augmentation (the replay reads train_data as it is); "
+        "dropout inside a fused kernel (scaled_dot_product_attention with dropout_p > 0); "
         "manual optimization or an optimizer step changed by a callback or closure; parameters trained but not "
         f"trainable in the module given to the Attributor; mixed precision (this run: {run.manifest.precision})."
     )
