@@ -109,6 +109,8 @@ class Attributor:
         for this run (e.g. ``{"damping": ...}``), for one run."""
         model = self.load_model(run)
         hooks = Hooks(model)
+        if hooks.default_train_loss:
+            hooks.check_loss(move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device))
         query_grads = torch.cat(
             [g for _, g in stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients")]
         )

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from lightning_dtda import distribution
 from lightning_dtda._io import load_torch, save_torch
+from lightning_dtda.hooks import Hooks
 from lightning_dtda.replay import measure, replay
 from lightning_dtda.result import AttributionResult
 from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
@@ -120,6 +122,8 @@ def retrain(
     base, retrained = [], []
     for run in tqdm(runs, desc="retraining seeds", disable=not progress):
         model = instantiate(module, run, 0, device)
+        if Hooks(model).default_train_loss:
+            Hooks(model).check_loss(move_data_to_device(next(iter(DataLoader(train_data, batch_size=2))), device))
         measured = torch.cat(
             [
                 measure(model, replay(model, run, train_data, rows[i : i + models_per_pass], progress), query_data)

@@ -98,6 +98,41 @@ class Hooks:
             self._loss_function = loss
         return self._loss_function
 
+    def check_loss(self, batch: Any) -> None:
+        """Refuse what the loss function (the default per-example loss, and the curvatures') would get silently
+        wrong on ``batch`` (call it outside ``vmap``/``grad``: one forward, no grad): float targets that are
+        all 0 or 1 without a loss hook (binary cross-entropy or mean squared error?), and outputs and targets
+        the loss would broadcast into another value."""
+        inputs, targets = self.inputs_targets(batch)
+        loss = self.loss_function(batch)
+        if self._user_hook("attribution_loss_function") is None and targets.is_floating_point() and bool(((targets == 0) | (targets == 1)).all()):
+            raise MissingHookError(
+                self.module,
+                "attribution_loss_function",
+                "the targets are floats that are all 0 or 1, which could be binary cross-entropy or mean squared error "
+                "targets; return nn.BCEWithLogitsLoss() or nn.MSELoss() to say which",
+            )
+        with torch.no_grad():
+            outputs = self.module(inputs)
+        # Cross-entropy takes class indices without the class dimension, or probabilities shaped like the outputs.
+        if isinstance(loss, nn.CrossEntropyLoss) and not targets.is_floating_point():
+            expected = (*outputs.shape[:1], *outputs.shape[2:])
+        else:
+            expected = tuple(outputs.shape)
+        if tuple(targets.shape) != expected:
+            raise MissingHookError(
+                self.module,
+                "attribution_inputs_targets",
+                f"the model's outputs have shape {tuple(outputs.shape)} and the targets {tuple(targets.shape)}, which "
+                f"{type(loss).__name__} needs to be {expected}; it would broadcast them into another loss. Reshape them "
+                "there as training_step does",
+            )
+
+    @property
+    def default_train_loss(self) -> bool:
+        """Whether the training loss comes from the loss function (no ``attribution_train_loss`` hook)."""
+        return self._user_hook("attribution_train_loss") is None
+
     def _per_example_loss(self, batch: Any) -> Tensor:
         inputs, targets = self.inputs_targets(batch)
         loss = copy.copy(self.loss_function(batch))

@@ -176,3 +176,26 @@ def fit_weighted_cnn(tmp_path, data, recorder=True, precision="64-true", **hpara
     trainer(tmp_path, callbacks, max_epochs=2, precision=precision, gradient_clip_val=0.5).fit(
         model, torch.utils.data.DataLoader(data, batch_size=6, shuffle=True))
     return model
+
+
+class ColumnRegression(LinearRegression):
+    """``[B, 1]`` outputs trained against ``[B]`` targets: training_step squeezes, the default hooks cannot know."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x).squeeze(-1), y)
+
+
+class LogitClassifier(LinearRegression):
+    """One logit trained with binary cross-entropy on float 0/1 targets ``[B, 1]``."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y)
+
+
+class SaysBCE(LogitClassifier):
+    """LogitClassifier with the loss hook that settles the ambiguity of float 0/1 targets."""
+
+    def attribution_loss_function(self):
+        return nn.BCEWithLogitsLoss()

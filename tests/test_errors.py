@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_dtda import Attributor, Influence, MissingHookError, Segmented, TrajectoryRecorder, load_runs
-from models import TinyClassifier, classification_data, trainer
+from lightning_dtda import Unrolled
+from models import ColumnRegression, LogitClassifier, SaysBCE, TinyClassifier, classification_data, regression_data, trainer
 
 
 class DictData(Dataset):
@@ -151,3 +152,33 @@ def test_segmented_needs_an_eigenbasis(runs, data, monkeypatch):
     monkeypatch.setattr("lightning_dtda.curvature.DENSE_GGN_MAX_PARAMS", 10)
     with pytest.raises(ValueError, match="affordable up to 10 parameters; the model has 83. Use curvature='ekfac'"):
         Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn"), progress=False).attribute(data)
+
+
+@pytest.mark.parametrize("estimator", [Influence(curvature="ggn"), Influence(curvature="ekfac"), Unrolled()])
+def test_losses_and_shapes_the_defaults_would_get_wrong_are_refused(tmp_path, estimator):
+    """No silent wrong number: [B, 1] outputs against [B] targets would broadcast to [B, B] under MSE, and
+    float 0/1 targets could be BCE or MSE targets."""
+    x, y = regression_data(n=16).tensors
+    for cls, data, match in [
+        (ColumnRegression, TensorDataset(x, y[:, 0]),
+         r"attribution_inputs_targets`: the model's outputs have shape \(2, 1\) and the targets \(2,\), which MSELoss needs to be \(2, 1\)"),
+        (LogitClassifier, TensorDataset(x, (y > 0).float()),
+         "attribution_loss_function`: the targets are floats that are all 0 or 1"),
+    ]:
+        pl.seed_everything(0)
+        runs = tmp_path / cls.__name__
+        trainer(tmp_path, [TrajectoryRecorder(runs)], max_epochs=1).fit(cls(), DataLoader(data, batch_size=8))
+        with pytest.raises(MissingHookError, match=match):
+            Attributor(cls, runs, data, estimator=estimator, batch_size=2, progress=False).attribute(data)
+
+    # saying which loss settles it: the measurement is the binary cross-entropy, computed here by hand
+    data = TensorDataset(x, (y > 0).float())
+    pl.seed_everything(0)
+    model = SaysBCE()
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "bce")], max_epochs=1).fit(model, DataLoader(data, batch_size=8))
+    result = Attributor(SaysBCE, tmp_path / "bce", data, estimator=estimator, progress=False).attribute(data)
+    with torch.no_grad():
+        z, t = model(x), (y > 0).float()
+        by_hand = (torch.clamp(z, min=0) - z * t + torch.log1p(torch.exp(-z.abs()))).squeeze(1)
+    assert torch.allclose(result.measurements[0], by_hand, atol=1e-6)
+    assert torch.isfinite(result.effects).all()

@@ -129,7 +129,10 @@ class RunContext:
         hooks = Hooks(model)
         loss_function = None
         if kind != "identity":
-            loss_function = hooks.loss_function(move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device))
+            first = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
+            loss_function = hooks.loss_function(first)
+            if not hooks.default_train_loss:  # else the Attributor checked it already
+                hooks.check_loss(first)
         path = None
         if cache and self.cache_dir is not None:
             key = {"snapshot": self.run.snapshots[-1].sha256, "train": self.run.dataset_fingerprint, "curvature": kind}
