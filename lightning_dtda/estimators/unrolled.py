@@ -54,20 +54,24 @@ def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: d
     """Raise (after the first snapshot interval: before the long pass) or warn (at the end) if the
     replay does not reproduce the weights and running statistics recorded at ``snapshot``."""
     recorded = run.state_dict(snapshot)
-    gap = max(
-        ((t[0] - recorded[n].to(t)).abs().max() / recorded[n].abs().max().clamp(min=1e-12)).item()
+    gaps = {
+        n: ((t[0] - recorded[n].to(t)).abs().max() / recorded[n].abs().max().clamp(min=1e-12)).item()
         for n, t in replay.named(params, state).items()
-    )
+    }
+    worst = max(gaps, key=gaps.__getitem__)
+    gap = gaps[worst]
     mixed = "mixed" in run.manifest.precision
     if gap <= (_MIXED_PRECISION_TOLERANCE if mixed else _REPLAY_TOLERANCE):
         return
     message = (
         f"Replaying {run.name} to step {run.snapshot_steps[snapshot]} lands {gap:.1e} (relative) away from its recorded "
-        "weights, so the replay is not the run. Possible causes: a training loss other than the attribution_train_loss "
+        f"weights (most in {worst!r}), so the replay is not the run. Possible causes: a training loss other than the attribution_train_loss "
         "hook's (or a training_step that adds terms to it); random data augmentation (the replay reads train_data as it is); "
         "dropout inside a fused kernel (scaled_dot_product_attention with dropout_p > 0); "
         "manual optimization or an optimizer step changed by a callback or closure; parameters trained but not "
-        f"trainable in the module given to the Attributor; mixed precision (this run: {run.manifest.precision})."
+        f"trainable in the module given to the Attributor; mixed precision (this run: {run.manifest.precision}); "
+        "under Adam, a bias just before a batch norm (its gradient is rounding noise, which Adam turns into full steps: "
+        "use bias=False there)."
     )
     if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1:
         rank_zero_warn(message + " Unrolled effects describe the replay.")
