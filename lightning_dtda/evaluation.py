@@ -122,8 +122,9 @@ def retrain(
     base, retrained = [], []
     for run in tqdm(runs, desc="retraining seeds", disable=not progress):
         model = instantiate(module, run, 0, device)
-        if Hooks(model).default_train_loss:
-            Hooks(model).check_loss(move_data_to_device(next(iter(DataLoader(train_data, batch_size=2))), device))
+        hooks = Hooks(model)
+        if hooks.default_train_loss:
+            hooks.check_loss(move_data_to_device(next(iter(DataLoader(train_data, batch_size=2))), device))
         measured = torch.cat(
             [
                 measure(model, replay(model, run, train_data, rows[i : i + models_per_pass], progress), query_data)

@@ -154,7 +154,7 @@ def differentiable_running_statistics(model: nn.Module) -> Iterator[None]:
     def forward(self: nn.Module, input: Tensor) -> Tensor:
         shape = [1, -1, *[1] * (input.ndim - 2)]
         out = (input - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
-        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+        return _affine(out, self.weight, self.bias, shape)
 
     norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats]
     for m in norms:
