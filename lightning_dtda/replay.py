@@ -26,7 +26,9 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
@@ -114,6 +116,26 @@ def _layer_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
     return _affine(out, self.weight, self.bias, list(self.normalized_shape))
 
 
+class _EagerDropoutMasks(TorchFunctionMode):
+    """``F.dropout`` drawing its mask as it does outside ``vmap``.
+
+    Torch's CPU kernel fills ``empty_like(input)`` with Bernoulli draws in memory order; under
+    ``vmap(randomness="same")`` the mask is drawn in logical order. For a non-contiguous input (attention's
+    output after its transpose, in every transformer layer) these are different masks, so the replay of
+    a run would drop other units than the run did. This draws into a tensor laid out as the input is.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            bound = dict(zip(("input", "p", "training", "inplace"), args)) | kwargs
+            input, p = bound["input"], bound.get("p", 0.5)
+            if bound.get("training", True) and 0 < p < 1 and input.device.type == "cpu" and not input.is_contiguous():
+                layout = torch.empty_strided(input.shape, input.stride(), dtype=input.dtype, device=input.device)
+                return input * torch.empty_like(layout).bernoulli_(1 - p).div_(1 - p)
+        return func(*args, **kwargs)
+
+
 _DECOMPOSED = (
     (_BATCH_NORMS, _batch_norm_forward),
     (nn.modules.instancenorm._InstanceNorm, _instance_norm_forward),
@@ -122,10 +144,11 @@ _DECOMPOSED = (
 
 
 @contextlib.contextmanager
-def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]], draws: bool) -> Iterator[None]:
     """Train mode, with normalisation layers decomposed (see above), and batch norms normalising by their
     batch's statistics without touching their buffers, putting the statistics (mean, unbiased
-    variance) they saw in ``collected`` by module name."""
+    variance) they saw in ``collected`` by module name. ``draws``: the training step drew random
+    numbers (dropout masks are then drawn as outside vmap; the mode costs every op a Python call)."""
     modes = {m: m.training for m in model.modules()}
     patched = []
     for name, m in model.named_modules():
@@ -137,7 +160,7 @@ def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]]) -
     model.train()
     try:
         # The fused attention kernels have no second derivatives; the math one does.
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), _EagerDropoutMasks() if draws else contextlib.nullcontext():
             yield
     finally:
         for m in patched:
@@ -218,6 +241,7 @@ class Replay:
                     f"Run {run.name}'s scheduler {name} changes the momentum during training, and the run was recorded "
                     "by a version that did not record momentum per step. Record it again with this version."
                 )
+        self.draws = any(states for step in run.steps for states in (step.rng or ()))
         self.clipping = run.manifest.gradient_clipping or {}
         if self.clipping.get("custom"):
             raise ValueError(
@@ -266,7 +290,7 @@ class Replay:
         buffers = state.pop("running_stats")
         devices = [device] if device.type == "cuda" else []
         # The replay sets the generators to the run's states; the caller's sequence resumes afterwards.
-        with torch.random.fork_rng(devices=devices), _train_mode(self.model, self._collected):
+        with torch.random.fork_rng(devices=devices), _train_mode(self.model, self._collected, self.draws):
             for step in tqdm(steps, desc=f"replaying {self.run.name}", disable=not progress, leave=False):
                 grads: list[Tensor] | None = None
                 for k, indices in enumerate(step.micro_batches):
