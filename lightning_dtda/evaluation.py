@@ -27,11 +27,13 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from lightning_dtda import distribution
-from lightning_dtda._io import load_torch, save_torch
+from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.replay import measure, replay
 from lightning_dtda.result import AttributionResult
 from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
+
+_RETRAINING_FORMAT = 2  # 2: a safetensors file; 1: torch.save (see legacy.convert)
 
 
 @dataclass
@@ -83,12 +85,16 @@ class Retraining:
         return metric.compute().item()
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (``torch.save`` format)."""
-        save_torch({"weights": self.weights, "base": self.base, "retrained": self.retrained, "runs": self.runs}, path)
+        """Write atomically, as a safetensors file (tensors ``weights``, ``base``, ``retrained``; the run
+        names in its metadata entry ``"lightning_dtda"``)."""
+        save_tree({"format": _RETRAINING_FORMAT, "weights": self.weights, "base": self.base, "retrained": self.retrained, "runs": self.runs}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Retraining":
-        payload = load_torch(path)
+        """Read a file written by :meth:`save`; a truncated or foreign file raises ``ValueError``."""
+        payload = load_tree(path)
+        if payload.get("format") != _RETRAINING_FORMAT:
+            raise ValueError(f"{path} is not a Retraining file (format {_RETRAINING_FORMAT}).")
         return cls(payload["weights"], payload["base"], payload["retrained"], payload["runs"])
 
 

@@ -97,8 +97,8 @@ def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
     metric.update(predicted, actual)
     assert metric.compute() > 0.5
 
-    truth.save(tmp_path / "truth.pt")
-    loaded = Retraining.load(tmp_path / "truth.pt")
+    truth.save(tmp_path / "truth.safetensors")
+    loaded = Retraining.load(tmp_path / "truth.safetensors")
     assert torch.equal(loaded.retrained, truth.retrained) and loaded.runs == truth.runs
 
 
