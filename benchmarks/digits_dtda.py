@@ -116,9 +116,9 @@ def main() -> None:
     runs = load_runs(runs_dir)[: args.truth_seeds]
 
     examples = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.examples]
-    loo = cached(args.out / f"loo_{args.truth_seeds}x{args.examples}.pt",
+    loo = cached(args.out / f"loo_{args.truth_seeds}x{args.examples}.safetensors",
                  lambda: retrain(Module, runs, train, queries, leave_one_out_weights(len(train), examples)))
-    lds = cached(args.out / f"lds_{args.subset_seeds}x{args.subsets}.pt",
+    lds = cached(args.out / f"lds_{args.subset_seeds}x{args.subsets}.safetensors",
                  lambda: retrain(Module, runs[: args.subset_seeds], train, queries,
                                  random_subset_weights(len(train), args.subsets, 0.5, seed=2)))
 

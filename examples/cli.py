@@ -2,7 +2,7 @@
 
     python examples/cli.py fit --config examples/digits_cli.yaml
 
-Writes the recorded run and attribution.pt under output/cli/runs and the logged table, histogram and
+Writes the recorded run and attribution.safetensors under output/cli/runs and the logged table, histogram and
 scatter figure under output/cli/csv (paths relative to where it is run).
 """
 

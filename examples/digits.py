@@ -3,7 +3,7 @@
     python examples/digits.py             # about a minute on 2 CPU cores
     python examples/digits.py --epochs 2  # a quick check
 
-Writes, under --out: the recorded runs, the result (result.pt/.json), the logged table and
+Writes, under --out: the recorded runs, the result (result.safetensors/.json), the logged table and
 histogram (csv/), and influential_digits.png: each query with its most helpful and most harmful
 training images.
 """
@@ -102,7 +102,7 @@ def main() -> None:
 
     attributor = Attributor(DigitsMLP, args.out / "runs", train, Influence(curvature="ekfac"))
     result = attributor.attribute(queries, loggers=CSVLogger(args.out, name="csv"))
-    result.save(args.out / "result.pt")
+    result.save(args.out / "result.safetensors")
 
     for q in range(result.num_queries):
         label = queries.tensors[1][q].item()

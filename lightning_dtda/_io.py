@@ -1,22 +1,35 @@
 """Atomic, checked files: every artefact is written to a temporary name and renamed.
 
-Two encodings: ``torch.save`` for results and caches, and a flat archive (a JSON header followed by
-raw tensor bytes) for snapshots, which the recorder writes during training: ``torch.save``'s zip
-container cost the recorder about 1 ms a snapshot, a fifth of its whole overhead on the digits
-example, and reading it back 25 times as long as the archive.
+Artefacts are safetensors files (a JSON header, then raw little-endian tensor bytes): any
+safetensors reader opens them, and reading one runs no code. A tree of dicts and lists is stored as
+its tensors, each under its dotted path (``state_dict.net.0.weight``), plus the rest of the tree as
+JSON in the header's metadata (see :func:`encode_tree`). Nothing here pickles; the one reader of the
+``torch.save`` files that earlier versions wrote is ``legacy.convert``, run only when asked.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+# The metadata entry that holds the tree's JSON; its tensors appear there as {"__tensor__": name}, and
+# a dict whose keys are not all strings (an optimizer state's parameter numbers) as {"__items__": pairs}.
+TREE_KEY = "lightning_dtda"
+_TENSOR = "__tensor__"
+_ITEMS = "__items__"
+_JSON_LEAVES = (type(None), bool, int, float, str)
+# torch.save's zip container: what results, ground truths and caches were before safetensors.
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -39,32 +52,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_torch(obj: Any, path: str | Path) -> str:
-    """Write ``obj`` with ``torch.save`` atomically and return the SHA-256 of the file."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
-    atomic_write_bytes(Path(path), data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def load_torch(path: str | Path, sha256: str | None = None) -> Any:
-    """Read a file written by :func:`save_torch`, refusing it if it is missing, altered or cut short."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; was the run recorded to completion?")
-    data = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(
-            f"{path} does not match the checksum recorded for it: the file was truncated or altered "
-            "after it was written. Record the run again or restore the file."
-        )
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged zip archive
-        raise ValueError(f"{path} is not a readable file (truncated or corrupt): {err}") from err
-
-
 def save_json(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=1) + "\n").encode())
 
@@ -77,97 +64,121 @@ def load_json(path: str | Path) -> Any:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupt): {err}") from err
 
 
-_ARCHIVE_MAGIC = b"lightning-dtda archive 1\n"
-_JSON_LEAVES = (type(None), bool, int, float, str)
+def encode_tree(tree: Mapping[str, Any]) -> bytes:
+    """A safetensors file's bytes holding ``tree``: every tensor under its dotted path, and in the
+    metadata entry ``"lightning_dtda"`` the tree as JSON with each tensor replaced by its name.
 
+    ``tree`` may nest dicts (keys other than strings must be JSON values, e.g. an optimizer state's
+    parameter numbers), lists and tuples (read back as lists), tensors (stored on the CPU, contiguous)
+    and JSON values. Anything else raises ``TypeError``: only pickle could store it.
+    """
+    tensors: dict[str, Tensor] = {}
+    storages: set[int] = set()
 
-def _is_json(value: Any) -> bool:
-    if isinstance(value, list):
-        return all(_is_json(v) for v in value)
-    return isinstance(value, _JSON_LEAVES)
-
-
-def encode_archive(tree: dict[str, Any]) -> bytes:
-    """Encode a tree of ``str``-keyed dicts whose leaves are tensors, JSON values (numbers, strings,
-    lists of them) or anything else ``torch.save`` can write (stored as such, e.g. an optimizer's
-    ``state_dict`` with its integer keys)."""
-    chunks: list[bytes] = []
-    offset = 0
-
-    def blob(data: bytes) -> list[int]:
-        nonlocal offset
-        chunks.append(data)
-        offset += len(data)
-        return [offset - len(data), len(data)]
-
-    def encode(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
+    def encode(value: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(value, Tensor):
+            name = ".".join(path)
+            if name in tensors:
+                raise ValueError(f"two tensors of the tree would both be stored as {name!r}; rename one of their keys.")
             t = value.detach().cpu().contiguous()
-            data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-            return {"__tensor__": [str(t.dtype).removeprefix("torch."), list(t.shape), *blob(data)]}
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return {k: encode(v) for k, v in value.items()}
-        if _is_json(value):
+            # safetensors refuses tensors that share memory (tied weights): the second is stored in full.
+            storage = t.untyped_storage().data_ptr()
+            if storage in storages and t.numel():
+                t = t.clone()
+            storages.add(storage)
+            tensors[name] = t
+            return {_TENSOR: name}
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) for k in value) and not (len(value) == 1 and {_TENSOR, _ITEMS} & set(value)):
+                return {k: encode(v, (*path, k)) for k, v in value.items()}
+            for k in value:
+                if not isinstance(k, _JSON_LEAVES):
+                    raise TypeError(f"{'.'.join(path)} has the key {k!r}, which JSON cannot hold; use strings or numbers.")
+            return {_ITEMS: [[k, encode(v, (*path, str(k)))] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return [encode(v, (*path, str(i))) for i, v in enumerate(value)]
+        if isinstance(value, _JSON_LEAVES):
             return value
-        buffer = io.BytesIO()
-        torch.save(value, buffer)
-        return {"__saved__": blob(buffer.getvalue())}
+        raise TypeError(
+            f"{'.'.join(path) or 'the tree'} is a {type(value).__name__}, which only pickle could store; "
+            "give tensors, numbers, strings, lists or dicts."
+        )
 
-    header = json.dumps(encode(tree)).encode()
-    return b"".join([_ARCHIVE_MAGIC, struct.pack("<Q", len(header)), header, *chunks])
+    skeleton = json.dumps(encode(tree, ()))
+    return safetensors_save(tensors, metadata={TREE_KEY: skeleton})
 
 
-def decode_archive(data: bytes) -> dict[str, Any]:
-    """Invert :func:`encode_archive`; raises ``ValueError`` for anything it did not write."""
-    if not data.startswith(_ARCHIVE_MAGIC):
-        raise ValueError("not a lightning-dtda archive")
-    start = len(_ARCHIVE_MAGIC) + 8
-    (length,) = struct.unpack_from("<Q", data, len(_ARCHIVE_MAGIC))
-    tree = json.loads(data[start : start + length])
-    body = bytearray(memoryview(data)[start + length :])  # one copy, writable: torch.frombuffer shares it quietly
-
-    def region(offset: int, size: int) -> None:
-        if offset < 0 or offset + size > len(body):
-            raise ValueError("archive cut short")
+def decode_tree(data: bytes) -> dict[str, Any]:
+    """Invert :func:`encode_tree`; raises ``ValueError`` for bytes it did not write."""
+    try:
+        tensors = safetensors_load(data)
+    except SafetensorError as err:
+        raise ValueError(str(err)) from None
+    # safetensors has just validated the header: 8 bytes of little-endian length, then JSON. Its
+    # loaders return the metadata only for a file on disk; this reads it from the bytes that were checked.
+    (length,) = struct.unpack_from("<Q", data)
+    metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+    if TREE_KEY not in metadata:
+        raise ValueError(f"a safetensors file without lightning-dtda's {TREE_KEY!r} metadata")
 
     def decode(value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        if "__tensor__" in value:
-            dtype_name, shape, offset, size = value["__tensor__"]
-            region(offset, size)
-            dtype = getattr(torch, dtype_name)
-            if size == 0:
-                return torch.empty(shape, dtype=dtype)
-            return torch.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
-        if "__saved__" in value:
-            offset, size = value["__saved__"]
-            region(offset, size)
-            return torch.load(io.BytesIO(bytes(body[offset : offset + size])), map_location="cpu", weights_only=True)
-        return {k: decode(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if isinstance(value, dict):
+            if len(value) == 1 and _TENSOR in value:
+                if value[_TENSOR] not in tensors:
+                    raise ValueError(f"the metadata names a tensor {value[_TENSOR]!r} the file lacks")
+                return tensors[value[_TENSOR]]
+            if len(value) == 1 and _ITEMS in value:
+                return {k: decode(v) for k, v in value[_ITEMS]}
+            return {k: decode(v) for k, v in value.items()}
+        return value
 
-    return decode(tree)
+    return decode(json.loads(metadata[TREE_KEY]))
 
 
-def save_archive(tree: dict[str, Any], path: str | Path) -> str:
-    """Write :func:`encode_archive`'s bytes atomically and return their SHA-256."""
-    data = encode_archive(tree)
+def save_tree(tree: Mapping[str, Any], path: str | Path) -> str:
+    """Write :func:`encode_tree`'s bytes to ``path`` atomically and return their SHA-256."""
+    data = encode_tree(tree)
     atomic_write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
 
 
-def load_archive(path: str | Path, sha256: str) -> dict[str, Any]:
-    """Read a file written by :func:`save_archive`, refusing it if it is missing, altered or cut short."""
+def read_checked(path: str | Path, sha256: str | None = None) -> bytes:
+    """The bytes of ``path``, refused if the file is missing or (given ``sha256``) altered or cut short."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; was the run recorded to completion?")
+        raise FileNotFoundError(f"{path} does not exist.")
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(
             f"{path} does not match the checksum recorded for it: the file was truncated or altered "
             "after it was written. Record the run again or restore the file."
         )
+    return data
+
+
+def decode_file(path: str | Path, data: bytes) -> dict[str, Any]:
+    """:func:`decode_tree` of the bytes read from ``path``; an earlier version's ``torch.save`` file or
+    anything unreadable raises ``ValueError`` naming the file (and how to convert it)."""
+    path = Path(path)
+    if data.startswith(_ZIP_MAGIC):
+        raise ValueError(
+            f"{path} was written with torch.save (pickle) by an earlier version of lightning-dtda; this version "
+            "reads only safetensors files. Convert it once with "
+            f"`python -c \"from lightning_dtda.legacy import convert; convert({str(path)!r})\"`, which writes "
+            f"{path.with_suffix('.safetensors').name} beside it."
+        )
     try:
-        return decode_archive(data)
-    except Exception as err:  # the checksum matched, so this is a file some other program wrote
-        raise ValueError(f"{path} is not a readable snapshot file: {err}") from err
+        return decode_tree(data)
+    except (ValueError, KeyError, TypeError, struct.error) as err:
+        raise ValueError(f"{path} is not a readable lightning-dtda file (truncated or corrupt): {err}") from err
+
+
+def load_tree(path: str | Path, sha256: str | None = None) -> dict[str, Any]:
+    """Read a file written by :func:`save_tree` (see :func:`read_checked` and :func:`decode_file`).
+
+    It is read whole and decoded from the bytes that were checked, not memory-mapped: the checksum
+    reads every byte anyway, and a file replaced after the check cannot slip through.
+    """
+    return decode_file(path, read_checked(path, sha256))

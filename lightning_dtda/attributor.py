@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from lightning_dtda._io import load_torch, save_torch
+from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import rank_and_world
 from lightning_dtda.estimators import Estimator, Influence, RunContext
@@ -148,11 +148,11 @@ class Attributor:
             return self.attribute_run(run, query_data)
         path = self.cache_path(run, query_fingerprint)
         if path.is_file():
-            cached = load_torch(path)
+            cached = load_tree(path)
             return cached["effects"], cached["measurements"], cached["info"]
         effects, measurements, info = self.attribute_run(run, query_data)
         if rank_and_world()[0] == 0:
-            save_torch({"effects": effects, "measurements": measurements, "info": info}, path)
+            save_tree({"effects": effects, "measurements": measurements, "info": info}, path)
         return effects, measurements, info
 
     def attribute(

@@ -25,7 +25,7 @@ class AttributionCallback(Callback):
     It attributes the queries over every finished run in the :class:`TrajectoryRecorder`'s ``dirpath``
     and the run being trained (so after the last of several seeds it reports the distribution over
     all of them), logs summary scalars, a top-k table and a histogram to every logger at the
-    trainer's global step (see ``log_result``), and saves the result as ``attribution.pt`` (with
+    trainer's global step (see ``log_result``), and saves the result as ``attribution.safetensors`` (with
     ``attribution.json``) in the recorder's ``dirpath``. Other runs in that folder that have not
     finished (in progress elsewhere, or abandoned) are left out with a warning that names them. Only
     rank zero attributes under multi-process training.
@@ -138,7 +138,7 @@ class AttributionCallback(Callback):
         )
         self.result = attributor.attribute(self._queries(trainer))  # on a copy of the module
         log_result(self.result, trainer.loggers, k=self.top_k, step=trainer.global_step)
-        self.result.save(Path(recorder.dirpath) / "attribution.pt")
+        self.result.save(Path(recorder.dirpath) / "attribution.safetensors")
         current = recorder.writer.last_snapshot_step == trainer.global_step
         self._attributed_at = trainer.global_step if current else None
 
@@ -158,7 +158,7 @@ class AttributionCallback(Callback):
             # The last epoch's result already used the final weights; only the run's status changed.
             recorder = self._recorder(trainer)
             self.result.settings["run_status"] = [run.status for run in self._runs(recorder)]
-            self.result.save(Path(recorder.dirpath) / "attribution.pt")
+            self.result.save(Path(recorder.dirpath) / "attribution.safetensors")
 
 
 def _has_val_data(trainer: pl.Trainer) -> bool:

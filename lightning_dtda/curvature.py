@@ -148,7 +148,7 @@ class KFAC(Curvature):
         return (inverse @ vectors.T).T
 
     def state(self) -> dict[str, Any]:
-        # Enum settings as their string values, so the file loads with torch.load(weights_only=True).
+        # Enum settings as their string values: the cache stores non-tensor settings as JSON.
         return {k: v.value if isinstance(v, Enum) else v for k, v in self.operator.state_dict().items()}
 
 

@@ -100,8 +100,8 @@ class TrajectoryRecorder(Callback):
       is saved, when training raises, and at the end of training, when it is marked complete), and
       the recording process (host, pid), so readers can tell a run in progress from an abandoned one
       (see ``Trajectory.status``);
-    - ``snapshots/step_XXXXXXXX.snapshot`` (a JSON header and raw tensor bytes; read it with
-      ``Trajectory.snapshot``): the module's ``state_dict`` at step 0, every
+    - ``snapshots/step_XXXXXXXX.safetensors`` (read it with ``Trajectory.snapshot``, or without this
+      package with ``safetensors.torch.load_file``; see ``run_format.SnapshotContent``): the module's ``state_dict`` at step 0, every
       ``every_n_train_steps`` optimizer steps or ``every_n_epochs`` epochs, and at the end, with the
       learning rate of every parameter group; each snapshot also holds, for every optimizer step
       since the previous snapshot, the dataset indices of each micro-batch (in the order they were

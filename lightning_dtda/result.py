@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from lightning_dtda import distribution
-from lightning_dtda._io import load_torch, save_json, save_torch
+from lightning_dtda._io import load_tree, save_json, save_tree
 
-_RESULT_FORMAT = 1
+_RESULT_FORMAT = 2  # 2: a safetensors file; 1: torch.save (see legacy.convert)
 
 
 @dataclass
@@ -120,22 +120,35 @@ class AttributionResult:
         return torch.topk(score, min(k, self.num_train))
 
     def save(self, path: str | Path) -> None:
-        """Write the result to ``path`` (atomically) and its settings to ``path`` with suffix ``.json``."""
+        """Write the result to ``path`` (atomically) and its settings to ``path`` with suffix ``.json``.
+
+        ``path`` is a safetensors file (name it ``*.safetensors``): tensors ``effects`` and
+        ``measurements``; its metadata entry ``"lightning_dtda"`` holds ``format``, ``runs`` and
+        ``settings`` as JSON. Open it without this package with ``safetensors.torch.load_file(path)``.
+
+        Raises:
+            TypeError: If ``settings`` holds something other than tensors, numbers, strings, lists or dicts.
+        """
         path = Path(path)
         payload = {
             "format": _RESULT_FORMAT,
-            "effects": self.effects.cpu(),
-            "measurements": self.measurements.cpu(),
+            "effects": self.effects,
+            "measurements": self.measurements,
             "runs": list(self.runs),
             "settings": self.settings,
         }
-        save_torch(payload, path)
+        save_tree(payload, path)
         save_json({"runs": list(self.runs), "shape": list(self.effects.shape), **self.settings}, path.with_suffix(".json"))
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributionResult":
-        """Read a result written by :meth:`save`; a truncated or foreign file raises ``ValueError``."""
-        payload = load_torch(path)
-        if not isinstance(payload, dict) or payload.get("format") != _RESULT_FORMAT:
+        """Read a result written by :meth:`save`.
+
+        Raises:
+            ValueError: If the file is truncated, foreign, or a ``torch.save`` file of an earlier version
+                (the message says how to convert it).
+        """
+        payload = load_tree(path)
+        if payload.get("format") != _RESULT_FORMAT:
             raise ValueError(f"{path} is not an AttributionResult file (format {_RESULT_FORMAT}).")
         return cls(payload["effects"], payload["measurements"], payload["runs"], payload["settings"])

@@ -2,8 +2,9 @@
 the per-step block inside each snapshot. This module is the only place that knows the JSON keys and
 the block's tensor layout; the recorder writes through it and every reader reads through it.
 
-A run folder holds ``manifest.json`` (a :class:`Manifest`) and ``snapshots/step_XXXXXXXX.snapshot``
-files (flat archives, see ``_io``) whose content is a :class:`SnapshotContent`.
+A run folder holds ``manifest.json`` (a :class:`Manifest`) and ``snapshots/step_XXXXXXXX.safetensors``
+files whose content is a :class:`SnapshotContent` (see :meth:`SnapshotContent.to_tree` for the layout).
+Runs of format 2 (``.snapshot`` flat archives, see ``legacy``) read unchanged.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_dtda._io import decode_file, read_checked, save_tree
+from lightning_dtda.legacy import ARCHIVE_MAGIC, PickledEntryError, decode_archive
+
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: snapshots are flat archives (see _io), not torch.save files
+FORMAT = 3  # 3: snapshots are safetensors files; 2: flat archives (see legacy); 1: torch.save files
+READABLE_FORMATS = (2, 3)  # the manifest's layout is the same in both; each snapshot file says which it is
 
 
 def jsonable(value: Any) -> Any:
@@ -98,6 +104,7 @@ class Manifest:
         complete: Whether training ended and the final snapshot is listed.
         stopped: Why training stopped early (the exception), if the recorder saw it stop.
         writer: The recording process (``None`` for runs recorded before 0.2).
+        format: The run format the manifest was written in (see :data:`FORMAT`).
     """
 
     versions: dict[str, str]
@@ -155,10 +162,10 @@ class Manifest:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Manifest":
         """Read a manifest; raises ``ValueError`` for another format or a missing key."""
-        if data.get("format") != FORMAT:
+        if data.get("format") not in READABLE_FORMATS:
             raise ValueError(
-                f"format {data.get('format')!r}, but this version of lightning-dtda reads format {FORMAT}. "
-                "Record the run again with this version."
+                f"format {data.get('format')!r}, but this version of lightning-dtda reads formats {READABLE_FORMATS}. "
+                "Read it with the version that recorded it, or record the run again with this one."
             )
         try:
             writer = data.get("writer")
@@ -185,6 +192,7 @@ class Manifest:
                 complete=bool(data["complete"]),
                 stopped=data.get("stopped"),
                 writer=None if writer is None else Writer(writer["host"], int(writer["pid"])),
+                format=int(data["format"]),
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"the manifest lacks or garbles the entry {err}; it was not written by TrajectoryRecorder.") from err
@@ -293,13 +301,20 @@ def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
 class SnapshotContent:
     """What one snapshot file holds.
 
+    On disk (format 3) a safetensors file: the tensors ``state_dict.<key>`` (the module's
+    ``state_dict``), ``steps.<name>`` (the per-step block, e.g. ``steps.indices``, ``steps.lrs``,
+    ``steps.rng.cpu.states``) and ``optimizer_state.state.<parameter>.<name>``; the header's metadata
+    entry ``"lightning_dtda"`` holds the rest as JSON (``format``, ``step``, ``epoch``, ``lrs``,
+    ``steps.first``, the optimizer's settings) with each tensor as ``{"__tensor__": its name}``.
+
     Attributes:
         step: The optimizer step the weights are at.
         epoch: The epoch it was taken in.
         state_dict: The module's ``state_dict`` (CPU tensors).
         lrs: The learning rate of every parameter group at that moment.
         steps: The per-step block (see :func:`encode_steps`) for the steps since the previous snapshot.
-        optimizer_state: The optimizer's ``state_dict``, if the recorder was asked to keep it.
+        optimizer_state: The optimizer's ``state_dict``, if the recorder was asked to keep it (its
+            tuples, such as Adam's ``betas``, read back as lists).
     """
 
     step: int
@@ -319,10 +334,35 @@ class SnapshotContent:
     def from_tree(cls, tree: Mapping[str, Any]) -> "SnapshotContent":
         return cls(tree["step"], tree["epoch"], tree["state_dict"], tree["lrs"], tree["steps"], tree.get("optimizer_state"))
 
+    def save(self, path: Path) -> str:
+        """Write the snapshot to ``path`` atomically and return the SHA-256 of its bytes."""
+        return save_tree(self.to_tree(), path)
+
+    @classmethod
+    def load(cls, path: Path, sha256: str) -> "SnapshotContent":
+        """Read a snapshot file of format 3, or 2 (the file's first bytes tell which).
+
+        Raises:
+            FileNotFoundError: If the file is missing.
+            ValueError: If its bytes do not match ``sha256`` or cannot be decoded.
+        """
+        data = read_checked(path, sha256)
+        if not data.startswith(ARCHIVE_MAGIC):
+            return cls.from_tree(decode_file(path, data))
+        try:
+            return cls.from_tree(decode_archive(data))
+        except PickledEntryError as err:
+            raise ValueError(
+                f"{path}: {err}. Convert the run once with `python -c \"from lightning_dtda.legacy import convert; "
+                f"convert({str(path.parent.parent)!r})\"` (it reads that entry with torch.load(weights_only=True))."
+            ) from err
+        except Exception as err:  # the checksum matched, so this is a file some other program wrote
+            raise ValueError(f"{path} is not a readable snapshot file: {err}") from err
+
     def decoded_steps(self) -> tuple[int, list[Step]]:
         return decode_steps(self.steps)
 
 
 def snapshot_file(step: int) -> str:
     """A snapshot's file name, relative to the run folder."""
-    return f"snapshots/step_{step:08d}.snapshot"
+    return f"snapshots/step_{step:08d}.safetensors"

@@ -6,6 +6,7 @@ called on every rank.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_dtda._io import load_json, save_archive, save_json
-from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, StepRecord, encode_steps, snapshot_file
+from lightning_dtda._io import load_json, save_json
+from lightning_dtda.run_format import FORMAT, MANIFEST, Manifest, SnapshotContent, SnapshotEntry, StepRecord, encode_steps, snapshot_file
 
 
 class RunWriter:
@@ -81,13 +82,14 @@ class RunWriter:
                 f"The checkpoint's TrajectoryRecorder state ends at step {self.next_step - 1}, but training resumes at "
                 f"step {trainer.global_step}; the checkpoint was not written by this recorder's run."
             )
-        self.manifest = Manifest.from_json(load_json(self.run_dir / MANIFEST))
+        # A run recorded in an earlier format goes on in this one; readers tell each snapshot's by its bytes.
+        self.manifest = replace(Manifest.from_json(load_json(self.run_dir / MANIFEST)), format=FORMAT)
         self.complete, self.stopped = False, None
         if trainer.is_global_zero:
             self.flush()
             # Snapshots written after the checkpoint belong to the abandoned continuation.
             kept = {entry.file for entry in self.snapshots}
-            for path in (self.run_dir / "snapshots").glob("step_*.snapshot"):
+            for path in (self.run_dir / "snapshots").glob("step_*"):
                 if f"snapshots/{path.name}" not in kept:
                     path.unlink()
 
@@ -112,7 +114,7 @@ class RunWriter:
                 optimizer_state=optimizer.state_dict() if self.save_optimizer_state else None,
             )
             name = snapshot_file(step)
-            sha256 = save_archive(content.to_tree(), self.run_dir / name)
+            sha256 = content.save(self.run_dir / name)
             # The manifest is rewritten at checkpoints and at the end rather than here: one file write
             # per snapshot instead of two (file writes are a large share of the recorder's cost).
             self.snapshots.append(SnapshotEntry(name, step, trainer.current_epoch, sha256))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dtda._io import load_archive, load_json
+from lightning_dtda._io import load_json
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step
 
@@ -110,7 +110,7 @@ class Trajectory:
     def snapshot(self, index: int = -1) -> SnapshotContent:
         """The content of snapshot ``index`` (default: the latest listed), checksum verified."""
         entry = self.snapshots[index]
-        return SnapshotContent.from_tree(load_archive(self.path / entry.file, entry.sha256))
+        return SnapshotContent.load(self.path / entry.file, entry.sha256)
 
     def state_dict(self, index: int = -1) -> dict[str, torch.Tensor]:
         """The module's ``state_dict`` at snapshot ``index`` (default: the final one)."""

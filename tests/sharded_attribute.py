@@ -34,5 +34,5 @@ if __name__ == "__main__":
     for case in CASES:
         result = attribute(runs, case)
         if dist.get_rank() == 0:
-            result.save(out / f"{case}.pt")
+            result.save(out / f"{case}.safetensors")
     dist.destroy_process_group()

@@ -24,17 +24,17 @@ def test_a_killed_attribution_resumes_without_recomputing_finished_runs(tmp_path
     script = Path(__file__).parent / "attribute_with_cache.py"
     job = subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs"), str(cache)])
     deadline = time.monotonic() + 240
-    while not list(cache.glob("seed_*.pt")) and time.monotonic() < deadline and job.poll() is None:
+    while not list(cache.glob("seed_*.safetensors")) and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in cache.glob("seed_*.pt")}
+    finished = {p.name: p.stat().st_mtime_ns for p in cache.glob("seed_*.safetensors")}
     assert 1 <= len(finished) < 4, "the job should be killed after its first run and before its last"
 
     resumed = attribute(tmp_path / "runs", cache)
     for name, stamp in finished.items():
         assert (cache / name).stat().st_mtime_ns == stamp  # loaded, not recomputed
-    assert len(list(cache.glob("seed_*.pt"))) == 4
+    assert len(list(cache.glob("seed_*.safetensors"))) == 4
     fresh = attribute(tmp_path / "runs", None)
     assert torch.allclose(resumed.effects, fresh.effects, rtol=0, atol=1e-12)
     assert resumed.runs == fresh.runs
@@ -53,8 +53,8 @@ def test_the_cache_key_changes_with_the_settings_and_queries(tmp_path):
                    cache_dir=tmp_path / "cache").attribute(queries)
     Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn", damping=0.1), progress=False,
                cache_dir=tmp_path / "cache").attribute(classification_data(n=2, seed=2, dtype=torch.float64))
-    assert len(list((tmp_path / "cache").glob("seed_0-influence-ggn-*.pt"))) == 3
-    assert len(list((tmp_path / "cache").glob("seed_0-curvature-ggn-*.pt"))) == 1  # shared by all three
+    assert len(list((tmp_path / "cache").glob("seed_0-influence-ggn-*.safetensors"))) == 3
+    assert len(list((tmp_path / "cache").glob("seed_0-curvature-ggn-*.safetensors"))) == 1  # shared by all three
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "ekfac"])
@@ -74,7 +74,7 @@ def test_fitted_curvature_is_reused_for_new_queries_and_damping(tmp_path, monkey
                           progress=False, cache_dir=cache_dir).attribute(queries)
 
     attribute(classification_data(n=2, seed=1, dtype=torch.float64), 0.1, cache)
-    assert len(list(cache.glob(f"seed_0-curvature-{curvature}-*.pt"))) == 1
+    assert len(list(cache.glob(f"seed_0-curvature-{curvature}-*.safetensors"))) == 1
 
     def no_fitting(*args, **kwargs):
         raise AssertionError("the curvature was fitted again")

@@ -27,7 +27,7 @@ def fitted(tmp_path_factory):
 def test_callback_attributes_every_run_so_far_and_saves(fitted):
     result, _, tmp_path = fitted
     assert result.runs == ["seed_0", "seed_1"] and result.effects.shape == (2, 3, 24)
-    saved = AttributionResult.load(tmp_path / "runs" / "attribution.pt")
+    saved = AttributionResult.load(tmp_path / "runs" / "attribution.safetensors")
     assert torch.equal(saved.effects, result.effects)
 
 
@@ -101,7 +101,7 @@ def test_the_end_of_fit_result_is_logged_at_the_last_step_once(tmp_path):
     with open(f"{logger.log_dir}/metrics.csv") as f:
         steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("attribution/mean_shift_mean")]
     assert steps == [4, 8]  # epochs 1 and 2; the end of fit reuses the last epoch's result
-    saved = AttributionResult.load(tmp_path / "runs" / "attribution.pt")
+    saved = AttributionResult.load(tmp_path / "runs" / "attribution.safetensors")
     assert saved.settings["run_status"] == ["finished"] and saved.settings["snapshot_steps"] == [8]
 
 

@@ -98,7 +98,7 @@ def test_truncated_snapshot_file(runs, data):
     [run] = load_runs(runs)
     path = run.path / run.snapshots[-1].file
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="step_00000002.snapshot does not match the checksum recorded for it"):
+    with pytest.raises(ValueError, match="step_00000002.safetensors does not match the checksum recorded for it"):
         Attributor(TinyClassifier, runs, data, progress=False).attribute(data)
 
 

@@ -15,7 +15,7 @@ def test_digits_example_runs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["seed_0", "seed_1"]
     png = (tmp_path / "influential_digits.png").read_bytes()
     assert png.startswith(b"\x89PNG")
-    assert (tmp_path / "result.pt").is_file() and list(tmp_path.glob("csv/*/attribution_top_k.csv"))
+    assert (tmp_path / "result.safetensors").is_file() and list(tmp_path.glob("csv/*/attribution_top_k.csv"))
 
 
 def test_lightning_cli_example_runs_from_its_config(tmp_path):
@@ -29,6 +29,6 @@ def test_lightning_cli_example_runs_from_its_config(tmp_path):
 
     [run] = load_runs(tmp_path / "output" / "cli" / "runs")
     assert run.seed == 0 and run.module_class == "digits.DigitsMLP"
-    result = AttributionResult.load(tmp_path / "output" / "cli" / "runs" / "attribution.pt")
+    result = AttributionResult.load(tmp_path / "output" / "cli" / "runs" / "attribution.safetensors")
     assert result.effects.shape == (1, 5, 1000) and result.settings["curvature"] == "ekfac"
     assert list((tmp_path / "output" / "cli" / "csv").glob("version_*/attribution_top_k.csv"))

@@ -142,7 +142,7 @@ def test_a_run_that_raised_is_abandoned_keeps_its_last_step_and_is_refused_with_
         # snapshots every 4 steps: steps 5 and 6 are kept by the snapshot the recorder takes when training raises
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2).fit(model, DataLoader(data, batch_size=4, shuffle=True))
     assert sorted(p.name for p in (tmp_path / "runs" / "seed_0" / "snapshots").iterdir()) == [
-        "step_00000000.snapshot", "step_00000004.snapshot", "step_00000006.snapshot"]
+        "step_00000000.safetensors", "step_00000004.safetensors", "step_00000006.safetensors"]
     with pytest.raises(ValueError, match=r"seed_0: abandoned \(training stopped: RuntimeError: the job dies\), latest listed "
                                          r"snapshot at step 6\n.*, unfinished=True\) as the Attributor's runs"):
         load_runs(tmp_path / "runs")

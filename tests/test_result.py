@@ -27,8 +27,8 @@ def test_shapes_must_agree():
 
 def test_save_and_load_round_trip(tmp_path):
     result = make_result()
-    result.save(tmp_path / "result.pt")
-    loaded = AttributionResult.load(tmp_path / "result.pt")
+    result.save(tmp_path / "result.safetensors")
+    loaded = AttributionResult.load(tmp_path / "result.safetensors")
     assert torch.equal(loaded.effects, result.effects) and torch.equal(loaded.measurements, result.measurements)
     assert loaded.runs == result.runs and loaded.settings == result.settings
     assert '"curvature": "ggn"' in (tmp_path / "result.json").read_text()
@@ -36,8 +36,10 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_truncated_result_file_is_refused(tmp_path):
-    make_result().save(tmp_path / "result.pt")
-    path = tmp_path / "result.pt"
-    path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        AttributionResult.load(path)
+    make_result().save(tmp_path / "result.safetensors")
+    path = tmp_path / "result.safetensors"
+    data = path.read_bytes()
+    for damaged in (data[:200], data[:-4], data[:8] + b"[" + data[9:]):  # cut in the header, cut in the tensors, garbled header
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match="result.safetensors is not a readable lightning-dtda file \\(truncated or corrupt\\)"):
+            AttributionResult.load(path)

@@ -22,6 +22,6 @@ def test_two_process_attribution_equals_one_process(tmp_path):
                           str(script), str(tmp_path / "runs"), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     for case in CASES:
-        sharded = AttributionResult.load(tmp_path / f"{case}.pt")
+        sharded = AttributionResult.load(tmp_path / f"{case}.safetensors")
         single = attribute(tmp_path / "runs", case)
         assert relative_error(sharded.effects, single.effects) < 1e-8, case

@@ -20,7 +20,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_dtda._io import load_torch, save_torch
+from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.curvature import Curvature, fit_curvature
 from lightning_dtda.distributed import gather_columns, rank_and_world, shard
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
@@ -137,16 +137,16 @@ class RunContext:
         if cache and self.cache_dir is not None:
             key = {"snapshot": self.run.snapshots[-1].sha256, "train": self.run.dataset_fingerprint, "curvature": kind}
             path = cache_file(self.cache_dir, self.run, f"curvature-{kind}", key)
-        state = load_torch(path) if path is not None and path.is_file() else None
+        state = load_tree(path) if path is not None and path.is_file() else None
         data = _InputsTargets(self.train_shard(), hooks, self.batch_size, self.device)
         params = list(trainable_parameters(model).values())
         curvature = fit_curvature(kind, model, loss_function, params, data, self.num_train, self.progress, state)
         if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
-            save_torch(fitted, path)
+            save_tree(fitted, path)
         return curvature
 
 
 def cache_file(cache_dir: Path, run: Trajectory, label: str, key: dict[str, Any]) -> Path:
-    """``cache_dir/{run}-{label}-{hash of key}.pt``."""
+    """``cache_dir/{run}-{label}-{hash of key}.safetensors``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir / f"{run.name}-{label}-{digest}.pt"
+    return cache_dir / f"{run.name}-{label}-{digest}.safetensors"
