@@ -7,31 +7,33 @@ Gauss-Newton matrix (positive semi-definite), exactly (``ggn``) or Kronecker-fac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
 import torch
 from curvlinops import (
-    CGInverseLinearOperator,
     EKFACLinearOperator,
     GGNLinearOperator,
     KFACInverseLinearOperator,
     KFACLinearOperator,
 )
 from curvlinops._torch_base import PyTorchLinearOperator
-from curvlinops.examples import IdentityLinearOperator
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from lightning_dtda.distributed import all_reduce_sum
+from lightning_dtda.krylov import conjugate_gradients, lanczos_functions
 
 CURVATURES = ("ekfac", "kfac", "ggn", "identity")
+SOLVERS = ("auto", "dense", "krylov")
 
-# Below this many parameters the GGN is built and eigendecomposed (seconds on a CPU); above, each
-# query is solved by conjugate gradients, which needs only matrix-vector products.
+# solver="auto": below this many parameters the GGN is built and eigendecomposed (seconds on a CPU);
+# above, Krylov methods use matrix products only.
 DENSE_GGN_MAX_PARAMS = 4096
+# solver="dense" is refused above this: the matrix alone would take 4 GB in float32.
+DENSE_GGN_LIMIT = 32768
 # Columns per GGN matrix product when building the dense matrix: bounds the memory of the vmap.
 _DENSE_COLUMNS = 256
 
@@ -65,6 +67,10 @@ class SpectralCurvature(Curvature):
     def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def apply_functions(self, fns: Sequence[Callable[[Tensor], Tensor]], vectors: Tensor) -> list[Tensor]:
+        """``[apply(fn, vectors) for fn in fns]``, which a Krylov backend computes in one pass."""
+        return [self.apply(fn, vectors) for fn in fns]
+
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         return self.apply(lambda e: 1.0 / (e + damping), vectors)
 
@@ -92,26 +98,66 @@ class DenseGGN(SpectralCurvature):
         return ((vectors @ self.eigenvectors) * fn(self.eigenvalues)) @ self.eigenvectors.T
 
 
-class CGGGN(Curvature):
-    """The exact GGN through matrix-vector products, solved by conjugate gradients.
+class KrylovGGN(SpectralCurvature):
+    """The exact GGN through matrix products only, for models of any size.
 
-    GPyTorch's CG defaults stop far too early (``tolerance=1``) or stall (``eps=1e-10``); these
-    settings reach a relative residual near 1e-6.
+    ``solve`` runs block conjugate gradients on all vectors at once; ``apply_functions`` (segmented
+    unrolling's ``exp(-T C)`` and ``(1 - exp(-T C)) / C``) runs Lanczos. Each iteration is one product
+    of the GGN with a ``[P, K]`` block: one pass over the (sub)set of training data. ``reports``
+    collects, for every solve, its products and final relative residual (CG) or its products (Lanczos).
+
+    No preconditioner: K-FAC at the same weights, the obvious one, made CG slower on every model
+    measured (1.6-2x the products on the digits MLP; on a 1M-parameter CNN 60 products without
+    converging against 33 without it, 10x the time; see benchmarks/krylov.py).
+
+    Args:
+        operator: curvlinops' GGN of the mean training loss.
+        tolerance: Relative residual at which CG stops, and relative change at which Lanczos stops.
+        max_iterations: Products after which either stops; a solve that has not converged by then warns.
     """
 
-    def __init__(self, operator: GGNLinearOperator, params: list[nn.Parameter]) -> None:
-        self.operator = operator
-        self.shapes = [tuple(p.shape) for p in params]
+    def __init__(self, operator: PyTorchLinearOperator, tolerance: float = 1e-5, max_iterations: int = 500, progress: bool = False) -> None:
+        self.operator = _SummedOverRanks(operator)
+        self.tolerance = tolerance
+        self.max_iterations = max_iterations
+        self.progress = progress
+        self.reports: list[dict[str, Any]] = []
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        # The Krylov recurrences run in float64 whatever the model's precision: in float32, block CG
+        # loses conjugacy and needed 3-18x more products (measured on the digits MLP).
+        return (self.operator @ columns.to(self.operator.dtype)).to(columns.dtype)
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
-        op = _SummedOverRanks(self.operator)
-        damped = op + damping * IdentityLinearOperator(self.shapes, op.device, op.dtype)
-        solver = CGInverseLinearOperator(damped, tolerance=1e-6, eps=0.0, max_iter=max(1000, op.shape[0] // 10))
-        x = (solver @ vectors.T).T
-        residual = ((damped @ x.T).T - vectors).norm(dim=1) / vectors.norm(dim=1).clamp(min=1e-30)
-        if residual.max() > 1e-4:
-            rank_zero_warn(f"GGN conjugate gradients stopped at relative residual {residual.max():.1e}; raise the damping.")
-        return x
+        x, iterations, residual = conjugate_gradients(
+            lambda v: self._matmat(v) + damping * v,
+            vectors.T.double(),
+            tolerance=self.tolerance,
+            max_iterations=self.max_iterations,
+            progress=self.progress,
+            desc="GGN block conjugate gradients",
+        )
+        self.reports.append({"cg_products": iterations, "cg_residual": residual.max().item()})
+        x = x.to(vectors.dtype)
+        if residual.max() > 10 * self.tolerance:
+            rank_zero_warn(
+                f"GGN block conjugate gradients stopped after {iterations} products at relative residual "
+                f"{residual.max():.1e} (tolerance {self.tolerance:.0e}); the effects are that inaccurate. Raise the "
+                "damping or max_iterations."
+            )
+        return x.T
+
+    def apply_functions(self, fns: Sequence[Callable[[Tensor], Tensor]], vectors: Tensor) -> list[Tensor]:
+        results, products = lanczos_functions(
+            self._matmat, vectors.T.double(), fns, self.tolerance, self.max_iterations, self.progress, "GGN Lanczos"
+        )
+        self.reports.append({"lanczos_products": products})
+        if products >= 2 * self.max_iterations - 1:
+            rank_zero_warn(f"GGN Lanczos stopped after {self.max_iterations} iterations before converging; raise max_iterations.")
+        return [r.T.to(vectors.dtype) for r in results]
+
+    def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
+        return self.apply_functions([fn], vectors)[0]
 
 
 class _SummedOverRanks(PyTorchLinearOperator):
@@ -136,16 +182,34 @@ class _SummedOverRanks(PyTorchLinearOperator):
         return self.operator.dtype
 
 
+class _KFACInverse(KFACInverseLinearOperator):
+    """curvlinops' damped K-FAC inverse with the factors eigendecomposed in float64: float32 ``eigh``
+    fails to converge on the rank-deficient factors of ReLU/pooling CNNs (measured on the 1M-parameter
+    CNN of benchmarks/speed.py), as in EK-FAC (see ``_eigendecompose_factors``)."""
+
+    def _compute_factors_eigendecomposition(self, aaT: Tensor | None, ggT: Tensor | None) -> tuple[Any, Any]:
+        def eigh(factor: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+            if factor is None:
+                return None, None
+            values, vectors = torch.linalg.eigh(factor.double())
+            return values.to(factor.dtype), vectors.to(factor.dtype)
+
+        return eigh(aaT), eigh(ggT)
+
+
 class KFAC(Curvature):
     """curvlinops' K-FAC or EK-FAC of the type-2 (exact-GGN) Fisher, inverted with exact damping."""
 
     def __init__(self, operator: KFACLinearOperator) -> None:
         self.operator = operator
+        self._inverses: dict[float, KFACInverseLinearOperator] = {}
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         # Exact damping inverts (K + damping * I); damping each Kronecker factor would invert another matrix.
-        inverse = KFACInverseLinearOperator(self.operator, damping=damping, use_exact_damping=True)
-        return (inverse @ vectors.T).T
+        # Built once per damping: it eigendecomposes every factor, and CG preconditions with it every iteration.
+        if damping not in self._inverses:
+            self._inverses[damping] = _KFACInverse(self.operator, damping=damping, use_exact_damping=True)
+        return (self._inverses[damping] @ vectors.T).T
 
     def state(self) -> dict[str, Any]:
         # Enum settings as their string values: the cache stores non-tensor settings as JSON.
@@ -171,16 +235,23 @@ class EKFAC(KFAC, SpectralCurvature):
             op._corrected_eigenvalues = original
 
 
+def kfac_unsupported(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers with trainable parameters that curvlinops' K-FAC cannot handle (all but Linear, Conv2d)."""
+    return [
+        (name, layer)
+        for name, layer in model.named_modules()
+        if any(p.requires_grad for p in layer.parameters(recurse=False)) and not isinstance(layer, (nn.Linear, nn.Conv2d))
+    ]
+
+
 def check_kfac_layers(model: nn.Module, kind: str) -> None:
     """Raise if a trainable parameter belongs to a layer K-FAC cannot handle."""
-    for name, layer in model.named_modules():
-        own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
-        if own and not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise ValueError(
-                f"curvature={kind!r} supports only nn.Linear and nn.Conv2d parameters, but layer "
-                f"{name!r} ({type(layer).__name__}) has trainable parameters. Use curvature='ggn' (exact, "
-                "any layer) or freeze that layer's parameters."
-            )
+    for name, layer in kfac_unsupported(model)[:1]:
+        raise ValueError(
+            f"curvature={kind!r} supports only nn.Linear and nn.Conv2d parameters, but layer "
+            f"{name!r} ({type(layer).__name__}) has trainable parameters. Use curvature='ggn' (exact, "
+            "any layer) or freeze that layer's parameters."
+        )
 
 
 def fit_curvature(
@@ -192,6 +263,7 @@ def fit_curvature(
     num_data: int,
     progress: bool = False,
     state: dict[str, Any] | None = None,
+    solver: str = "auto",
 ) -> Curvature:
     """Fit curvature ``kind`` for ``loss_function(model(X), y)`` averaged over ``data`` at the current weights.
 
@@ -208,6 +280,8 @@ def fit_curvature(
         progress: Show curvlinops' progress bars for the K-FAC factor passes.
         state: A fitted curvature's :meth:`Curvature.state` (cached on disk): rebuild from it, with no
             pass over the data.
+        solver: For ``"ggn"``: ``"dense"`` (build and eigendecompose), ``"krylov"`` (matrix products
+            only: :class:`KrylovGGN`) or ``"auto"`` (dense up to ``DENSE_GGN_MAX_PARAMS`` parameters).
     """
     if kind == "identity":
         return IdentityCurvature()
@@ -218,7 +292,9 @@ def fit_curvature(
         if state is not None:
             return DenseGGN(state["eigenvalues"], state["eigenvectors"])
         operator = GGNLinearOperator(model, loss_function, params, data, progressbar=False, **common)
-        return DenseGGN.from_operator(operator) if operator.shape[0] <= DENSE_GGN_MAX_PARAMS else CGGGN(operator, params)
+        if dense_ggn(solver, operator.shape[0]):
+            return DenseGGN.from_operator(operator)
+        return KrylovGGN(operator, progress=progress)
     if kind in ("kfac", "ekfac"):
         check_kfac_layers(model, kind)
         cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
@@ -268,17 +344,38 @@ def _loss_terms_per_example(loss_function: nn.Module, data: Iterable[tuple[Tenso
     return max(1, terms // len(targets))
 
 
-def check_spectral(kind: str, num_params: int) -> None:
-    """Refuse a backend without an eigenbasis: :func:`fit_curvature` gives a :class:`SpectralCurvature`
-    for ``"ekfac"``, and for ``"ggn"`` up to ``DENSE_GGN_MAX_PARAMS`` parameters.
+def check_solver(kind: str, solver: str, subset: int | None) -> None:
+    """Validate an estimator's ``solver`` and ``curvature_subset`` for curvature ``kind``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+    if solver != "auto" and kind != "ggn":
+        raise ValueError(f"solver={solver!r} chooses how curvature='ggn' is solved; curvature={kind!r} has one way. Leave solver='auto'.")
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        raise ValueError(f"curvature_subset must be None or a positive integer, got {subset!r}.")
+
+
+def dense_ggn(solver: str, num_params: int) -> bool:
+    """Whether ``solver`` builds the GGN of ``num_params`` parameters densely.
 
     Raises:
-        ValueError: For another backend, or ``"ggn"`` on a model too large to eigendecompose.
+        ValueError: For an unknown solver, or ``"dense"`` above ``DENSE_GGN_LIMIT`` parameters.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+    if solver == "dense" and num_params > DENSE_GGN_LIMIT:
+        raise ValueError(
+            f"solver='dense' builds a {num_params} x {num_params} GGN; above {DENSE_GGN_LIMIT} parameters that is "
+            "refused. Use solver='krylov'."
+        )
+    return solver == "dense" or (solver == "auto" and num_params <= DENSE_GGN_MAX_PARAMS)
+
+
+def check_spectral(kind: str) -> None:
+    """Refuse a backend without an eigenbasis or Krylov functions: :func:`fit_curvature` gives a
+    :class:`SpectralCurvature` for ``"ekfac"`` and ``"ggn"``.
+
+    Raises:
+        ValueError: For another backend.
     """
     if kind not in ("ekfac", "ggn"):
-        raise ValueError(f"This estimator needs the curvature's eigenbasis: use curvature='ekfac' or 'ggn', not {kind!r}.")
-    if kind == "ggn" and num_params > DENSE_GGN_MAX_PARAMS:
-        raise ValueError(
-            f"curvature='ggn' here needs a dense eigendecomposition, affordable up to {DENSE_GGN_MAX_PARAMS} "
-            f"parameters; the model has {num_params}. Use curvature='ekfac'."
-        )
+        raise ValueError(f"This estimator needs functions of the curvature: use curvature='ekfac' or 'ggn', not {kind!r}.")

@@ -9,23 +9,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from lightning_dtda import Attributor, Influence, Segmented  # noqa: E402
-from lightning_dtda import curvature as curvature_module  # noqa: E402
 from models import TinyClassifier, classification_data  # noqa: E402
 
 CASES = {"identity": Influence(curvature="identity"), "ggn": Influence(curvature="ggn"), "kfac": Influence(curvature="kfac"),
-         "ekfac": Influence(curvature="ekfac"), "ggn-cg": Influence(curvature="ggn"),
+         "ekfac": Influence(curvature="ekfac"), "ggn-cg": Influence(curvature="ggn", solver="krylov"),
          "segmented": Segmented(segments=2, curvature="ekfac")}
 
 
 def attribute(runs, case):
-    dense_limit = curvature_module.DENSE_GGN_MAX_PARAMS
-    if case == "ggn-cg":
-        curvature_module.DENSE_GGN_MAX_PARAMS = 0
-    try:
-        return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
-                          progress=False).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
-    finally:
-        curvature_module.DENSE_GGN_MAX_PARAMS = dense_limit
+    return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
+                      progress=False).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
 
 
 if __name__ == "__main__":

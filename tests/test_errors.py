@@ -146,12 +146,18 @@ def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
     assert result.effects.shape == (1, 16, 16)
 
 
-def test_segmented_needs_an_eigenbasis(runs, data, monkeypatch):
-    with pytest.raises(ValueError, match="needs the curvature's eigenbasis: use curvature='ekfac' or 'ggn', not 'kfac'"):
-        Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="kfac"), progress=False).attribute(data)
-    monkeypatch.setattr("lightning_dtda.curvature.DENSE_GGN_MAX_PARAMS", 10)
-    with pytest.raises(ValueError, match="affordable up to 10 parameters; the model has 83. Use curvature='ekfac'"):
-        Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn"), progress=False).attribute(data)
+def test_segmented_needs_curvature_functions_and_solvers_are_checked(runs, data, monkeypatch):
+    with pytest.raises(ValueError, match="needs functions of the curvature: use curvature='ekfac' or 'ggn', not 'kfac'"):
+        Segmented(segments=1, curvature="kfac")
+    with pytest.raises(ValueError, match="solver='krylov' chooses how curvature='ggn' is solved; curvature='ekfac' has one way"):
+        Influence(curvature="ekfac", solver="krylov")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        Segmented(curvature="ggn", solver="cg")
+    with pytest.raises(ValueError, match="curvature_subset must be None or a positive integer, got 0"):
+        Influence(curvature="ggn", curvature_subset=0)
+    monkeypatch.setattr("lightning_dtda.curvature.DENSE_GGN_LIMIT", 10)
+    with pytest.raises(ValueError, match="solver='dense' builds a 83 x 83 GGN; above 10 parameters that is refused. Use solver='krylov'"):
+        Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn", solver="dense"), progress=False).attribute(data)
 
 
 @pytest.mark.parametrize("estimator", [Influence(curvature="ggn"), Influence(curvature="ekfac"), Unrolled()])

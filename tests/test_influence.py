@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from lightning_dtda import curvature as curvature_module
+from lightning_dtda.estimators.base import curvature_examples
 from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
 
@@ -44,13 +44,31 @@ def test_ggn_equals_dense_damped_ggn_solve(classifier_runs):
         assert relative_error(result.effects[s], oracle_for(attributor, run, data, queries)) < 1e-6
 
 
-def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs, monkeypatch):
+def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs):
     runs, data, queries = classifier_runs
-    monkeypatch.setattr(curvature_module, "DENSE_GGN_MAX_PARAMS", 0)
-    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-2), progress=False)
+    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-2, solver="krylov"), progress=False)
+    run = attributor.runs[0]
+    effects, _, info = attributor.attribute_run(run, queries)
+    assert relative_error(effects, oracle_for(attributor, run, data, queries)) < 1e-5
+    assert info["cg_residual"] < 1e-5 and 0 < info["cg_products"] < 83
+
+
+def test_ggn_on_a_subset_of_the_training_set_uses_that_subsets_curvature(classifier_runs):
+    """curvature_subset=k: the GGN of k randomly drawn examples; every example's gradient still contracted."""
+    runs, data, queries = classifier_runs
+    estimator = Influence(curvature="ggn", damping=1e-2, solver="krylov", curvature_subset=15)
+    attributor = Attributor(TinyClassifier, runs, data, estimator=estimator, progress=False)
     run = attributor.runs[0]
     effects, _, _ = attributor.attribute_run(run, queries)
-    assert relative_error(effects, oracle_for(attributor, run, data, queries)) < 1e-5
+    model = attributor.load_model(run)
+    chosen = curvature_examples(40, 15)
+    assert len(set(chosen)) == 15
+    x, y = data.tensors
+    _, G_subset, _, _ = dense_ggn_effects(model, x[chosen], y[chosen], *queries.tensors, 1.0)
+    _, _, g_train, g_query = dense_ggn_effects(model, x, y, *queries.tensors, 1.0)
+    expected = torch.linalg.solve(G_subset + 1e-2 * torch.eye(len(G_subset), dtype=G_subset.dtype), g_query.T).T @ g_train.T / 40
+    assert relative_error(effects, expected) < 1e-5
+    assert relative_error(effects, oracle_for(attributor, run, data, queries)) > 1e-2  # the subset's curvature differs
 
 
 def test_identity_is_a_scaled_gradient_dot_product(classifier_runs):

@@ -45,7 +45,9 @@ def test_unrolled_equals_finite_difference_retraining(tmp_path, cls, hparams):
     assert torch.allclose(result.measurements[0], truth.base[0], atol=1e-10)
 
 
-def test_segmented_with_one_segment_equals_the_closed_form(tmp_path):
+@pytest.mark.parametrize("solver", ["dense", "krylov"])
+def test_segmented_with_one_segment_equals_the_closed_form(tmp_path, solver):
+    """Dense: the eigendecomposition; krylov: Lanczos on GGN products for exp(-T G) and (1 - exp(-T G)) / G."""
     from oracles import dense_ggn_effects
 
     data = classification_data(n=20, dtype=torch.float64)
@@ -55,11 +57,12 @@ def test_segmented_with_one_segment_equals_the_closed_form(tmp_path):
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_epochs=4)], max_epochs=4,
             precision="64-true").fit(TinyClassifier(hidden=5, lr=0.2, momentum=0.5),
                                      DataLoader(data, batch_size=6, shuffle=True))
-    attributor = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Segmented(segments=1, curvature="ggn"),
+    attributor = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Segmented(segments=1, curvature="ggn", solver=solver),
                              progress=False)
     [run] = attributor.runs
     assert run.snapshot_steps == [0, 16]
     result = attributor.attribute(queries)
+    assert ("lanczos_products" in result.settings["per_run"][0]) == (solver == "krylov")
 
     _, G, g_train, g_query = dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 1.0)
     time = 0.2 / (1 - 0.5) * 16  # eta / (1 - momentum) * K
@@ -81,6 +84,11 @@ def test_more_segments_approach_unrolling(tmp_path):
         for k in (1, 2)
     ]
     assert errors[1] < errors[0] < 1.0
+    lanczos = Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=2, curvature="ggn", solver="krylov"),
+                         progress=False).attribute(queries).effects
+    dense = Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=2, curvature="ggn", solver="dense"),
+                       progress=False).attribute(queries).effects
+    assert relative_error(lanczos, dense) < 1e-6
 
 
 def test_replay_refuses_what_it_cannot_replay(tmp_path):

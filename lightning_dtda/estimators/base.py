@@ -119,12 +119,24 @@ class RunContext:
             effects[:, rows] = vectors @ grads.T
         return gather_columns(effects, len(self.train_data))  # type: ignore[arg-type]
 
-    def fit_curvature(self, kind: str, model: nn.Module, cache: bool = False) -> Curvature:
+    def fit_curvature(
+        self,
+        kind: str,
+        model: nn.Module,
+        cache: bool = False,
+        solver: str = "auto",
+        subset: int | None = None,
+    ) -> Curvature:
         """Curvature ``kind`` of the mean training loss at ``model``'s weights.
 
         With ``cache`` (only for the final snapshot's model) and a ``cache_dir``, the fitted state is
         saved and reused: the fit depends on the weights and the training data, not on the queries
         or the damping.
+
+        Args:
+            solver: How ``"ggn"`` is solved (see :func:`~lightning_dtda.curvature.fit_curvature`).
+            subset: Fit on this many training examples drawn at random (a fixed draw per run size)
+                instead of all of them.
         """
         hooks = Hooks(model)
         loss_function = None
@@ -136,14 +148,25 @@ class RunContext:
         path = None
         if cache and self.cache_dir is not None:
             key = {"snapshot": self.run.snapshots[-1].sha256, "train": self.run.dataset_fingerprint, "curvature": kind}
+            if subset is not None:
+                key["subset"] = subset
             path = cache_file(self.cache_dir, self.run, f"curvature-{kind}", key)
         state = load_tree(path) if path is not None and path.is_file() else None
-        data = _InputsTargets(self.train_shard(), hooks, self.batch_size, self.device)
+        examples = curvature_examples(len(self.train_data), subset)  # type: ignore[arg-type]
+        data = _InputsTargets(Subset(self.train_data, [examples[i] for i in shard(len(examples))]), hooks, self.batch_size, self.device)
         params = list(trainable_parameters(model).values())
-        curvature = fit_curvature(kind, model, loss_function, params, data, self.num_train, self.progress, state)
+        curvature = fit_curvature(kind, model, loss_function, params, data, len(examples), self.progress, state, solver)
         if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
             save_tree(fitted, path)
         return curvature
+
+
+def curvature_examples(num_train: int, subset: int | None) -> list[int]:
+    """The training examples a curvature is fitted on: all, or ``subset`` of them drawn without
+    replacement by a generator seeded with 0 (the same draw for every run of a training set)."""
+    if subset is None or subset >= num_train:
+        return list(range(num_train))
+    return sorted(torch.randperm(num_train, generator=torch.Generator().manual_seed(0))[:subset].tolist())
 
 
 def cache_file(cache_dir: Path, run: Trajectory, label: str, key: dict[str, Any]) -> Path:

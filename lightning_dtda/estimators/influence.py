@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from lightning_dtda.curvature import CURVATURES
+from lightning_dtda.curvature import CURVATURES, KrylovGGN, check_solver
 from lightning_dtda.estimators.base import Estimator, RunContext
 from lightning_dtda.run_format import SnapshotEntry
 from lightning_dtda.trajectory import Trajectory
@@ -34,13 +34,19 @@ class Influence(Estimator):
 
     Args:
         curvature: ``"ekfac"`` (default), ``"kfac"`` (curvlinops' Kronecker factorisations of the
-            exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters only), ``"ggn"`` (exact: dense
-            eigendecomposition up to 4,096 parameters, conjugate gradients above) or ``"identity"``
-            (``C = 0``: scaled gradient dot products).
+            exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters only), ``"ggn"`` (exact, any layer)
+            or ``"identity"`` (``C = 0``: scaled gradient dot products).
         damping: ``"auto"`` (per run, see above) or a positive float.
+        solver: How ``"ggn"`` is solved: ``"dense"`` (the matrix built and eigendecomposed; up to
+            32,768 parameters), ``"krylov"`` (block conjugate gradients on GGN products, all queries at
+            once; any size) or ``"auto"`` (dense up to 4,096 parameters). The products taken and the
+            final relative residual go into each run's settings (``cg_products``, ``cg_residual``).
+        curvature_subset: Fit the curvature on this many training examples drawn at random (the same
+            draw for every run) instead of all of them; the gradients contracted are still all ``N``.
 
     Raises:
-        ValueError: For an unknown curvature or a damping that is not positive.
+        ValueError: For an unknown curvature or solver, a solver for a curvature other than ``"ggn"``,
+            a damping that is not positive or a subset that is not a positive integer.
 
     Example::
 
@@ -50,10 +56,13 @@ class Influence(Estimator):
     # Literal types let a LightningCLI file be checked when it is parsed, before anything trains.
     curvature: Literal["ekfac", "kfac", "ggn", "identity"] = "ekfac"
     damping: Literal["auto"] | float = "auto"
+    solver: Literal["auto", "dense", "krylov"] = "auto"
+    curvature_subset: int | None = None
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}.")
+        check_solver(self.curvature, self.solver, self.curvature_subset)
         if self.damping != "auto" and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0):
             raise ValueError(f"damping must be 'auto' or a positive number, got {self.damping!r}.")
 
@@ -74,6 +83,9 @@ class Influence(Estimator):
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
         damping = self.damping_for(context.run)
-        curvature = context.fit_curvature(self.curvature, context.model, cache=True)
+        curvature = context.fit_curvature(
+            self.curvature, context.model, cache=True, solver=self.solver, subset=self.curvature_subset
+        )
         solved = curvature.solve(context.query_grads, damping) / context.num_train
-        return context.contract(context.model, solved), {"damping": damping}
+        report = curvature.reports[-1] if isinstance(curvature, KrylovGGN) else {}
+        return context.contract(context.model, solved), {"damping": damping, **report}

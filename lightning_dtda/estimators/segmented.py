@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_dtda.curvature import SpectralCurvature, check_spectral
+from lightning_dtda.curvature import KrylovGGN, SpectralCurvature, check_solver, check_spectral
 from lightning_dtda.estimators.base import Estimator, RunContext
-from lightning_dtda.gradients import trainable_parameters
 from lightning_dtda.trajectory import Trajectory
 
 
@@ -58,12 +57,16 @@ class Segmented(Estimator):
 
     Args:
         segments: Number of segments; at most the number of snapshots after step 0.
-        curvature: ``"ekfac"`` (default) or ``"ggn"`` (dense eigendecomposition, up to 4,096
-            parameters): any function of the curvature is needed, so the backend must have an eigenbasis.
+        curvature: ``"ekfac"`` (default) or ``"ggn"`` (exact): functions of the curvature are needed,
+            which EK-FAC's eigenbasis and the GGN's eigendecomposition or Lanczos give.
+        solver: How ``"ggn"``'s functions are computed: ``"dense"`` (eigendecomposition, up to 32,768
+            parameters), ``"krylov"`` (Lanczos on GGN products, any size; products per run in the
+            settings) or ``"auto"`` (dense up to 4,096 parameters).
+        curvature_subset: Fit each segment's curvature on this many training examples drawn at random.
 
     Raises:
-        ValueError: For fewer than one segment or a curvature without an eigenbasis; at attribution, for a
-            run with fewer snapshots than segments or an optimizer other than SGD.
+        ValueError: For fewer than one segment, a curvature without functions or an unknown solver; at
+            attribution, for a run with fewer snapshots than segments or an optimizer other than SGD.
 
     Example::
 
@@ -72,23 +75,35 @@ class Segmented(Estimator):
 
     segments: int = 4
     curvature: Literal["ekfac", "ggn"] = "ekfac"
+    solver: Literal["auto", "dense", "krylov"] = "auto"
+    curvature_subset: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
             raise ValueError(f"segments must be a positive integer, got {self.segments!r}.")
-        check_spectral(self.curvature, 0)
+        check_spectral(self.curvature)
+        check_solver(self.curvature, self.solver, self.curvature_subset)
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
-        return segmented_effects(context, self.segments, self.curvature), {}
+        products: list[int] = []
+        effects = segmented_effects(context, self.segments, self.curvature, self.solver, self.curvature_subset, products)
+        return effects, {"lanczos_products": sum(products)} if products else {}
 
 
-def segmented_effects(context: RunContext, num_segments: int, kind: str) -> Tensor:
-    """Removal effects ``[Q, N]`` by segmented unrolling of ``context.run`` with curvature ``kind``."""
+def segmented_effects(
+    context: RunContext,
+    num_segments: int,
+    kind: str,
+    solver: str = "auto",
+    subset: int | None = None,
+    products: list[int] | None = None,
+) -> Tensor:
+    """Removal effects ``[Q, N]`` by segmented unrolling of ``context.run`` with curvature ``kind``;
+    the GGN products that Lanczos took in each segment are appended to ``products``."""
     run, query_grads = context.run, context.query_grads
 
     def fit(model: torch.nn.Module) -> SpectralCurvature:
-        check_spectral(kind, sum(p.numel() for p in trainable_parameters(model).values()))
-        curvature = context.fit_curvature(kind, model)
+        curvature = context.fit_curvature(kind, model, solver=solver, subset=subset)
         assert isinstance(curvature, SpectralCurvature)
         return curvature
 
@@ -110,8 +125,12 @@ def segmented_effects(context: RunContext, num_segments: int, kind: str) -> Tens
             # (1 - exp(-T c)) / c, and its limit T as c -> 0
             return torch.where(c * time > 1e-8, -torch.expm1(-time * c) / c.clamp(min=1e-30), torch.full_like(c, time))
 
-        weighted = curvature.apply(contribution, adjoint) / num_train
+        def decay(e: Tensor, time: float = time) -> Tensor:
+            return torch.exp(-time * (e + weight_decay))
+
+        weighted, adjoint = curvature.apply_functions([contribution, decay], adjoint)
+        if isinstance(curvature, KrylovGGN) and products is not None:
+            products.append(curvature.reports[-1]["lanczos_products"])
         for model in models:  # the example's gradient, averaged over the segment's snapshots
-            effects += context.contract(model, weighted) / len(group)
-        adjoint = curvature.apply(lambda e, time=time: torch.exp(-time * (e + weight_decay)), adjoint)
+            effects += context.contract(model, weighted / num_train) / len(group)
     return effects

@@ -1,0 +1,127 @@
+"""The exact GGN without a matrix: block CG and Lanczos against the dense path, and what K-FAC
+preconditioning does to CG.
+
+    python benchmarks/krylov.py          # digits MLP, ~2 min on 2 cores
+    python benchmarks/krylov.py --cnn    # adds the 1M-parameter CNN of benchmarks/speed.py (~25 min)
+
+Prints, on the digits MLP 64-64-10 (4.8k parameters, 1,000 examples, float32, trained 20 epochs):
+(a) products that block CG takes for 50 queries at once against the slowest of the same queries
+solved one at a time, per damping; (b) Influence(curvature="ggn") with solver="dense" and
+solver="krylov": time and the relative difference of the effects; (c) CG products without and with a
+K-FAC preconditioner fitted at the same weights; (d) the cost of 256 GGN columns on a small CNN and a
+small MLP of about the same parameter count (why a dense GGN is slow on convolutions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import DigitsCNN, datasets, train  # noqa: E402
+
+from lightning_dtda import Attributor, Influence, load_runs  # noqa: E402
+from lightning_dtda.curvature import KrylovGGN, fit_curvature  # noqa: E402
+from lightning_dtda.gradients import per_example_gradients  # noqa: E402
+from lightning_dtda.hooks import Hooks  # noqa: E402
+from lightning_dtda.krylov import conjugate_gradients  # noqa: E402
+from lightning_dtda.trajectory import instantiate  # noqa: E402
+
+
+def setting(name: str, root: Path, num_train: int, num_queries: int):
+    """The trained model, its curvature data and loss, and query gradients ``[Q, P]``."""
+    runs = train(name, root)
+    [run] = load_runs(runs)
+    from speed import MODULES
+
+    model = instantiate(MODULES[name][0], run).eval()
+    train_set, queries = datasets(name)
+    x, y = train_set.tensors[0][:num_train], train_set.tensors[1][:num_train]
+    batches = [(x[i : i + 100], y[i : i + 100]) for i in range(0, num_train, 100)]
+    params = list(model.parameters())
+    qx, qy = queries.tensors[0][:num_queries], queries.tensors[1][:num_queries]
+    grads = per_example_gradients(model, Hooks(model).measurement, (qx, qy))
+    return run, runs, model, params, batches, num_train, grads
+
+
+def products(curvature: KrylovGGN, vectors: torch.Tensor, damping: float, precondition=None) -> tuple[int, float, float]:
+    start = time.perf_counter()
+    _, count, residual = conjugate_gradients(
+        lambda v: curvature._matmat(v) + damping * v, vectors.T.double(), precondition, max_iterations=400
+    )
+    return count, residual.max().item(), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cnn", action="store_true", help="also the 1M-parameter CNN (about 25 minutes)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    root = Path(tempfile.mkdtemp())
+    loss = nn.CrossEntropyLoss()
+
+    run, runs, model, params, batches, n, grads = setting("mlp", root, 1000, 50)
+    auto = Influence(curvature="ggn").damping_for(run)
+    ggn = fit_curvature("ggn", model, loss, params, batches, n, solver="krylov")
+    assert isinstance(ggn, KrylovGGN)
+    print(f"digits MLP: {grads.shape[1]} parameters, {n} examples, float32; auto damping {auto:.2e}")
+    print("(a) block CG on 50 queries against one query at a time (GGN products to relative residual 1e-5)")
+    for damping in (1e-1, 1e-2, 1e-3):
+        block, residual, seconds = products(ggn, grads, damping)
+        alone = [products(ggn, grads[[k]], damping)[0] for k in range(0, 50, 5)]
+        print(f"    damping {damping:g}: block {block} products ({seconds:.1f} s, residual {residual:.0e}); "
+              f"one at a time: max {max(alone)}, mean {sum(alone) / len(alone):.0f} (10 of the 50 queries)")
+
+    print("(b) Influence(curvature='ggn'), auto damping, 50 queries, whole pipeline")
+    effects = {}
+    for solver in ("dense", "krylov"):
+        start = time.perf_counter()
+        result = Attributor(type(model), runs, datasets("mlp")[0], Influence(curvature="ggn", solver=solver), progress=False)\
+            .attribute(datasets("mlp")[1])
+        effects[solver] = result.effects
+        print(f"    {solver:6s}: {time.perf_counter() - start:6.1f} s  {result.settings['per_run'][0]}")
+    difference = (effects["krylov"] - effects["dense"]).norm() / effects["dense"].norm()
+    print(f"    relative difference of the effects: {difference:.1e}")
+
+    print("(c) K-FAC (type-2, exact damping) as CG's preconditioner, 50 queries")
+    kfac = fit_curvature("kfac", model, loss, params, batches, n)
+    for damping in (1e-2, 1e-3, auto):
+        plain = products(ggn, grads, damping)
+        pre = products(ggn, grads, damping, lambda r: kfac.solve(r.T.float(), damping).T.double())
+        print(f"    damping {damping:.1e}: none {plain[0]} products ({plain[2]:.1f} s), K-FAC {pre[0]} products ({pre[2]:.1f} s)")
+
+    print("(d) 256 GGN columns (one block of a dense build), 300 8x8 images, one thread")
+    torch.set_num_threads(1)
+    x = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
+    for label, net in [
+        ("CNN conv(8)-relu-pool-linear", nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 10))),
+        ("MLP 64-16-10", nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))),
+    ]:
+        net.eval()
+        op = fit_curvature("ggn", net, loss, list(net.parameters()), [(x, y)], 300, solver="krylov")
+        columns = torch.randn(sum(p.numel() for p in net.parameters()), 256)
+        start = time.perf_counter()
+        op._matmat(columns)
+        print(f"    {label}: {columns.shape[0]} parameters, {time.perf_counter() - start:.2f} s")
+    torch.set_num_threads(2)
+
+    if args.cnn:
+        run, _, model, params, batches, n, grads = setting("cnn", root, 300, 8)
+        auto = Influence(curvature="ggn").damping_for(run)
+        ggn = fit_curvature("ggn", model, loss, params, batches, n, solver="krylov")
+        kfac = fit_curvature("kfac", model, loss, params, batches, n)
+        print(f"CNN of benchmarks/speed.py: {grads.shape[1]} parameters, {n} images, 8 queries, auto damping {auto:.2e}")
+        for label, pre in [("none", None), ("K-FAC", lambda r: kfac.solve(r.T.float(), auto).T.double())]:
+            count, residual, seconds = products(ggn, grads, auto, pre)
+            print(f"    {label}: {count} products, residual {residual:.1e}, {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
