@@ -123,6 +123,10 @@ class KrylovGGN(SpectralCurvature):
         self.progress = progress
         self.reports: list[dict[str, Any]] = []
 
+    def matmat(self, columns: Tensor) -> Tensor:
+        """The GGN times ``columns [P, K]``, summed over ranks, in ``columns``' dtype."""
+        return self._matmat(columns)
+
     def _matmat(self, columns: Tensor) -> Tensor:
         # The Krylov recurrences run in float64 whatever the model's precision: in float32, block CG
         # loses conjugacy and needed 3-18x more products (measured on the digits MLP).
@@ -233,6 +237,41 @@ class EKFAC(KFAC, SpectralCurvature):
             return (op @ vectors.T).T
         finally:
             op._corrected_eigenvalues = original
+
+
+# Candidate dampings of fit_damping, as multiples of the exact GGN's damping (half decades).
+DAMPING_GRID = tuple(10 ** (k / 2) for k in range(-4, 9))
+
+
+def fit_damping(approximate: Curvature, ggn: KrylovGGN, vectors: Tensor, damping: float) -> tuple[float, list[float]]:
+    """The damping under which ``approximate``'s damped solves point most nearly the way of the exact ones.
+
+    With the exact damped GGN ``A = G + damping I``, each vector ``g`` (a query gradient) and its
+    approximate solve ``x(lam) = (K + lam I)^-1 g``, the criterion is
+
+        E(lam) = - sum_g (g^T x)^2 / (2 x^T A x) = - sum_g |x*|_A^2 cos_A(x, x*)^2 / 2,
+
+    ``x* = A^-1 g`` (since ``g^T x = x*^T A x``): the energy error of ``x`` at its best scale, so it
+    needs one GGN product and no exact solve. Scale is left out because rankings do not depend on it,
+    and with it in, the criterion prefers large dampings that shrink every wrong direction (measured:
+    on the digits benchmark that chose 10x the GGN damping and scored 0.16 Spearman against 0.39).
+
+    Args:
+        approximate: K-FAC or EK-FAC.
+        ggn: The exact GGN at the same weights, for its products.
+        vectors: ``[K, P]`` probe vectors.
+        damping: The exact GGN's damping (the ``"auto"`` rule).
+
+    Returns:
+        The candidate ``damping * DAMPING_GRID`` with the smallest ``E``, and every candidate's ``E``.
+    """
+    candidates = [damping * factor for factor in DAMPING_GRID]
+    totals = []
+    for lam in candidates:  # one product per candidate bounds the memory of the GGN's vmap
+        x = approximate.solve(vectors, lam).double()
+        ax = ggn.matmat(x.T).T + damping * x
+        totals.append((-0.5 * (vectors.double() * x).sum(1) ** 2 / (x * ax).sum(1)).sum().item())
+    return candidates[min(range(len(candidates)), key=totals.__getitem__)], totals
 
 
 def kfac_unsupported(model: nn.Module) -> list[tuple[str, nn.Module]]:
