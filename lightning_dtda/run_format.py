@@ -46,19 +46,23 @@ def jsonable(value: Any) -> Any:
 @dataclass(frozen=True)
 class SnapshotEntry:
     """One snapshot as the manifest lists it: its file (relative to the run folder), optimizer step,
-    epoch and the SHA-256 of the file's bytes."""
+    epoch and the SHA-256 of the file's bytes; for Adam and AdamW, ``step_scale``: the median over the
+    trainable parameters' entries of Adam's per-entry step multiplier ``1 / (sqrt(v_hat) + eps)`` at
+    that step (``None`` for other optimizers, step 0, and runs recorded before 0.3)."""
 
     file: str
     step: int
     epoch: int
     sha256: str
+    step_scale: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "step": self.step, "epoch": self.epoch, "sha256": self.sha256}
+        entry = {"file": self.file, "step": self.step, "epoch": self.epoch, "sha256": self.sha256}
+        return entry if self.step_scale is None else {**entry, "step_scale": self.step_scale}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SnapshotEntry":
-        return cls(data["file"], int(data["step"]), int(data["epoch"]), data["sha256"])
+        return cls(data["file"], int(data["step"]), int(data["epoch"]), data["sha256"], data.get("step_scale"))
 
 
 @dataclass(frozen=True)

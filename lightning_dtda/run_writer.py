@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -117,7 +118,7 @@ class RunWriter:
             sha256 = content.save(self.run_dir / name)
             # The manifest is rewritten at checkpoints and at the end rather than here: one file write
             # per snapshot instead of two (file writes are a large share of the recorder's cost).
-            self.snapshots.append(SnapshotEntry(name, step, trainer.current_epoch, sha256))
+            self.snapshots.append(SnapshotEntry(name, step, trainer.current_epoch, sha256, adam_step_scale(optimizer)))
         self.steps = []
         self.last_snapshot_step = step
 
@@ -168,3 +169,29 @@ class RunWriter:
         ]
         self.snapshots = [SnapshotEntry.from_json(s) for s in state["snapshots"]]
         return True
+
+
+# Entries whose median gives Adam's step scale: a strided sample beyond this bounds the cost at large sizes.
+_SCALE_SAMPLE = 1 << 20
+
+
+def adam_step_scale(optimizer: torch.optim.Optimizer) -> float | None:
+    """The median over all entries of Adam's per-entry step multiplier ``1 / (sqrt(v_hat) + eps)``
+    (``v_hat`` the bias-corrected second moment), or ``None`` for an optimizer without second moments
+    or before its first step. The ``"auto"`` damping rule needs it: under Adam an entry moves
+    ``lr / (sqrt(v_hat) + eps)`` per unit of gradient, not ``lr``."""
+    scales = []
+    for group in optimizer.param_groups:
+        beta2, eps = group.get("betas", (None, None))[1], group.get("eps")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if beta2 is None or "exp_avg_sq" not in state:
+                continue
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"].detach().flatten().float() / (1 - beta2**step)
+            scales.append(1.0 / (v_hat.sqrt() + eps))
+    if not scales:
+        return None
+    flat = torch.cat(scales)
+    flat = flat[:: max(1, len(flat) // _SCALE_SAMPLE)]
+    return float(flat.median().cpu())

@@ -157,16 +157,37 @@ class Trajectory:
         return float(self.optimizer_groups[0].get("weight_decay") or 0.0)
 
     def learning_rate_time(self, first: int = 0, last: int | None = None) -> float:
-        r"""Total effective step size :math:`\sum_t \eta_t / (1 - \beta)` of steps ``first+1 .. last``
-        (default: the whole run), first parameter group.
+        r"""Total effective step size :math:`\sum_t \eta_t s_t` of steps ``first+1 .. last`` (default:
+        the whole run), first parameter group.
 
-        Momentum ``beta`` of SGD makes each gradient move the weights ``1 / (1 - beta)`` times as far
-        as one plain step of the same rate (the step's own ``beta`` where a schedule changed it); Adam has
-        no ``momentum`` setting and is not rescaled.
+        ``s_t`` is how far one unit of gradient moves the weights per unit of learning rate. SGD with
+        momentum ``beta``: ``1 / (1 - beta)`` (the step's own ``beta`` where a schedule changed it).
+        Adam, AdamW: the median of ``1 / (sqrt(v_hat) + eps)`` over the parameters' entries, recorded at
+        each snapshot (``SnapshotEntry.step_scale``) and used for the steps up to it (Adam's ``beta1``
+        averages gradients rather than summing them, so it adds no factor).
+
+        Raises:
+            ValueError: For an Adam run recorded without step scales (before 0.3).
         """
+        steps = self.steps[first:last]
+        if "betas" in self.optimizer_groups[0]:
+            return sum(step.lrs[0] * scale for step, scale in zip(steps, self._adam_scales()[first:last]))
         momentum = float(self.optimizer_groups[0].get("momentum") or 0.0)
         # A momentum schedule (recorded per step since 0.2) gives each step its own factor.
-        return sum(step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0]) for step in self.steps[first:last])
+        return sum(step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0]) for step in steps)
+
+    def _adam_scales(self) -> list[float]:
+        """Each step's Adam step scale: that of the snapshot closing its interval."""
+        scales = []
+        for previous, entry in zip(self.snapshots, self.snapshots[1:]):
+            if entry.step_scale is None:
+                raise ValueError(
+                    f"Run {self.name} trained with {self.manifest.optimizer_class.rpartition('.')[2]}, whose step per unit of "
+                    "gradient the recorder noted only from version 0.3 on, and this run lacks it: record it again, or "
+                    "give a damping."
+                )
+            scales += [entry.step_scale] * (entry.step - previous.step)
+        return scales
 
 
 def instantiate(

@@ -168,3 +168,42 @@ def test_kronecker_factored_auto_damping_maximises_the_energy_cosine_to_the_exac
         .attribute_run(run, queries)
     assert torch.allclose(effects, fixed)
     assert len({round(weighted_cosine(lam), 9) for lam in candidates}) > 5  # the criterion does discriminate
+
+
+def test_adam_auto_damping_counts_adams_step_per_unit_of_gradient(tmp_path):
+    """Under Adam an entry moves lr / (sqrt(v_hat) + eps) per unit of gradient: the recorder notes the
+    median multiplier at each snapshot (checked against the saved optimizer state), the learning-rate
+    time uses it, and AdamW's decoupled decay enters divided by it. A run without it is refused."""
+    import json
+
+    from lightning_dtda import load_runs
+
+    class AdamWClassifier(TinyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.05)
+
+    data = classification_data(n=24)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", save_optimizer_state=True)], max_epochs=3).fit(
+        AdamWClassifier(hidden=5), DataLoader(data, batch_size=8, shuffle=True))
+    [run] = load_runs(tmp_path / "runs")
+    assert run.snapshots[0].step_scale is None
+    for i, entry in enumerate(run.snapshots[1:], start=1):
+        state = run.snapshot(i).optimizer_state
+        beta2, eps = state["param_groups"][0]["betas"][1], state["param_groups"][0]["eps"]
+        multipliers = torch.cat([
+            1 / ((s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten() for s in state["state"].values()
+        ])
+        assert entry.step_scale == pytest.approx(multipliers.median().item(), rel=1e-6)
+        assert entry.step_scale > 10  # far from SGD's 1: the reason for the rule
+    time = sum(step.lrs[0] * run.snapshots[1 + k // 3].step_scale for k, step in enumerate(run.steps))  # 3 steps an epoch
+    assert Influence(curvature="ggn").damping_for(run) == pytest.approx(1 / time + 0.05 / run.snapshots[-1].step_scale)
+
+    manifest = tmp_path / "runs" / "seed_0" / "manifest.json"
+    recorded = json.loads(manifest.read_text())
+    for entry in recorded["snapshots"]:
+        entry.pop("step_scale", None)
+    manifest.write_text(json.dumps(recorded))
+    [old] = load_runs(tmp_path / "runs")
+    with pytest.raises(ValueError, match="trained with AdamW, whose step per unit of gradient .* record it again, or give a damping"):
+        Influence(curvature="ggn").damping_for(old)

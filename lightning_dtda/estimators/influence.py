@@ -34,7 +34,10 @@ class Influence(Estimator):
     direction of curvature ``c`` only if ``c * T`` is not small; unrolled differentiation of such a
     run responds to an example's gradient by ``(1 - exp(-c T)) / c``, which the damped inverse
     ``1 / (c + 1/T)`` follows at both ends (``T`` for flat directions, ``1/c`` for converged ones).
-    Weight decay is part of the training objective's curvature, so it is added as is.
+    Weight decay is part of the training objective's curvature, so it is added as is. Under Adam the
+    learning-rate time counts each step as ``lr`` times the median of Adam's per-entry multiplier
+    ``1 / (sqrt(v_hat) + eps)`` (recorded at every snapshot), and AdamW's decoupled decay enters as
+    ``weight_decay`` divided by that multiplier.
 
     That rule is right for the exact GGN. K-FAC and EK-FAC misplace curvature (they drop the
     cross-layer blocks), and their ``"auto"`` damping is fitted per run instead: among ``lam_G * 10^(k/2)``,
@@ -87,7 +90,12 @@ class Influence(Estimator):
                 f"damping='auto' is 1 / the run's learning-rate time, but {run.name} has taken no step with a positive "
                 "learning rate yet; give a damping."
             )
-        return 1.0 / time + run.weight_decay
+        weight_decay = run.weight_decay
+        if run.manifest.optimizer_class.endswith("AdamW"):
+            # Decoupled decay shrinks the weights by lr * wd per step, outside Adam's scaling: in the
+            # scaled time above it is a curvature of wd / step_scale.
+            weight_decay /= run.snapshots[-1].step_scale or 1.0
+        return 1.0 / time + weight_decay
 
     def snapshots_used(self, run: Trajectory) -> tuple[SnapshotEntry, ...]:
         return run.snapshots[-1:]
