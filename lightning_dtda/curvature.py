@@ -7,7 +7,8 @@ Gauss-Newton matrix (positive semi-definite), exactly (``ggn``) or Kronecker-fac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from typing import Any
 
@@ -21,6 +22,7 @@ from curvlinops import (
 from curvlinops._torch_base import PyTorchLinearOperator
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from lightning_dtda.distributed import all_reduce_sum
@@ -36,6 +38,20 @@ DENSE_GGN_MAX_PARAMS = 4096
 DENSE_GGN_LIMIT = 32768
 # Columns per GGN matrix product when building the dense matrix: bounds the memory of the vmap.
 _DENSE_COLUMNS = 256
+
+
+@contextlib.contextmanager
+def forward_differentiable_kernels() -> Iterator[None]:
+    """GGN products differentiate forwards (``jvp``): torch's fused transformer-layer fast path, which
+    eval mode takes, has no forward-mode derivative, and among the attention kernels the math one is
+    differentiable in every mode. Both are switched for the products."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 class Curvature:
@@ -85,7 +101,8 @@ class DenseGGN(SpectralCurvature):
     def from_operator(cls, operator: GGNLinearOperator) -> "DenseGGN":
         num_params = operator.shape[0]
         eye = torch.eye(num_params, dtype=operator.dtype, device=operator.device)
-        ggn = torch.cat([operator @ eye[:, i : i + _DENSE_COLUMNS] for i in range(0, num_params, _DENSE_COLUMNS)], dim=1)
+        with forward_differentiable_kernels():
+            ggn = torch.cat([operator @ eye[:, i : i + _DENSE_COLUMNS] for i in range(0, num_params, _DENSE_COLUMNS)], dim=1)
         all_reduce_sum(ggn)  # each rank summed its shard of the data
         eigenvalues, eigenvectors = torch.linalg.eigh((ggn + ggn.T) / 2)
         # A PSD matrix's rounding error can give tiny negative eigenvalues; they are zeros.
@@ -130,7 +147,8 @@ class KrylovGGN(SpectralCurvature):
     def _matmat(self, columns: Tensor) -> Tensor:
         # The Krylov recurrences run in float64 whatever the model's precision: in float32, block CG
         # loses conjugacy and needed 3-18x more products (measured on the digits MLP).
-        return (self.operator @ columns.to(self.operator.dtype)).to(columns.dtype)
+        with forward_differentiable_kernels():
+            return (self.operator @ columns.to(self.operator.dtype)).to(columns.dtype)
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         x, iterations, residual = conjugate_gradients(

@@ -207,3 +207,17 @@ def test_adam_auto_damping_counts_adams_step_per_unit_of_gradient(tmp_path):
     [old] = load_runs(tmp_path / "runs")
     with pytest.raises(ValueError, match="trained with AdamW, whose step per unit of gradient .* record it again, or give a damping"):
         Influence(curvature="ggn").damping_for(old)
+
+
+def test_exact_ggn_on_a_transformer_layer(tmp_path):
+    """Eval mode sends nn.TransformerEncoderLayer down torch's fused fast path, which has no forward-mode
+    derivative: GGN products (jvp) switch it off, dense and Krylov alike."""
+    from models import TinyTransformer, token_data
+
+    data, queries = token_data(24), token_data(3, seed=1)
+    runs = record(tmp_path, lambda: TinyTransformer(dropout=0.1), data, epochs=3, precision="64-true")
+    for solver in ("dense", "krylov"):
+        attributor = Attributor(TinyTransformer, runs, data, estimator=Influence(curvature="ggn", damping=0.1, solver=solver), progress=False)
+        run = attributor.runs[0]
+        effects, _, _ = attributor.attribute_run(run, queries)
+        assert relative_error(effects, dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 0.1)[0]) < 1e-5
