@@ -11,7 +11,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from lightning_dtda._io import load_tree, save_tree
@@ -64,8 +64,10 @@ class Attributor:
             cached there too: new queries or another damping reuse them.
 
     Raises:
-        TypeError: If ``estimator`` is not an :class:`~lightning_dtda.estimators.Estimator`.
-        ValueError: If the training data is not the data the runs were recorded on.
+        TypeError: If ``estimator`` is not an :class:`~lightning_dtda.estimators.Estimator`, or
+            ``train_data`` is an ``IterableDataset``.
+        ValueError: If the training data is not the data the runs were recorded on, or ``device`` names
+            CUDA on a machine without it.
 
     Example::
 
@@ -90,12 +92,19 @@ class Attributor:
             raise TypeError(
                 f"estimator must be an Estimator such as Influence(), Unrolled() or Segmented(), got {estimator!r}."
             )
+        if isinstance(train_data, IterableDataset):
+            raise TypeError(
+                "train_data is an IterableDataset; attribution indexes training examples by their position, so it needs "
+                "a map-style Dataset (with __len__ and __getitem__) in the order the runs were recorded on."
+            )
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but torch finds no CUDA device here; use device='cpu' or leave device=None.")
         self.module = module
         self.runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
         self.train_data = train_data
         self.estimator = estimator
         self.batch_size = batch_size
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.runs[0].check_dataset(train_data)

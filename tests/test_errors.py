@@ -188,3 +188,17 @@ def test_losses_and_shapes_the_defaults_would_get_wrong_are_refused(tmp_path, es
         by_hand = (torch.clamp(z, min=0) - z * t + torch.log1p(torch.exp(-z.abs()))).squeeze(1)
     assert torch.allclose(result.measurements[0], by_hand, atol=1e-6)
     assert torch.isfinite(result.effects).all()
+
+
+def test_an_iterable_dataset_and_a_missing_cuda_device_are_refused_at_construction(runs, data):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    with pytest.raises(TypeError, match="train_data is an IterableDataset; .* needs a map-style Dataset"):
+        Attributor(TinyClassifier, runs, Stream(), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device here; use device='cpu'"):
+            Attributor(TinyClassifier, runs, data, device="cuda", progress=False)
