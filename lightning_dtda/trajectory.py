@@ -190,6 +190,21 @@ class Trajectory:
         return scales
 
 
+def same_class(path: str, recorded: str) -> bool:
+    """Whether the class at import path ``path`` is the one a run recorded as ``recorded``.
+
+    A class defined in the script that trained is recorded as ``__main__.Net``; imported from that
+    script elsewhere it is ``train.Net`` (and the other way round): then only the qualified names
+    can be compared.
+    """
+    if path == recorded:
+        return True
+    main = "__main__."
+    if recorded.startswith(main):
+        return path.endswith("." + recorded[len(main) :])
+    return path.startswith(main) and recorded.endswith("." + path[len(main) :])
+
+
 def instantiate(
     module: type[nn.Module] | nn.Module, run: Trajectory, snapshot: int = -1, device: torch.device | str = "cpu"
 ) -> nn.Module:
@@ -209,7 +224,7 @@ def instantiate(
     else:
         cls, model = module, None
     path = f"{cls.__module__}.{cls.__qualname__}"
-    if path != run.module_class:
+    if not same_class(path, run.module_class):
         raise ValueError(f"Run {run.name} trained {run.module_class}, not {path}.")
     if model is None:
         try:

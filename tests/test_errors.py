@@ -202,3 +202,38 @@ def test_an_iterable_dataset_and_a_missing_cuda_device_are_refused_at_constructi
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device here; use device='cpu'"):
             Attributor(TinyClassifier, runs, data, device="cuda", progress=False)
+
+
+def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(tmp_path, monkeypatch):
+    """Trained in `python train_script.py` (class recorded as __main__.Net), attributed elsewhere with
+    `from train_script import Net`: the same class. Another class is still refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import lightning.pytorch as pl\n"
+        "from torch.utils.data import DataLoader\n"
+        "from models import TinyClassifier, classification_data, trainer\n"
+        "from lightning_dtda import TrajectoryRecorder\n\n"
+        "class Net(TinyClassifier):\n"
+        "    pass\n\n"
+        "if __name__ == '__main__':\n"
+        "    pl.seed_everything(0)\n"
+        f"    trainer({str(tmp_path)!r}, [TrajectoryRecorder({str(tmp_path / 'runs')!r})], max_epochs=1).fit(\n"
+        "        Net(hidden=4), DataLoader(classification_data(n=16), batch_size=8))\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, capture_output=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from train_script import Net
+
+    data = classification_data(n=16)
+    [run] = load_runs(tmp_path / "runs")
+    assert run.module_class == "__main__.Net"
+    result = Attributor(Net, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    assert result.effects.shape == (1, 16, 16)
+    with pytest.raises(ValueError, match=r"Run seed_0 trained __main__.Net, not models.TinyClassifier"):
+        Attributor(TinyClassifier, tmp_path / "runs", data, progress=False).attribute(data)
