@@ -53,7 +53,7 @@ def setting(name: str, root: Path, num_train: int, num_queries: int):
 def products(curvature: KrylovGGN, vectors: torch.Tensor, damping: float, precondition=None) -> tuple[int, float, float]:
     start = time.perf_counter()
     _, count, residual = conjugate_gradients(
-        lambda v: curvature._matmat(v) + damping * v, vectors.T.double(), precondition, max_iterations=400
+        lambda v: curvature.matmat(v) + damping * v, vectors.T.double(), precondition, max_iterations=400
     )
     return count, residual.max().item(), time.perf_counter() - start
 
@@ -108,7 +108,7 @@ def main() -> None:
         op = fit_curvature("ggn", net, loss, list(net.parameters()), [(x, y)], 300, solver="krylov")
         columns = torch.randn(sum(p.numel() for p in net.parameters()), 256)
         start = time.perf_counter()
-        op._matmat(columns)
+        op.matmat(columns)
         print(f"    {label}: {columns.shape[0]} parameters, {time.perf_counter() - start:.2f} s")
     torch.set_num_threads(2)
 

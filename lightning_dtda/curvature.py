@@ -124,7 +124,7 @@ class KrylovGGN(SpectralCurvature):
     collects, for every solve, its products and final relative residual (CG) or its products (Lanczos).
 
     No preconditioner: K-FAC at the same weights, the obvious one, made CG slower on every model
-    measured (1.6-2x the products on the digits MLP; on a 1M-parameter CNN 60 products without
+    measured (1.4-1.7x the products on the digits MLP; on a 1M-parameter CNN 60 products without
     converging against 33 without it, 10x the time; see benchmarks/krylov.py).
 
     Args:
@@ -141,18 +141,16 @@ class KrylovGGN(SpectralCurvature):
         self.reports: list[dict[str, Any]] = []
 
     def matmat(self, columns: Tensor) -> Tensor:
-        """The GGN times ``columns [P, K]``, summed over ranks, in ``columns``' dtype."""
-        return self._matmat(columns)
+        """The GGN times ``columns [P, K]``, summed over ranks, in ``columns``' dtype.
 
-    def _matmat(self, columns: Tensor) -> Tensor:
-        # The Krylov recurrences run in float64 whatever the model's precision: in float32, block CG
-        # loses conjugacy and needed 3-18x more products (measured on the digits MLP).
+        The Krylov recurrences pass float64 whatever the model's precision: in float32, block CG loses
+        conjugacy and needed 3-18x more products (measured on the digits MLP)."""
         with forward_differentiable_kernels():
             return (self.operator @ columns.to(self.operator.dtype)).to(columns.dtype)
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         x, iterations, residual = conjugate_gradients(
-            lambda v: self._matmat(v) + damping * v,
+            lambda v: self.matmat(v) + damping * v,
             vectors.T.double(),
             tolerance=self.tolerance,
             max_iterations=self.max_iterations,
@@ -171,7 +169,7 @@ class KrylovGGN(SpectralCurvature):
 
     def apply_functions(self, fns: Sequence[Callable[[Tensor], Tensor]], vectors: Tensor) -> list[Tensor]:
         results, products = lanczos_functions(
-            self._matmat, vectors.T.double(), fns, self.tolerance, self.max_iterations, self.progress, "GGN Lanczos"
+            self.matmat, vectors.T.double(), fns, self.tolerance, self.max_iterations, self.progress, "GGN Lanczos"
         )
         self.reports.append({"lanczos_products": products})
         if products >= 2 * self.max_iterations - 1:
@@ -224,14 +222,16 @@ class KFAC(Curvature):
 
     def __init__(self, operator: KFACLinearOperator) -> None:
         self.operator = operator
-        self._inverses: dict[float, KFACInverseLinearOperator] = {}
+        self._inverse: _KFACInverse | None = None
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         # Exact damping inverts (K + damping * I); damping each Kronecker factor would invert another matrix.
-        # Built once per damping: it eigendecomposes every factor, and CG preconditions with it every iteration.
-        if damping not in self._inverses:
-            self._inverses[damping] = _KFACInverse(self.operator, damping=damping, use_exact_damping=True)
-        return (self._inverses[damping] @ vectors.T).T
+        # It works in the factors' eigenbases, which the operator caches whatever the damping, so one
+        # operator serves every damping (fit_damping tries 13): only its damping is set per call.
+        if self._inverse is None:
+            self._inverse = _KFACInverse(self.operator, damping=damping, use_exact_damping=True)
+        self._inverse._damping = damping
+        return (self._inverse @ vectors.T).T
 
     def state(self) -> dict[str, Any]:
         # Enum settings as their string values: the cache stores non-tensor settings as JSON.
@@ -284,31 +284,25 @@ def fit_damping(approximate: Curvature, ggn: KrylovGGN, vectors: Tensor, damping
         The candidate ``damping * DAMPING_GRID`` with the smallest ``E``, and every candidate's ``E``.
     """
     candidates = [damping * factor for factor in DAMPING_GRID]
+    g = vectors.double()
     totals = []
     for lam in candidates:  # one product per candidate bounds the memory of the GGN's vmap
         x = approximate.solve(vectors, lam).double()
         ax = ggn.matmat(x.T).T + damping * x
-        totals.append((-0.5 * (vectors.double() * x).sum(1) ** 2 / (x * ax).sum(1)).sum().item())
+        totals.append((-0.5 * (g * x).sum(1) ** 2 / (x * ax).sum(1)).sum().item())
     return candidates[min(range(len(candidates)), key=totals.__getitem__)], totals
-
-
-def kfac_unsupported(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers with trainable parameters that curvlinops' K-FAC cannot handle (all but Linear, Conv2d)."""
-    return [
-        (name, layer)
-        for name, layer in model.named_modules()
-        if any(p.requires_grad for p in layer.parameters(recurse=False)) and not isinstance(layer, (nn.Linear, nn.Conv2d))
-    ]
 
 
 def check_kfac_layers(model: nn.Module, kind: str) -> None:
     """Raise if a trainable parameter belongs to a layer K-FAC cannot handle."""
-    for name, layer in kfac_unsupported(model)[:1]:
-        raise ValueError(
-            f"curvature={kind!r} supports only nn.Linear and nn.Conv2d parameters, but layer "
-            f"{name!r} ({type(layer).__name__}) has trainable parameters. Use curvature='ggn' (exact, "
-            "any layer) or freeze that layer's parameters."
-        )
+    for name, layer in model.named_modules():
+        own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
+        if own and not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError(
+                f"curvature={kind!r} supports only nn.Linear and nn.Conv2d parameters, but layer "
+                f"{name!r} ({type(layer).__name__}) has trainable parameters. Use curvature='ggn' (exact, "
+                "any layer) or freeze that layer's parameters."
+            )
 
 
 def fit_curvature(

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 MatMat = Callable[[Tensor], Tensor]
@@ -76,8 +77,9 @@ def _orthonormal(block: Tensor) -> Tensor:
     """An orthonormal basis ``[P, r]`` of the columns of ``block``, dropping directions whose singular
     value is below ``sqrt(eps)`` of the largest (dependent or converged columns)."""
     u, s, _ = torch.linalg.svd(block, full_matrices=False)
-    keep = s > s.max().clamp(min=torch.finfo(block.dtype).tiny) * torch.finfo(block.dtype).eps ** 0.5 if len(s) else s > 0
-    return u[:, keep]
+    if not len(s):
+        return u
+    return u[:, s > s[0] * torch.finfo(block.dtype).eps ** 0.5]  # s is sorted, largest first
 
 
 def lanczos_functions(
@@ -105,7 +107,6 @@ def lanczos_functions(
     Returns:
         ``[f(A) vectors for f in functions]`` (each ``[P, K]``), and the number of products taken.
     """
-    num = vectors.shape[1]
     norms = vectors.norm(dim=0)
     safe = norms.clamp(min=torch.finfo(vectors.dtype).tiny)
     alphas: list[Tensor] = []
@@ -129,7 +130,7 @@ def lanczos_functions(
             coefficients = _coefficients(alphas, betas, norms, functions)
             if previous is not None:
                 change = max(
-                    ((c[:, :-1] - p).norm(dim=1) ** 2 + c[:, -1] ** 2).sqrt().div(c.norm(dim=1).clamp(min=1e-300)).max().item()
+                    ((c - F.pad(p, (0, 1))).norm(dim=1) / c.norm(dim=1).clamp(min=1e-300)).max().item()
                     for c, p in zip(coefficients, previous)
                 )
                 bar.set_postfix(change=f"{change:.1e}")

@@ -109,9 +109,9 @@ class Influence(Estimator):
         if self.damping == "auto" and self.curvature in ("kfac", "ekfac"):
             ggn = context.fit_curvature("ggn", context.model, solver="krylov", subset=self.curvature_subset)
             assert isinstance(ggn, KrylovGGN)
+            report["ggn_damping"] = damping
             damping, _ = fit_damping(curvature, ggn, context.query_grads[:DAMPING_PROBES], damping)
-            report = {"ggn_damping": self.damping_for(context.run)}
         solved = curvature.solve(context.query_grads, damping) / context.num_train
         if isinstance(curvature, KrylovGGN):
-            report = curvature.reports[-1]
+            report.update(curvature.reports[-1])
         return context.contract(context.model, solved), {"damping": damping, **report}

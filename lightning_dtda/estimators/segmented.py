@@ -85,9 +85,8 @@ class Segmented(Estimator):
         check_solver(self.curvature, self.solver, self.curvature_subset)
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
-        products: list[int] = []
-        effects = segmented_effects(context, self.segments, self.curvature, self.solver, self.curvature_subset, products)
-        return effects, {"lanczos_products": sum(products)} if products else {}
+        effects, products = segmented_effects(context, self.segments, self.curvature, self.solver, self.curvature_subset)
+        return effects, {"lanczos_products": products} if products else {}
 
 
 def segmented_effects(
@@ -96,16 +95,11 @@ def segmented_effects(
     kind: str,
     solver: str = "auto",
     subset: int | None = None,
-    products: list[int] | None = None,
-) -> Tensor:
-    """Removal effects ``[Q, N]`` by segmented unrolling of ``context.run`` with curvature ``kind``;
-    the GGN products that Lanczos took in each segment are appended to ``products``."""
+) -> tuple[Tensor, int]:
+    """Removal effects ``[Q, N]`` by segmented unrolling of ``context.run`` with curvature ``kind``, and
+    the GGN products Lanczos took over all segments (0 without Lanczos)."""
     run, query_grads = context.run, context.query_grads
-
-    def fit(model: torch.nn.Module) -> SpectralCurvature:
-        curvature = context.fit_curvature(kind, model, solver=solver, subset=subset)
-        assert isinstance(curvature, SpectralCurvature)
-        return curvature
+    products = 0
 
     steps = run.snapshot_steps
     weight_decay = run.weight_decay
@@ -118,7 +112,8 @@ def segmented_effects(
         first, last = steps[group[0] - 1], steps[group[-1]]
         time = run.learning_rate_time(first, last)  # eta_l * K_l
         models = [context.load_model(index) for index in group]
-        curvature = fit(models[-1])  # at the segment's last weights
+        curvature = context.fit_curvature(kind, models[-1], solver=solver, subset=subset)  # at the segment's last weights
+        assert isinstance(curvature, SpectralCurvature)
 
         def contribution(e: Tensor, time: float = time) -> Tensor:
             c = e + weight_decay
@@ -129,8 +124,8 @@ def segmented_effects(
             return torch.exp(-time * (e + weight_decay))
 
         weighted, adjoint = curvature.apply_functions([contribution, decay], adjoint)
-        if isinstance(curvature, KrylovGGN) and products is not None:
-            products.append(curvature.reports[-1]["lanczos_products"])
+        if isinstance(curvature, KrylovGGN):
+            products += curvature.reports[-1]["lanczos_products"]
         for model in models:  # the example's gradient, averaged over the segment's snapshots
             effects += context.contract(model, weighted / num_train) / len(group)
-    return effects
+    return effects, products
