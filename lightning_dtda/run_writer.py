@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from lightning_dtda._io import load_json, save_json
-from lightning_dtda.run_format import FORMAT, MANIFEST, Manifest, SnapshotContent, SnapshotEntry, StepRecord, encode_steps, snapshot_file
+from lightning_dtda.run_format import FORMAT, MANIFEST, Manifest, SnapshotContent, SnapshotEntry, StepRecord, Writer, encode_steps, snapshot_file
 
 
 class RunWriter:
@@ -84,7 +84,8 @@ class RunWriter:
                 f"step {trainer.global_step}; the checkpoint was not written by this recorder's run."
             )
         # A run recorded in an earlier format goes on in this one; readers tell each snapshot's by its bytes.
-        self.manifest = replace(Manifest.from_json(load_json(self.run_dir / MANIFEST)), format=FORMAT)
+        # This process records it now: with the crashed one's id, readers would take it for abandoned.
+        self.manifest = replace(Manifest.from_json(load_json(self.run_dir / MANIFEST)), format=FORMAT, writer=Writer.this_process())
         self.complete, self.stopped = False, None
         if trainer.is_global_zero:
             self.flush()

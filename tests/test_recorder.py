@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -8,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_dtda import TrajectoryRecorder, load_runs
+from lightning_dtda.trajectory import Trajectory
 from models import TinyClassifier, classification_data, trainer
 
 
@@ -75,10 +78,24 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ckpt], max_epochs=2,
             enable_checkpointing=True).fit(TinyClassifier(), loader)
+    # the first job's process is gone (a dead pid): the resumed run must read as this process's, in progress
+    manifest_path = tmp_path / "runs" / "seed_0" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    manifest["writer"]["pid"] = dead.pid
+    manifest_path.write_text(json.dumps(manifest))
+    statuses = []
+
+    class Status(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            statuses.append(Trajectory(tmp_path / "runs" / "seed_0").status)
+
     pl.seed_everything(1)  # a resumed job need not share the first one's random state
     model = TinyClassifier()
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ModelCheckpoint(dirpath=tmp_path / "ckpt2"), Status()],
             max_epochs=4, enable_checkpointing=True).fit(model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert statuses == ["in progress", "in progress"]
     [run] = load_runs(tmp_path / "runs")
     assert run.snapshot_steps == [0, 4, 8, 12, 16]
     assert run.manifest.complete
