@@ -52,8 +52,11 @@ def train_seeds(
             if run.status == "finished":
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
-            if run.status == "in progress":
-                raise RuntimeError(f"train_seeds: {run.describe_status()}; wait for it or stop that process first.")
+            if run.status in ("in progress", "unfinished"):  # unfinished: another host's process, maybe alive
+                raise RuntimeError(
+                    f"train_seeds: {run.describe_status()}; wait for it or stop that process first (or delete {run_dir} "
+                    "yourself if you know it is dead)."
+                )
             rank_zero_info(f"train_seeds: recording seed {seed} again ({run.describe_status()}).")
             shutil.rmtree(run_dir)
         pl.seed_everything(seed)

@@ -155,3 +155,12 @@ def test_train_seeds_records_each_seed_once(tmp_path):
     train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1, 2], **kwargs)  # seed 0 and 1 are skipped
     assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
     assert [r.name for r in load_runs(tmp_path / "runs")] == ["seed_0", "seed_1", "seed_2"]
+    # a run another host is recording (its process cannot be checked from here) is not deleted
+    import json
+
+    path = tmp_path / "runs" / "seed_2" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "complete": False, "writer": {"host": "elsewhere", "pid": 1}}))
+    with pytest.raises(RuntimeError, match=r"seed_2: unfinished .* wait for it or stop that process first"):
+        train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[2], **kwargs)
+    assert path.is_file()
