@@ -181,18 +181,17 @@ def adam_step_scale(optimizer: torch.optim.Optimizer) -> float | None:
     (``v_hat`` the bias-corrected second moment), or ``None`` for an optimizer without second moments
     or before its first step. The ``"auto"`` damping rule needs it: under Adam an entry moves
     ``lr / (sqrt(v_hat) + eps)`` per unit of gradient, not ``lr``."""
-    scales = []
+    moments = []  # (second moment, its bias correction, eps) per parameter
     for group in optimizer.param_groups:
-        beta2, eps = group.get("betas", (None, None))[1], group.get("eps")
+        beta2 = group.get("betas", (None, None))[1]
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            if beta2 is None or "exp_avg_sq" not in state:
-                continue
-            step = float(state["step"])
-            v_hat = state["exp_avg_sq"].detach().flatten().float() / (1 - beta2**step)
-            scales.append(1.0 / (v_hat.sqrt() + eps))
-    if not scales:
+            # With amsgrad, Adam divides by the running maximum of the second moment.
+            v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+            if beta2 is not None and v is not None:
+                moments.append((v, 1 - beta2 ** float(state["step"]), group["eps"]))
+    if not moments:
         return None
-    flat = torch.cat(scales)
-    flat = flat[:: max(1, len(flat) // _SCALE_SAMPLE)]
-    return float(flat.median().cpu())
+    stride = max(1, sum(v.numel() for v, _, _ in moments) // _SCALE_SAMPLE)
+    scales = [1.0 / ((v.detach().flatten()[::stride].float() / correction).sqrt() + eps) for v, correction, eps in moments]
+    return float(torch.cat(scales).median().cpu())

@@ -166,27 +166,39 @@ class Trajectory:
         each snapshot (``SnapshotEntry.step_scale``) and used for the steps up to it (Adam's ``beta1``
         averages gradients rather than summing them, so it adds no factor).
 
+        Steps that 16-mixed's gradient scaler skipped moved nothing and count for nothing.
+
         Raises:
-            ValueError: For an Adam run recorded without step scales (before 0.3).
+            ValueError: For another optimizer, whose step per unit of gradient this does not model, and
+                for an Adam run recorded without step scales (before 0.3).
         """
-        steps = self.steps[first:last]
-        if "betas" in self.optimizer_groups[0]:
-            return sum(step.lrs[0] * scale for step, scale in zip(steps, self._adam_scales()[first:last]))
+        optimizer = self.manifest.optimizer_class.rpartition(".")[2]
+        if optimizer in ("Adam", "AdamW"):
+            scaled = zip(self.steps, self._adam_scales())
+            return sum(step.lrs[0] * scale for step, scale in list(scaled)[first:last] if not step.skipped)
+        if optimizer != "SGD":
+            raise ValueError(
+                f"The learning-rate time models SGD, Adam and AdamW, whose step per unit of gradient is known; run {self.name} "
+                f"trained with {optimizer}: give a damping."
+            )
         momentum = float(self.optimizer_groups[0].get("momentum") or 0.0)
         # A momentum schedule (recorded per step since 0.2) gives each step its own factor.
-        return sum(step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0]) for step in steps)
+        return sum(
+            step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0]) for step in self.steps[first:last] if not step.skipped
+        )
 
     def _adam_scales(self) -> list[float]:
         """Each step's Adam step scale: that of the snapshot closing its interval."""
         scales = []
         for previous, entry in zip(self.snapshots, self.snapshots[1:]):
-            if entry.step_scale is None:
+            skipped = all(step.skipped for step in self.steps[previous.step : entry.step])
+            if entry.step_scale is None and not skipped:  # all skipped: Adam had no state yet, and none is needed
                 raise ValueError(
                     f"Run {self.name} trained with {self.manifest.optimizer_class.rpartition('.')[2]}, whose step per unit of "
                     "gradient the recorder noted only from version 0.3 on, and this run lacks it: record it again, or "
                     "give a damping."
                 )
-            scales += [entry.step_scale] * (entry.step - previous.step)
+            scales += [entry.step_scale or 0.0] * (entry.step - previous.step)
         return scales
 
 

@@ -221,3 +221,37 @@ def test_exact_ggn_on_a_transformer_layer(tmp_path):
         run = attributor.runs[0]
         effects, _, _ = attributor.attribute_run(run, queries)
         assert relative_error(effects, dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 0.1)[0]) < 1e-5
+
+
+def test_auto_damping_reads_amsgrads_maximum_and_refuses_optimizers_it_does_not_model(tmp_path):
+    """With amsgrad Adam divides by the running maximum of the second moment; RMSprop's step per unit of
+    gradient is not modelled, so "auto" refuses it rather than treat it as SGD."""
+    from lightning_dtda import load_runs
+
+    class AmsgradClassifier(TinyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.05, betas=(0.9, 0.9), amsgrad=True)
+
+    class RMSpropClassifier(TinyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.RMSprop(self.parameters(), lr=0.01)
+
+    data = classification_data(n=24)
+    for cls in (AmsgradClassifier, RMSpropClassifier):
+        pl.seed_everything(0)
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / cls.__name__, save_optimizer_state=True)], max_epochs=8).fit(
+            cls(hidden=5), DataLoader(data, batch_size=8, shuffle=True))
+    [run] = load_runs(tmp_path / "AmsgradClassifier")
+    state = run.snapshot(-1).optimizer_state
+    beta2, eps = state["param_groups"][0]["betas"][1], state["param_groups"][0]["eps"]
+    multipliers = torch.cat([
+        1 / ((s["max_exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten() for s in state["state"].values()
+    ])
+    assert run.snapshots[-1].step_scale == pytest.approx(multipliers.median().item(), rel=1e-6)
+    plain = torch.cat([
+        1 / ((s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten() for s in state["state"].values()
+    ])
+    assert run.snapshots[-1].step_scale != pytest.approx(plain.median().item(), rel=1e-3)  # the maximum does differ
+    [rmsprop] = load_runs(tmp_path / "RMSpropClassifier")
+    with pytest.raises(ValueError, match="models SGD, Adam and AdamW.* trained with RMSprop: give a damping"):
+        Influence(curvature="ggn").damping_for(rmsprop)

@@ -309,6 +309,7 @@ def test_steps_a_16_mixed_gradient_scaler_skipped_are_skipped_in_the_replay(tmp_
     skipped = [step.skipped for step in run.steps]
     assert run.manifest.precision == "16-mixed" and skipped[:2] == [True, True] and not all(skipped)
     assert torch.equal(run.state_dict(1)["net.0.weight"], run.state_dict(0)["net.0.weight"])  # steps 1-4: all skipped
+    assert run.learning_rate_time() == pytest.approx(skipped.count(False) * 0.1 / (1 - 0.9))  # skipped steps moved nothing
     replayed = replay(model, run, data, torch.ones(1, 24))
     gap = max(((t[0] - run.state_dict()[n]).abs().max() / run.state_dict()[n].abs().max()).item() for n, t in replayed.items())
     assert gap < 2e-2  # float16 rounding, not reproduced; within the tolerance the estimator accepts
