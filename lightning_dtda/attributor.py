@@ -23,7 +23,7 @@ from lightning_dtda.gradients import stream_gradients
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.reporting import log_result
 from lightning_dtda.result import AttributionResult
-from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
+from lightning_dtda.trajectory import Trajectory, check_poolable, instantiate, load_runs
 
 
 def _as_loggers(loggers: Logger | Sequence[Logger] | pl.Trainer | None) -> list[Logger]:
@@ -107,6 +107,7 @@ class Attributor:
         self.batch_size = batch_size
         self.progress = progress
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        check_poolable(self.runs)  # a list of trajectories has not been through load_runs' check
         self.runs[0].check_dataset(train_data)
 
     def load_model(self, run: Trajectory, snapshot: int = -1) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from lightning_dtda.estimators import Estimator, Influence
 from lightning_dtda.recorder import TrajectoryRecorder
 from lightning_dtda.reporting import log_result
 from lightning_dtda.result import AttributionResult
-from lightning_dtda.trajectory import Trajectory, check_poolable, find_runs
+from lightning_dtda.trajectory import Trajectory, find_runs
 
 
 class AttributionCallback(Callback):
@@ -123,7 +123,6 @@ class AttributionCallback(Callback):
                 "AttributionCallback leaves out runs that have not finished:\n"
                 + "\n".join(f"  - {run.describe_status()}" for run in skipped)
             )
-        check_poolable(selected)
         return selected
 
     def _attribute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -157,7 +156,9 @@ class AttributionCallback(Callback):
         elif trainer.is_global_zero and self.result is not None:
             # The last epoch's result already used the final weights; only the run's status changed.
             recorder = self._recorder(trainer)
-            self.result.settings["run_status"] = [run.status for run in self._runs(recorder)]
+            recorder.write_manifest()
+            status = {run.name: run.status for run in find_runs(recorder.dirpath)}
+            self.result.settings["run_status"] = [status[name] for name in self.result.runs]
             self.result.save(Path(recorder.dirpath) / "attribution.safetensors")
 
 

@@ -32,7 +32,7 @@ from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.replay import measure, replay
 from lightning_dtda.result import AttributionResult
-from lightning_dtda.trajectory import Trajectory, instantiate, load_runs
+from lightning_dtda.trajectory import Trajectory, check_poolable, instantiate, load_runs
 
 _RETRAINING_FORMAT = 2  # 2: a safetensors file; 1: torch.save (see legacy.convert)
 
@@ -122,6 +122,7 @@ def retrain(
         progress: Show progress bars.
     """
     runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+    check_poolable(runs)
     runs[0].check_dataset(train_data)
     if weights.ndim != 2 or weights.shape[1] != runs[0].dataset_length:
         raise ValueError(f"weights must be [M, {runs[0].dataset_length}], got {tuple(weights.shape)}.")

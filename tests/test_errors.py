@@ -131,6 +131,15 @@ def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
     record(tmp_path, TinyClassifier(), classification_data(n=16, seed=5), seed=1)
     with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
         load_runs(tmp_path / "runs")
+    # given as trajectories, bypassing load_runs: seed_1 would be attributed with seed_0's examples
+    from lightning_dtda.evaluation import retrain
+    from lightning_dtda.trajectory import Trajectory
+
+    trajectories = [Trajectory(tmp_path / "runs" / "seed_0"), Trajectory(tmp_path / "runs" / "seed_1")]
+    with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
+        Attributor(TinyClassifier, trajectories, data, progress=False)
+    with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
+        retrain(TinyClassifier, trajectories, data, data, torch.ones(1, 16))
 
 
 def test_module_class_other_than_recorded(runs, data):
