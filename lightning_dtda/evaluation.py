@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lightning_dtda import distribution
 from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.hooks import Hooks
-from lightning_dtda.replay import measure, replay
+from lightning_dtda.replay import Replay, measure
 from lightning_dtda.result import AttributionResult
 from lightning_dtda.trajectory import Trajectory, check_poolable, instantiate, load_runs
 
@@ -133,9 +133,10 @@ def retrain(
         hooks = Hooks(model)
         if hooks.default_train_loss:
             hooks.check_loss(move_data_to_device(next(iter(DataLoader(train_data, batch_size=2))), device))
+        replayer = Replay(model, run, train_data)  # one per run: it checks the run and reads snapshot 0
         measured = torch.cat(
             [
-                measure(model, replay(model, run, train_data, rows[i : i + models_per_pass], progress), query_data)
+                measure(model, replayer.final(rows[i : i + models_per_pass], progress), query_data)
                 for i in range(0, len(rows), models_per_pass)
             ]
         ).cpu()

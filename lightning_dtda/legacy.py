@@ -10,7 +10,6 @@ as safetensors. Cached effects and curvatures need no conversion: they are recom
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import struct
@@ -88,21 +87,19 @@ def convert(path: str | Path) -> list[Path]:
 def _convert_run(run_dir: Path) -> list[Path]:
     from dataclasses import replace
 
-    from lightning_dtda._io import load_json, save_json
-    from lightning_dtda.run_format import FORMAT, MANIFEST, Manifest, SnapshotContent, SnapshotEntry, snapshot_file
+    from lightning_dtda._io import load_json, read_checked, save_json
+    from lightning_dtda.run_format import FORMAT, MANIFEST, Manifest, SnapshotContent, snapshot_file
 
     manifest = Manifest.from_json(load_json(run_dir / MANIFEST))
     entries, written, old = [], [], []
     for entry in manifest.snapshots:
-        data = (run_dir / entry.file).read_bytes()
+        data = read_checked(run_dir / entry.file, entry.sha256)
         if not data.startswith(ARCHIVE_MAGIC):  # already converted
             entries.append(entry)
             continue
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise ValueError(f"{run_dir / entry.file} does not match the checksum recorded for it; restore it before converting.")
         content = SnapshotContent.from_tree(decode_archive(data, allow_pickle=True))
         name = snapshot_file(entry.step)
-        entries.append(SnapshotEntry(name, entry.step, entry.epoch, content.save(run_dir / name)))
+        entries.append(replace(entry, file=name, sha256=content.save(run_dir / name)))
         written.append(run_dir / name)
         old.append(run_dir / entry.file)
     save_json(replace(manifest, snapshots=tuple(entries), format=FORMAT).to_json(), run_dir / MANIFEST)

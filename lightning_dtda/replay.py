@@ -144,11 +144,12 @@ _DECOMPOSED = (
 
 
 @contextlib.contextmanager
-def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]], draws: bool) -> Iterator[None]:
+def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]], eager_masks: bool) -> Iterator[None]:
     """Train mode, with normalisation layers decomposed (see above), and batch norms normalising by their
     batch's statistics without touching their buffers, putting the statistics (mean, unbiased
-    variance) they saw in ``collected`` by module name. ``draws``: the training step drew random
-    numbers (dropout masks are then drawn as outside vmap; the mode costs every op a Python call)."""
+    variance) they saw in ``collected`` by module name. ``eager_masks``: draw CPU dropout masks as
+    outside vmap (needed only when the training step drew random numbers: the mode costs every op a
+    Python call)."""
     modes = {m: m.training for m in model.modules()}
     patched = []
     for name, m in model.named_modules():
@@ -160,7 +161,7 @@ def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]], d
     model.train()
     try:
         # The fused attention kernels have no second derivatives; the math one does.
-        with sdpa_kernel(SDPBackend.MATH), _EagerDropoutMasks() if draws else contextlib.nullcontext():
+        with sdpa_kernel(SDPBackend.MATH), _EagerDropoutMasks() if eager_masks else contextlib.nullcontext():
             yield
     finally:
         for m in patched:
@@ -198,11 +199,12 @@ def _restore_random_states(step: Step, micro_batch: int, device: torch.device) -
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def initial_state(model: nn.Module, run: Trajectory, names: list[str]) -> list[Tensor]:
-    """Step-0 values of the parameters or buffers ``names``, on the model's device and dtype."""
+def initial_state(model: nn.Module, run: Trajectory, *names: list[str]) -> list[list[Tensor]]:
+    """Step-0 values of each list of parameter or buffer ``names``, on the model's device and dtype
+    (the snapshot is read once)."""
     state = run.state_dict(0)
     reference = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return [state[n].to(device=reference[n].device, dtype=reference[n].dtype) for n in names]
+    return [[state[n].to(device=reference[n].device, dtype=reference[n].dtype) for n in group] for group in names]
 
 
 class Replay:
@@ -232,8 +234,7 @@ class Replay:
         check_replayable(model, run, self.device)
         self.names = list(trainable_parameters(model))
         self.buffer_names = running_statistics(model)
-        self.start = initial_state(model, run, self.names)
-        self.start_buffers = initial_state(model, run, self.buffer_names)
+        self.start, self.start_buffers = initial_state(model, run, self.names, self.buffer_names)
         for scheduler in run.manifest.schedulers:
             if scheduler.get("cycle_momentum") and not run.steps[0].scheduled:
                 name = scheduler["class"].rpartition(".")[2]
@@ -241,7 +242,8 @@ class Replay:
                     f"Run {run.name}'s scheduler {name} changes the momentum during training, and the run was recorded "
                     "by a version that did not record momentum per step. Record it again with this version."
                 )
-        self.draws = any(states for step in run.steps for states in (step.rng or ()))
+        # Only CPU dropout needs its masks drawn as outside vmap (see _EagerDropoutMasks).
+        self.eager_masks = self.device.type == "cpu" and any(states for step in run.steps for states in (step.rng or ()))
         self.clipping = run.manifest.gradient_clipping or {}
         if self.clipping.get("custom"):
             raise ValueError(
@@ -290,7 +292,7 @@ class Replay:
         buffers = state.pop("running_stats")
         devices = [device] if device.type == "cuda" else []
         # The replay sets the generators to the run's states; the caller's sequence resumes afterwards.
-        with torch.random.fork_rng(devices=devices), _train_mode(self.model, self._collected, self.draws):
+        with torch.random.fork_rng(devices=devices), _train_mode(self.model, self._collected, self.eager_masks):
             for step in tqdm(steps, desc=f"replaying {self.run.name}", disable=not progress, leave=False):
                 grads: list[Tensor] | None = None
                 for k, indices in enumerate(step.micro_batches):
@@ -324,6 +326,15 @@ class Replay:
         scale = (value / (norm + 1e-6)).clamp(max=1.0)
         return [g * scale.view(-1, *[1] * (g.ndim - 1)) for g in grads]
 
+    def final(self, weights: Tensor, progress: bool = False) -> dict[str, Tensor]:
+        """The whole run replayed once per row of ``weights [M, N]``, without gradients: the final
+        parameters and running statistics by name, ``[M, *shape]`` each."""
+        params, state = self.initial(len(weights))
+        weights = weights.to(device=params[0].device, dtype=params[0].dtype)
+        with torch.no_grad():
+            params, state = self.steps(params, state, weights, self.run.steps, progress)
+        return self.named(params, state)
+
     def named(self, params: list[Tensor], state: dict[str, Any]) -> dict[str, Tensor]:
         """The replayed parameters and running statistics by name, ``[M, *shape]`` each."""
         return {**dict(zip(self.names, params)), **dict(zip(self.buffer_names, state["running_stats"]))}
@@ -338,12 +349,7 @@ def replay(
 ) -> dict[str, Tensor]:
     """Replay ``run`` once per row of ``weights [M, N]``; returns the final trainable parameters and
     running statistics by name, ``[M, *shape]`` each."""
-    replayer = Replay(model, run, train_data)
-    params, state = replayer.initial(len(weights))
-    weights = weights.to(device=params[0].device, dtype=params[0].dtype)
-    with torch.no_grad():
-        params, state = replayer.steps(params, state, weights, run.steps, progress)
-    return replayer.named(params, state)
+    return Replay(model, run, train_data).final(weights, progress)
 
 
 def measure(model: nn.Module, replayed: dict[str, Tensor], query_data: Dataset, batch_size: int = 256) -> Tensor:

@@ -85,3 +85,15 @@ def test_fitted_curvature_is_reused_for_new_queries_and_damping(tmp_path, monkey
         patch.setattr(EKFACLinearOperator, "compute_kronecker_factors", no_fitting)
         cached = attribute(new_queries, 0.3, cache)
     assert torch.allclose(cached.effects, attribute(new_queries, 0.3, None).effects, rtol=0, atol=1e-12)
+
+
+def test_a_cached_dense_ggn_does_not_answer_a_krylov_request(tmp_path):
+    from lightning_dtda import Attributor
+
+    data = classification_data(n=16)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(TinyClassifier(), DataLoader(data, batch_size=8))
+    for solver in ("dense", "krylov"):
+        result = Attributor(TinyClassifier, tmp_path / "runs", data, Influence(curvature="ggn", damping=0.1, solver=solver),
+                            cache_dir=tmp_path / "cache", progress=False).attribute(data)
+        assert ("cg_products" in result.settings["per_run"][0]) == (solver == "krylov")

@@ -150,6 +150,8 @@ class RunContext:
             key = {"snapshot": self.run.snapshots[-1].sha256, "train": self.run.dataset_fingerprint, "curvature": kind}
             if subset is not None:
                 key["subset"] = subset
+            if kind == "ggn":  # a dense eigendecomposition cached for "dense" must not answer a "krylov" request
+                key["solver"] = solver
             path = cache_file(self.cache_dir, self.run, f"curvature-{kind}", key)
         state = load_tree(path) if path is not None and path.is_file() else None
         examples = curvature_examples(len(self.train_data), subset)  # type: ignore[arg-type]
