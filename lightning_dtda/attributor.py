@@ -121,6 +121,8 @@ class Attributor:
         hooks = Hooks(model)
         if hooks.default_train_loss:
             hooks.check_loss(move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device))
+            if hooks.default_measurement:  # the query loss: its targets could broadcast too
+                hooks.check_loss(move_data_to_device(next(iter(DataLoader(query_data, batch_size=2))), self.device))
         query_grads = torch.cat(
             [g for _, g in stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients")]
         )

@@ -348,6 +348,7 @@ def fit_curvature(
         return KrylovGGN(operator, progress=progress)
     if kind in ("kfac", "ekfac"):
         check_kfac_layers(model, kind)
+        _check_kfac_loss(model, loss_function, data, kind)
         cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
         # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
         # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
@@ -371,6 +372,28 @@ def fit_curvature(
             return EKFAC(operator)
         return KFAC(operator)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}.")
+
+
+def _check_kfac_loss(model: nn.Module, loss_function: nn.Module, data: Iterable[tuple[Tensor, Tensor]], kind: str) -> None:
+    """Refuse what curvlinops' K-FAC would get wrong without a word: it builds the loss's Hessian from the
+    softmax or sigmoid alone (class weights, pos_weight and label smoothing are left out), and its
+    factors need outputs ``[B, C]``."""
+    options = {name: getattr(loss_function, name, None) for name in ("weight", "pos_weight")}
+    options["label_smoothing"] = getattr(loss_function, "label_smoothing", 0.0) or None
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"curvature={kind!r}: curvlinops' K-FAC leaves out the loss's {', '.join(given)}, so its curvature would be "
+            f"another loss's. Use curvature='ggn' (exact), which takes {type(loss_function).__name__} as it is."
+        )
+    inputs, _ = next(iter(data))
+    with torch.no_grad():
+        ndim = model(inputs).ndim
+    if ndim != 2:
+        raise ValueError(
+            f"curvature={kind!r} needs model outputs of shape [B, C]; this model returns {ndim}-d outputs. Use "
+            "curvature='ggn' (any shape), or return [B, 1] from forward (with [B, 1] targets) for one output."
+        )
 
 
 def _eigendecompose_factors(operator: EKFACLinearOperator) -> None:

@@ -105,15 +105,25 @@ class Hooks:
         the loss would broadcast into another value."""
         inputs, targets = self.inputs_targets(batch)
         loss = self.loss_function(batch)
-        if self._user_hook("attribution_loss_function") is None and targets.is_floating_point() and bool(((targets == 0) | (targets == 1)).all()):
+        if self._user_hook("attribution_loss_function") is None and targets.is_floating_point() and bool(((targets >= 0) & (targets <= 1)).all()):
             raise MissingHookError(
                 self.module,
                 "attribution_loss_function",
-                "the targets are floats that are all 0 or 1, which could be binary cross-entropy or mean squared error "
-                "targets; return nn.BCEWithLogitsLoss() or nn.MSELoss() to say which",
+                "the targets are floats between 0 and 1, which could be targets of binary cross-entropy, of cross-entropy "
+                "on probabilities (label smoothing) or of mean squared error; return nn.BCEWithLogitsLoss(), "
+                "nn.CrossEntropyLoss() or nn.MSELoss() to say which",
             )
-        with torch.no_grad():
-            outputs = self.module(inputs)
+        try:
+            with torch.no_grad():
+                outputs = self.module(inputs)
+        except TypeError as err:
+            raise MissingHookError(
+                self.module,
+                "attribution_inputs_targets",
+                f"the model cannot be called as model(inputs) with the inputs it returns ({err}). Keyword or dict inputs "
+                "reach the model only through your own attribution_train_loss and attribution_measurement hooks, and then "
+                "only curvature='identity' and Unrolled() can use them (issue #13)",
+            ) from None
         # Cross-entropy takes class indices without the class dimension, or probabilities shaped like the outputs.
         if isinstance(loss, nn.CrossEntropyLoss) and not targets.is_floating_point():
             expected = (*outputs.shape[:1], *outputs.shape[2:])
@@ -127,6 +137,11 @@ class Hooks:
                 f"{type(loss).__name__} needs to be {expected}; it would broadcast them into another loss. Reshape them "
                 "there as training_step does",
             )
+
+    @property
+    def default_measurement(self) -> bool:
+        """Whether the measurement is the training loss (no ``attribution_measurement`` hook)."""
+        return self._user_hook("attribution_measurement") is None
 
     @property
     def default_train_loss(self) -> bool:

@@ -177,9 +177,9 @@ _SCALE_SAMPLE = 1 << 20
 
 
 def adam_step_scale(optimizer: torch.optim.Optimizer) -> float | None:
-    """The median over all entries of Adam's per-entry step multiplier ``1 / (sqrt(v_hat) + eps)``
-    (``v_hat`` the bias-corrected second moment), or ``None`` for an optimizer without second moments
-    or before its first step. The ``"auto"`` damping rule needs it: under Adam an entry moves
+    """The median over the entries that have had a gradient of Adam's per-entry step multiplier
+    ``1 / (sqrt(v_hat) + eps)`` (``v_hat`` the bias-corrected second moment), or ``None`` for an
+    optimizer without second moments or before its first step. The ``"auto"`` damping rule needs it: under Adam an entry moves
     ``lr / (sqrt(v_hat) + eps)`` per unit of gradient, not ``lr``."""
     moments = []  # (second moment, its bias correction, eps) per parameter
     for group in optimizer.param_groups:
@@ -193,5 +193,9 @@ def adam_step_scale(optimizer: torch.optim.Optimizer) -> float | None:
     if not moments:
         return None
     stride = max(1, sum(v.numel() for v, _, _ in moments) // _SCALE_SAMPLE)
-    scales = [1.0 / ((v.detach().flatten()[::stride].float() / correction).sqrt() + eps) for v, correction, eps in moments]
-    return float(torch.cat(scales).median().cpu())
+    sampled = [(v.detach().flatten()[::stride].float(), correction, eps) for v, correction, eps in moments]
+    # Entries that never had a gradient (unused embedding rows, always-zero inputs) never moved: their
+    # 1 / eps would decide the median when they are most of the model.
+    scales = [1.0 / ((v[v > 0] / correction).sqrt() + eps) for v, correction, eps in sampled]
+    flat = torch.cat(scales)
+    return float(flat.median().cpu()) if len(flat) else None

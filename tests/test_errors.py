@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_dtda import Attributor, Influence, MissingHookError, Segmented, TrajectoryRecorder, load_runs
 from lightning_dtda import Unrolled
-from models import ColumnRegression, LogitClassifier, SaysBCE, TinyClassifier, classification_data, regression_data, trainer
+from models import ColumnRegression, LinearRegression, LogitClassifier, SaysBCE, TinyClassifier, classification_data, regression_data, trainer
 
 
 class DictData(Dataset):
@@ -178,10 +178,13 @@ def test_losses_and_shapes_the_defaults_would_get_wrong_are_refused(tmp_path, es
         (ColumnRegression, TensorDataset(x, y[:, 0]),
          r"attribution_inputs_targets`: the model's outputs have shape \(2, 1\) and the targets \(2,\), which MSELoss needs to be \(2, 1\)"),
         (LogitClassifier, TensorDataset(x, (y > 0).float()),
-         "attribution_loss_function`: the targets are floats that are all 0 or 1"),
+         "attribution_loss_function`: the targets are floats between 0 and 1, which could be targets of binary cross-entropy"),
+        # smoothed labels too: binary or soft cross-entropy targets, not regression ones
+        (LogitClassifier, TensorDataset(x, 0.05 + 0.9 * (y > 0).float()),
+         "attribution_loss_function`: the targets are floats between 0 and 1, .* nn.CrossEntropyLoss\\(\\)"),
     ]:
         pl.seed_everything(0)
-        runs = tmp_path / cls.__name__
+        runs = tmp_path / f"{cls.__name__}{len(match)}"
         trainer(tmp_path, [TrajectoryRecorder(runs)], max_epochs=1).fit(cls(), DataLoader(data, batch_size=8))
         with pytest.raises(MissingHookError, match=match):
             Attributor(cls, runs, data, estimator=estimator, batch_size=2, progress=False).attribute(data)
@@ -246,3 +249,48 @@ def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(t
     assert result.effects.shape == (1, 16, 16)
     with pytest.raises(ValueError, match=r"Run seed_0 trained __main__.Net, not models.TinyClassifier"):
         Attributor(TinyClassifier, tmp_path / "runs", data, progress=False).attribute(data)
+
+
+def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path):
+    """K-FAC leaves out pos_weight (and class weights, label smoothing) and needs [B, C] outputs; query
+    targets shaped unlike the outputs would broadcast the measurement; a keyword-only forward cannot take
+    the inputs positionally."""
+    x, y = regression_data(n=16).tensors
+    labels = (y[:, :1] > 0).float()
+
+    class Weighted(SaysBCE):
+        def attribution_loss_function(self):
+            return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))
+
+    class Squeezed(SaysBCE):
+        def forward(self, x):
+            return super().forward(x).squeeze(-1)
+
+    for cls, data, match in [
+        (Weighted, TensorDataset(x, labels), "curvlinops' K-FAC leaves out the loss's pos_weight"),
+        (Squeezed, TensorDataset(x, labels[:, 0]), r"needs model outputs of shape \[B, C\]; this model returns 1-d"),
+    ]:
+        pl.seed_everything(0)
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / cls.__name__)], max_epochs=1).fit(cls(d_out=1), DataLoader(data, batch_size=8))
+        for curvature in ("kfac", "ekfac"):
+            with pytest.raises(ValueError, match=f"curvature='{curvature}'.*{match}"):
+                Attributor(cls, tmp_path / cls.__name__, data, Influence(curvature=curvature), progress=False).attribute(data)
+
+    regression = TensorDataset(x, y[:, :1])
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "mse")], max_epochs=1).fit(LinearRegression(), DataLoader(regression, batch_size=8))
+    with pytest.raises(MissingHookError, match=r"outputs have shape \(2, 1\) and the targets \(2,\)"):
+        Attributor(LinearRegression, tmp_path / "mse", regression, Influence(curvature="identity"), progress=False)\
+            .attribute(TensorDataset(x[:4], y[:4, 0]))
+
+    class KeywordOnly(LinearRegression):
+        def forward(self, *, features):
+            return self.linear(features)
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self(features=batch[0]), batch[1])
+
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "keyword")], max_epochs=1).fit(KeywordOnly(), DataLoader(regression, batch_size=8))
+    with pytest.raises(MissingHookError, match=r"attribution_inputs_targets`: the model cannot be called as model\(inputs\)"):
+        Attributor(KeywordOnly, tmp_path / "keyword", regression, Influence(curvature="ggn"), progress=False).attribute(regression)

@@ -255,3 +255,38 @@ def test_auto_damping_reads_amsgrads_maximum_and_refuses_optimizers_it_does_not_
     [rmsprop] = load_runs(tmp_path / "RMSpropClassifier")
     with pytest.raises(ValueError, match="models SGD, Adam and AdamW.* trained with RMSprop: give a damping"):
         Influence(curvature="ggn").damping_for(rmsprop)
+
+
+def test_adams_step_scale_leaves_out_entries_that_never_had_a_gradient(tmp_path):
+    """Unused embedding rows keep v = 0, and 1 / (sqrt(0) + eps) = 1e8; when they are most of the model
+    the median would be theirs and the auto damping ~1e-8. Only entries with a gradient count."""
+    from torch import nn
+
+    from lightning_dtda import load_runs
+
+    class Bag(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(300, 4), nn.Linear(4, 2)
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.embed(tokens).mean(1)))
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    tokens = torch.randint(0, 6, (24, 5), generator=torch.Generator().manual_seed(0))  # rows 6..299 never used
+    data = torch.utils.data.TensorDataset(tokens, (tokens == 3).any(1).long())
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", save_optimizer_state=True)], max_epochs=2).fit(
+        Bag(), DataLoader(data, batch_size=8, shuffle=True))
+    [run] = load_runs(tmp_path / "runs")
+    state = run.snapshot(-1).optimizer_state
+    beta2, eps = state["param_groups"][0]["betas"][1], state["param_groups"][0]["eps"]
+    v = torch.cat([(s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).flatten() for s in state["state"].values()])
+    assert (v == 0).float().mean() > 0.5
+    assert run.snapshots[-1].step_scale == pytest.approx((1 / (v[v > 0].sqrt() + eps)).median().item(), rel=1e-6)
+    assert run.snapshots[-1].step_scale < 1e4

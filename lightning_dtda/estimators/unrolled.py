@@ -70,8 +70,9 @@ def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: d
         "dropout inside a fused kernel (scaled_dot_product_attention with dropout_p > 0); "
         "manual optimization or an optimizer step changed by a callback or closure; parameters trained but not "
         f"trainable in the module given to the Attributor; mixed precision (this run: {run.manifest.precision}); "
-        "under Adam, a bias just before a batch norm (its gradient is rounding noise, which Adam turns into full steps: "
-        "use bias=False there)."
+        "under Adam, a parameter whose gradient is only rounding noise, which Adam turns into full steps: a bias just "
+        "before a batch norm, or attention's key bias (in_proj_bias; softmax ignores it) in nn.MultiheadAttention and "
+        "nn.TransformerEncoderLayer (use bias=False there, or freeze it)."
     )
     if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1:
         rank_zero_warn(message + " Unrolled effects describe the replay.")
