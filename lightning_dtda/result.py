@@ -15,6 +15,10 @@ from lightning_dtda._io import load_tree, save_json, save_tree
 _RESULT_FORMAT = 2  # 2: a safetensors file; 1: torch.save (see legacy.convert)
 
 
+# What Attributor.attribute adds to the estimator's settings: per run, and about the runs.
+_RUN_SETTINGS = ("per_run", "seeds", "snapshot_steps", "run_status", "module", "dataset_fingerprint", "versions")
+
+
 @dataclass
 class AttributionResult:
     """Predicted effects of removing each training example, for every recorded seed.
@@ -37,7 +41,7 @@ class AttributionResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        estimator = {k: v for k, v in self.settings.items() if k in ("estimator", "curvature", "damping", "segments", "relu_smoothing")}
+        estimator = {k: v for k, v in self.settings.items() if k not in _RUN_SETTINGS}
         return f"AttributionResult(effects [seeds, queries, train] = {list(self.effects.shape)}, runs={self.runs}, {estimator})"
 
     def __post_init__(self) -> None:

@@ -127,6 +127,10 @@ def test_queries_default_to_the_validation_set_even_when_validation_is_off(tmp_p
     pl.seed_everything(0)
     dm = pl.LightningDataModule.from_datasets(classification_data(n=16), classification_data(n=6, seed=1), batch_size=4)
     callback = AttributionCallback(num_queries=3, estimator=Influence(curvature="identity"), progress=False)
+    model = TinyClassifier()
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), callback], max_epochs=1, limit_val_batches=0).fit(
-        TinyClassifier(), datamodule=dm)
+        model, datamodule=dm)
     assert callback.result.effects.shape == (1, 3, 16)
+    x, y = classification_data(n=6, seed=1).tensors  # the first 3 validation examples, not training ones
+    expected = torch.nn.functional.cross_entropy(model(x[:3]), y[:3], reduction="none").detach()
+    assert torch.allclose(callback.result.measurements[0], expected, atol=1e-6)
