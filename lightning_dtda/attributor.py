@@ -18,8 +18,8 @@ from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import rank_and_world
 from lightning_dtda.estimators import Estimator, Influence, RunContext
-from lightning_dtda.estimators.base import cache_file
-from lightning_dtda.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.estimators.base import cache_file, measurement_gradients
+from lightning_dtda.gradients import trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.reporting import log_result
 from lightning_dtda.result import AttributionResult, SelfInfluence
@@ -128,12 +128,7 @@ class Attributor:
         for this run (e.g. ``{"damping": ...}``), for one run; with ``reduce="mean"``, of the mean
         measurement over the queries (``[1, train]`` and ``[1]``)."""
         model, hooks = self._load_checked(run, query_data)
-        chunks = stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients")
-        if reduce == "mean":
-            # Effects are linear in the query gradient: sum before the solve, so neither [Q, P] nor [Q, N] is held.
-            query_grads = sum(g.sum(0, keepdim=True) for _, g in chunks) / len(query_data)  # type: ignore[arg-type]
-        else:
-            query_grads = torch.cat([g for _, g in chunks])
+        query_grads = measurement_gradients(model, query_data, self.batch_size, self.device, self.progress, reduce)
         with torch.no_grad():
             measurements = torch.cat(
                 [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
@@ -141,7 +136,8 @@ class Attributor:
         if reduce == "mean":
             measurements = measurements.mean(0, keepdim=True)
         context = RunContext(
-            run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir
+            run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir,
+            reduce,
         )
         effects, info = self.estimator.estimate(context)
         self._check_finite(run, effects)

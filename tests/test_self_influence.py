@@ -9,7 +9,16 @@ from lightning_dtda.estimators.base import curvature_examples
 from lightning_dtda.estimators.influence import DAMPING_PROBES
 from models import LinearRegression, TinyClassifier, classification_data, regression_data
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
-from test_influence import classifier_runs, record  # noqa: F401  (the fixture: two float64 seeds, 40 examples)
+from test_influence import record
+
+
+@pytest.fixture(scope="module")
+def classifier_runs(tmp_path_factory):
+    """Two seeds of a float64 MLP (6-8-3, 83 parameters) on 40 examples, and 5 queries (as in test_influence)."""
+    tmp_path = tmp_path_factory.mktemp("classifier")
+    data = classification_data(n=40, dtype=torch.float64)
+    queries = classification_data(n=5, seed=1, dtype=torch.float64)
+    return record(tmp_path, lambda: TinyClassifier(hidden=8), data, seeds=(0, 1), epochs=20, precision="64-true"), data, queries
 
 
 def diagonal_of_attribute(runs, data, estimator):
@@ -139,3 +148,15 @@ def test_whole_set_influence_has_its_own_cache_entry(classifier_runs, tmp_path):
     whole = attributor.attribute(queries, reduce="mean")
     assert whole.effects.shape == (2, 1, 40) and per_query.effects.shape == (2, 5, 40)
     assert relative_error(attributor.attribute(queries, reduce="mean").effects, whole.effects) == 0
+
+
+def test_whole_set_influence_through_running_statistics_is_the_mean_of_the_per_query_effects(tmp_path):
+    """Unrolled on a BatchNorm CNN also differentiates the measurement through the running statistics;
+    those gradients are averaged over the queries too."""
+    from models import WeightedCNN, fit_weighted_cnn, image_data
+
+    data, queries = image_data(24, dtype=torch.float64), image_data(3, seed=1, dtype=torch.float64)
+    fit_weighted_cnn(tmp_path, data)
+    attributor = Attributor(WeightedCNN, tmp_path / "runs", data, estimator=Unrolled(), progress=False)
+    per_query, whole = attributor.attribute(queries), attributor.attribute(queries, reduce="mean")
+    assert relative_error(whole.effects[:, 0], per_query.effects.mean(1)) < 1e-10

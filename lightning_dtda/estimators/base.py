@@ -98,6 +98,8 @@ class RunContext:
         device: Where to compute.
         progress: Show progress bars.
         cache_dir: Where fitted curvatures are cached, or ``None``.
+        reduce: ``"mean"`` when the queries' mean measurement is attributed as one query (``query_grads``
+            is then ``[1, P]``), else ``None``.
     """
 
     run: Trajectory
@@ -110,6 +112,7 @@ class RunContext:
     device: torch.device
     progress: bool
     cache_dir: Path | None
+    reduce: str | None = None
 
     @property
     def num_train(self) -> int:
@@ -189,6 +192,25 @@ class RunContext:
         if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
             save_tree(fitted, path)
         return curvature
+
+
+def measurement_gradients(
+    model: nn.Module,
+    query_data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    reduce: str | None = None,
+    wrt: list[str] | None = None,
+    desc: str = "query gradients",
+) -> Tensor:
+    """Per-query measurement gradients ``[Q, P]`` (``wrt`` as for ``stream_gradients``), or with ``reduce="mean"``
+    their mean ``[1, P]``, summed chunk by chunk: effects are linear in the query gradient, so the mean
+    measurement needs neither ``[Q, P]`` nor ``[Q, N]``."""
+    chunks = stream_gradients(model, Hooks(model).measurement, query_data, batch_size, device, progress, desc, wrt=wrt)
+    if reduce == "mean":
+        return sum(g.sum(0, keepdim=True) for _, g in chunks) / len(query_data)  # type: ignore[arg-type,return-value]
+    return torch.cat([g for _, g in chunks])
 
 
 def curvature_examples(num_train: int, subset: int | None) -> list[int]:
