@@ -293,16 +293,87 @@ def fit_damping(approximate: Curvature, ggn: KrylovGGN, vectors: Tensor, damping
     return candidates[min(range(len(candidates)), key=totals.__getitem__)], totals
 
 
-def check_kfac_layers(model: nn.Module, kind: str) -> None:
-    """Raise if a trainable parameter belongs to a layer K-FAC cannot handle."""
-    for name, layer in model.named_modules():
-        own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
-        if own and not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise ValueError(
-                f"curvature={kind!r} supports only nn.Linear and nn.Conv2d parameters, but layer "
-                f"{name!r} ({type(layer).__name__}) has trainable parameters. Use curvature='ggn' (exact, "
-                "any layer) or freeze that layer's parameters."
-            )
+# The layers curvlinops 3.0.1 has Kronecker factors for.
+KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def check_modules(modules: Sequence[str] | None) -> tuple[str, ...] | None:
+    """Validate an estimator's ``modules`` setting; a list becomes a tuple (the dataclasses are frozen)."""
+    if modules is None:
+        return None
+    if isinstance(modules, str) or not all(isinstance(m, str) for m in modules) or not modules:
+        raise ValueError(f"modules must be None or a non-empty list of submodule names (as in model.named_modules()), got {modules!r}.")
+    return tuple(modules)
+
+
+def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | None, batch: Any) -> list[str]:
+    """Names of the trainable parameters curvature ``kind`` attributes through, in ``named_parameters`` order.
+
+    ``modules`` names submodules (as ``model.named_modules()`` does; ``None``: the whole model), whose
+    trainable parameters are tracked. ``"kfac"`` and ``"ekfac"`` keep only those of the ``nn.Linear`` and
+    ``nn.Conv2d`` layers among them that the forward on ``batch``'s inputs calls as modules: curvlinops
+    has factors for no other layer, and collects a layer's factors from its forward call
+    (``nn.MultiheadAttention`` uses its output projection's weight without calling it).
+
+    Raises:
+        ValueError: For a name that is no submodule, a named module without a tracked parameter, or no
+            parameter tracked at all.
+    """
+    from lightning_dtda.hooks import Hooks, call_model  # hooks imports nothing of this module; avoids a cycle at import
+
+    submodules = dict(model.named_modules())
+    unknown = [name for name in modules or () if name not in submodules]
+    if unknown:
+        raise ValueError(
+            f"modules names {unknown}, which {type(model).__name__} does not have; names are those of model.named_modules(), "
+            f"e.g. {[name for name in submodules if name][:8]}."
+        )
+    roots = [""] if modules is None else list(modules)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    inside = {root: [n for n in trainable if not root or n.startswith(root + ".")] for root in roots}
+    if kind in ("kfac", "ekfac"):
+        called: set[str] = set()
+        handles = [
+            layer.register_forward_hook(lambda *_, name=name: called.add(name))
+            for name, layer in submodules.items()
+            if isinstance(layer, KFAC_LAYERS)
+        ]
+        try:
+            with torch.no_grad(), forward_differentiable_kernels():  # the fused fast path calls no submodule
+                call_model(model, Hooks(model).inputs_targets(batch)[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        factored = {f"{name}.{p}".lstrip(".") for name in called for p, _ in submodules[name].named_parameters(recurse=False)}
+        inside = {root: [n for n in names if n in factored] for root, names in inside.items()}
+    empty = [root for root, names in inside.items() if not names]
+    if modules is not None and empty:
+        layers = "nn.Linear or nn.Conv2d layers called as modules" if kind in ("kfac", "ekfac") else "trainable parameters"
+        raise ValueError(f"curvature={kind!r}: modules {empty} hold no {layers}; name others, or use curvature='ggn' (any layer).")
+    chosen = {n for names in inside.values() for n in names}
+    if not chosen:
+        raise ValueError(
+            f"curvature={kind!r} found no trainable nn.Linear or nn.Conv2d layer that the forward calls in "
+            f"{type(model).__name__}; use curvature='ggn' (exact, any layer)."
+        )
+    return [n for n in trainable if n in chosen]
+
+
+def describe_tracked(model: nn.Module, names: Sequence[str]) -> str:
+    """One line: how many parameters are tracked, in which layers, and which layers are left out."""
+    params = dict(model.named_parameters())
+    left = [n for n, p in params.items() if p.requires_grad and n not in names]
+
+    def layers(of: Sequence[str]) -> str:
+        owners = dict.fromkeys(n.rpartition(".")[0] for n in of)
+        return ", ".join(f"{o or '(top)'} ({type(model.get_submodule(o)).__name__})" for o in owners)
+
+    size = sum(params[n].numel() for n in names)
+    total = size + sum(params[n].numel() for n in left)
+    return (
+        f"{size:,} of {total:,} trainable weights ({len(names)} of {len(names) + len(left)} tensors), in {layers(names)}; "
+        f"left out: {layers(left)}. Effects are those through the tracked weights only, as if the others were frozen."
+    )
 
 
 def fit_curvature(
@@ -347,7 +418,6 @@ def fit_curvature(
             return DenseGGN.from_operator(operator)
         return KrylovGGN(operator, progress=progress)
     if kind in ("kfac", "ekfac"):
-        check_kfac_layers(model, kind)
         _check_kfac_loss(model, loss_function, data, kind)
         cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
         # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo

@@ -19,6 +19,7 @@ squared error (floating targets)::
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,6 +33,12 @@ _SIGNATURES = {
     "attribution_train_loss": "def attribution_train_loss(self, batch) -> torch.Tensor  # shape [B]",
     "attribution_measurement": "def attribution_measurement(self, batch) -> torch.Tensor  # shape [B]",
 }
+
+
+def call_model(model: nn.Module, inputs: Any) -> Tensor:
+    """``model(**inputs)`` for inputs that are a mapping (keyword arguments, as Hugging Face models take
+    them), else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 class MissingHookError(TypeError):

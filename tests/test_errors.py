@@ -80,12 +80,6 @@ def test_hooks_make_such_a_module_work(tmp_path, data):
     assert result.effects.shape == (1, 16, 16) and torch.isfinite(result.effects).all()
 
 
-def test_layer_kfac_cannot_handle(tmp_path, data):
-    runs = record(tmp_path, WithLayerNorm(), data)
-    with pytest.raises(ValueError, match=r"layer 'net.1' \(LayerNorm\) has trainable parameters. Use curvature='ggn'"):
-        Attributor(WithLayerNorm, runs, data, estimator=Influence(curvature="kfac"), progress=False).attribute(data)
-
-
 def test_training_data_other_than_recorded(runs, data):
     with pytest.raises(ValueError, match="has 15 examples but run seed_0 was recorded on 16"):
         Attributor(TinyClassifier, runs, TensorDataset(*data[:15]))
