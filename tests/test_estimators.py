@@ -108,4 +108,4 @@ def test_a_result_prints_its_shape_and_estimator_not_its_numbers():
     data, queries = pinned_data()
     result = Attributor(ReLUClassifier, DATA / "runs_0_1", data, Influence("identity", 0.5), progress=False).attribute(queries)
     assert repr(result) == ("AttributionResult(effects [seeds, queries, train] = [1, 2, 24], runs=['seed_0'], "
-                            "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5, 'solver': 'auto', 'curvature_subset': None})")
+                            "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5, 'solver': 'auto', 'curvature_subset': None, 'modules': None})")
