@@ -23,7 +23,7 @@ from curvlinops._torch_base import PyTorchLinearOperator
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_dtda.distributed import all_reduce_sum
 from lightning_dtda.krylov import conjugate_gradients, lanczos_functions
@@ -407,8 +407,9 @@ def fit_curvature(
     """
     if kind == "identity":
         return IdentityCurvature()
+    model, data = _as_curvlinops_takes_them(model, loss_function, data)
     # Determinism is checked by eval mode instead of curvlinops' probe, which costs two extra data passes.
-    common = dict(check_deterministic=False, num_data=num_data)
+    common = dict(check_deterministic=False, num_data=num_data, batch_size_fn=_batch_size)
     if kind == "ggn":
         # No progress bar here: curvlinops would draw one per matrix product, hundreds under CG.
         if state is not None:
@@ -444,6 +445,50 @@ def fit_curvature(
     raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}.")
 
 
+class _Called(nn.Module):
+    """The model called as the hooks call it (``model(**inputs)`` for a dict), its ``[B]`` outputs made
+    ``[B, 1]``: curvlinops calls ``model(X)``, and its K-FAC needs a class dimension."""
+
+    def __init__(self, model: nn.Module, column: bool) -> None:
+        super().__init__()
+        self.model, self.column = model, column
+
+    def forward(self, inputs: Any) -> Tensor:
+        from lightning_dtda.hooks import call_model
+
+        outputs = call_model(self.model, inputs)
+        return outputs.unsqueeze(-1) if self.column else outputs
+
+
+class _ColumnTargets:
+    """Re-iterable ``(X, y)`` batches with ``y`` made ``[B, 1]``, to go with :class:`_Called`'s outputs."""
+
+    def __init__(self, data: Iterable[tuple[Any, Tensor]]) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        for inputs, targets in self.data:
+            yield inputs, targets.unsqueeze(-1)
+
+
+def _as_curvlinops_takes_them(
+    model: nn.Module, loss_function: nn.Module, data: Iterable[tuple[Any, Tensor]]
+) -> tuple[nn.Module, Iterable[tuple[Any, Tensor]]]:
+    # [B] outputs against [B] targets: the same mean squared error or binary cross-entropy as [B, 1]
+    # against [B, 1] (the hooks refuse shapes that would broadcast).
+    inputs, _ = next(iter(data))
+    with torch.no_grad(), forward_differentiable_kernels():
+        column = _Called(model, False)(inputs).ndim == 1 and not isinstance(loss_function, nn.CrossEntropyLoss)
+    if isinstance(inputs, Tensor) and not column:
+        return model, data  # as it is: cached K-FAC states name the model's own layers
+    return _Called(model, column), _ColumnTargets(data) if column else data
+
+
+def _batch_size(inputs: Any) -> int:
+    # curvlinops reads X.shape[0]; inputs may be a dict or a tuple of tensors.
+    return next(t for t in tree_leaves(inputs) if isinstance(t, Tensor)).shape[0]
+
+
 def _check_kfac_loss(model: nn.Module, loss_function: nn.Module, data: Iterable[tuple[Tensor, Tensor]], kind: str) -> None:
     """Refuse what curvlinops' K-FAC would get wrong without a word: it builds the loss's Hessian from the
     softmax or sigmoid alone (class weights, pos_weight and label smoothing are left out), and its
@@ -462,7 +507,7 @@ def _check_kfac_loss(model: nn.Module, loss_function: nn.Module, data: Iterable[
     if ndim != 2:
         raise ValueError(
             f"curvature={kind!r} needs model outputs of shape [B, C]; this model returns {ndim}-d outputs. Use "
-            "curvature='ggn' (any shape), or return [B, 1] from forward (with [B, 1] targets) for one output."
+            "curvature='ggn' (any shape)."
         )
 
 

@@ -246,7 +246,7 @@ def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(t
 
 
 def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path):
-    """K-FAC leaves out pos_weight (and class weights, label smoothing) and needs [B, C] outputs; query
+    """K-FAC leaves out pos_weight (and class weights, label smoothing); query
     targets shaped unlike the outputs would broadcast the measurement; a keyword-only forward cannot take
     the inputs positionally."""
     x, y = regression_data(n=16).tensors
@@ -256,13 +256,8 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
         def attribution_loss_function(self):
             return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))
 
-    class Squeezed(SaysBCE):
-        def forward(self, x):
-            return super().forward(x).squeeze(-1)
-
     for cls, data, match in [
         (Weighted, TensorDataset(x, labels), "curvlinops' K-FAC leaves out the loss's pos_weight"),
-        (Squeezed, TensorDataset(x, labels[:, 0]), r"needs model outputs of shape \[B, C\]; this model returns 1-d"),
     ]:
         pl.seed_everything(0)
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / cls.__name__)], max_epochs=1).fit(cls(d_out=1), DataLoader(data, batch_size=8))
