@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_dtda._io import load_json
 from lightning_dtda.data import fingerprint_dataset
-from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step
+from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step, jsonable
 
 
 class Trajectory:
@@ -227,8 +227,13 @@ def instantiate(
             instance, deep-copied so the caller's module is left untouched.
 
     Raises:
-        ValueError: If the run trained another class.
+        ValueError: If the run trained another class, or ``module`` is an instance built with other
+            hyperparameters or parameter shapes than the run's.
         TypeError: If the class cannot be built from the recorded hyperparameters.
+
+    A class of the same qualified name in another module is taken for the recorded one, with a warning:
+    a class defined in the training script is recorded as ``__main__.Net`` and imported elsewhere as
+    ``train.Net``.
     """
     if isinstance(module, nn.Module):
         cls: type = type(module)
@@ -237,7 +242,12 @@ def instantiate(
         cls, model = module, None
     path = f"{cls.__module__}.{cls.__qualname__}"
     if not same_class(path, run.module_class):
-        raise ValueError(f"Run {run.name} trained {run.module_class}, not {path}.")
+        raise ValueError(
+            f"Run {run.name} trained {run.module_class}, not {path}. Pass the class the run trained (a class defined in "
+            "the training script can be imported from it), or an instance of it."
+        )
+    if path != run.module_class:
+        warnings.warn(f"Run {run.name} recorded its module class as {run.module_class}; taking {path}, of the same name, for it.", stacklevel=2)
     if model is None:
         try:
             model = cls(**run.manifest.hparams)
@@ -246,12 +256,28 @@ def instantiate(
                 f"Could not build {path} from the recorded hyperparameters ({err}). Call "
                 "`self.save_hyperparameters()` in its __init__, or pass an instance instead of the class."
             ) from err
+    else:
+        # Only plain values compare: others were recorded as their repr, which may hold an address.
+        given = {k: v for k, v in dict(getattr(model, "hparams", {})).items() if v is None or isinstance(v, (bool, int, float, str))}
+        differ = [k for k, v in run.manifest.hparams.items() if k in given and jsonable(given[k]) != v]
+        if differ:
+            raise ValueError(
+                f"Run {run.name} was trained with {', '.join(f'{k}={run.manifest.hparams[k]!r}' for k in differ)}; the module "
+                f"given has {', '.join(f'{k}={given[k]!r}' for k in differ)}. Pass the class (it is built from the recorded "
+                "hyperparameters) or an instance built with the run's."
+            )
     state = run.state_dict(snapshot)
     # Lightning's "64-true" (or "bf16-true") converts the module after construction; match it.
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
     if dtype is not None:
         model.to(dtype=dtype)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"The module given does not match run {run.name}'s weights: {str(err).splitlines()[-1].strip()} Build it with "
+            "the hyperparameters the run was trained with."
+        ) from None
     return model.to(device).eval()
 
 

@@ -147,6 +147,16 @@ def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
         Attributor(NoHparams, runs, data, progress=False).attribute(data)
     result = Attributor(NoHparams(hidden=5), runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(data)
     assert result.effects.shape == (1, 16, 16)
+    with pytest.raises(ValueError, match=r"module given does not match run seed_0's weights: size mismatch for net.2.weight: copying a param with shape .*"
+                                         r"Build it with the hyperparameters the run was trained with"):
+        Attributor(NoHparams(hidden=7), runs, data, progress=False).attribute(data)
+
+
+def test_an_instance_built_with_other_hyperparameters_is_refused_naming_them(runs, data):
+    with pytest.raises(ValueError, match=r"Run seed_0 was trained with hidden=8; the module given has hidden=6. Pass the class"):
+        Attributor(TinyClassifier(hidden=6), runs, data, progress=False).attribute(data)
+    result = Attributor(TinyClassifier(hidden=8), runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    assert result.effects.shape == (1, 16, 16)
 
 
 def test_segmented_needs_curvature_functions_and_solvers_are_checked(runs, data, monkeypatch):
@@ -210,39 +220,48 @@ def test_an_iterable_dataset_and_a_missing_cuda_device_are_refused_at_constructi
             Attributor(TinyClassifier, runs, data, device="cuda", progress=False)
 
 
-def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(tmp_path, monkeypatch):
-    """Trained in `python train_script.py` (class recorded as __main__.Net), attributed elsewhere with
-    `from train_script import Net`: the same class. Another class is still refused."""
+def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(tmp_path):
+    """Trained by `python train_script.py` (class recorded as __main__.Net), attributed by `python
+    attribute_script.py` with `from train_script import Net`: taken for the same class, with a warning.
+    Another class is still refused."""
     import subprocess
     import sys
     from pathlib import Path
 
-    script = tmp_path / "train_script.py"
-    script.write_text(
-        "import sys\n"
+    header = (
+        "import sys, warnings\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import lightning.pytorch as pl\n"
         "from torch.utils.data import DataLoader\n"
         "from models import TinyClassifier, classification_data, trainer\n"
-        "from lightning_dtda import TrajectoryRecorder\n\n"
-        "class Net(TinyClassifier):\n"
-        "    pass\n\n"
+        "from lightning_dtda import Attributor, Influence, TrajectoryRecorder\n\n"
+    )
+    (tmp_path / "train_script.py").write_text(
+        header + "class Net(TinyClassifier):\n    pass\n\n"
         "if __name__ == '__main__':\n"
         "    pl.seed_everything(0)\n"
         f"    trainer({str(tmp_path)!r}, [TrajectoryRecorder({str(tmp_path / 'runs')!r})], max_epochs=1).fit(\n"
         "        Net(hidden=4), DataLoader(classification_data(n=16), batch_size=8))\n"
     )
-    subprocess.run([sys.executable, str(script)], check=True, capture_output=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from train_script import Net
-
-    data = classification_data(n=16)
-    [run] = load_runs(tmp_path / "runs")
-    assert run.module_class == "__main__.Net"
-    result = Attributor(Net, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
-    assert result.effects.shape == (1, 16, 16)
-    with pytest.raises(ValueError, match=r"Run seed_0 trained __main__.Net, not models.TinyClassifier"):
-        Attributor(TinyClassifier, tmp_path / "runs", data, progress=False).attribute(data)
+    (tmp_path / "attribute_script.py").write_text(
+        header + "from train_script import Net\n\n"
+        "data = classification_data(n=16)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    result = Attributor(Net, {str(tmp_path / 'runs')!r}, data, Influence(curvature='identity'), progress=False).attribute(data)\n"
+        "print('effects', list(result.effects.shape))\n"
+        "print('warned:', [str(w.message) for w in caught if 'module class' in str(w.message)][0])\n"
+        "try:\n"
+        f"    Attributor(TinyClassifier, {str(tmp_path / 'runs')!r}, data, progress=False).attribute(data)\n"
+        "except ValueError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    subprocess.run([sys.executable, "train_script.py"], check=True, capture_output=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "attribute_script.py"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "effects [1, 16, 16]" in out.stdout
+    assert "warned: Run seed_0 recorded its module class as __main__.Net; taking train_script.Net, of the same name, for it." in out.stdout
+    assert "refused: Run seed_0 trained __main__.Net, not models.TinyClassifier. Pass the class the run trained" in out.stdout
 
 
 def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path):
