@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_dtda.distributed import all_reduce_sum
+from lightning_dtda.hooks import Hooks, call_model
 from lightning_dtda.krylov import conjugate_gradients, lanczos_functions
 
 CURVATURES = ("ekfac", "kfac", "ggn", "identity")
@@ -319,8 +320,6 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
         ValueError: For a name that is no submodule, a named module without a tracked parameter, or no
             parameter tracked at all.
     """
-    from lightning_dtda.hooks import Hooks, call_model  # hooks imports nothing of this module; avoids a cycle at import
-
     submodules = dict(model.named_modules())
     unknown = [name for name in modules or () if name not in submodules]
     if unknown:
@@ -454,8 +453,6 @@ class _Called(nn.Module):
         self.model, self.column = model, column
 
     def forward(self, inputs: Any) -> Tensor:
-        from lightning_dtda.hooks import call_model
-
         outputs = call_model(self.model, inputs)
         return outputs.unsqueeze(-1) if self.column else outputs
 

@@ -87,3 +87,38 @@ def test_outputs_of_shape_b_work_for_every_curvature(tmp_path, curvature):
     layer = attributor.load_model(attributor.runs[0]).linear
     expected = dense_ggn_effects(layer, x, y, qx, qy, 0.05, loss="mse")[0]
     assert relative_error(result.effects[0], expected) < 1e-6
+
+
+class Pairs(Dataset):
+    """``((x, (x_scale,)), y)`` examples: inputs a nested tuple, passed to forward as one argument."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return (x[:3], (x[3:],)), y
+
+
+class TupleInputs(TinyClassifier):
+    def forward(self, parts):
+        head, (tail,) = parts
+        return self.net(torch.cat([head, tail], -1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def attribution_inputs_targets(self, batch):
+        return batch[0], batch[1]
+
+
+@pytest.mark.parametrize("estimator", [Influence(curvature="ekfac", damping=0.1), Influence(curvature="ggn", damping=0.1)], ids=lambda e: e.curvature)
+def test_nested_tuple_inputs_attribute_as_the_positional_model(both, tmp_path, estimator):
+    data, queries, positional, _ = both
+    runs = record(tmp_path, "tuples", lambda: TupleInputs(hidden=5), Pairs(data))
+    expected = Attributor(TinyClassifier, positional, data, estimator=estimator, progress=False).attribute(queries)
+    result = Attributor(TupleInputs, runs, Pairs(data), estimator=estimator, progress=False).attribute(Pairs(queries))
+    assert relative_error(result.effects, expected.effects) < 1e-8
