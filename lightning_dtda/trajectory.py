@@ -227,13 +227,13 @@ def instantiate(
             instance, deep-copied so the caller's module is left untouched.
 
     Raises:
-        ValueError: If the run trained another class, or ``module`` is an instance built with other
-            hyperparameters or parameter shapes than the run's.
+        ValueError: If the run trained another class, or ``module`` is an instance whose parameters do not
+            fit the run's weights (the message names the hyperparameters that differ from the run's).
         TypeError: If the class cannot be built from the recorded hyperparameters.
 
-    A class of the same qualified name in another module is taken for the recorded one, with a warning:
-    a class defined in the training script is recorded as ``__main__.Net`` and imported elsewhere as
-    ``train.Net``.
+    Warns: when a class of the same qualified name in another module is taken for the recorded one (a
+    class defined in the training script is recorded as ``__main__.Net`` and imported elsewhere as
+    ``train.Net``), and when an instance has other hyperparameters than the run's but fits its weights.
     """
     if isinstance(module, nn.Module):
         cls: type = type(module)
@@ -256,16 +256,13 @@ def instantiate(
                 f"Could not build {path} from the recorded hyperparameters ({err}). Call "
                 "`self.save_hyperparameters()` in its __init__, or pass an instance instead of the class."
             ) from err
-    else:
-        # Only plain values compare: others were recorded as their repr, which may hold an address.
-        given = {k: v for k, v in dict(getattr(model, "hparams", {})).items() if v is None or isinstance(v, (bool, int, float, str))}
-        differ = [k for k, v in run.manifest.hparams.items() if k in given and jsonable(given[k]) != v]
-        if differ:
-            raise ValueError(
-                f"Run {run.name} was trained with {', '.join(f'{k}={run.manifest.hparams[k]!r}' for k in differ)}; the module "
-                f"given has {', '.join(f'{k}={given[k]!r}' for k in differ)}. Pass the class (it is built from the recorded "
-                "hyperparameters) or an instance built with the run's."
-            )
+    # Only plain values compare: others were recorded as their repr, which may hold an address.
+    given = {k: v for k, v in dict(getattr(model, "hparams", {})).items() if v is None or isinstance(v, (bool, int, float, str))}
+    differ = [k for k, v in run.manifest.hparams.items() if k in given and jsonable(given[k]) != v]
+    differences = (
+        f"run {run.name} was trained with {', '.join(f'{k}={run.manifest.hparams[k]!r}' for k in differ)}; the module given "
+        f"has {', '.join(f'{k}={given[k]!r}' for k in differ)}"
+    )
     state = run.state_dict(snapshot)
     # Lightning's "64-true" (or "bf16-true") converts the module after construction; match it.
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
@@ -275,9 +272,12 @@ def instantiate(
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(
-            f"The module given does not match run {run.name}'s weights: {str(err).splitlines()[-1].strip()} Build it with "
-            "the hyperparameters the run was trained with."
+            f"The module given does not match run {run.name}'s weights ({str(err).splitlines()[-1].strip().rstrip('.')})"
+            f"{': ' + differences if differ else ''}. Pass the class (it is built from the recorded hyperparameters) or an "
+            "instance built with the run's."
         ) from None
+    if differ:
+        warnings.warn(f"The module given is not the one trained: {differences}. Effects are the given module's.", stacklevel=2)
     return model.to(device).eval()
 
 
