@@ -29,7 +29,7 @@ from torch import Tensor, nn
 LOSS_FUNCTIONS = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 _SIGNATURES = {
-    "attribution_inputs_targets": "def attribution_inputs_targets(self, batch) -> tuple[torch.Tensor, torch.Tensor]",
+    "attribution_inputs_targets": "def attribution_inputs_targets(self, batch) -> tuple[Any, torch.Tensor]  # inputs: a dict is passed as keywords",
     "attribution_loss_function": "def attribution_loss_function(self) -> torch.nn.Module",
     "attribution_train_loss": "def attribution_train_loss(self, batch) -> torch.Tensor  # shape [B]",
     "attribution_measurement": "def attribution_measurement(self, batch) -> torch.Tensor  # shape [B]",

@@ -47,7 +47,7 @@ class Influence(Estimator):
 
     Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``
     and ``nn.Conv2d`` layers the forward calls, as kronfluence does, and leave the others (embeddings,
-    normalisation layers, attention's input projection) out: the effects are then those through the
+    normalisation layers, the projections of ``nn.MultiheadAttention``) out: the effects are then those through the
     tracked parameters only, as if the others had been frozen, with query gradients, training gradients
     and curvature all restricted to them. Their names go into each run's settings (``parameters``) and
     one line is logged. ``"ggn"`` and ``"identity"`` track every trainable parameter. ``modules``
