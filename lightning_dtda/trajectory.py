@@ -202,19 +202,14 @@ class Trajectory:
         return scales
 
 
-def same_class(path: str, recorded: str) -> bool:
-    """Whether the class at import path ``path`` is the one a run recorded as ``recorded``.
+def same_class(cls: type, recorded: str) -> bool:
+    """Whether ``cls`` may stand for the class a run recorded as ``recorded``: it has the same qualified name.
 
-    A class defined in the script that trained is recorded as ``__main__.Net``; imported from that
-    script elsewhere it is ``train.Net`` (and the other way round): then only the qualified names
-    can be compared.
+    The module part is not compared: a class defined in the script that trained is recorded as
+    ``__main__.Net`` and imported elsewhere as ``train.Net``, and code moves between modules. The
+    hyperparameters and weights then decide (see :func:`instantiate`).
     """
-    if path == recorded:
-        return True
-    main = "__main__."
-    if recorded.startswith(main):
-        return path.endswith("." + recorded[len(main) :])
-    return path.startswith(main) and recorded.endswith("." + path[len(main) :])
+    return recorded.endswith("." + cls.__qualname__)
 
 
 def instantiate(
@@ -233,7 +228,8 @@ def instantiate(
 
     Warns: when a class of the same qualified name in another module is taken for the recorded one (a
     class defined in the training script is recorded as ``__main__.Net`` and imported elsewhere as
-    ``train.Net``), and when an instance has other hyperparameters than the run's but fits its weights.
+    ``train.Net``; see :func:`same_class`), and when an instance has other hyperparameters than the
+    run's but fits its weights.
     """
     if isinstance(module, nn.Module):
         cls: type = type(module)
@@ -241,10 +237,11 @@ def instantiate(
     else:
         cls, model = module, None
     path = f"{cls.__module__}.{cls.__qualname__}"
-    if not same_class(path, run.module_class):
+    if not same_class(cls, run.module_class):
         raise ValueError(
             f"Run {run.name} trained {run.module_class}, not {path}. Pass the class the run trained (a class defined in "
-            "the training script can be imported from it), or an instance of it."
+            "the training script can be imported from it; one of the same name in another module is taken for it), or an "
+            "instance of it."
         )
     if path != run.module_class:
         warnings.warn(f"Run {run.name} recorded its module class as {run.module_class}; taking {path}, of the same name, for it.", stacklevel=2)

@@ -139,6 +139,11 @@ def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
 def test_module_class_other_than_recorded(runs, data):
     with pytest.raises(ValueError, match="trained models.TinyClassifier, not test_errors.WithLayerNorm"):
         Attributor(WithLayerNorm, runs, data, progress=False).attribute(data)
+    # the same name in another module (code moved) is taken for it, with a warning
+    moved = type("TinyClassifier", (TinyClassifier,), {"__module__": "package.moved"})
+    with pytest.warns(UserWarning, match="recorded its module class as models.TinyClassifier; taking package.moved.TinyClassifier"):
+        result = Attributor(moved, runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    assert result.effects.shape == (1, 16, 16)
 
 
 def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
