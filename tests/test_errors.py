@@ -221,6 +221,8 @@ def test_an_iterable_dataset_and_a_missing_cuda_device_are_refused_at_constructi
 
     with pytest.raises(TypeError, match="train_data is an IterableDataset; .* needs a map-style Dataset"):
         Attributor(TinyClassifier, runs, Stream(), progress=False)
+    with pytest.raises(RuntimeError, match=r"the train DataLoader's dataset is an IterableDataset \(Stream\), .* Train on a map-style Dataset"):
+        trainer(runs.parent, [TrajectoryRecorder(runs.parent / "stream")], max_epochs=1).fit(TinyClassifier(), DataLoader(Stream(), batch_size=8))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device here; use device='cpu'"):
             Attributor(TinyClassifier, runs, data, device="cuda", progress=False)
