@@ -89,6 +89,7 @@ def cli_callbacks(tmp_path, estimator_yaml):
     ("estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {curvature: ggn, damping: 0.01}", Influence("ggn", 0.01)),
     ("estimator:\n  class_path: lightning_dtda.Unrolled\n  init_args: {relu_smoothing: 0.1}", Unrolled(relu_smoothing=0.1)),
     ("estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: ggn}", Segmented(2, "ggn")),
+    ("estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {modules: [net.0, net.2]}", Influence(modules=["net.0", "net.2"])),
 ])
 def test_every_estimator_is_configurable_from_a_lightning_cli_file(tmp_path, estimator_yaml, expected):
     callback = cli_callbacks(tmp_path, estimator_yaml)
