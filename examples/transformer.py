@@ -1,5 +1,6 @@
 """Record 2 seeds of a small transformer on a synthetic sequence task, then attribute 4 test sequences
-with EK-FAC (its linear layers) and with the exact GGN (every parameter, by conjugate gradients).
+with EK-FAC (its attention and linear layers) and with the exact GGN (every parameter, by conjugate
+gradients).
 
     python examples/transformer.py             # well under a minute on 2 CPU cores
     python examples/transformer.py --epochs 2  # a quick check
@@ -8,9 +9,9 @@ The task: sequences of 8 tokens out of 8; the label says whether token 1 occurs 
 token 2, so the model must count across positions. The model: token and position embeddings, one
 ``nn.TransformerEncoderLayer`` (self-attention, feed-forward, two LayerNorms), a final LayerNorm and a
 linear head, trained with AdamW. It is written as it would be without attribution in mind: EK-FAC
-tracks the ``nn.Linear`` layers the forward calls (the feed-forward pair and the head) and leaves out
-the embeddings, the LayerNorms and the attention, whose projections ``nn.MultiheadAttention`` applies
-without calling them; the exact GGN tracks everything. Writes the runs and both results under --out.
+tracks the attention's projections and the ``nn.Linear`` layers (feed-forward pair, head) and leaves out
+the embeddings and the LayerNorms; the exact GGN tracks everything. Writes the runs and both results
+under --out.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def main() -> None:
             listed = ", ".join(f"#{i} (label {train.tensors[1][i].item()}, {v:+.2g})" for v, i in zip(values.tolist(), indices.tolist()))
             print(f"  most helpful by {name}: {listed}")
     agreement = spearman(results["ekfac"].mean_shift(), results["ggn"].mean_shift())
-    print(f"Spearman of EK-FAC (linear layers) against the exact GGN (all parameters), mean shifts: {agreement:.2f}")
+    print(f"Spearman of EK-FAC (tracked layers) against the exact GGN (all parameters), mean shifts: {agreement:.2f}")
 
 
 if __name__ == "__main__":

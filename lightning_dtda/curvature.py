@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves, tree_map
 
+from lightning_dtda.attention import factorable_attention
 from lightning_dtda.distributed import all_reduce_sum
 from lightning_dtda.hooks import Hooks, call_model
 from lightning_dtda.krylov import conjugate_gradients, lanczos_functions
@@ -313,8 +314,8 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
     ``modules`` names submodules (as ``model.named_modules()`` does; ``None``: the whole model), whose
     trainable parameters are tracked. ``"kfac"`` and ``"ekfac"`` keep only those of the ``nn.Linear`` and
     ``nn.Conv2d`` layers among them that the forward on ``batch``'s inputs calls as modules: curvlinops
-    has factors for no other layer, and collects a layer's factors from its forward call
-    (``nn.MultiheadAttention`` uses its output projection's weight without calling it).
+    has factors for no other layer, and collects a layer's factors from its forward call. Self-attention
+    in ``nn.MultiheadAttention`` is called through layers for this (see ``attention``).
 
     Raises:
         ValueError: For a name that is no submodule, a named module without a tracked parameter, or no
@@ -331,20 +332,28 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     inside = {root: [n for n in trainable if not root or n.startswith(root + ".")] for root in roots}
     if kind in ("kfac", "ekfac"):
-        called: set[str] = set()
-        handles = [
-            layer.register_forward_hook(lambda *_, name=name: called.add(name))
-            for name, layer in submodules.items()
-            if isinstance(layer, KFAC_LAYERS)
-        ]
-        try:
-            with torch.no_grad(), forward_differentiable_kernels():  # the fused fast path calls no submodule
-                call_model(model, Hooks(model).inputs_targets(batch)[0])
-        finally:
-            for handle in handles:
-                handle.remove()
-        factored = {f"{name}.{p}".lstrip(".") for name in called for p, _ in submodules[name].named_parameters(recurse=False)}
-        inside = {root: [n for n in names if n in factored] for root, names in inside.items()}
+        called: list[nn.Module] = []
+        with factorable_attention(model):
+            handles = [layer.register_forward_hook(lambda layer, *_: called.append(layer)) for layer in model.modules() if isinstance(layer, KFAC_LAYERS)]
+            try:
+                with torch.no_grad(), forward_differentiable_kernels():  # the fused fast path calls no submodule
+                    call_model(model, Hooks(model).inputs_targets(batch)[0])
+            finally:
+                for handle in handles:
+                    handle.remove()
+        # A parameter is factored if a called layer holds it and no other kind of layer does (a tied
+        # embedding's K-FAC block would leave out its use as an embedding); attention holds the
+        # projection that factorable_attention calls.
+        holders: dict[int, list[nn.Module]] = {}
+        for layer in model.modules():
+            for p in layer.parameters(recurse=False):
+                holders.setdefault(id(p), []).append(layer)
+        factored = {
+            id(p) for layer in called for p in layer.parameters(recurse=False)
+            if all(isinstance(holder, (*KFAC_LAYERS, nn.MultiheadAttention)) for holder in holders[id(p)])
+        }
+        named = dict(model.named_parameters())
+        inside = {root: [n for n in names if id(named[n]) in factored] for root, names in inside.items()}
     empty = [root for root, names in inside.items() if not names]
     if modules is not None and empty:
         layers = "nn.Linear or nn.Conv2d layers called as modules" if kind in ("kfac", "ekfac") else "trainable parameters"
@@ -418,30 +427,45 @@ def fit_curvature(
             return DenseGGN.from_operator(operator)
         return KrylovGGN(operator, progress=progress)
     if kind in ("kfac", "ekfac"):
-        _check_kfac_loss(model, loss_function, data, kind)
-        cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
-        # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
-        # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
-        operator = cls(
-            model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
-            num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
-        )
-        wrap = EKFAC if kind == "ekfac" else KFAC
-        if state is not None:
-            operator.load_state_dict(state)
-            return wrap(operator)
-        # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
-        # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
-        operator.compute_kronecker_factors()
-        for factors in (operator._input_covariances, operator._gradient_covariances):
-            tree_map(all_reduce_sum, factors)
-        if kind == "ekfac":
-            _eigendecompose_factors(operator)
-            operator.compute_eigenvalue_correction()
-            tree_map(all_reduce_sum, operator._corrected_eigenvalues)
-            return EKFAC(operator)
-        return KFAC(operator)
+        # The operator finds its layers when it is built and collects factors in the data passes.
+        with factorable_attention(model), forward_differentiable_kernels():
+            return _fit_kfac(kind, model, loss_function, params, data, progress, state, common)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}.")
+
+
+def _fit_kfac(
+    kind: str,
+    model: nn.Module,
+    loss_function: nn.Module,
+    params: list[nn.Parameter],
+    data: Iterable[tuple[Any, Tensor]],
+    progress: bool,
+    state: dict[str, Any] | None,
+    common: dict[str, Any],
+) -> KFAC:
+    _check_kfac_loss(model, loss_function, data, kind)
+    cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+    # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
+    # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
+    operator = cls(
+        model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
+        num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
+    )
+    wrap = EKFAC if kind == "ekfac" else KFAC
+    if state is not None:
+        operator.load_state_dict(state)
+        return wrap(operator)
+    # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
+    # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
+    operator.compute_kronecker_factors()
+    for factors in (operator._input_covariances, operator._gradient_covariances):
+        tree_map(all_reduce_sum, factors)
+    if kind == "ekfac":
+        _eigendecompose_factors(operator)
+        operator.compute_eigenvalue_correction()
+        tree_map(all_reduce_sum, operator._corrected_eigenvalues)
+        return EKFAC(operator)
+    return KFAC(operator)
 
 
 class _Called(nn.Module):

@@ -46,10 +46,10 @@ class Influence(Estimator):
     energy norm (see :func:`~lightning_dtda.curvature.fit_damping`): 13 GGN products of 16 columns.
 
     Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``
-    and ``nn.Conv2d`` layers the forward calls, as kronfluence does, and leave the others (embeddings,
-    normalisation layers, the projections of ``nn.MultiheadAttention``) out: the effects are then those through the
-    tracked parameters only, as if the others had been frozen, with query gradients, training gradients
-    and curvature all restricted to them. Their names go into each run's settings (``parameters``) and
+    and ``nn.Conv2d`` layers the forward calls and of ``nn.MultiheadAttention`` (self-attention), as
+    kronfluence does, and leave the others (embeddings, normalisation layers) out: the effects are then
+    those through the tracked parameters only, the others held at their final values, with query
+    gradients, training gradients and curvature all restricted to them. Their names go into each run's settings (``parameters``) and
     one line is logged. ``"ggn"`` and ``"identity"`` track every trainable parameter. ``modules``
     restricts either to named submodules.
 
