@@ -189,7 +189,7 @@ class Attributor:
             query_data: Query examples, batched like the training data; the measurement hook is
                 evaluated on them.
             loggers: Lightning loggers (or a Trainer, whose loggers are used) that receive a table of
-                each query's ``top_k`` helpful and harmful examples and a histogram of the effects.
+                each query's ``top_k`` examples whose removal raises and lowers its measurement most and a histogram of the effects.
             top_k: Rows per query and kind in the logged table.
 
         Returns:
