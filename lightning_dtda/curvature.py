@@ -362,12 +362,12 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
         inside = {root: [n for n in names if id(named[n]) in factored] for root, names in inside.items()}
     empty = [root for root, names in inside.items() if not names]
     if modules is not None and empty:
-        layers = "nn.Linear or nn.Conv2d layers called as modules" if kind in ("kfac", "ekfac") else "trainable parameters"
+        layers = "nn.Linear, nn.Conv2d or self-attention layers the forward calls" if kind in ("kfac", "ekfac") else "trainable parameters"
         raise ValueError(f"curvature={kind!r}: modules {empty} hold no {layers}; name others, or use curvature='ggn' (any layer).")
     chosen = {n for names in inside.values() for n in names}
     if not chosen:
         raise ValueError(
-            f"curvature={kind!r} found no trainable nn.Linear or nn.Conv2d layer that the forward calls in "
+            f"curvature={kind!r} found no trainable nn.Linear, nn.Conv2d or self-attention layer that the forward calls in "
             f"{type(model).__name__}; use curvature='ggn' (exact, any layer)."
         )
     return [n for n in trainable if n in chosen]

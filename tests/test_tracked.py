@@ -75,7 +75,7 @@ def test_ggn_restricted_to_named_modules_equals_the_dense_solve_on_their_paramet
 def test_modules_that_name_nothing_trackable_are_refused(token_bag):
     runs, data, queries = token_bag
     for estimator, match in [
-        (Influence(curvature="ekfac", modules=["norm"]), r"curvature='ekfac': modules \['norm'\] hold no nn.Linear or nn.Conv2d layers"),
+        (Influence(curvature="ekfac", modules=["norm"]), r"curvature='ekfac': modules \['norm'\] hold no nn.Linear, nn.Conv2d or self-attention layers"),
         (Influence(curvature="ggn", modules=["decoder"]), r"modules names \['decoder'\], which TokenBag does not have; .* \['embed', 'norm', 'head'\]"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -64,7 +64,7 @@ class Segmented(Estimator):
             settings) or ``"auto"`` (dense up to 4,096 parameters).
         curvature_subset: Fit each segment's curvature on this many training examples drawn at random.
         modules: Names of submodules to attribute through (``None``: the whole model); ``"ekfac"`` tracks
-            only the ``nn.Linear`` and ``nn.Conv2d`` layers among them, as :class:`Influence` does.
+            only the layers among them that K-FAC factors, as :class:`Influence` does.
 
     Raises:
         ValueError: For fewer than one segment, a curvature without functions or an unknown solver; at
