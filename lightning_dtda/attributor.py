@@ -10,16 +10,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from lightning_dtda._io import load_tree, save_tree
+from lightning_dtda.curvature import describe_tracked
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import rank_and_world
 from lightning_dtda.estimators import Estimator, Influence, RunContext
 from lightning_dtda.estimators.base import cache_file
-from lightning_dtda.gradients import stream_gradients
+from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.reporting import log_result
 from lightning_dtda.result import AttributionResult
@@ -116,24 +118,32 @@ class Attributor:
 
     def attribute_run(self, run: Trajectory, query_data: Dataset) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Effects ``[queries, train]``, base measurements ``[queries]`` and what the estimator chose
-        for this run (e.g. ``{"damping": ...}``), for one run."""
+        for this run (e.g. ``{"damping": ...}``; ``"parameters"``: the names of those tracked, when the
+        estimator leaves some trainable ones out), for one run."""
         model = self.load_model(run)
         hooks = Hooks(model)
+        first = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
         if hooks.default_train_loss:
-            hooks.check_loss(move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device))
+            hooks.check_loss(first)
             if hooks.default_measurement:  # the query loss: its targets could broadcast too
                 hooks.check_loss(move_data_to_device(next(iter(DataLoader(query_data, batch_size=2))), self.device))
-        query_grads = torch.cat(
-            [g for _, g in stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients")]
-        )
+        params = self.estimator.tracked_parameters(model, first)
+        subset = params != list(trainable_parameters(model))
+        if subset and run is self.runs[0]:
+            rank_zero_info(f"{self.estimator.label} tracks {describe_tracked(model, params)}")
+        gradients = stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients", wrt=params)
+        query_grads = torch.cat([g for _, g in gradients])
         with torch.no_grad():
             measurements = torch.cat(
                 [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
             ).cpu()
         context = RunContext(
-            run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir
+            run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir,
+            params,
         )
         effects, info = self.estimator.estimate(context)
+        if subset:
+            info = {**info, "parameters": params}
         bad = (~torch.isfinite(effects)).any(dim=0).nonzero().flatten()
         if len(bad):
             raise FloatingPointError(

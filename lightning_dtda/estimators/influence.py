@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_dtda.curvature import CURVATURES, KrylovGGN, check_solver, fit_damping
+from lightning_dtda.curvature import CURVATURES, KrylovGGN, check_modules, check_solver, fit_damping, tracked_parameters
 
 # Query gradients that choose K-FAC's and EK-FAC's "auto" damping: one GGN product of this many
 # columns per candidate damping.
@@ -45,9 +45,17 @@ class Influence(Estimator):
     gradients point most nearly the way of the exact damped-GGN solves, measured in the exact system's
     energy norm (see :func:`~lightning_dtda.curvature.fit_damping`): 13 GGN products of 16 columns.
 
+    Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``
+    and ``nn.Conv2d`` layers the forward calls and of ``nn.MultiheadAttention`` (self-attention), as
+    kronfluence does, and leave the others (embeddings, normalisation layers) out: the effects are then
+    those through the tracked parameters only, the others held at their final values, with query
+    gradients, training gradients and curvature all restricted to them. Their names go into each run's settings (``parameters``) and
+    one line is logged. ``"ggn"`` and ``"identity"`` track every trainable parameter. ``modules``
+    restricts either to named submodules.
+
     Args:
         curvature: ``"ekfac"`` (default), ``"kfac"`` (curvlinops' Kronecker factorisations of the
-            exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters only), ``"ggn"`` (exact, any layer)
+            exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters, see above), ``"ggn"`` (exact, any layer)
             or ``"identity"`` (``C = 0``: scaled gradient dot products).
         damping: ``"auto"`` (per run, see above) or a positive float.
         solver: How ``"ggn"`` is solved: ``"dense"`` (the matrix built and eigendecomposed; up to
@@ -57,10 +65,13 @@ class Influence(Estimator):
             ``cg_seconds``).
         curvature_subset: Fit the curvature on this many training examples drawn at random (the same
             draw for every run) instead of all of them; the gradients contracted are still all ``N``.
+        modules: Names of submodules (as in ``model.named_modules()``) to attribute through, e.g.
+            ``["encoder.layers.0", "head"]``; ``None`` (default): the whole model.
 
     Raises:
         ValueError: For an unknown curvature or solver, a solver for a curvature other than ``"ggn"``,
-            a damping that is not positive or a subset that is not a positive integer.
+            a damping that is not positive or a subset that is not a positive integer; at attribution,
+            for a module name the model lacks or one without parameters the curvature can track.
 
     Example::
 
@@ -72,11 +83,13 @@ class Influence(Estimator):
     damping: Literal["auto"] | float = "auto"
     solver: Literal["auto", "dense", "krylov"] = "auto"
     curvature_subset: int | None = None
+    modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}.")
         check_solver(self.curvature, self.solver, self.curvature_subset)
+        object.__setattr__(self, "modules", check_modules(self.modules))
         if self.damping != "auto" and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0):
             raise ValueError(f"damping must be 'auto' or a positive number, got {self.damping!r}.")
 
@@ -100,6 +113,9 @@ class Influence(Estimator):
 
     def snapshots_used(self, run: Trajectory) -> tuple[SnapshotEntry, ...]:
         return run.snapshots[-1:]
+
+    def tracked_parameters(self, model: nn.Module, batch: Any) -> list[str]:
+        return tracked_parameters(model, self.curvature, self.modules, batch)
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
         damping = self.damping_for(context.run)
