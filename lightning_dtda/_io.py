@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
+from safetensors.numpy import save as safetensors_save_numpy
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
@@ -104,8 +105,13 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
             "give tensors, numbers, strings, lists or dicts."
         )
 
-    skeleton = json.dumps(encode(tree, ()))
-    return safetensors_save(tensors, metadata={TREE_KEY: skeleton})
+    metadata = {TREE_KEY: json.dumps(encode(tree, ()))}
+    # The same bytes either way; safetensors' numpy writer takes 0.14 ms for a digits-MLP snapshot
+    # against 0.33 ms for its torch writer (per-tensor ctypes and sharing checks; benchmarks/snapshot_io.py).
+    try:
+        return safetensors_save_numpy({name: t.numpy() for name, t in tensors.items()}, metadata=metadata)
+    except TypeError:  # bfloat16 and the float8 types have no numpy dtype
+        return safetensors_save(tensors, metadata=metadata)
 
 
 def decode_tree(data: bytes) -> dict[str, Any]:

@@ -10,11 +10,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from lightning_dtda._io import load_tree, save_tree
+from lightning_dtda.curvature import describe_tracked
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import rank_and_world
 from lightning_dtda.estimators import Estimator, Influence, RunContext
@@ -114,21 +116,29 @@ class Attributor:
         """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""
         return instantiate(self.module, run, snapshot, self.device)
 
-    def _load_checked(self, run: Trajectory, query_data: Dataset | None) -> tuple[torch.nn.Module, Hooks]:
+    def _prepare(self, run: Trajectory, query_data: Dataset | None) -> tuple[torch.nn.Module, Hooks, list[str], bool]:
+        """The model at ``run``'s final snapshot, its hooks (the default loss checked on the data), the names
+        of the parameters the estimator tracks, and whether they leave some trainable ones out."""
         model = self.load_model(run)
         hooks = Hooks(model)
+        first = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
         if hooks.default_train_loss:
-            hooks.check_loss(move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device))
+            hooks.check_loss(first)
             if hooks.default_measurement and query_data is not None:  # the query loss: its targets could broadcast too
                 hooks.check_loss(move_data_to_device(next(iter(DataLoader(query_data, batch_size=2))), self.device))
-        return model, hooks
+        params = self.estimator.tracked_parameters(model, first)
+        subset = params != list(trainable_parameters(model))
+        if subset and run is self.runs[0]:
+            rank_zero_info(f"{self.estimator.label} tracks {describe_tracked(model, params)}")
+        return model, hooks, params, subset
 
     def attribute_run(self, run: Trajectory, query_data: Dataset, reduce: Literal["mean"] | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Effects ``[queries, train]``, base measurements ``[queries]`` and what the estimator chose
-        for this run (e.g. ``{"damping": ...}``), for one run; with ``reduce="mean"``, of the mean
+        for this run (e.g. ``{"damping": ...}``; ``"parameters"``: the names of those tracked, when the
+        estimator leaves some trainable ones out), for one run; with ``reduce="mean"``, of the mean
         measurement over the queries (``[1, train]`` and ``[1]``)."""
-        model, hooks = self._load_checked(run, query_data)
-        query_grads = measurement_gradients(model, query_data, self.batch_size, self.device, self.progress, reduce)
+        model, hooks, params, subset = self._prepare(run, query_data)
+        query_grads = measurement_gradients(model, query_data, self.batch_size, self.device, self.progress, reduce, params)
         with torch.no_grad():
             measurements = torch.cat(
                 [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
@@ -137,9 +147,11 @@ class Attributor:
             measurements = measurements.mean(0, keepdim=True)
         context = RunContext(
             run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir,
-            reduce,
+            params, reduce,
         )
         effects, info = self.estimator.estimate(context)
+        if subset:
+            info = {**info, "parameters": params}
         self._check_finite(run, effects)
         return effects.cpu(), measurements, info
 
@@ -193,7 +205,7 @@ class Attributor:
             query_data: Query examples, batched like the training data; the measurement hook is
                 evaluated on them.
             loggers: Lightning loggers (or a Trainer, whose loggers are used) that receive a table of
-                each query's ``top_k`` helpful and harmful examples and a histogram of the effects.
+                each query's ``top_k`` examples whose removal raises and lowers its measurement most and a histogram of the effects.
             top_k: Rows per query and kind in the logged table.
             reduce: ``"mean"``: attribute the mean measurement over ``query_data`` (for example the
                 validation loss) as one query: ``effects [seeds, 1, train]`` equal the mean over queries
@@ -258,14 +270,16 @@ class Attributor:
         """
         effects, losses, per_run = [], [], []
         for run in tqdm(self.runs, desc=f"self-influence ({self.estimator.label})", disable=not self.progress):
-            model, hooks = self._load_checked(run, None)
-            num_params = sum(p.numel() for p in trainable_parameters(model).values())
-            dtype = next(iter(trainable_parameters(model).values())).dtype
+            model, hooks, params, subset = self._prepare(run, None)
+            named = trainable_parameters(model)
+            no_queries = torch.empty(0, sum(named[name].numel() for name in params), dtype=named[params[0]].dtype, device=self.device)
             context = RunContext(
-                run, self.module, model, torch.empty(0, num_params, dtype=dtype, device=self.device), Subset(self.train_data, []),
-                self.train_data, self.batch_size, self.device, self.progress, self.cache_dir,
+                run, self.module, model, no_queries, Subset(self.train_data, []), self.train_data, self.batch_size, self.device,
+                self.progress, self.cache_dir, params,
             )
             values, info = self.estimator.self_influence(context)
+            if subset:
+                info = {**info, "parameters": params}
             self._check_finite(run, values)
             with torch.no_grad():
                 loss = torch.cat(

@@ -8,6 +8,7 @@ Gauss-Newton matrix (positive semi-definite), exactly (``ggn``) or Kronecker-fac
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from typing import Any
@@ -23,9 +24,11 @@ from curvlinops._torch_base import PyTorchLinearOperator
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
+from lightning_dtda.attention import factorable_attention
 from lightning_dtda.distributed import all_reduce_sum
+from lightning_dtda.hooks import Hooks, call_model
 from lightning_dtda.krylov import conjugate_gradients, lanczos_functions
 
 CURVATURES = ("ekfac", "kfac", "ggn", "identity")
@@ -121,7 +124,8 @@ class KrylovGGN(SpectralCurvature):
     ``solve`` runs block conjugate gradients on all vectors at once; ``apply_functions`` (segmented
     unrolling's ``exp(-T C)`` and ``(1 - exp(-T C)) / C``) runs Lanczos. Each iteration is one product
     of the GGN with a ``[P, K]`` block: one pass over the (sub)set of training data. ``reports``
-    collects, for every solve, its products and final relative residual (CG) or its products (Lanczos).
+    collects, for every solve, its products, final relative residual and seconds (CG) or its products and
+    seconds (Lanczos).
 
     No preconditioner: K-FAC at the same weights, the obvious one, made CG slower on every model
     measured (1.4-1.7x the products on the digits MLP; on a 1M-parameter CNN 60 products without
@@ -149,6 +153,7 @@ class KrylovGGN(SpectralCurvature):
             return (self.operator @ columns.to(self.operator.dtype)).to(columns.dtype)
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
+        start = time.perf_counter()
         x, iterations, residual = conjugate_gradients(
             lambda v: self.matmat(v) + damping * v,
             vectors.T.double(),
@@ -157,7 +162,9 @@ class KrylovGGN(SpectralCurvature):
             progress=self.progress,
             desc="GGN block conjugate gradients",
         )
-        self.reports.append({"cg_products": iterations, "cg_residual": residual.max().item()})
+        self.reports.append(
+            {"cg_products": iterations, "cg_residual": residual.max().item(), "cg_seconds": round(time.perf_counter() - start, 3)}
+        )
         x = x.to(vectors.dtype)
         if residual.max() > 10 * self.tolerance:
             rank_zero_warn(
@@ -168,10 +175,11 @@ class KrylovGGN(SpectralCurvature):
         return x.T
 
     def apply_functions(self, fns: Sequence[Callable[[Tensor], Tensor]], vectors: Tensor) -> list[Tensor]:
+        start = time.perf_counter()
         results, products = lanczos_functions(
             self.matmat, vectors.T.double(), fns, self.tolerance, self.max_iterations, self.progress, "GGN Lanczos"
         )
-        self.reports.append({"lanczos_products": products})
+        self.reports.append({"lanczos_products": products, "lanczos_seconds": round(time.perf_counter() - start, 3)})
         if products >= 2 * self.max_iterations - 1:
             rank_zero_warn(f"GGN Lanczos stopped after {self.max_iterations} iterations before converging; raise max_iterations.")
         return [r.T.to(vectors.dtype) for r in results]
@@ -293,16 +301,93 @@ def fit_damping(approximate: Curvature, ggn: KrylovGGN, vectors: Tensor, damping
     return candidates[min(range(len(candidates)), key=totals.__getitem__)], totals
 
 
-def check_kfac_layers(model: nn.Module, kind: str) -> None:
-    """Raise if a trainable parameter belongs to a layer K-FAC cannot handle."""
-    for name, layer in model.named_modules():
-        own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
-        if own and not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise ValueError(
-                f"curvature={kind!r} supports only nn.Linear and nn.Conv2d parameters, but layer "
-                f"{name!r} ({type(layer).__name__}) has trainable parameters. Use curvature='ggn' (exact, "
-                "any layer) or freeze that layer's parameters."
-            )
+# The layers curvlinops 3.0.1 has Kronecker factors for.
+KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def check_modules(modules: Sequence[str] | None) -> tuple[str, ...] | None:
+    """Validate an estimator's ``modules`` setting; a list becomes a tuple (the dataclasses are frozen)."""
+    if modules is None:
+        return None
+    if isinstance(modules, str) or not all(isinstance(m, str) for m in modules) or not modules:
+        raise ValueError(f"modules must be None or a non-empty list of submodule names (as in model.named_modules()), got {modules!r}.")
+    return tuple(modules)
+
+
+def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | None, batch: Any) -> list[str]:
+    """Names of the trainable parameters curvature ``kind`` attributes through, in ``named_parameters`` order.
+
+    ``modules`` names submodules (as ``model.named_modules()`` does; ``None``: the whole model), whose
+    trainable parameters are tracked. ``"kfac"`` and ``"ekfac"`` keep only those of the ``nn.Linear`` and
+    ``nn.Conv2d`` layers among them that the forward on ``batch``'s inputs calls as modules: curvlinops
+    has factors for no other layer, and collects a layer's factors from its forward call. Self-attention
+    in ``nn.MultiheadAttention`` is called through layers for this (see ``attention``).
+
+    Raises:
+        ValueError: For a name that is no submodule, a named module without a tracked parameter, or no
+            parameter tracked at all.
+    """
+    submodules = dict(model.named_modules())
+    unknown = [name for name in modules or () if name not in submodules]
+    if unknown:
+        raise ValueError(
+            f"modules names {unknown}, which {type(model).__name__} does not have; names are those of model.named_modules(), "
+            f"e.g. {[name for name in submodules if name][:8]}."
+        )
+    roots = [""] if modules is None else list(modules)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    inside = {root: [n for n in trainable if not root or n.startswith(root + ".")] for root in roots}
+    if kind in ("kfac", "ekfac"):
+        called: list[nn.Module] = []
+        with factorable_attention(model):
+            handles = [layer.register_forward_hook(lambda layer, *_: called.append(layer)) for layer in model.modules() if isinstance(layer, KFAC_LAYERS)]
+            try:
+                with torch.no_grad(), forward_differentiable_kernels():  # the fused fast path calls no submodule
+                    call_model(model, Hooks(model).inputs_targets(batch)[0])
+            finally:
+                for handle in handles:
+                    handle.remove()
+        # A parameter is factored if a called layer holds it and no other kind of layer does (a tied
+        # embedding's K-FAC block would leave out its use as an embedding); attention holds the
+        # projection that factorable_attention calls.
+        holders: dict[int, list[nn.Module]] = {}
+        for layer in model.modules():
+            for p in layer.parameters(recurse=False):
+                holders.setdefault(id(p), []).append(layer)
+        factored = {
+            id(p) for layer in called for p in layer.parameters(recurse=False)
+            if all(isinstance(holder, (*KFAC_LAYERS, nn.MultiheadAttention)) for holder in holders[id(p)])
+        }
+        named = dict(model.named_parameters())
+        inside = {root: [n for n in names if id(named[n]) in factored] for root, names in inside.items()}
+    empty = [root for root, names in inside.items() if not names]
+    if modules is not None and empty:
+        layers = "nn.Linear, nn.Conv2d or self-attention layers the forward calls" if kind in ("kfac", "ekfac") else "trainable parameters"
+        raise ValueError(f"curvature={kind!r}: modules {empty} hold no {layers}; name others, or use curvature='ggn' (any layer).")
+    chosen = {n for names in inside.values() for n in names}
+    if not chosen:
+        raise ValueError(
+            f"curvature={kind!r} found no trainable nn.Linear, nn.Conv2d or self-attention layer that the forward calls in "
+            f"{type(model).__name__}; use curvature='ggn' (exact, any layer)."
+        )
+    return [n for n in trainable if n in chosen]
+
+
+def describe_tracked(model: nn.Module, names: Sequence[str]) -> str:
+    """One line: how many parameters are tracked, in which layers, and which layers are left out."""
+    params = dict(model.named_parameters())
+    left = [n for n, p in params.items() if p.requires_grad and n not in names]
+
+    def layers(of: Sequence[str]) -> str:
+        owners = dict.fromkeys(n.rpartition(".")[0] for n in of)
+        return ", ".join(f"{o or '(top)'} ({type(model.get_submodule(o)).__name__})" for o in owners)
+
+    size = sum(params[n].numel() for n in names)
+    total = size + sum(params[n].numel() for n in left)
+    return (
+        f"{size:,} of {total:,} trainable weights ({len(names)} of {len(names) + len(left)} tensors), in {layers(names)}; "
+        f"left out: {layers(left)}. Effects are those through the tracked weights only, as if the others were frozen."
+    )
 
 
 def fit_curvature(
@@ -336,8 +421,9 @@ def fit_curvature(
     """
     if kind == "identity":
         return IdentityCurvature()
+    model, data = _as_curvlinops_takes_them(model, loss_function, data)
     # Determinism is checked by eval mode instead of curvlinops' probe, which costs two extra data passes.
-    common = dict(check_deterministic=False, num_data=num_data)
+    common = dict(check_deterministic=False, num_data=num_data, batch_size_fn=_batch_size)
     if kind == "ggn":
         # No progress bar here: curvlinops would draw one per matrix product, hundreds under CG.
         if state is not None:
@@ -347,31 +433,87 @@ def fit_curvature(
             return DenseGGN.from_operator(operator)
         return KrylovGGN(operator, progress=progress)
     if kind in ("kfac", "ekfac"):
-        check_kfac_layers(model, kind)
-        _check_kfac_loss(model, loss_function, data, kind)
-        cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
-        # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
-        # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
-        operator = cls(
-            model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
-            num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
-        )
-        wrap = EKFAC if kind == "ekfac" else KFAC
-        if state is not None:
-            operator.load_state_dict(state)
-            return wrap(operator)
-        # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
-        # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
-        operator.compute_kronecker_factors()
-        for factors in (operator._input_covariances, operator._gradient_covariances):
-            tree_map(all_reduce_sum, factors)
-        if kind == "ekfac":
-            _eigendecompose_factors(operator)
-            operator.compute_eigenvalue_correction()
-            tree_map(all_reduce_sum, operator._corrected_eigenvalues)
-            return EKFAC(operator)
-        return KFAC(operator)
+        # The operator finds its layers when it is built and collects factors in the data passes.
+        with factorable_attention(model), forward_differentiable_kernels():
+            return _fit_kfac(kind, model, loss_function, params, data, progress, state, common)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}.")
+
+
+def _fit_kfac(
+    kind: str,
+    model: nn.Module,
+    loss_function: nn.Module,
+    params: list[nn.Parameter],
+    data: Iterable[tuple[Any, Tensor]],
+    progress: bool,
+    state: dict[str, Any] | None,
+    common: dict[str, Any],
+) -> KFAC:
+    _check_kfac_loss(model, loss_function, data, kind)
+    cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+    # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
+    # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
+    operator = cls(
+        model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
+        num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
+    )
+    wrap = EKFAC if kind == "ekfac" else KFAC
+    if state is not None:
+        operator.load_state_dict(state)
+        return wrap(operator)
+    # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
+    # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
+    operator.compute_kronecker_factors()
+    for factors in (operator._input_covariances, operator._gradient_covariances):
+        tree_map(all_reduce_sum, factors)
+    if kind == "ekfac":
+        _eigendecompose_factors(operator)
+        operator.compute_eigenvalue_correction()
+        tree_map(all_reduce_sum, operator._corrected_eigenvalues)
+        return EKFAC(operator)
+    return KFAC(operator)
+
+
+class _Called(nn.Module):
+    """The model called as the hooks call it (``model(**inputs)`` for a dict), its ``[B]`` outputs made
+    ``[B, 1]``: curvlinops calls ``model(X)``, and its K-FAC needs a class dimension."""
+
+    def __init__(self, model: nn.Module, column: bool) -> None:
+        super().__init__()
+        self.model, self.column = model, column
+
+    def forward(self, inputs: Any) -> Tensor:
+        outputs = call_model(self.model, inputs)
+        return outputs.unsqueeze(-1) if self.column else outputs
+
+
+class _ColumnTargets:
+    """Re-iterable ``(X, y)`` batches with ``y`` made ``[B, 1]``, to go with :class:`_Called`'s outputs."""
+
+    def __init__(self, data: Iterable[tuple[Any, Tensor]]) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        for inputs, targets in self.data:
+            yield inputs, targets.unsqueeze(-1)
+
+
+def _as_curvlinops_takes_them(
+    model: nn.Module, loss_function: nn.Module, data: Iterable[tuple[Any, Tensor]]
+) -> tuple[nn.Module, Iterable[tuple[Any, Tensor]]]:
+    # [B] outputs against [B] targets: the same mean squared error or binary cross-entropy as [B, 1]
+    # against [B, 1] (the hooks refuse shapes that would broadcast).
+    inputs, _ = next(iter(data))
+    with torch.no_grad(), forward_differentiable_kernels():
+        column = _Called(model, False)(inputs).ndim == 1 and not isinstance(loss_function, nn.CrossEntropyLoss)
+    if isinstance(inputs, Tensor) and not column:
+        return model, data  # as it is: cached K-FAC states name the model's own layers
+    return _Called(model, column), _ColumnTargets(data) if column else data
+
+
+def _batch_size(inputs: Any) -> int:
+    # curvlinops reads X.shape[0]; inputs may be a dict or a tuple of tensors.
+    return next(t for t in tree_leaves(inputs) if isinstance(t, Tensor)).shape[0]
 
 
 def _check_kfac_loss(model: nn.Module, loss_function: nn.Module, data: Iterable[tuple[Tensor, Tensor]], kind: str) -> None:
@@ -392,7 +534,7 @@ def _check_kfac_loss(model: nn.Module, loss_function: nn.Module, data: Iterable[
     if ndim != 2:
         raise ValueError(
             f"curvature={kind!r} needs model outputs of shape [B, C]; this model returns {ndim}-d outputs. Use "
-            "curvature='ggn' (any shape), or return [B, 1] from forward (with [B, 1] targets) for one output."
+            "curvature='ggn' (any shape)."
         )
 
 

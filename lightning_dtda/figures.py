@@ -73,7 +73,8 @@ def plot_shift_scatter(result: AttributionResult, query: int | None = None) -> "
 def plot_image_grid(
     result: AttributionResult, train_images: Tensor, query_images: Tensor, k: int = 4, labels: Tensor | None = None
 ) -> "Figure":
-    """Each query image with its ``k`` most helpful and ``k`` most harmful training images.
+    """Each query image with the ``k`` training images whose removal raises its measurement most (green;
+    for a loss, the most helpful) and the ``k`` whose removal lowers it most (red; for a loss, the most harmful).
 
     Args:
         train_images: ``[N, H, W]`` or ``[N, C, H, W]`` (C = 1 or 3), in training-set order.
@@ -100,6 +101,6 @@ def plot_image_grid(
                 label = f" ({labels[i].item()})" if labels is not None else ""
                 show(row[cells], train_images[i], f"#{i}{label}\n{v:+.2g}", colour)
                 cells += 1
-    fig.suptitle("query | most helpful (removal raises the measurement) | most harmful", fontsize=9)
+    fig.suptitle("query | removal raises the measurement most | removal lowers it most", fontsize=9)
     fig.tight_layout()
     return fig

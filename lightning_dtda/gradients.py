@@ -47,15 +47,15 @@ def per_example_gradients(module: nn.Module, fn: Callable[[Any], Tensor], batch:
     time under ``vmap``, so the module must not mix examples (use ``eval()`` for BatchNorm).
     """
     wrapper = HookCall(module, fn)
-    if wrt is None:
-        tensors = trainable_parameters(module)
-    else:
-        named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        tensors = {k: named[k] for k in wrt}
-    params = {f"module.{k}": v.detach() for k, v in tensors.items()}
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    names = list(trainable_parameters(module)) if wrt is None else list(wrt)
+    params = {f"module.{k}": named[k].detach() for k in names}
+    # The parameters not differentiated enter as constants: left as they are, the trainable ones would
+    # carry an autograd graph into the gradients.
+    fixed = {f"module.{k}": v.detach() for k, v in module.named_parameters() if k not in names}
 
     def value(p: dict[str, Tensor], example: Any) -> Tensor:
-        return functional_call(wrapper, p, (tree_map(lambda t: t.unsqueeze(0), example),))[0]
+        return functional_call(wrapper, {**p, **fixed}, (tree_map(lambda t: t.unsqueeze(0), example),))[0]
 
     grads = vmap(grad(value), in_dims=(None, 0))(params, batch)
     return flatten(grads, batch_dims=1)

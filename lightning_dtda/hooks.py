@@ -4,8 +4,9 @@ Like ``training_step``, these are methods on the user's LightningModule. All are
 batches are ``(inputs, targets)`` pairs and the loss is cross-entropy (integer targets) or mean
 squared error (floating targets)::
 
-    def attribution_inputs_targets(self, batch) -> tuple[Tensor, Tensor]:
-        # The model's input and the loss's target. Default: ``batch[0], batch[1]``.
+    def attribution_inputs_targets(self, batch) -> tuple[Any, Tensor]:
+        # The model's input and the loss's target. Default: ``batch[0], batch[1]``. Inputs that are a
+        # dict are passed as keyword arguments, ``model(**inputs)``; anything else as one, ``model(inputs)``.
     def attribution_loss_function(self) -> nn.Module:
         # nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss with reduction="mean", applied to
         # ``self(inputs)`` and ``targets``. Default: inferred from the targets' dtype.
@@ -19,6 +20,7 @@ squared error (floating targets)::
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,11 +29,17 @@ from torch import Tensor, nn
 LOSS_FUNCTIONS = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 _SIGNATURES = {
-    "attribution_inputs_targets": "def attribution_inputs_targets(self, batch) -> tuple[torch.Tensor, torch.Tensor]",
+    "attribution_inputs_targets": "def attribution_inputs_targets(self, batch) -> tuple[Any, torch.Tensor]  # inputs: a dict is passed as keywords",
     "attribution_loss_function": "def attribution_loss_function(self) -> torch.nn.Module",
     "attribution_train_loss": "def attribution_train_loss(self, batch) -> torch.Tensor  # shape [B]",
     "attribution_measurement": "def attribution_measurement(self, batch) -> torch.Tensor  # shape [B]",
 }
+
+
+def call_model(model: nn.Module, inputs: Any) -> Tensor:
+    """``model(**inputs)`` for inputs that are a mapping (keyword arguments, as Hugging Face models take
+    them), else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 class MissingHookError(TypeError):
@@ -115,14 +123,13 @@ class Hooks:
             )
         try:
             with torch.no_grad():
-                outputs = self.module(inputs)
+                outputs = call_model(self.module, inputs)
         except TypeError as err:
             raise MissingHookError(
                 self.module,
                 "attribution_inputs_targets",
-                f"the model cannot be called as model(inputs) with the inputs it returns ({err}). Keyword or dict inputs "
-                "reach the model only through your own attribution_train_loss and attribution_measurement hooks, and then "
-                "only curvature='identity' and Unrolled() can use them (issue #13)",
+                f"the model cannot be called as model(inputs) with the inputs it returns ({err}). Return the inputs as a "
+                "dict of keyword arguments (the model is then called as model(**inputs)), or as the one argument forward takes",
             ) from None
         # Cross-entropy takes class indices without the class dimension, or probabilities shaped like the outputs.
         if isinstance(loss, nn.CrossEntropyLoss) and not targets.is_floating_point():
@@ -152,7 +159,7 @@ class Hooks:
         inputs, targets = self.inputs_targets(batch)
         loss = copy.copy(self.loss_function(batch))
         loss.reduction = "none"
-        values = loss(self.module(inputs), targets)
+        values = loss(call_model(self.module, inputs), targets)
         # Mean over the remaining dimensions, so the batch mean equals the loss with reduction="mean".
         return values.reshape(values.shape[0], -1).mean(1)
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler, SequentialSampler
 
 
 class RecordingSampler(Sampler[int]):
@@ -72,6 +72,12 @@ def wrap_loader(loader: Any) -> DataLoader:
         raise RuntimeError(
             "TrajectoryRecorder needs a single torch DataLoader for training, got "
             f"{type(loader).__name__}. Pass one DataLoader (not a list or dict of them)."
+        )
+    if isinstance(loader.dataset, IterableDataset):
+        raise RuntimeError(
+            f"TrajectoryRecorder records which examples each batch trained on by their index, but the train DataLoader's "
+            f"dataset is an IterableDataset ({type(loader.dataset).__name__}), whose examples have none. Train on a "
+            "map-style Dataset (with __len__ and __getitem__, e.g. a TensorDataset of the examples) to attribute."
         )
     batch_sampler = loader.batch_sampler
     if not isinstance(batch_sampler, BatchSampler) or type(batch_sampler).__iter__ is not BatchSampler.__iter__:

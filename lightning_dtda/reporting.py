@@ -18,10 +18,13 @@ _HISTOGRAM_BINS = 50
 
 
 def top_k_rows(result: AttributionResult, k: int) -> list[dict[str, Any]]:
-    """Per query, the ``k`` most helpful (removal raises the measurement) and most harmful examples."""
+    """Per query, the ``k`` examples whose removal raises the measurement most (``kind`` ``"removal_raises"``)
+    and the ``k`` whose removal lowers it most (``"removal_lowers"``). For a loss these are the most helpful
+    and the most harmful examples; for a measurement where higher is better (accuracy, a margin), the
+    other way round, which is why the kinds say what removal does rather than judge it."""
     rows = []
     for q in range(result.num_queries):
-        for kind, largest in (("helpful", True), ("harmful", False)):
+        for kind, largest in (("removal_raises", True), ("removal_lowers", False)):
             values, indices = result.top_k(q, k, largest=largest)
             for rank, (v, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
                 rows.append({"query": q, "kind": kind, "rank": rank, "train_index": i, "mean_shift": v})

@@ -199,3 +199,32 @@ class SaysBCE(LogitClassifier):
 
     def attribution_loss_function(self):
         return nn.BCEWithLogitsLoss()
+
+
+class TokenBag(pl.LightningModule):
+    """Token embeddings averaged, a LayerNorm and a linear head, regressing ``[B, outputs]`` targets with
+    mean squared error: one nn.Linear among layers K-FAC has no factors for."""
+
+    def __init__(self, vocab: int = 10, d: int = 4, outputs: int = 2, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed, self.norm, self.head = nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, outputs)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(tokens).mean(1)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def token_regression_data(n: int = 24, length: int = 4, vocab: int = 10, outputs: int = 2, seed: int = 0,
+                          dtype: torch.dtype = torch.float32) -> TensorDataset:
+    """Token sequences and targets ``[outputs]``: a random value per token, summed, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    values = torch.randn(vocab, outputs, generator=g, dtype=dtype)
+    return TensorDataset(x, values[x].sum(1) + 0.3 * torch.randn(n, outputs, generator=g, dtype=dtype))

@@ -38,7 +38,7 @@ def test_callback_logs_table_histogram_and_figure(fitted):
     with open(f"{csv_logger.log_dir}/attribution_top_k.csv") as f:
         rows = list(csv.DictReader(f))
     _, indices = result.top_k(2, 2, largest=False)
-    assert [int(r["train_index"]) for r in rows if r["query"] == "2" and r["kind"] == "harmful"] == indices.tolist()
+    assert [int(r["train_index"]) for r in rows if r["query"] == "2" and r["kind"] == "removal_lowers"] == indices.tolist()
     with open(f"{csv_logger.log_dir}/attribution_shift_scatter.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
     events = EventAccumulator(tb_logger.log_dir, size_guidance={"histograms": 0, "images": 0, "tensors": 0}).Reload()

@@ -80,12 +80,6 @@ def test_hooks_make_such_a_module_work(tmp_path, data):
     assert result.effects.shape == (1, 16, 16) and torch.isfinite(result.effects).all()
 
 
-def test_layer_kfac_cannot_handle(tmp_path, data):
-    runs = record(tmp_path, WithLayerNorm(), data)
-    with pytest.raises(ValueError, match=r"layer 'net.1' \(LayerNorm\) has trainable parameters. Use curvature='ggn'"):
-        Attributor(WithLayerNorm, runs, data, estimator=Influence(curvature="kfac"), progress=False).attribute(data)
-
-
 def test_training_data_other_than_recorded(runs, data):
     with pytest.raises(ValueError, match="has 15 examples but run seed_0 was recorded on 16"):
         Attributor(TinyClassifier, runs, TensorDataset(*data[:15]))
@@ -145,6 +139,11 @@ def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
 def test_module_class_other_than_recorded(runs, data):
     with pytest.raises(ValueError, match="trained models.TinyClassifier, not test_errors.WithLayerNorm"):
         Attributor(WithLayerNorm, runs, data, progress=False).attribute(data)
+    # the same name in another module (code moved) is taken for it, with a warning
+    moved = type("TinyClassifier", (TinyClassifier,), {"__module__": "package.moved"})
+    with pytest.warns(UserWarning, match="recorded its module class as models.TinyClassifier; taking package.moved.TinyClassifier"):
+        result = Attributor(moved, runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    assert result.effects.shape == (1, 16, 16)
 
 
 def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
@@ -152,6 +151,17 @@ def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
     with pytest.raises(TypeError, match="pass an instance instead of the class"):
         Attributor(NoHparams, runs, data, progress=False).attribute(data)
     result = Attributor(NoHparams(hidden=5), runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(data)
+    assert result.effects.shape == (1, 16, 16)
+    with pytest.raises(ValueError, match=r"module given does not match run seed_0's weights \(size mismatch for net.2.weight: copying a param "
+                                         r"with shape .*\)\. Pass the class"):
+        Attributor(NoHparams(hidden=7), runs, data, progress=False).attribute(data)
+
+
+def test_an_instance_built_with_other_hyperparameters_is_named_in_the_error_or_a_warning(runs, data):
+    with pytest.raises(ValueError, match=r"\): run seed_0 was trained with hidden=8; the module given has hidden=6. Pass the class"):
+        Attributor(TinyClassifier(hidden=6), runs, data, progress=False).attribute(data)
+    with pytest.warns(UserWarning, match=r"not the one trained: run seed_0 was trained with lr=0.1; the module given has lr=0.5. Effects are"):
+        result = Attributor(TinyClassifier(lr=0.5), runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
     assert result.effects.shape == (1, 16, 16)
 
 
@@ -211,48 +221,59 @@ def test_an_iterable_dataset_and_a_missing_cuda_device_are_refused_at_constructi
 
     with pytest.raises(TypeError, match="train_data is an IterableDataset; .* needs a map-style Dataset"):
         Attributor(TinyClassifier, runs, Stream(), progress=False)
+    with pytest.raises(RuntimeError, match=r"the train DataLoader's dataset is an IterableDataset \(Stream\), .* Train on a map-style Dataset"):
+        trainer(runs.parent, [TrajectoryRecorder(runs.parent / "stream")], max_epochs=1).fit(TinyClassifier(), DataLoader(Stream(), batch_size=8))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device here; use device='cpu'"):
             Attributor(TinyClassifier, runs, data, device="cuda", progress=False)
 
 
-def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(tmp_path, monkeypatch):
-    """Trained in `python train_script.py` (class recorded as __main__.Net), attributed elsewhere with
-    `from train_script import Net`: the same class. Another class is still refused."""
+def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(tmp_path):
+    """Trained by `python train_script.py` (class recorded as __main__.Net), attributed by `python
+    attribute_script.py` with `from train_script import Net`: taken for the same class, with a warning.
+    Another class is still refused."""
     import subprocess
     import sys
     from pathlib import Path
 
-    script = tmp_path / "train_script.py"
-    script.write_text(
-        "import sys\n"
+    header = (
+        "import sys, warnings\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import lightning.pytorch as pl\n"
         "from torch.utils.data import DataLoader\n"
         "from models import TinyClassifier, classification_data, trainer\n"
-        "from lightning_dtda import TrajectoryRecorder\n\n"
-        "class Net(TinyClassifier):\n"
-        "    pass\n\n"
+        "from lightning_dtda import Attributor, Influence, TrajectoryRecorder\n\n"
+    )
+    (tmp_path / "train_script.py").write_text(
+        header + "class Net(TinyClassifier):\n    pass\n\n"
         "if __name__ == '__main__':\n"
         "    pl.seed_everything(0)\n"
         f"    trainer({str(tmp_path)!r}, [TrajectoryRecorder({str(tmp_path / 'runs')!r})], max_epochs=1).fit(\n"
         "        Net(hidden=4), DataLoader(classification_data(n=16), batch_size=8))\n"
     )
-    subprocess.run([sys.executable, str(script)], check=True, capture_output=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from train_script import Net
-
-    data = classification_data(n=16)
-    [run] = load_runs(tmp_path / "runs")
-    assert run.module_class == "__main__.Net"
-    result = Attributor(Net, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
-    assert result.effects.shape == (1, 16, 16)
-    with pytest.raises(ValueError, match=r"Run seed_0 trained __main__.Net, not models.TinyClassifier"):
-        Attributor(TinyClassifier, tmp_path / "runs", data, progress=False).attribute(data)
+    (tmp_path / "attribute_script.py").write_text(
+        header + "from train_script import Net\n\n"
+        "data = classification_data(n=16)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    result = Attributor(Net, {str(tmp_path / 'runs')!r}, data, Influence(curvature='identity'), progress=False).attribute(data)\n"
+        "print('effects', list(result.effects.shape))\n"
+        "print('warned:', [str(w.message) for w in caught if 'module class' in str(w.message)][0])\n"
+        "try:\n"
+        f"    Attributor(TinyClassifier, {str(tmp_path / 'runs')!r}, data, progress=False).attribute(data)\n"
+        "except ValueError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    subprocess.run([sys.executable, "train_script.py"], check=True, capture_output=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "attribute_script.py"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "effects [1, 16, 16]" in out.stdout
+    assert "warned: Run seed_0 recorded its module class as __main__.Net; taking train_script.Net, of the same name, for it." in out.stdout
+    assert "refused: Run seed_0 trained __main__.Net, not models.TinyClassifier. Pass the class the run trained" in out.stdout
 
 
 def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path):
-    """K-FAC leaves out pos_weight (and class weights, label smoothing) and needs [B, C] outputs; query
+    """K-FAC leaves out pos_weight (and class weights, label smoothing); query
     targets shaped unlike the outputs would broadcast the measurement; a keyword-only forward cannot take
     the inputs positionally."""
     x, y = regression_data(n=16).tensors
@@ -262,13 +283,8 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
         def attribution_loss_function(self):
             return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))
 
-    class Squeezed(SaysBCE):
-        def forward(self, x):
-            return super().forward(x).squeeze(-1)
-
     for cls, data, match in [
         (Weighted, TensorDataset(x, labels), "curvlinops' K-FAC leaves out the loss's pos_weight"),
-        (Squeezed, TensorDataset(x, labels[:, 0]), r"needs model outputs of shape \[B, C\]; this model returns 1-d"),
     ]:
         pl.seed_everything(0)
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / cls.__name__)], max_epochs=1).fit(cls(d_out=1), DataLoader(data, batch_size=8))

@@ -89,6 +89,7 @@ def cli_callbacks(tmp_path, estimator_yaml):
     ("estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {curvature: ggn, damping: 0.01}", Influence("ggn", 0.01)),
     ("estimator:\n  class_path: lightning_dtda.Unrolled\n  init_args: {relu_smoothing: 0.1}", Unrolled(relu_smoothing=0.1)),
     ("estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: ggn}", Segmented(2, "ggn")),
+    ("estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {modules: [net.0, net.2]}", Influence(modules=["net.0", "net.2"])),
 ])
 def test_every_estimator_is_configurable_from_a_lightning_cli_file(tmp_path, estimator_yaml, expected):
     callback = cli_callbacks(tmp_path, estimator_yaml)
@@ -108,4 +109,4 @@ def test_a_result_prints_its_shape_and_estimator_not_its_numbers():
     data, queries = pinned_data()
     result = Attributor(ReLUClassifier, DATA / "runs_0_1", data, Influence("identity", 0.5), progress=False).attribute(queries)
     assert repr(result) == ("AttributionResult(effects [seeds, queries, train] = [1, 2, 24], runs=['seed_0'], "
-                            "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5, 'solver': 'auto', 'curvature_subset': None})")
+                            "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5, 'solver': 'auto', 'curvature_subset': None, 'modules': None})")

@@ -28,7 +28,7 @@ def test_csv_logger_gets_table_histogram_and_scalars(logged):
     with open(f"{csv_logger.log_dir}/attribution_top_k.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 3  # queries x (helpful, harmful) x k
-    helpful = [r for r in rows if r["query"] == "1" and r["kind"] == "helpful"]
+    helpful = [r for r in rows if r["query"] == "1" and r["kind"] == "removal_raises"]
     values, indices = result.top_k(1, 3)
     assert [int(r["train_index"]) for r in helpful] == indices.tolist()
     assert [float(r["mean_shift"]) for r in helpful] == pytest.approx(values.tolist())
@@ -51,7 +51,7 @@ def test_tensorboard_logger_gets_text_and_histogram(logged):
     [text] = events.Tensors("attribution/top_k/text_summary")
     table = text.tensor_proto.string_val[0].decode()
     _, indices = result.top_k(0, 3, largest=False)
-    assert f"| 0 | harmful | 1 | {indices[0].item()} |" in table
+    assert f"| 0 | removal_lowers | 1 | {indices[0].item()} |" in table
     assert [s.value for s in events.Scalars("attribution/mean_shift_abs_max")] == pytest.approx(
         [result.mean_shift().abs().max().item()])
 
@@ -72,7 +72,7 @@ def test_mlflow_logger_gets_table_histogram_and_figure(tmp_path, monkeypatch):
     [artifacts] = list((tmp_path / "mlruns").glob(f"*/{logger.run_id}/artifacts"))
     table = json.loads((artifacts / "attribution_top_k.json").read_text())
     _, indices = result.top_k(1, 2)
-    helpful = [i for q, kind, i in zip(table["query"], table["kind"], table["train_index"]) if q == 1 and kind == "helpful"]
+    helpful = [i for q, kind, i in zip(table["query"], table["kind"], table["train_index"]) if q == 1 and kind == "removal_raises"]
     assert helpful == indices.tolist()
     assert sum(b["count"] for b in json.loads((artifacts / "attribution_histogram.json").read_text())) == 14
     for name in ("shift_scatter", "spread_wideners"):
@@ -98,7 +98,7 @@ def test_wandb_offline_logger_gets_table_and_figure(tmp_path, monkeypatch):
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["query", "kind", "rank", "train_index", "mean_shift"]
     _, indices = result.top_k(0, 2, largest=False)
-    assert [row[3] for row in table["data"] if row[0] == 0 and row[1] == "harmful"] == indices.tolist()
+    assert [row[3] for row in table["data"] if row[0] == 0 and row[1] == "removal_lowers"] == indices.tolist()
     for name in ("shift_scatter", "spread_wideners"):
         [image] = list((tmp_path / "wandb").glob(f"offline-run-*/files/media/images/attribution/{name}_*.png"))
         assert image.read_bytes().startswith(b"\x89PNG")

@@ -160,3 +160,19 @@ def test_whole_set_influence_through_running_statistics_is_the_mean_of_the_per_q
     attributor = Attributor(WeightedCNN, tmp_path / "runs", data, estimator=Unrolled(), progress=False)
     per_query, whole = attributor.attribute(queries), attributor.attribute(queries, reduce="mean")
     assert relative_error(whole.effects[:, 0], per_query.effects.mean(1)) < 1e-10
+
+
+def test_self_influence_through_the_tracked_parameters_only(tmp_path):
+    """EK-FAC tracks attention and linear layers, not the embedding or LayerNorm: self-influence is the
+    diagonal of the effects through those parameters, and its settings name them."""
+    from models import TinyTransformer, token_data
+
+    data = token_data(24)
+    runs = record(tmp_path, lambda: TinyTransformer(dropout=0.0), data, epochs=3, precision="64-true")
+    estimator = Influence(curvature="ekfac", damping=0.1)
+    attributor = Attributor(TinyTransformer, runs, data, estimator=estimator, progress=False)
+    result = attributor.self_influence()
+    diagonal = torch.diagonal(attributor.attribute(data).effects, dim1=1, dim2=2)
+    assert relative_error(result.effects, diagonal) < 1e-10
+    tracked = result.settings["per_run"][0]["parameters"]
+    assert "embed.weight" not in tracked and "head.weight" in tracked

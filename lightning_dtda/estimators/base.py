@@ -69,6 +69,11 @@ class Estimator:
         """The snapshots the effects depend on (part of the cache key); all of them unless overridden."""
         return run.snapshots
 
+    def tracked_parameters(self, model: nn.Module, batch: Any) -> list[str]:
+        """Names of the parameters the effects are taken through (``batch``: a training batch, for
+        estimators that must run the model to tell); all trainable ones unless overridden."""
+        return list(trainable_parameters(model))
+
 
 class _InputsTargets:
     """Re-iterable ``(X, y)`` batches of a dataset, as curvlinops consumes them."""
@@ -98,6 +103,8 @@ class RunContext:
         device: Where to compute.
         progress: Show progress bars.
         cache_dir: Where fitted curvatures are cached, or ``None``.
+        params: Names of the parameters ``query_grads`` are taken with respect to, which training
+            gradients and curvatures use too (``None``: all trainable ones).
         reduce: ``"mean"`` when the queries' mean measurement is attributed as one query (``query_grads``
             is then ``[1, P]``), else ``None``.
     """
@@ -112,6 +119,7 @@ class RunContext:
     device: torch.device
     progress: bool
     cache_dir: Path | None
+    params: list[str] | None = None
     reduce: str | None = None
 
     @property
@@ -132,7 +140,8 @@ class RunContext:
         effects = torch.empty(len(vectors), len(part), dtype=vectors.dtype, device=self.device)
         first = part.indices[0] if len(part) else 0
         hooks = Hooks(model)
-        for rows, grads in stream_gradients(model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first):
+        gradients = stream_gradients(model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first, self.params)
+        for rows, grads in gradients:
             effects[:, rows] = vectors @ grads.T
         return gather_columns(effects, len(self.train_data))  # type: ignore[arg-type]
 
@@ -144,7 +153,9 @@ class RunContext:
         hooks = Hooks(model)
         values = [
             (grads * transform(grads)).sum(1)
-            for _, grads in stream_gradients(model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first)
+            for _, grads in stream_gradients(
+                model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first, self.params
+            )
         ]
         dtype = next(iter(trainable_parameters(model).values())).dtype
         local = torch.cat(values) if values else torch.empty(0, dtype=dtype, device=self.device)
@@ -183,11 +194,14 @@ class RunContext:
                 key["subset"] = subset
             if kind == "ggn":  # a dense eigendecomposition cached for "dense" must not answer a "krylov" request
                 key["solver"] = solver
+            if self.params is not None and self.params != list(trainable_parameters(model)):
+                key["parameters"] = self.params
             path = cache_file(self.cache_dir, self.run, f"curvature-{kind}", key)
         state = load_tree(path) if path is not None and path.is_file() else None
         examples = curvature_examples(len(self.train_data), subset)  # type: ignore[arg-type]
         data = _InputsTargets(Subset(self.train_data, [examples[i] for i in shard(len(examples))]), hooks, self.batch_size, self.device)
-        params = list(trainable_parameters(model).values())
+        named = trainable_parameters(model)
+        params = [named[name] for name in (self.params or named)]
         curvature = fit_curvature(kind, model, loss_function, params, data, len(examples), self.progress, state, solver)
         if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
             save_tree(fitted, path)

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from lightning_dtda.curvature import CURVATURES, DENSE_GGN_LIMIT, Curvature, KrylovGGN, check_solver, dense_ggn, fit_damping
+from lightning_dtda.curvature import (
+    CURVATURES, DENSE_GGN_LIMIT, Curvature, KrylovGGN, check_modules, check_solver, dense_ggn, fit_damping, tracked_parameters,
+)
 from lightning_dtda.estimators.base import Estimator, RunContext, curvature_examples
 from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
@@ -49,21 +51,33 @@ class Influence(Estimator):
     gradients point most nearly the way of the exact damped-GGN solves, measured in the exact system's
     energy norm (see :func:`~lightning_dtda.curvature.fit_damping`): 13 GGN products of 16 columns.
 
+    Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``
+    and ``nn.Conv2d`` layers the forward calls and of ``nn.MultiheadAttention`` (self-attention), as
+    kronfluence does, and leave the others (embeddings, normalisation layers) out: the effects are then
+    those through the tracked parameters only, the others held at their final values, with query
+    gradients, training gradients and curvature all restricted to them. Their names go into each run's settings (``parameters``) and
+    one line is logged. ``"ggn"`` and ``"identity"`` track every trainable parameter. ``modules``
+    restricts either to named submodules.
+
     Args:
         curvature: ``"ekfac"`` (default), ``"kfac"`` (curvlinops' Kronecker factorisations of the
-            exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters only), ``"ggn"`` (exact, any layer)
+            exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters, see above), ``"ggn"`` (exact, any layer)
             or ``"identity"`` (``C = 0``: scaled gradient dot products).
         damping: ``"auto"`` (per run, see above) or a positive float.
         solver: How ``"ggn"`` is solved: ``"dense"`` (the matrix built and eigendecomposed; up to
             32,768 parameters), ``"krylov"`` (block conjugate gradients on GGN products, all queries at
             once; any size) or ``"auto"`` (dense up to 4,096 parameters). The products taken and the
-            final relative residual go into each run's settings (``cg_products``, ``cg_residual``).
+            final relative residual go into each run's settings (``cg_products``, ``cg_residual``, and
+            ``cg_seconds``).
         curvature_subset: Fit the curvature on this many training examples drawn at random (the same
             draw for every run) instead of all of them; the gradients contracted are still all ``N``.
+        modules: Names of submodules (as in ``model.named_modules()``) to attribute through, e.g.
+            ``["encoder.layers.0", "head"]``; ``None`` (default): the whole model.
 
     Raises:
         ValueError: For an unknown curvature or solver, a solver for a curvature other than ``"ggn"``,
-            a damping that is not positive or a subset that is not a positive integer.
+            a damping that is not positive or a subset that is not a positive integer; at attribution,
+            for a module name the model lacks or one without parameters the curvature can track.
 
     Example::
 
@@ -75,11 +89,13 @@ class Influence(Estimator):
     damping: Literal["auto"] | float = "auto"
     solver: Literal["auto", "dense", "krylov"] = "auto"
     curvature_subset: int | None = None
+    modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}.")
         check_solver(self.curvature, self.solver, self.curvature_subset)
+        object.__setattr__(self, "modules", check_modules(self.modules))
         if self.damping != "auto" and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0):
             raise ValueError(f"damping must be 'auto' or a positive number, got {self.damping!r}.")
 
@@ -103,6 +119,9 @@ class Influence(Estimator):
 
     def snapshots_used(self, run: Trajectory) -> tuple[SnapshotEntry, ...]:
         return run.snapshots[-1:]
+
+    def tracked_parameters(self, model: nn.Module, batch: Any) -> list[str]:
+        return tracked_parameters(model, self.curvature, self.modules, batch)
 
     def _fit(self, context: RunContext, probes: Tensor | None) -> tuple[Curvature, float, dict[str, Any]]:
         """The curvature at the final weights, its damping (K-FAC/EK-FAC "auto": fitted on ``probes [K, P]``)
@@ -138,7 +157,8 @@ class Influence(Estimator):
         Raises:
             ValueError: For the exact GGN solved by Krylov methods (block CG on every chunk).
         """
-        num_params = sum(p.numel() for p in trainable_parameters(context.model).values())
+        named = trainable_parameters(context.model)
+        num_params = sum(named[name].numel() for name in (context.params or named))
         if self.curvature == "ggn" and not dense_ggn(self.solver, num_params):
             raise ValueError(
                 f"Self-influence with the exact GGN by block conjugate gradients would solve all N={context.num_train} "
@@ -150,7 +170,9 @@ class Influence(Estimator):
         hooks = Hooks(context.model)
         probe_examples = Subset(context.train_data, curvature_examples(context.num_train, DAMPING_PROBES))
         probes = torch.cat(
-            [g for _, g in stream_gradients(context.model, hooks.train_loss, probe_examples, context.batch_size, context.device, False, "probes")]
+            [g for _, g in stream_gradients(
+                context.model, hooks.train_loss, probe_examples, context.batch_size, context.device, False, "probes", wrt=context.params
+            )]
         ) if self.damping == "auto" and self.curvature in ("kfac", "ekfac") else None
         curvature, damping, report = self._fit(context, probes)
         values = context.self_contract(context.model, lambda grads: curvature.solve(grads, damping)) / context.num_train

@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_dtda.curvature import KrylovGGN, SpectralCurvature, check_solver, check_spectral
+from lightning_dtda.curvature import KrylovGGN, SpectralCurvature, check_modules, check_solver, check_spectral, tracked_parameters
 from lightning_dtda.estimators.base import Estimator, RunContext
 from lightning_dtda.trajectory import Trajectory
 
@@ -63,6 +63,8 @@ class Segmented(Estimator):
             parameters), ``"krylov"`` (Lanczos on GGN products, any size; products per run in the
             settings) or ``"auto"`` (dense up to 4,096 parameters).
         curvature_subset: Fit each segment's curvature on this many training examples drawn at random.
+        modules: Names of submodules to attribute through (``None``: the whole model); ``"ekfac"`` tracks
+            only the layers among them that K-FAC factors, as :class:`Influence` does.
 
     Raises:
         ValueError: For fewer than one segment, a curvature without functions or an unknown solver; at
@@ -77,12 +79,17 @@ class Segmented(Estimator):
     curvature: Literal["ekfac", "ggn"] = "ekfac"
     solver: Literal["auto", "dense", "krylov"] = "auto"
     curvature_subset: int | None = None
+    modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
             raise ValueError(f"segments must be a positive integer, got {self.segments!r}.")
         check_spectral(self.curvature)
         check_solver(self.curvature, self.solver, self.curvature_subset)
+        object.__setattr__(self, "modules", check_modules(self.modules))
+
+    def tracked_parameters(self, model: nn.Module, batch: Any) -> list[str]:
+        return tracked_parameters(model, self.curvature, self.modules, batch)
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
         effects, products = segmented_effects(context, self.segments, self.curvature, self.solver, self.curvature_subset)

@@ -1,0 +1,111 @@
+"""What safetensors snapshots (run format 3) cost against the flat archives of run format 2.
+
+    python benchmarks/snapshot_io.py    # about 1 minute on 2 cores
+
+Records two epochs of the digits MLP of benchmarks/speed.py (the recorder-overhead setting: 32 steps
+of 32 examples per snapshot), takes its last snapshot, and writes and reads that same content in both
+formats, interleaved, 2,000 times each. Prints the median time per snapshot of: encode + atomic write
++ SHA-256 (what the recorder pays per snapshot), and checked read + decode (what a replay pays per
+snapshot), and the ratio new / old. Format 2's encoder is no longer in the package; the few lines
+below rebuild it from ``legacy.decode_archive``, which reads what it writes (checked here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import DigitsMLP, datasets  # noqa: E402
+
+from lightning_dtda import TrajectoryRecorder, load_runs  # noqa: E402
+from lightning_dtda._io import atomic_write_bytes, read_checked, save_tree  # noqa: E402
+from lightning_dtda.legacy import ARCHIVE_MAGIC, decode_archive  # noqa: E402
+from lightning_dtda.run_format import SnapshotContent  # noqa: E402
+
+REPEATS = 2000
+
+
+def encode_archive(tree: dict[str, Any]) -> bytes:
+    """Run format 2's bytes: the magic line, the JSON header's length and the header (each tensor as
+    ``{"__tensor__": [dtype, shape, offset, size]}``), then the tensors' raw bytes."""
+    chunks: list[bytes] = []
+    offset = 0
+
+    def encode(value: Any) -> Any:
+        nonlocal offset
+        if isinstance(value, torch.Tensor):
+            raw = value.contiguous().numpy().tobytes() if value.numel() else b""
+            chunks.append(raw)
+            entry = {"__tensor__": [str(value.dtype).removeprefix("torch."), list(value.shape), offset, len(raw)]}
+            offset += len(raw)
+            return entry
+        if isinstance(value, dict):
+            return {k: encode(v) for k, v in value.items()}
+        return value
+
+    header = json.dumps(encode(tree)).encode()
+    return ARCHIVE_MAGIC + struct.pack("<Q", len(header)) + header + b"".join(chunks)
+
+
+def write_archive(tree: dict[str, Any], path: Path) -> str:
+    data = encode_archive(tree)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        pl.seed_everything(0, verbose=False)
+        pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[TrajectoryRecorder(root / "run")])\
+            .fit(DigitsMLP(), DataLoader(datasets("mlp")[0], batch_size=32, shuffle=True))
+        [run] = load_runs(root / "run")
+        entry = run.snapshots[-1]
+        tree = SnapshotContent.load(run.path / entry.file, entry.sha256).to_tree()
+        old_path, new_path = root / "old.snapshot", root / "new.safetensors"
+        old_sha, new_sha = write_archive(tree, old_path), save_tree(tree, new_path)
+        size = new_path.stat().st_size
+        old_back, new_back = decode_archive(read_checked(old_path, old_sha)), SnapshotContent.load(new_path, new_sha)
+        for key, value in tree["state_dict"].items():  # both formats give back what was written
+            assert torch.equal(old_back["state_dict"][key], value) and torch.equal(new_back.state_dict[key], value)
+
+        operations = {
+            ("write", "old"): lambda: write_archive(tree, old_path),
+            ("write", "new"): lambda: save_tree(tree, new_path),
+            ("read", "old"): lambda: decode_archive(read_checked(old_path, old_sha)),
+            ("read", "new"): lambda: SnapshotContent.load(new_path, new_sha),
+        }
+        seconds: dict[tuple[str, str], list[float]] = {key: [] for key in operations}
+        for _ in range(REPEATS):  # interleaved, so a slow spell of the machine hits both formats alike
+            for key, operation in operations.items():
+                start = time.perf_counter()
+                operation()
+                seconds[key].append(time.perf_counter() - start)
+
+    print(f"digits MLP snapshot: {size} bytes "
+          f"({sum(t.numel() for t in tree['state_dict'].values())} parameters, {len(tree['steps']['micro_batch_sizes'])} steps)")
+    print("| per snapshot | run format 2 (ms) | safetensors (ms) | ratio |")
+    print("|---|---|---|---|")
+    labels = {"write": "encode + atomic write + SHA-256", "read": "checked read + decode"}
+    for operation, label in labels.items():
+        old = statistics.median(seconds[(operation, "old")]) * 1e3
+        new = statistics.median(seconds[(operation, "new")]) * 1e3
+        print(f"| {label} | {old:.3f} | {new:.3f} | {new / old:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
