@@ -8,7 +8,7 @@ permutation, as in digits_dtda.py), MLP 64-64-10, SGD (momentum 0.9, lr 0.03, ba
 weight decay 1e-4). The measurement is the mean validation loss, attributed as one query
 (``attribute(val, reduce="mean")``) on 8 *estimation* seeds with ``Unrolled(relu_smoothing=0.1)``
 (the most faithful estimator on the digits benchmark, variance shift included). For each ``k``, three
-choices of ``k`` examples to remove:
+choices of ``k`` examples to remove (``--estimation-seeds n`` estimates on n seeds instead of 8):
 
 - (a) mean: the ``k`` most harmful by mean shift (removal lowers the mean validation loss most);
 - (b) variance: the ``k`` with the most negative variance shift (removal shrinks the spread of the
@@ -38,7 +38,6 @@ from digits import DigitsMLP  # noqa: E402
 from lightning_dtda import Attributor, AttributionResult, Unrolled, load_runs, train_seeds  # noqa: E402
 from lightning_dtda.evaluation import Retraining, retrain  # noqa: E402
 
-ESTIMATION_SEEDS = range(8)
 HELD_OUT_SEEDS = range(100, 124)
 KS = (10, 25, 50, 100)
 RANDOM_DRAWS = 3
@@ -72,9 +71,11 @@ def removal_weights(sets: list[torch.Tensor], num_train: int) -> torch.Tensor:
     return weights
 
 
-def cached(path: Path, compute) -> Retraining:
-    if path.is_file():
-        return Retraining.load(path)
+def cached(path: Path, weights: torch.Tensor, compute) -> Retraining:
+    """The retraining saved at ``path`` if it was of these ``weights`` (other estimation seeds choose other
+    sets), else ``compute()``, saved there."""
+    if path.is_file() and torch.equal((saved := Retraining.load(path)).weights, weights):
+        return saved
     value = compute()
     value.save(path)
     return value
@@ -91,20 +92,22 @@ def std_ratio_interval(base: torch.Tensor, retrained: torch.Tensor, level: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/output/pruning"))
+    parser.add_argument("--estimation-seeds", type=int, default=8, help="seeds 0..n-1 choose what to remove")
     args = parser.parse_args()
+    estimation_seeds = range(args.estimation_seeds)
     args.out.mkdir(parents=True, exist_ok=True)
 
     train, val = pruning_data()
     runs_dir = args.out / "runs"
     train_seeds(
-        DigitsMLP, DataLoader(train, batch_size=32, shuffle=True), runs_dir, [*ESTIMATION_SEEDS, *HELD_OUT_SEEDS], max_epochs=20,
+        DigitsMLP, DataLoader(train, batch_size=32, shuffle=True), runs_dir, [*estimation_seeds, *HELD_OUT_SEEDS], max_epochs=20,
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     by_seed = {run.seed: run for run in load_runs(runs_dir)}
-    estimation = [by_seed[s] for s in ESTIMATION_SEEDS]
+    estimation = [by_seed[s] for s in estimation_seeds]
     held_out = [by_seed[s] for s in HELD_OUT_SEEDS]
 
-    result_path = args.out / "validation_loss_effects.safetensors"
+    result_path = args.out / f"validation_loss_effects_{len(estimation)}_seeds.safetensors"
     if result_path.is_file():
         result = AttributionResult.load(result_path)
     else:
@@ -116,9 +119,9 @@ def main() -> None:
     sets = [s for name in names for s in chosen[name]]
     weights = removal_weights(sets, len(train))
     truth = {
-        "held-out": cached(args.out / f"held_out_{len(held_out)}x{len(sets)}.safetensors",
+        "held-out": cached(args.out / f"held_out_{len(held_out)}x{len(sets)}.safetensors", weights,
                            lambda: retrain(DigitsMLP, held_out, train, val, weights, progress=False)),
-        "estimation": cached(args.out / f"estimation_{len(estimation)}x{len(sets)}.safetensors",
+        "estimation": cached(args.out / f"estimation_{len(estimation)}x{len(sets)}.safetensors", weights,
                              lambda: retrain(DigitsMLP, estimation, train, val, weights, progress=False)),
     }
     # Mean validation loss per seed: [S] kept everything, [S, M] under each removal set.
