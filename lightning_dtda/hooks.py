@@ -106,13 +106,11 @@ class Hooks:
             self._loss_function = loss
         return self._loss_function
 
-    def check_loss(self, batch: Any) -> None:
-        """Refuse what the loss function (the default per-example loss, and the curvatures') would get silently
-        wrong on ``batch`` (call it outside ``vmap``/``grad``: one forward, no grad): float targets that are
-        all 0 or 1 without a loss hook (binary cross-entropy or mean squared error?), and outputs and targets
-        the loss would broadcast into another value."""
-        inputs, targets = self.inputs_targets(batch)
-        loss = self.loss_function(batch)
+    def check_targets(self, batch: Any) -> None:
+        """What :meth:`check_loss` checks without running the model: that ``batch`` gives inputs and targets,
+        that a loss function follows from them, and that float targets all in [0, 1] come with a loss hook."""
+        _, targets = self.inputs_targets(batch)
+        self.loss_function(batch)
         if self._user_hook("attribution_loss_function") is None and targets.is_floating_point() and bool(((targets >= 0) & (targets <= 1)).all()):
             raise MissingHookError(
                 self.module,
@@ -121,6 +119,14 @@ class Hooks:
                 "on probabilities (label smoothing) or of mean squared error; return nn.BCEWithLogitsLoss(), "
                 "nn.CrossEntropyLoss() or nn.MSELoss() to say which",
             )
+
+    def check_loss(self, batch: Any) -> None:
+        """Refuse what the loss function (the default per-example loss, and the curvatures') would get silently
+        wrong on ``batch`` (call it outside ``vmap``/``grad``: one forward, no grad): what :meth:`check_targets`
+        refuses, and outputs and targets the loss would broadcast into another value."""
+        self.check_targets(batch)
+        inputs, targets = self.inputs_targets(batch)
+        loss = self.loss_function(batch)
         try:
             with torch.no_grad():
                 outputs = call_model(self.module, inputs)

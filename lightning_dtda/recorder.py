@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_dtda.data import fingerprint_dataset
+from lightning_dtda.hooks import Hooks
 from lightning_dtda.membership import BatchMembership
 from lightning_dtda.run_format import Manifest, Writer, jsonable, scheduled_settings
 from lightning_dtda.run_writer import RunWriter
@@ -77,6 +78,19 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
         },
         writer=Writer.this_process(),
     )
+
+
+def _warn_missing_hooks(pl_module: pl.LightningModule, batch: Any) -> None:
+    """Say at the first batch, not after training, what attribution will need: a hook the module lacks
+    for its batches or targets. The model is not run (a forward would move BatchNorm statistics and
+    draw random numbers), so output shapes are checked only when attributing."""
+    hooks = Hooks(pl_module)
+    if not hooks.default_train_loss:
+        return
+    try:
+        hooks.check_targets(batch)
+    except Exception as err:  # whatever it is, attribution would meet it too; training goes on
+        rank_zero_warn(f"TrajectoryRecorder records this run, but attributing it will fail as things are: {err}")
 
 
 def _rng_states(device: torch.device) -> dict[str, Tensor]:
@@ -177,6 +191,7 @@ class TrajectoryRecorder(Callback):
         self._rng_at_start: dict[str, Tensor] = {}
         self._step_rng: list[dict[str, Tensor]] = []
         self._scale_before_step: float | None = None
+        self._hooks_checked = False
 
     @property
     @override
@@ -223,6 +238,9 @@ class TrajectoryRecorder(Callback):
         # micro-batch of a step is the one that step uses.
         self._step_settings = [{"lr": g["lr"], **scheduled_settings(g)} for g in trainer.optimizers[0].param_groups]
         self.membership.on_batch_start(trainer, batch, batch_idx, pl_module.device)
+        if not self._hooks_checked:
+            self._hooks_checked = True
+            _warn_missing_hooks(pl_module, batch)
         self._rng_at_start = _rng_states(pl_module.device)
 
     @override

@@ -1,5 +1,7 @@
 """Bad input fails early with a message that says what to do."""
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -310,3 +312,17 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "keyword")], max_epochs=1).fit(KeywordOnly(), DataLoader(regression, batch_size=8))
     with pytest.raises(MissingHookError, match=r"attribution_inputs_targets`: the model cannot be called as model\(inputs\)"):
         Attributor(KeywordOnly, tmp_path / "keyword", regression, Influence(curvature="ggn"), progress=False).attribute(regression)
+
+
+def test_the_recorder_warns_at_the_first_batch_about_a_hook_attribution_will_need(tmp_path):
+    """Not after hours of training: float 0/1 targets without a loss hook are named when recording starts,
+    and training goes on; a module with the hook records without the warning."""
+    x, y = regression_data(n=16).tensors
+    data = TensorDataset(x, (y > 0).float())
+    with pytest.warns(UserWarning, match="attributing it will fail as things are: .*attribution_loss_function`: the targets are floats"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "plain")], max_epochs=1).fit(LogitClassifier(), DataLoader(data, batch_size=8))
+    assert load_runs(tmp_path / "plain")[0].status == "finished"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "says")], max_epochs=1).fit(SaysBCE(), DataLoader(data, batch_size=8))
+    assert not [w for w in caught if "attributing it will fail" in str(w.message)]
