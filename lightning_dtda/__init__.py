@@ -13,7 +13,7 @@ from lightning_dtda.evaluation import QuerySpearman, Retraining, retrain
 from lightning_dtda.hooks import Hooks, MissingHookError
 from lightning_dtda.recorder import TrajectoryRecorder
 from lightning_dtda.reporting import log_result
-from lightning_dtda.result import AttributionResult
+from lightning_dtda.result import AttributionResult, SelfInfluence
 from lightning_dtda.run_format import Step
 from lightning_dtda.trajectory import Trajectory, load_runs
 
@@ -30,6 +30,7 @@ __all__ = [
     "QuerySpearman",
     "Retraining",
     "Segmented",
+    "SelfInfluence",
     "Step",
     "Trajectory",
     "TrajectoryRecorder",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +12,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from lightning_dtda._io import load_tree, save_tree
@@ -20,11 +20,11 @@ from lightning_dtda.curvature import describe_tracked
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import rank_and_world
 from lightning_dtda.estimators import Estimator, Influence, RunContext
-from lightning_dtda.estimators.base import cache_file
-from lightning_dtda.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.estimators.base import cache_file, measurement_gradients
+from lightning_dtda.gradients import trainable_parameters
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.reporting import log_result
-from lightning_dtda.result import AttributionResult
+from lightning_dtda.result import AttributionResult, SelfInfluence
 from lightning_dtda.trajectory import Trajectory, check_poolable, instantiate, load_runs
 
 
@@ -116,44 +116,55 @@ class Attributor:
         """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""
         return instantiate(self.module, run, snapshot, self.device)
 
-    def attribute_run(self, run: Trajectory, query_data: Dataset) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """Effects ``[queries, train]``, base measurements ``[queries]`` and what the estimator chose
-        for this run (e.g. ``{"damping": ...}``; ``"parameters"``: the names of those tracked, when the
-        estimator leaves some trainable ones out), for one run."""
+    def _prepare(self, run: Trajectory, query_data: Dataset | None) -> tuple[torch.nn.Module, Hooks, list[str], bool]:
+        """The model at ``run``'s final snapshot, its hooks (the default loss checked on the data), the names
+        of the parameters the estimator tracks, and whether they leave some trainable ones out."""
         model = self.load_model(run)
         hooks = Hooks(model)
         first = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
         if hooks.default_train_loss:
             hooks.check_loss(first)
-            if hooks.default_measurement:  # the query loss: its targets could broadcast too
+            if hooks.default_measurement and query_data is not None:  # the query loss: its targets could broadcast too
                 hooks.check_loss(move_data_to_device(next(iter(DataLoader(query_data, batch_size=2))), self.device))
         params = self.estimator.tracked_parameters(model, first)
         subset = params != list(trainable_parameters(model))
         if subset and run is self.runs[0]:
             rank_zero_info(f"{self.estimator.label} tracks {describe_tracked(model, params)}")
-        gradients = stream_gradients(model, hooks.measurement, query_data, self.batch_size, self.device, self.progress, "query gradients", wrt=params)
-        query_grads = torch.cat([g for _, g in gradients])
+        return model, hooks, params, subset
+
+    def attribute_run(self, run: Trajectory, query_data: Dataset, reduce: Literal["mean"] | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Effects ``[queries, train]``, base measurements ``[queries]`` and what the estimator chose
+        for this run (e.g. ``{"damping": ...}``; ``"parameters"``: the names of those tracked, when the
+        estimator leaves some trainable ones out), for one run; with ``reduce="mean"``, of the mean
+        measurement over the queries (``[1, train]`` and ``[1]``)."""
+        model, hooks, params, subset = self._prepare(run, query_data)
+        query_grads = measurement_gradients(model, query_data, self.batch_size, self.device, self.progress, reduce, params)
         with torch.no_grad():
             measurements = torch.cat(
                 [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
             ).cpu()
+        if reduce == "mean":
+            measurements = measurements.mean(0, keepdim=True)
         context = RunContext(
             run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir,
-            params,
+            params, reduce,
         )
         effects, info = self.estimator.estimate(context)
         if subset:
             info = {**info, "parameters": params}
-        bad = (~torch.isfinite(effects)).any(dim=0).nonzero().flatten()
+        self._check_finite(run, effects)
+        return effects.cpu(), measurements, info
+
+    def _check_finite(self, run: Trajectory, effects: Tensor) -> None:
+        bad = (~torch.isfinite(effects.reshape(-1, effects.shape[-1]))).any(dim=0).nonzero().flatten()
         if len(bad):
             raise FloatingPointError(
                 f"{self.estimator.label} gave non-finite effects on run {run.name} for training examples "
                 f"{bad.tolist()[:20]}{' ...' if len(bad) > 20 else ''} ({len(bad)} in all); check those examples, and the "
                 "run's final weights and learning rates."
             )
-        return effects.cpu(), measurements, info
 
-    def cache_path(self, run: Trajectory, query_fingerprint: str) -> Path:
+    def cache_path(self, run: Trajectory, query_fingerprint: str, reduce: Literal["mean"] | None = None) -> Path:
         """Where ``run``'s effects are cached: named by a hash of everything they depend on."""
         assert self.cache_dir is not None
         key = {
@@ -163,16 +174,20 @@ class Attributor:
             "queries": query_fingerprint,
             "estimator": self.estimator.settings(),
         }
+        if reduce is not None:
+            key["reduce"] = reduce
         return cache_file(self.cache_dir, run, self.estimator.label, key)
 
-    def _cached_attribute_run(self, run: Trajectory, query_data: Dataset, query_fingerprint: str) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    def _cached_attribute_run(
+        self, run: Trajectory, query_data: Dataset, query_fingerprint: str, reduce: Literal["mean"] | None
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
         if self.cache_dir is None:
-            return self.attribute_run(run, query_data)
-        path = self.cache_path(run, query_fingerprint)
+            return self.attribute_run(run, query_data, reduce)
+        path = self.cache_path(run, query_fingerprint, reduce)
         if path.is_file():
             cached = load_tree(path)
             return cached["effects"], cached["measurements"], cached["info"]
-        effects, measurements, info = self.attribute_run(run, query_data)
+        effects, measurements, info = self.attribute_run(run, query_data, reduce)
         if rank_and_world()[0] == 0:
             save_tree({"effects": effects, "measurements": measurements, "info": info}, path)
         return effects, measurements, info
@@ -182,6 +197,7 @@ class Attributor:
         query_data: Dataset,
         loggers: Logger | Sequence[Logger] | pl.Trainer | None = None,
         top_k: int = 5,
+        reduce: Literal["mean"] | None = None,
     ) -> AttributionResult:
         """Attribute every query to every training example, in every run.
 
@@ -191,35 +207,85 @@ class Attributor:
             loggers: Lightning loggers (or a Trainer, whose loggers are used) that receive a table of
                 each query's ``top_k`` examples whose removal raises and lowers its measurement most and a histogram of the effects.
             top_k: Rows per query and kind in the logged table.
+            reduce: ``"mean"``: attribute the mean measurement over ``query_data`` (for example the
+                validation loss) as one query: ``effects [seeds, 1, train]`` equal the mean over queries
+                of the per-query effects, and ``measurements [seeds, 1]`` the mean measurements, so the
+                distributional statistics are those of the mean. The query gradients are averaged before
+                the solve, so memory does not grow with the number of queries. (K-FAC/EK-FAC "auto"
+                damping is then fitted on the mean gradient.)
 
         Returns:
             An :class:`AttributionResult` with ``effects [seeds, queries, train]``; its ``settings``
-            hold the estimator's settings, what it chose per run, and each run's seed, final step and status.
+            hold the estimator's settings, what it chose per run, and each run's seed, final step and status
+            (and ``reduce``, when given).
         """
         if len(query_data) == 0:  # type: ignore[arg-type]
             raise ValueError("query_data is empty; pass at least one query example.")
+        if reduce not in (None, "mean"):
+            raise ValueError(f"reduce must be None (one effect per query) or 'mean' (of the mean measurement), got {reduce!r}.")
         effects, measurements, per_run = [], [], []
         query_fingerprint = fingerprint_dataset(query_data) if self.cache_dir is not None else ""
         for run in tqdm(self.runs, desc=f"attributing ({self.estimator.label})", disable=not self.progress):
-            e, m, info = self._cached_attribute_run(run, query_data, query_fingerprint)
+            e, m, info = self._cached_attribute_run(run, query_data, query_fingerprint, reduce)
             effects.append(e)
             measurements.append(m)
             per_run.append(info)
-        result = AttributionResult(
-            torch.stack(effects),
-            torch.stack(measurements),
-            [run.name for run in self.runs],
-            {
-                **self.estimator.settings(),
-                "per_run": per_run,
-                "seeds": [run.seed for run in self.runs],
-                "snapshot_steps": [run.final_step for run in self.runs],
-                "run_status": [run.status for run in self.runs],
-                "module": self.runs[0].module_class,
-                "dataset_fingerprint": self.runs[0].dataset_fingerprint,
-                "versions": self.runs[0].manifest.versions,
-            },
-        )
+        settings = self._settings(per_run)
+        if reduce is not None:
+            settings["reduce"] = reduce
+        result = AttributionResult(torch.stack(effects), torch.stack(measurements), [run.name for run in self.runs], settings)
         if rank_and_world()[0] == 0:
             log_result(result, _as_loggers(loggers), k=top_k)
         return result
+
+    def _settings(self, per_run: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            **self.estimator.settings(),
+            "per_run": per_run,
+            "seeds": [run.seed for run in self.runs],
+            "snapshot_steps": [run.final_step for run in self.runs],
+            "run_status": [run.status for run in self.runs],
+            "module": self.runs[0].module_class,
+            "dataset_fingerprint": self.runs[0].dataset_fingerprint,
+            "versions": self.runs[0].manifest.versions,
+        }
+
+    def self_influence(self) -> SelfInfluence:
+        """Each training example's removal effect on its own training loss, in every run, without the
+        ``[N, N]`` matrix of :meth:`attribute` on the training set (whose diagonal it equals with the
+        default measurement, the loss).
+
+        Sign as everywhere: the predicted change of the example's loss when it is removed; for influence
+        functions ``g_n^T (C + lambda I)^-1 g_n / N >= 0``. Computed per run in chunks of ``batch_size``
+        training gradients (each solved by the curvature and dotted with itself), sharded over ranks like
+        :meth:`attribute`; the fitted curvature is cached in ``cache_dir``, the values are not.
+
+        Returns:
+            A :class:`SelfInfluence` with ``effects [seeds, train]`` and the base ``losses [seeds, train]``.
+
+        Raises:
+            ValueError: For an estimator that cannot give it without one estimate per example
+                (:class:`Unrolled`, :class:`Segmented`) or the exact GGN solved by Krylov methods; the
+                message says what to use instead.
+        """
+        effects, losses, per_run = [], [], []
+        for run in tqdm(self.runs, desc=f"self-influence ({self.estimator.label})", disable=not self.progress):
+            model, hooks, params, subset = self._prepare(run, None)
+            named = trainable_parameters(model)
+            no_queries = torch.empty(0, sum(named[name].numel() for name in params), dtype=named[params[0]].dtype, device=self.device)
+            context = RunContext(
+                run, self.module, model, no_queries, Subset(self.train_data, []), self.train_data, self.batch_size, self.device,
+                self.progress, self.cache_dir, params,
+            )
+            values, info = self.estimator.self_influence(context)
+            if subset:
+                info = {**info, "parameters": params}
+            self._check_finite(run, values)
+            with torch.no_grad():
+                loss = torch.cat(
+                    [hooks.train_loss(move_data_to_device(b, self.device)) for b in DataLoader(self.train_data, batch_size=self.batch_size)]
+                )
+            effects.append(values.cpu())
+            losses.append(loss.cpu())
+            per_run.append(info)
+        return SelfInfluence(torch.stack(effects), torch.stack(losses), [run.name for run in self.runs], self._settings(per_run))

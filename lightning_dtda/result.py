@@ -156,3 +156,68 @@ class AttributionResult:
         if payload.get("format") != _RESULT_FORMAT:
             raise ValueError(f"{path} is not an AttributionResult file (format {_RESULT_FORMAT}).")
         return cls(payload["effects"], payload["measurements"], payload["runs"], payload["settings"])
+
+
+@dataclass
+class SelfInfluence:
+    """Each training example's predicted removal effect on its own training loss, for every recorded seed.
+
+    Sign convention as everywhere: ``effects[s, n]`` is the predicted change of example ``n``'s training
+    loss in seed ``s``'s run when ``n`` is *removed* (new minus old). Removing an example ``n`` from the
+    objective ``(1/N) sum_i l_i`` moves the weights by ``(C + lambda I)^-1 g_n / N`` (``g_n`` its gradient),
+    so its loss changes by ``g_n^T (C + lambda I)^-1 g_n / N >= 0``: the model fits the example less
+    without it. Large values mark examples fitted only because they were trained on: mislabelled,
+    atypical, duplicated-but-contradicted. The statistics below treat each example's own loss as its
+    measurement: ``losses[:, n]`` are the base samples, ``losses[:, n] + effects[:, n]`` the pushed ones.
+
+    Attributes:
+        effects: ``[seeds, train]``.
+        losses: ``[seeds, train]``, each example's training loss in each seed's final model.
+        runs: Names of the run folders, one per seed.
+        settings: How the result was made (estimator, damping per run, seeds, versions, ...).
+    """
+
+    effects: Tensor
+    losses: Tensor
+    runs: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.effects.ndim != 2 or self.losses.shape != self.effects.shape or len(self.runs) != self.effects.shape[0]:
+            raise ValueError(
+                f"effects {tuple(self.effects.shape)}, losses {tuple(self.losses.shape)} and {len(self.runs)} runs do not "
+                "agree on [seeds, train]."
+            )
+
+    def __repr__(self) -> str:
+        estimator = {k: v for k, v in self.settings.items() if k not in _RUN_SETTINGS}
+        return f"SelfInfluence(effects [seeds, train] = {list(self.effects.shape)}, runs={self.runs}, {estimator})"
+
+    @property
+    def num_seeds(self) -> int:
+        return self.effects.shape[0]
+
+    @property
+    def num_train(self) -> int:
+        return self.effects.shape[1]
+
+    def mean_shift(self) -> Tensor:
+        """The seed-averaged self-influence, ``[train]``: what to rank by when looking for bad examples."""
+        return self.effects.mean(0)
+
+    def statistic(self, name: str) -> Tensor:
+        """How removal moves each example's own-loss distribution over seeds, ``[train]``: ``"mean"``,
+        ``"variance"``, ``"std"`` or ``"wasserstein"`` (see :class:`AttributionResult`)."""
+        return distribution.statistic(name)(self.losses, self.effects.unsqueeze(-1)).squeeze(-1)
+
+    def interval(self, statistic: str = "mean", level: float = 0.9, num_resamples: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Percentile bootstrap interval over seeds of a statistic, ``(low [train], high [train])``; needs two seeds."""
+        low, high = distribution.bootstrap_interval(
+            distribution.statistic(statistic), self.losses, self.effects.unsqueeze(-1), level, num_resamples, seed
+        )
+        return low.squeeze(-1), high.squeeze(-1)
+
+    def top_k(self, k: int = 10, statistic: str = "mean") -> tuple[Tensor, Tensor]:
+        """The ``k`` examples with the largest ``statistic``: by default the most self-influential, the first
+        to inspect when cleaning data. Returns ``(values [k], training indices [k])``, largest first."""
+        return torch.topk(self.statistic(statistic), min(k, self.num_train))

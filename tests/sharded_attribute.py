@@ -16,6 +16,14 @@ CASES = {"identity": Influence(curvature="identity"), "ggn": Influence(curvature
          "segmented": Segmented(segments=2, curvature="ekfac")}
 
 
+SELF_CASES = ("identity", "ggn", "ekfac")
+
+
+def self_influence(runs, case):
+    return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
+                      progress=False).self_influence()
+
+
 def attribute(runs, case):
     return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
                       progress=False).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
@@ -28,4 +36,8 @@ if __name__ == "__main__":
         result = attribute(runs, case)
         if dist.get_rank() == 0:
             result.save(out / f"{case}.safetensors")
+    for case in SELF_CASES:
+        effects = self_influence(runs, case).effects
+        if dist.get_rank() == 0:
+            torch.save(effects, out / f"self-{case}.pt")
     dist.destroy_process_group()

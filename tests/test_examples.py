@@ -34,6 +34,28 @@ def test_lightning_cli_example_runs_from_its_config(tmp_path):
     assert list((tmp_path / "output" / "cli" / "csv").glob("version_*/attribution_top_k.csv"))
 
 
+def test_clean_digits_example_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "clean_digits.py"), "--seeds", "2", "--epochs", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "100 of 1000 labels flipped" in out.stdout and out.stdout.count("flipped") == 4
+    assert (tmp_path / "suspicious_digits.png").read_bytes().startswith(b"\x89PNG")
+    [ranking] = list(tmp_path.glob("csv/version_*/self_influence.csv"))
+    import csv
+
+    rows = list(csv.DictReader(ranking.open()))
+    assert len(rows) == 1000 and [int(r["rank"]) for r in rows] == list(range(1, 1001))
+    scores = [float(r["self_influence_mean"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and min(scores) > 0
+    assert sum(r["flipped"] == "True" for r in rows) == 100
+    # even after 2 epochs, flipped labels crowd the top of the ranking (10% would be chance)
+    assert sum(r["flipped"] == "True" for r in rows[:50]) > 25
+    metrics = (ranking.parent / "metrics.csv").read_text()
+    assert "self_influence/flipped_in_top_50" in metrics
+
+
 def test_transformer_example_tracks_attention_and_linear_layers_with_ekfac(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "transformer.py"), "--epochs", "2", "--out", str(tmp_path)],

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from lightning_dtda import AttributionResult, TrajectoryRecorder
 from models import TinyClassifier, classification_data, trainer
 from oracles import relative_error
-from sharded_attribute import CASES, attribute
+from sharded_attribute import CASES, SELF_CASES, attribute, self_influence
 
 
 def test_two_process_attribution_equals_one_process(tmp_path):
@@ -25,3 +25,5 @@ def test_two_process_attribution_equals_one_process(tmp_path):
         sharded = AttributionResult.load(tmp_path / f"{case}.safetensors")
         single = attribute(tmp_path / "runs", case)
         assert relative_error(sharded.effects, single.effects) < 1e-8, case
+    for case in SELF_CASES:  # self-influence is sharded like the effects
+        assert relative_error(torch.load(tmp_path / f"self-{case}.pt"), self_influence(tmp_path / "runs", case).effects) < 1e-8, case

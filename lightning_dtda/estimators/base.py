@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,20 @@ class Estimator:
         """Removal effects ``[queries, train]`` for ``context.run`` (sign: the predicted change of the
         measurement when the example is removed), and what was chosen for this run (JSON-able)."""
         raise NotImplementedError
+
+    def self_influence(self, context: "RunContext") -> tuple[Tensor, dict[str, Any]]:
+        """Each training example's removal effect on its own training loss, ``[train]``, for ``context.run``
+        (same sign as :meth:`estimate`), and what was chosen for this run (JSON-able).
+
+        Raises:
+            ValueError: Unless the estimator gets it without one estimate per example (the default).
+        """
+        raise ValueError(
+            f"{type(self).__name__} gives effects one measurement at a time (an adjoint pass through the run per "
+            "measurement), so self-influence would cost N attributions. Use Influence() (curvature 'ekfac', 'kfac', "
+            "'ggn' or 'identity'); for a few examples, attribute(Subset(train_data, indices)) with the default "
+            "measurement (the loss) and read effects[:, i, indices[i]]."
+        )
 
     def settings(self) -> dict[str, Any]:
         """``{"estimator": class name, **fields}``: the cache key and ``AttributionResult.settings["estimator"]``."""
@@ -91,6 +105,8 @@ class RunContext:
         cache_dir: Where fitted curvatures are cached, or ``None``.
         params: Names of the parameters ``query_grads`` are taken with respect to, which training
             gradients and curvatures use too (``None``: all trainable ones).
+        reduce: ``"mean"`` when the queries' mean measurement is attributed as one query (``query_grads``
+            is then ``[1, P]``), else ``None``.
     """
 
     run: Trajectory
@@ -104,6 +120,7 @@ class RunContext:
     progress: bool
     cache_dir: Path | None
     params: list[str] | None = None
+    reduce: str | None = None
 
     @property
     def num_train(self) -> int:
@@ -127,6 +144,22 @@ class RunContext:
         for rows, grads in gradients:
             effects[:, rows] = vectors @ grads.T
         return gather_columns(effects, len(self.train_data))  # type: ignore[arg-type]
+
+    def self_contract(self, model: nn.Module, transform: Callable[[Tensor], Tensor]) -> Tensor:
+        """``(G * transform(G)).sum(1)`` for the per-example training gradients ``G [N, P]`` at ``model``'s
+        weights, streamed in chunks of ``batch_size`` rows and sharded like :meth:`contract`: ``[N]``."""
+        part = self.train_shard()
+        first = part.indices[0] if len(part) else 0
+        hooks = Hooks(model)
+        values = [
+            (grads * transform(grads)).sum(1)
+            for _, grads in stream_gradients(
+                model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first, self.params
+            )
+        ]
+        dtype = next(iter(trainable_parameters(model).values())).dtype
+        local = torch.cat(values) if values else torch.empty(0, dtype=dtype, device=self.device)
+        return gather_columns(local.unsqueeze(0), len(self.train_data))[0]  # type: ignore[arg-type]
 
     def fit_curvature(
         self,
@@ -173,6 +206,25 @@ class RunContext:
         if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
             save_tree(fitted, path)
         return curvature
+
+
+def measurement_gradients(
+    model: nn.Module,
+    query_data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    reduce: str | None = None,
+    wrt: list[str] | None = None,
+    desc: str = "query gradients",
+) -> Tensor:
+    """Per-query measurement gradients ``[Q, P]`` (``wrt`` as for ``stream_gradients``), or with ``reduce="mean"``
+    their mean ``[1, P]``, summed chunk by chunk: effects are linear in the query gradient, so the mean
+    measurement needs neither ``[Q, P]`` nor ``[Q, N]``."""
+    chunks = stream_gradients(model, Hooks(model).measurement, query_data, batch_size, device, progress, desc, wrt=wrt)
+    if reduce == "mean":
+        return sum(g.sum(0, keepdim=True) for _, g in chunks) / len(query_data)  # type: ignore[arg-type,return-value]
+    return torch.cat([g for _, g in chunks])
 
 
 def curvature_examples(num_train: int, subset: int | None) -> list[int]:

@@ -5,16 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
-from lightning_dtda.curvature import CURVATURES, KrylovGGN, check_modules, check_solver, fit_damping, tracked_parameters
+from lightning_dtda.curvature import (
+    CURVATURES, DENSE_GGN_LIMIT, Curvature, KrylovGGN, check_modules, check_solver, dense_ggn, fit_damping, tracked_parameters,
+)
+from lightning_dtda.estimators.base import Estimator, RunContext, curvature_examples
+from lightning_dtda.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.hooks import Hooks
+from lightning_dtda.run_format import SnapshotEntry
+from lightning_dtda.trajectory import Trajectory
 
 # Query gradients that choose K-FAC's and EK-FAC's "auto" damping: one GGN product of this many
 # columns per candidate damping.
 DAMPING_PROBES = 16
-from lightning_dtda.estimators.base import Estimator, RunContext
-from lightning_dtda.run_format import SnapshotEntry
-from lightning_dtda.trajectory import Trajectory
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,9 @@ class Influence(Estimator):
     def tracked_parameters(self, model: nn.Module, batch: Any) -> list[str]:
         return tracked_parameters(model, self.curvature, self.modules, batch)
 
-    def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
+    def _fit(self, context: RunContext, probes: Tensor | None) -> tuple[Curvature, float, dict[str, Any]]:
+        """The curvature at the final weights, its damping (K-FAC/EK-FAC "auto": fitted on ``probes [K, P]``)
+        and what to report about the damping."""
         damping = self.damping_for(context.run)
         curvature = context.fit_curvature(
             self.curvature, context.model, cache=True, solver=self.solver, subset=self.curvature_subset
@@ -127,8 +135,45 @@ class Influence(Estimator):
             ggn = context.fit_curvature("ggn", context.model, solver="krylov", subset=self.curvature_subset)
             assert isinstance(ggn, KrylovGGN)
             report["ggn_damping"] = damping
-            damping, _ = fit_damping(curvature, ggn, context.query_grads[:DAMPING_PROBES], damping)
+            damping, _ = fit_damping(curvature, ggn, probes, damping)
+        return curvature, damping, report
+
+    def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
+        curvature, damping, report = self._fit(context, context.query_grads[:DAMPING_PROBES])
         solved = curvature.solve(context.query_grads, damping) / context.num_train
         if isinstance(curvature, KrylovGGN):
             report.update(curvature.reports[-1])
         return context.contract(context.model, solved), {"damping": damping, **report}
+
+    def self_influence(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
+        r"""``g_n^T (C + \lambda I)^{-1} g_n / N`` for every training example ``n``, ``[train]``: the diagonal of
+        :meth:`estimate` with the training set as queries and the training loss as measurement, without the
+        ``[N, N]`` matrix. Each chunk of ``batch_size`` training gradients is solved and dotted with itself.
+
+        K-FAC/EK-FAC "auto" damping is fitted as for queries, on the training gradients of
+        ``DAMPING_PROBES`` examples drawn at random (the fixed draw of ``curvature_examples``): they are
+        the vectors solved here.
+
+        Raises:
+            ValueError: For the exact GGN solved by Krylov methods (block CG on every chunk).
+        """
+        named = trainable_parameters(context.model)
+        num_params = sum(named[name].numel() for name in (context.params or named))
+        if self.curvature == "ggn" and not dense_ggn(self.solver, num_params):
+            raise ValueError(
+                f"Self-influence with the exact GGN by block conjugate gradients would solve all N={context.num_train} "
+                f"training gradients: one CG run (tens to hundreds of passes over the curvature's data) per chunk of "
+                f"{context.batch_size}. With {num_params} parameters, use solver='dense' (up to {DENSE_GGN_LIMIT} "
+                "parameters) or curvature='ekfac'; for the exact values of a few examples, attribute(Subset(train_data, "
+                "indices)) and read effects[:, i, indices[i]]."
+            )
+        hooks = Hooks(context.model)
+        probe_examples = Subset(context.train_data, curvature_examples(context.num_train, DAMPING_PROBES))
+        probes = torch.cat(
+            [g for _, g in stream_gradients(
+                context.model, hooks.train_loss, probe_examples, context.batch_size, context.device, False, "probes", wrt=context.params
+            )]
+        ) if self.damping == "auto" and self.curvature in ("kfac", "ekfac") else None
+        curvature, damping, report = self._fit(context, probes)
+        values = context.self_contract(context.model, lambda grads: curvature.solve(grads, damping)) / context.num_train
+        return values, {"damping": damping, **report}

@@ -24,9 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from lightning_dtda.estimators.base import Estimator, RunContext
-from lightning_dtda.gradients import stream_gradients
-from lightning_dtda.hooks import Hooks
+from lightning_dtda.estimators.base import Estimator, RunContext, measurement_gradients
 from lightning_dtda.replay import Replay, differentiable_running_statistics, running_statistics
 from lightning_dtda.trajectory import Trajectory
 
@@ -111,10 +109,10 @@ class Unrolled(Estimator):
         buffer_grads = None
         if names:  # the final measurement (eval mode) also depends on the running statistics the replay carries
             with differentiable_running_statistics(context.model):
-                buffer_grads = torch.cat([
-                    g for _, g in stream_gradients(context.model, Hooks(context.model).measurement, context.query_data, context.batch_size,
-                                                   context.device, context.progress, "query gradients (running statistics)", wrt=names)
-                ])
+                buffer_grads = measurement_gradients(
+                    context.model, context.query_data, context.batch_size, context.device, context.progress, context.reduce, names,
+                    "query gradients (running statistics)",
+                )
         effects = unrolled_effects(
             context.model, context.run, context.train_data, context.query_grads, buffer_grads, context.progress, self.relu_smoothing
         )
