@@ -290,3 +290,27 @@ def test_adams_step_scale_leaves_out_entries_that_never_had_a_gradient(tmp_path)
     assert (v == 0).float().mean() > 0.5
     assert run.snapshots[-1].step_scale == pytest.approx((1 / (v[v > 0].sqrt() + eps)).median().item(), rel=1e-6)
     assert run.snapshots[-1].step_scale < 1e4
+
+
+def test_a_factor_eigh_lapack_cannot_converge_on_is_decomposed_after_a_jitter(monkeypatch):
+    """LAPACK's eigh failed on the 1M-parameter CNN's 4,097-square input factor (a matrix too large to keep
+    here); the failure is raised once, as LAPACK raised it, and the fallback's decomposition must hold
+    for the factor itself."""
+    from lightning_dtda.curvature import factor_eigh
+
+    x = torch.randn(50, 8, dtype=torch.float64)
+    factor = (x.T @ x / 50).repeat_interleave(3, 0).repeat_interleave(3, 1)  # rank 8 of 24: repeated zero eigenvalues
+    original = torch.linalg.eigh
+    calls = []
+
+    def fails_once(matrix):
+        calls.append(matrix)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return original(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_once)
+    values, vectors = factor_eigh(factor)
+    assert len(calls) == 2 and not torch.equal(calls[1], calls[0])  # retried on a jittered matrix
+    assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, factor, rtol=0, atol=1e-12)
+    assert torch.allclose(vectors.T @ vectors, torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-12)
