@@ -381,7 +381,8 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
     empty = [root for root, names in inside.items() if not names]
     if modules is not None and empty:
         layers = "nn.Linear, nn.Conv2d or self-attention layers the forward calls" if kind in ("kfac", "ekfac") else "trainable parameters"
-        raise ValueError(f"curvature={kind!r}: modules {empty} hold no {layers}; name others, or use curvature='ggn' (any layer).")
+        hint = "name others, or use curvature='ggn' (any layer)" if kind in ("kfac", "ekfac") else "name others"
+        raise ValueError(f"curvature={kind!r}: modules {empty} hold no {layers}; {hint}.")
     chosen = {n for names in inside.values() for n in names}
     if not chosen:
         raise ValueError(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 LOSS_FUNCTIONS = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 _SIGNATURES = {
-    "attribution_inputs_targets": "def attribution_inputs_targets(self, batch) -> tuple[Any, torch.Tensor]  # inputs: a dict is passed as keywords",
+    "attribution_inputs_targets": "def attribution_inputs_targets(self, batch) -> tuple[Any, torch.Tensor]",
     "attribution_loss_function": "def attribution_loss_function(self) -> torch.nn.Module",
     "attribution_train_loss": "def attribution_train_loss(self, batch) -> torch.Tensor  # shape [B]",
     "attribution_measurement": "def attribution_measurement(self, batch) -> torch.Tensor  # shape [B]",
@@ -87,6 +87,14 @@ class Hooks:
                 loss = hook()
             else:
                 _, targets = self.inputs_targets(batch)
+                if targets.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+                    # Cross-entropy (and gather, in per-example gradients) takes class indices as int64 only.
+                    raise MissingHookError(
+                        self.module,
+                        "attribution_inputs_targets",
+                        f"the targets are {targets.dtype} class indices, and cross-entropy takes them as torch.long; "
+                        "return targets.long() there, as training_step casts them",
+                    )
                 if not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool:
                     loss = nn.CrossEntropyLoss()
                 elif targets.is_floating_point():

@@ -6,7 +6,6 @@ examples each step trained on) and :class:`~lightning_dtda.run_writer.RunWriter`
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,16 @@ from typing_extensions import override
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.membership import BatchMembership
-from lightning_dtda.run_format import Manifest, Writer, jsonable, scheduled_settings
+from lightning_dtda.run_format import Manifest, Writer, jsonable, module_fingerprint, scheduled_settings
 from lightning_dtda.run_writer import RunWriter
 
 
 def _package_version() -> str:
-    try:
-        return importlib.metadata.version("lightning-dtda")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    # The version of the code that runs, not of the installed distribution's metadata, which an
+    # editable install or a PYTHONPATH checkout can leave behind.
+    import lightning_dtda
+
+    return lightning_dtda.__version__
 
 
 def _class_path(obj: Any) -> str:
@@ -46,6 +46,7 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
         versions={"lightning_dtda": _package_version(), "lightning": pl.__version__, "torch": torch.__version__},
         module_class=_class_path(pl_module),
         hparams=jsonable(dict(pl_module.hparams)),
+        module_fingerprint=module_fingerprint(pl_module),
         seed=seed,
         dataset_length=len(loader.dataset),
         dataset_fingerprint=fingerprint_dataset(loader.dataset),

@@ -90,6 +90,11 @@ def log_result(
     - ``WandbLogger`` (extra ``wandb``): the table ``{prefix}/top_k``, the histogram
       ``{prefix}/mean_shift`` and the two figures as images.
     """
+    if not isinstance(result, AttributionResult):
+        raise TypeError(
+            f"log_result logs an AttributionResult (effects on queries), got {type(result).__name__}. For self-influence, "
+            "log its top_k() yourself, as examples/clean_digits.py does."
+        )
     if not loggers:
         return
     rows = top_k_rows(result, k)

@@ -217,7 +217,8 @@ class SelfInfluence:
         )
         return low.squeeze(-1), high.squeeze(-1)
 
-    def top_k(self, k: int = 10, statistic: str = "mean") -> tuple[Tensor, Tensor]:
+    def top_k(self, k: int = 10, statistic: str = "mean", largest: bool = True) -> tuple[Tensor, Tensor]:
         """The ``k`` examples with the largest ``statistic``: by default the most self-influential, the first
-        to inspect when cleaning data. Returns ``(values [k], training indices [k])``, largest first."""
-        return torch.topk(self.statistic(statistic), min(k, self.num_train))
+        to inspect when cleaning data (``largest=False``: the least). Returns ``(values [k], training
+        indices [k])``, in that order."""
+        return torch.topk(self.statistic(statistic), min(k, self.num_train), largest=largest)

@@ -9,6 +9,8 @@ Runs of format 2 (``.snapshot`` flat archives, see ``legacy``) read unchanged.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 import os
 import socket
@@ -89,6 +91,22 @@ class Writer:
         return True
 
 
+def module_fingerprint(module: Any) -> dict[str, str]:
+    """Digests of what tells a module's code apart when its class name and weights fit: ``"structure"``,
+    of its ``repr`` (its layers and their settings: a ``Tanh`` where a ``ReLU`` was), and ``"source"``,
+    of its class's source code, when Python can find it (a ``forward`` that changed)."""
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    fingerprint = {"structure": digest(repr(module))}
+    try:
+        fingerprint["source"] = digest(inspect.getsource(type(module)))
+    except (OSError, TypeError):  # defined interactively, or a built-in
+        pass
+    return fingerprint
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a run folder's ``manifest.json`` says about the run.
@@ -96,6 +114,8 @@ class Manifest:
     Attributes:
         module_class: The LightningModule's import path, ``module.QualName``.
         hparams: Its hyperparameters (``self.hparams``), JSON-able.
+        module_fingerprint: Digests of its structure and class source (see :func:`module_fingerprint`;
+            ``None`` for runs recorded before 0.3).
         seed: The run's seed, or ``None``.
         dataset_length: Training set size ``N``.
         dataset_fingerprint: See ``data.fingerprint_dataset``.
@@ -134,6 +154,7 @@ class Manifest:
     stopped: str | None = None
     writer: Writer | None = None
     format: int = field(default=FORMAT)
+    module_fingerprint: dict[str, str] | None = None
 
     def with_snapshots(self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None) -> "Manifest":
         return replace(self, snapshots=tuple(snapshots), complete=complete, stopped=stopped)
@@ -143,7 +164,8 @@ class Manifest:
         return {
             "format": self.format,
             "versions": self.versions,
-            "module": {"class": self.module_class, "hparams": self.hparams},
+            "module": {"class": self.module_class, "hparams": self.hparams}
+            | ({} if self.module_fingerprint is None else {"fingerprint": self.module_fingerprint}),
             "seed": self.seed,
             "dataset": {"length": self.dataset_length, "fingerprint": self.dataset_fingerprint},
             "optimizer": {"class": self.optimizer_class, "param_groups": self.param_groups},
@@ -197,6 +219,7 @@ class Manifest:
                 stopped=data.get("stopped"),
                 writer=None if writer is None else Writer(writer["host"], int(writer["pid"])),
                 format=int(data["format"]),
+                module_fingerprint=data["module"].get("fingerprint"),
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"the manifest lacks or garbles the entry {err}; it was not written by TrajectoryRecorder.") from err

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_dtda._io import load_json
 from lightning_dtda.data import fingerprint_dataset
-from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step, jsonable
+from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step, jsonable, module_fingerprint
 
 
 class Trajectory:
@@ -275,6 +275,17 @@ def instantiate(
         ) from None
     if differ:
         warnings.warn(f"The module given is not the one trained: {differences}. Effects are the given module's.", stacklevel=2)
+    recorded, now = run.manifest.module_fingerprint or {}, module_fingerprint(model)
+    # Other hyperparameters (warned about above) change the structure's repr by themselves.
+    changed = [w for w in ("source",) + (() if differ else ("structure",)) if w in recorded and w in now and recorded[w] != now[w]]
+    if changed:
+        what = {"structure": "its layers (repr)", "source": "its class's source code"}
+        warnings.warn(
+            f"{path} is not the code that trained run {run.name}: {' and '.join(what[c] for c in changed)} differ from what "
+            "was recorded, though its name and weights fit. Effects are those of the code given; attribute with the "
+            "code that trained the run (an edited docstring or comment also changes the source).",
+            stacklevel=2,
+        )
     return model.to(device).eval()
 
 

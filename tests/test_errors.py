@@ -326,3 +326,61 @@ def test_the_recorder_warns_at_the_first_batch_about_a_hook_attribution_will_nee
         warnings.simplefilter("always")
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "says")], max_epochs=1).fit(SaysBCE(), DataLoader(data, batch_size=8))
     assert not [w for w in caught if "attributing it will fail" in str(w.message)]
+
+
+def test_a_class_redefined_under_the_recorded_name_with_other_layers_is_named(tmp_path):
+    """Trained with Tanh, attributed with a class of the same name and shapes but ReLU: the weights fit
+    and the name matches, so only the recorded structure can tell; the effects would be another model's."""
+
+    class Net(TinyClassifier):
+        def __init__(self, **hparams):
+            super().__init__(**hparams)
+            self.net[1] = nn.Tanh()
+
+    data = classification_data(n=16)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(Net(), DataLoader(data, batch_size=8))
+    trained = Net
+
+    class Net(TinyClassifier):  # noqa: F811 -- the redefinition is the point
+        def __init__(self, **hparams):
+            super().__init__(**hparams)
+            self.net[1] = nn.ReLU()
+
+    assert Net.__qualname__ == trained.__qualname__ and Net.__module__ == trained.__module__
+    with pytest.warns(UserWarning, match=r"is not the code that trained run \S+: its layers \(repr\)"):
+        Attributor(Net, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Attributor(trained, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    assert not [w for w in caught if "is not the code" in str(w.message)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_class_indices_of_another_integer_dtype_name_the_inputs_hook(tmp_path, dtype):
+    """Raw torch errors before (cross-entropy, then gather, refuse them); now the hook and the cast, at the
+    first batch of recording and before any work when attributing."""
+
+    class Casts(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y.long())
+
+    x, y = classification_data(n=16).tensors
+    data = TensorDataset(x, y.to(dtype))
+    with pytest.warns(UserWarning, match=f"attribution_inputs_targets`: the targets are {dtype} class indices"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(Casts(), DataLoader(data, batch_size=8))
+    with pytest.raises(MissingHookError, match=r"return targets.long\(\) there"):
+        Attributor(Casts, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+
+
+def test_log_result_and_self_influence_top_k(tmp_path):
+    """log_result refuses a SelfInfluence with what to do (it raised AttributeError); top_k takes largest."""
+    from lightning_dtda import log_result
+
+    data = classification_data(n=16)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(TinyClassifier(), DataLoader(data, batch_size=8))
+    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).self_influence()
+    values, indices = result.top_k(3, largest=False)
+    assert torch.equal(indices, result.mean_shift().argsort()[:3]) and torch.equal(values, result.mean_shift().sort().values[:3])
+    with pytest.raises(TypeError, match="log_result logs an AttributionResult .* got SelfInfluence"):
+        log_result(result, [])

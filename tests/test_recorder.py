@@ -115,9 +115,17 @@ def test_manifest_describes_the_run(tmp_path):
     fit(tmp_path, DataLoader(data, batch_size=8, shuffle=True), TrajectoryRecorder(tmp_path / "r"), seed=3,
         max_epochs=1)
     manifest = json.loads((tmp_path / "r" / "seed_3" / "manifest.json").read_text())
+    import hashlib
+    import inspect
+
+    from models import TinyClassifier
+
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
     assert manifest["module"] == {"class": "models.TinyClassifier",
                                   "hparams": {"d_in": 6, "hidden": 8, "classes": 3, "lr": 0.1,
-                                              "momentum": 0.0, "weight_decay": 0.0}}
+                                              "momentum": 0.0, "weight_decay": 0.0},
+                                  "fingerprint": {"structure": digest(repr(TinyClassifier())),
+                                                  "source": digest(inspect.getsource(TinyClassifier))}}
     assert manifest["dataset"]["length"] == 16
     assert manifest["optimizer"]["class"] == "torch.optim.sgd.SGD"
     assert manifest["optimizer"]["param_groups"][0]["lr"] == 0.1
