@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 
 class TinyClassifier(pl.LightningModule):
@@ -228,3 +228,16 @@ def token_regression_data(n: int = 24, length: int = 4, vocab: int = 10, outputs
     x = torch.randint(0, vocab, (n, length), generator=g)
     values = torch.randn(vocab, outputs, generator=g, dtype=dtype)
     return TensorDataset(x, values[x].sum(1) + 0.3 * torch.randn(n, outputs, generator=g, dtype=dtype))
+
+
+class Mapped(Dataset):
+    """``data``'s ``(x, y)`` examples passed through ``fn``: dict or nested examples, as datasets give them."""
+
+    def __init__(self, data, fn):
+        self.data, self.fn = data, fn
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.fn(*self.data[i])

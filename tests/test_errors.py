@@ -7,23 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, MissingHookError, Segmented, TrajectoryRecorder, load_runs
 from lightning_dtda import Unrolled
-from models import ColumnRegression, LinearRegression, LogitClassifier, SaysBCE, TinyClassifier, classification_data, regression_data, trainer
+from models import Mapped, ColumnRegression, LinearRegression, LogitClassifier, SaysBCE, TinyClassifier, classification_data, regression_data, trainer
 
 
-class DictData(Dataset):
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        x, y = self.data[i]
-        return {"x": x, "y": y}
+def DictData(data):
+    return Mapped(data, lambda x, y: {"x": x, "y": y})
 
 
 class DictBatches(TinyClassifier):

@@ -5,25 +5,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, Segmented, TrajectoryRecorder, Unrolled
-from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
+from models import Mapped, LinearRegression, TinyClassifier, classification_data, regression_data, trainer
 from oracles import dense_ggn_effects, relative_error
 
 
-class Keywords(Dataset):
+def Keywords(data):
     """``{"features": x, "label": y}`` examples, as a Hugging Face style dataset gives them."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        x, y = self.data[i]
-        return {"features": x, "label": y}
+    return Mapped(data, lambda x, y: {"features": x, "label": y})
 
 
 class KeywordOnly(TinyClassifier):
@@ -89,18 +80,9 @@ def test_outputs_of_shape_b_work_for_every_curvature(tmp_path, curvature):
     assert relative_error(result.effects[0], expected) < 1e-6
 
 
-class Pairs(Dataset):
+def Pairs(data):
     """``((x, (x_scale,)), y)`` examples: inputs a nested tuple, passed to forward as one argument."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        x, y = self.data[i]
-        return (x[:3], (x[3:],)), y
+    return Mapped(data, lambda x, y: ((x[:3], (x[3:],)), y))
 
 
 class TupleInputs(TinyClassifier):
