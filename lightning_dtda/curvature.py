@@ -398,8 +398,13 @@ def describe_tracked(model: nn.Module, names: Sequence[str]) -> str:
     left = [n for n, p in params.items() if p.requires_grad and n not in names]
 
     def layers(of: Sequence[str]) -> str:
-        owners = dict.fromkeys(n.rpartition(".")[0] for n in of)
-        return ", ".join(f"{o or '(top)'} ({type(model.get_submodule(o)).__name__})" for o in owners)
+        parts = []
+        for owner in dict.fromkeys(n.rpartition(".")[0] for n in of):
+            if owner:
+                parts.append(f"{owner} ({type(model.get_submodule(owner)).__name__})")
+            else:  # parameters of the model itself (a learned positional table, say): named one by one
+                parts += [f"{n} (a parameter of {type(model).__name__})" for n in of if "." not in n]
+        return ", ".join(parts)
 
     size = sum(params[n].numel() for n in names)
     total = size + sum(params[n].numel() for n in left)

@@ -175,3 +175,17 @@ def test_kfac_of_multihead_attention_equals_kfac_of_the_same_attention_written_w
             for model in (ours, reference)
         ]
         assert relative_error(solved[0], solved[1]) < 1e-10
+
+
+def test_the_tracked_line_names_parameters_held_by_the_model_itself():
+    """A user trial read "left out: (top) (Model)" for a learned positional table held by the model."""
+    from lightning_dtda.curvature import describe_tracked
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(4, 3))
+            self.head = nn.Linear(3, 2)
+
+    line = describe_tracked(Model(), ["head.weight", "head.bias"])
+    assert "in head (Linear); left out: pos (a parameter of Model)." in line
