@@ -134,31 +134,28 @@ class RunContext:
         """This process's share of the training set (all of it unless torch.distributed runs)."""
         return Subset(self.train_data, shard(len(self.train_data)))  # type: ignore[arg-type]
 
+    def train_gradients(self, model: nn.Module) -> Iterator[tuple[slice, Tensor]]:
+        """This process's shard of the per-example training-loss gradients at ``model``'s weights, with
+        respect to ``params``: ``(positions in the shard, gradients [chunk, P])`` in order."""
+        part = self.train_shard()
+        first = part.indices[0] if len(part) else 0
+        return stream_gradients(
+            model, Hooks(model).train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first, self.params
+        )
+
     def contract(self, model: nn.Module, vectors: Tensor) -> Tensor:
         """``vectors [Q, P] @ (per-example training gradients at model's weights [N, P]).T``, streamed: ``[Q, N]``."""
-        part = self.train_shard()
-        effects = torch.empty(len(vectors), len(part), dtype=vectors.dtype, device=self.device)
-        first = part.indices[0] if len(part) else 0
-        hooks = Hooks(model)
-        gradients = stream_gradients(model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first, self.params)
-        for rows, grads in gradients:
+        effects = torch.empty(len(vectors), len(self.train_shard()), dtype=vectors.dtype, device=self.device)
+        for rows, grads in self.train_gradients(model):
             effects[:, rows] = vectors @ grads.T
         return gather_columns(effects, len(self.train_data))  # type: ignore[arg-type]
 
     def self_contract(self, model: nn.Module, transform: Callable[[Tensor], Tensor]) -> Tensor:
         """``(G * transform(G)).sum(1)`` for the per-example training gradients ``G [N, P]`` at ``model``'s
         weights, streamed in chunks of ``batch_size`` rows and sharded like :meth:`contract`: ``[N]``."""
-        part = self.train_shard()
-        first = part.indices[0] if len(part) else 0
-        hooks = Hooks(model)
-        values = [
-            (grads * transform(grads)).sum(1)
-            for _, grads in stream_gradients(
-                model, hooks.train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first, self.params
-            )
-        ]
-        dtype = next(iter(trainable_parameters(model).values())).dtype
-        local = torch.cat(values) if values else torch.empty(0, dtype=dtype, device=self.device)
+        local = torch.empty(len(self.train_shard()), dtype=next(model.parameters()).dtype, device=self.device)
+        for rows, grads in self.train_gradients(model):
+            local[rows] = (grads * transform(grads)).sum(1)
         return gather_columns(local.unsqueeze(0), len(self.train_data))[0]  # type: ignore[arg-type]
 
     def fit_curvature(
