@@ -28,9 +28,7 @@ def safetensors_header(data: bytes) -> dict:
     return json.loads(data[8 : 8 + length])
 
 
-# Without bfloat16 every dtype has a numpy equivalent and safetensors' numpy writer is used.
-@pytest.mark.parametrize("with_bfloat16", [True, False])
-def test_tree_round_trip_keeps_every_tensor_value_and_structure(tmp_path, with_bfloat16):
+def test_tree_round_trip_keeps_every_tensor_value_and_structure(tmp_path):
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.randn(3, 2))])
     optimizer.param_groups[0]["params"][0].grad = torch.ones(3, 2)
     optimizer.step()
@@ -56,10 +54,11 @@ def test_tree_round_trip_keeps_every_tensor_value_and_structure(tmp_path, with_b
         },
         "optimizer_state": optimizer.state_dict(),  # integer keys, tuples
     }
-    if not with_bfloat16:
-        del tree["nested"]["bfloat16"]
     sha = save_tree(tree, tmp_path / "a.safetensors")
-    assert sha == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+    data = (tmp_path / "a.safetensors").read_bytes()
+    assert sha == hashlib.sha256(data).hexdigest()
+    tensors, metadata = _tensors_in(bytearray(data))
+    assert save(tensors, metadata=metadata) == data  # byte for byte what safetensors' own writer writes
     back = load_tree(tmp_path / "a.safetensors", sha)
     assert back["format"] == 3 and back["name"] == "x" and back["none"] is None and back["empty_dict"] == {}
     assert back["lrs"][0] == 0.1 and back["lrs"][2] == 1e-300 and back["lrs"][1] != back["lrs"][1]
