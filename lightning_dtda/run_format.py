@@ -305,7 +305,9 @@ def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> di
 
 def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
     """Invert :func:`encode_steps`: ``(first step number, steps)``."""
-    micro = torch.split(block["indices"], block["micro_batch_sizes"].tolist())
+    # A copy: views would keep the snapshot's whole buffer, weights included, alive as long as the
+    # trajectory caches its steps (decoded tensors are views of the bytes read; see _io).
+    micro = torch.split(block["indices"].clone(), block["micro_batch_sizes"].tolist())
     micro_rng: list[dict[str, Tensor]] | None = None
     if "rng" in block:
         micro_rng = [{} for _ in micro]

@@ -155,6 +155,14 @@ def recorded_run(tmp_path_factory):
     return tmp_path / "runs" / "seed_0", model
 
 
+def test_the_cached_steps_do_not_keep_the_snapshots_weights_in_memory(recorded_run):
+    [run] = load_runs(recorded_run[0].parent)
+    # Decoded tensors are views of the bytes read (not resizable: torch does not own them), which a
+    # view kept in the cache would keep alive whole, weights included; the steps hold copies.
+    assert run.snapshot().state_dict["net.0.weight"].untyped_storage().resizable() is False
+    assert all(m.untyped_storage().resizable() for step in run.steps for m in step.micro_batches)
+
+
 def test_a_snapshot_opens_with_safetensors_alone(recorded_run):
     run_dir, model = recorded_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
