@@ -16,6 +16,14 @@ Estimators use the first 8 seeds. The ceiling row is the ground truth's split-ha
 ``--model cnn``: the same data and protocol with ``digits_cnn.DigitsCNN`` (Conv-BatchNorm-ReLU-max-pool,
 Dropout 0.2, Linear; SGD with momentum, a cosine schedule, ``gradient_clip_val=1``), the layers
 that compute differently in training; ground truth by the same coupled replay (same dropout masks).
+
+``--model adam``: the MLP trained with Adam (lr 1e-3, weight decay 1e-4) instead of SGD.
+``--model regression``: scikit-learn's diabetes progression (standardised; 392 training examples, 50
+queries), a 10-32-1 tanh MLP with a ``[B]`` output, mean squared error, SGD with momentum 0.9, lr 0.01,
+40 epochs; measurement = query squared error.
+
+``--damping-grid``: also scores ggn, kfac and ekfac at fixed dampings ``rule * 10^(k/2)``, k = -4 ... 4,
+where ``rule`` is the exact GGN's "auto" damping of the first seed, next to "auto".
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -47,7 +58,6 @@ METHODS = {
     "identity": Influence(curvature="identity"),
     "kfac": Influence(curvature="kfac"),
     "ekfac": Influence(curvature="ekfac"),
-    "ekfac (Linear/Conv2d layers only)": Influence(curvature="ekfac"),
     "ggn": Influence(curvature="ggn"),
     "ggn (dense)": Influence(curvature="ggn", solver="dense"),
     "segmented (ggn, 4 segments)": Segmented(segments=4, curvature="ggn"),
@@ -55,6 +65,43 @@ METHODS = {
     "unrolled": Unrolled(),
     "unrolled (ReLU smoothing 0.1)": Unrolled(relu_smoothing=0.1),
 }
+
+
+class AdamMLP(DigitsMLP):
+    """The benchmark MLP trained with Adam (lr 1e-3) instead of SGD."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3, weight_decay=self.hparams.weight_decay)
+
+
+class DiabetesMLP(pl.LightningModule):
+    """A 10-32-1 tanh MLP regressing diabetes progression; ``[B]`` outputs, mean squared error, SGD with momentum."""
+
+    def __init__(self, hidden: int = 32, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(10, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+
+
+def diabetes_data() -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = torch.tensor(x, dtype=torch.float32)[order], torch.tensor(y, dtype=torch.float32)[order]
+    x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+    return TensorDataset(x[:392], y[:392]), TensorDataset(x[392:], y[392:])
 
 
 def benchmark_data() -> tuple[TensorDataset, TensorDataset]:
@@ -81,30 +128,55 @@ def score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
     return metric.compute().item()
 
 
+def damping_grid(module, runs, train, queries, loo: Retraining) -> dict[str, dict[str, float]]:
+    """Mean- and variance-shift Spearman of ggn, kfac and ekfac at fixed dampings around the GGN's rule, and at "auto"."""
+    rule = Influence(curvature="ggn").damping_for(runs[0])
+    grid = [rule * 10 ** (k / 2) for k in range(-4, 5)]
+    lines = [f"\nFixed dampings around the exact GGN's rule ({rule:.2e}, first seed):", "",
+             "| curvature | damping | Spearman mean shift | Spearman variance shift | |", "|---|---|---|---|---|"]
+    scores = {}
+    for curvature in ("ggn", "kfac", "ekfac"):
+        for damping in ["auto", *grid]:
+            result = Attributor(module, runs, train, Influence(curvature=curvature, damping=damping), progress=False).attribute(queries)
+            mean, variance = (score(*loo.table(result, statistic)) for statistic in ("mean", "variance"))
+            label = damping if damping == "auto" else f"{damping:.2e}"
+            scores[f"{curvature} {label}"] = {"mean": mean, "variance": variance}
+            fitted = [run["damping"] for run in result.settings["per_run"]] if damping == "auto" and curvature != "ggn" else []
+            tag = "the GGN's rule" if damping == rule else ("fitted: " + ", ".join(f"{d:.1e}" for d in sorted(set(fitted)))) if fitted else ""
+            lines.append(f"| {curvature} | {label} | {mean:.3f} | {variance:.3f} | {tag} |")
+    print("\n".join(lines))
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/output/digits_dtda[_cnn]")
+    parser.add_argument("--model", choices=("mlp", "cnn", "adam", "regression"), default="mlp")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/output/digits_dtda[_MODEL]")
     parser.add_argument("--truth-seeds", type=int, default=32)
     parser.add_argument("--estimator-seeds", type=int, default=8)
     parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--subset-seeds", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 40 for regression, else 20")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--damping-grid", action="store_true")
     args = parser.parse_args()
-    args.out = args.out or Path("benchmarks/output/digits_dtda" + ("_cnn" if args.model == "cnn" else ""))
+    args.out = args.out or Path("benchmarks/output/digits_dtda" + ("" if args.model == "mlp" else f"_{args.model}"))
+    args.epochs = args.epochs or (40 if args.model == "regression" else 20)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    train, queries = benchmark_data()
+    train, queries = diabetes_data() if args.model == "regression" else benchmark_data()
     runs_dir = args.out / "runs"
     start = time.perf_counter()
     already = len(list(runs_dir.glob("seed_*"))) if runs_dir.exists() else 0
     steps = args.epochs * -(-len(train) // 32)
-    Module, make_module, trainer_kwargs = (
-        (DigitsCNN, lambda: DigitsCNN(total_steps=steps), {"gradient_clip_val": 1.0}) if args.model == "cnn" else (DigitsMLP, DigitsMLP, {})
-    )
+    Module, make_module, trainer_kwargs = {
+        "mlp": (DigitsMLP, DigitsMLP, {}),
+        "cnn": (DigitsCNN, lambda: DigitsCNN(total_steps=steps), {"gradient_clip_val": 1.0}),
+        "adam": (AdamMLP, AdamMLP, {}),
+        "regression": (DiabetesMLP, DiabetesMLP, {}),
+    }[args.model]
     train_seeds(
         make_module, DataLoader(train, batch_size=32, shuffle=True), runs_dir, range(args.truth_seeds),
         max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -127,17 +199,10 @@ def main() -> None:
     rows, refused = [], []
     for method in args.methods:
         start = time.perf_counter()
-        module = Module
-        if method == "ekfac (Linear/Conv2d layers only)":
-            # K-FAC has no factors for batch norm (issue #13): attribute through the layers it supports.
-            module = DigitsCNN(total_steps=steps)
-            for m in module.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.requires_grad_(False)
-        attributor = Attributor(module, runs[: args.estimator_seeds], train, METHODS[method], progress=False)
+        attributor = Attributor(Module, runs[: args.estimator_seeds], train, METHODS[method], progress=False)
         try:
             result = attributor.attribute(queries)
-        except ValueError as err:  # e.g. K-FAC on batch norm parameters (issue #13)
+        except ValueError as err:  # e.g. Segmented on an Adam run
             print(f"{method}: refused: {err}".splitlines()[0])
             refused.append(method)
             continue
@@ -186,6 +251,8 @@ def main() -> None:
           f"estimators pooled over {args.estimator_seeds} seeds; ground truth {args.truth_seeds} seeds x "
           f"{args.examples} removed examples, LDS {args.subsets} subsets x {args.subset_seeds} seeds")
     (args.out / "table.md").write_text(table + "\n")
+    if args.damping_grid:
+        record["damping grid"] = damping_grid(Module, runs[: args.estimator_seeds], train, queries, loo)
 
     # The headline case: the example whose removal moves the spread most relative to the mean.
     from lightning_dtda.figures import plot_distributions
