@@ -1,15 +1,17 @@
-"""The exact GGN without a matrix: block CG and Lanczos against the dense path, and what K-FAC
-preconditioning does to CG.
+"""The exact GGN without a matrix: block CG and Lanczos against the dense path, and what
+preconditioning (K-FAC, EK-FAC, a randomized Nystrom sketch) does to CG.
 
     python benchmarks/krylov.py          # digits MLP, ~2 min on 2 cores
-    python benchmarks/krylov.py --cnn    # adds the 1M-parameter CNN of benchmarks/speed.py (~25 min)
+    python benchmarks/krylov.py --cnn    # adds the 1M-parameter CNN of benchmarks/speed.py (~15 min)
 
 Prints, on the digits MLP 64-64-10 (4.8k parameters, 1,000 examples, float32, trained 20 epochs):
 (a) products that block CG takes for 50 queries at once against the slowest of the same queries
 solved one at a time, per damping; (b) Influence(curvature="ggn") with solver="dense" and
 solver="krylov": time and the relative difference of the effects; (c) CG products without and with a
-K-FAC preconditioner fitted at the same weights; (d) the cost of 256 GGN columns on a small CNN and a
-small MLP of about the same parameter count (why a dense GGN is slow on convolutions).
+K-FAC or EK-FAC preconditioner fitted at the same weights, or a rank-r Nystrom sketch of the GGN (one
+product of r columns); (d) the cost of 256 GGN columns on a small CNN and a small MLP of about the same
+parameter count (why a dense GGN is slow on convolutions). With --cnn: seconds per GGN product against
+its number of columns, and CG's products and seconds for 1 and 50 queries without and with the sketch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from lightning_dtda import Attributor, Influence, load_runs  # noqa: E402
 from lightning_dtda.curvature import KrylovGGN, fit_curvature  # noqa: E402
 from lightning_dtda.gradients import per_example_gradients  # noqa: E402
 from lightning_dtda.hooks import Hooks  # noqa: E402
-from lightning_dtda.krylov import conjugate_gradients  # noqa: E402
+from lightning_dtda.krylov import conjugate_gradients, nystrom, nystrom_preconditioner  # noqa: E402
 from lightning_dtda.trajectory import instantiate  # noqa: E402
 
 
@@ -101,6 +103,9 @@ def main() -> None:
                 counts = [products(ggn, block, damping, lambda r: approximation.solve(r.T.float(), damping * m).T.double())[0]
                           for m in (1, 3, 10, 30)]
                 row.append(f"{kind} {'/'.join(map(str, counts))}")
+            for rank in (16, 64):
+                sketch = nystrom(ggn.matmat, grads.shape[1], rank)
+                row.append(f"Nystrom rank {rank} {products(ggn, block, damping, nystrom_preconditioner(*sketch, damping))[0]} + the sketch")
             print(f"    {queries} queries, damping {damping:.1e}: products: {', '.join(row)}")
 
     print("(d) 256 GGN columns (one block of a dense build), 300 8x8 images, one thread")
@@ -120,14 +125,29 @@ def main() -> None:
     torch.set_num_threads(2)
 
     if args.cnn:
-        run, _, model, params, batches, n, grads = setting("cnn", root, 300, 8)
+        from speed import GGN_SUBSET
+
+        run, _, model, params, batches, n, grads = setting("cnn", root, GGN_SUBSET, 50)
         auto = Influence(curvature="ggn").damping_for(run)
         ggn = fit_curvature("ggn", model, loss, params, batches, n, solver="krylov")
-        kfac = fit_curvature("kfac", model, loss, params, batches, n)
-        print(f"CNN of benchmarks/speed.py: {grads.shape[1]} parameters, {n} images, 8 queries, auto damping {auto:.2e}")
-        for label, pre in [("none", None), ("K-FAC", lambda r: kfac.solve(r.T.float(), auto).T.double())]:
-            count, residual, seconds = products(ggn, grads, auto, pre)
-            print(f"    {label}: {count} products, residual {residual:.1e}, {seconds:.0f} s")
+        print(f"CNN of benchmarks/speed.py: {grads.shape[1]} parameters, GGN on {n} images, auto damping {auto:.2e}")
+        seconds = {}
+        for columns in (1, 16, 50, 64):
+            block = torch.randn(grads.shape[1], columns, dtype=torch.float64)
+            start = time.perf_counter()
+            ggn.matmat(block)
+            seconds[columns] = time.perf_counter() - start
+        print("    seconds per GGN product: " + ", ".join(f"{k} columns {v:.1f}" for k, v in seconds.items()))
+        for queries in (1, 50):
+            count, residual, elapsed = products(ggn, grads[:queries], auto)
+            row = [f"none: {count} products, {elapsed:.0f} s (residual {residual:.0e})"]
+            for rank in (16, 64):
+                start = time.perf_counter()
+                sketch = nystrom(ggn.matmat, grads.shape[1], rank)
+                sketched = time.perf_counter() - start
+                count, residual, elapsed = products(ggn, grads[:queries], auto, nystrom_preconditioner(*sketch, auto))
+                row.append(f"Nystrom rank {rank}: {count} products, {elapsed:.0f} s + sketch {sketched:.0f} s (residual {residual:.0e})")
+            print(f"    {queries} queries: " + "; ".join(row))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from lightning_dtda.attention import factorable_attention
 from lightning_dtda.distributed import all_reduce_sum
 from lightning_dtda.hooks import Hooks, call_model
-from lightning_dtda.krylov import conjugate_gradients, lanczos_functions
+from lightning_dtda.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
 
 CURVATURES = ("ekfac", "kfac", "ggn", "identity")
 SOLVERS = ("auto", "dense", "krylov")
@@ -137,11 +137,16 @@ class KrylovGGN(SpectralCurvature):
         max_iterations: Products after which either stops; a solve that has not converged by then warns.
     """
 
-    def __init__(self, operator: PyTorchLinearOperator, tolerance: float = 1e-5, max_iterations: int = 500, progress: bool = False) -> None:
+    def __init__(
+        self, operator: PyTorchLinearOperator, tolerance: float = 1e-5, max_iterations: int = 500, progress: bool = False,
+        preconditioner_rank: int = 0,
+    ) -> None:
         self.operator = _SummedOverRanks(operator)
         self.tolerance = tolerance
         self.max_iterations = max_iterations
         self.progress = progress
+        self.preconditioner_rank = preconditioner_rank
+        self._sketch: tuple[Tensor, Tensor] | None = None
         self.reports: list[dict[str, Any]] = []
 
     def matmat(self, columns: Tensor) -> Tensor:
@@ -154,16 +159,25 @@ class KrylovGGN(SpectralCurvature):
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         start = time.perf_counter()
+        report: dict[str, Any] = {}
+        precondition = None
+        if self.preconditioner_rank:
+            if self._sketch is None:  # one product of rank columns, reused by every later solve
+                self._sketch = nystrom(self.matmat, self.operator.shape[0], self.preconditioner_rank)
+                report["nystrom_seconds"] = round(time.perf_counter() - start, 3)
+            report["nystrom_rank"] = self.preconditioner_rank
+            precondition = nystrom_preconditioner(*self._sketch, damping)
         x, iterations, residual = conjugate_gradients(
             lambda v: self.matmat(v) + damping * v,
             vectors.T.double(),
+            precondition,
             tolerance=self.tolerance,
             max_iterations=self.max_iterations,
             progress=self.progress,
             desc="GGN block conjugate gradients",
         )
         self.reports.append(
-            {"cg_products": iterations, "cg_residual": residual.max().item(), "cg_seconds": round(time.perf_counter() - start, 3)}
+            {"cg_products": iterations, "cg_residual": residual.max().item(), "cg_seconds": round(time.perf_counter() - start, 3), **report}
         )
         x = x.to(vectors.dtype)
         if residual.max() > 10 * self.tolerance:

@@ -75,6 +75,46 @@ def conjugate_gradients(
     return x, iterations, residual.where(rhs.norm(dim=0) > 0, torch.zeros_like(residual))
 
 
+def nystrom(matmat: MatMat, size: int, rank: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A randomized Nystrom approximation ``U diag(lam) U^T`` of a PSD operator from one product with a
+    ``[size, rank]`` block: orthonormal ``U [size, rank]`` and ``lam [rank]`` (descending, >= 0).
+
+    The numerically stable sketch of Tropp, Yurtsever, Udell and Cevher (SIMAX 2017), as used for
+    preconditioning by Frangella, Tropp and Udell (SIMAX 2023): a small shift ``nu`` keeps the core
+    matrix positive definite and is taken off the eigenvalues afterwards. The test block is drawn from
+    a fixed seed, so every rank of a distributed run draws the same one.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    omega, _ = torch.linalg.qr(torch.randn(size, rank, generator=generator, dtype=dtype))
+    product = matmat(omega)
+    nu = size**0.5 * torch.finfo(dtype).eps * product.norm()
+    for _ in range(4):  # rounding can leave the core indefinite at the smallest shift: shift more
+        y = product + nu * omega
+        core = omega.T @ y
+        lower, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+        if not info:
+            break
+        nu *= 1e3
+    else:
+        raise torch.linalg.LinAlgError("the Nystrom sketch's core matrix is not positive definite; is the operator PSD?")
+    u, singular, _ = torch.linalg.svd(torch.linalg.solve_triangular(lower, y.T, upper=False).T, full_matrices=False)
+    return u, (singular**2 - nu).clamp(min=0.0)
+
+
+def nystrom_preconditioner(u: Tensor, eigenvalues: Tensor, damping: float) -> MatMat:
+    """``R -> M R`` with ``M = (lam_r + damping) U (diag(lam) + damping I)^-1 U^T + (I - U U^T)``, which
+    approximates ``(A + damping I)^-1`` up to scale from :func:`nystrom`'s ``U, lam``: the top ``r``
+    directions are inverted exactly and the rest scaled as the smallest of them, so the preconditioned
+    system's condition number is about ``(lam_r + damping) / damping`` instead of ``(lam_1 + damping) / damping``."""
+    scale = (eigenvalues[-1] + damping) / (eigenvalues + damping)
+
+    def precondition(r: Tensor) -> Tensor:
+        coefficients = u.T @ r
+        return r + u @ ((scale[:, None] - 1) * coefficients)
+
+    return precondition
+
+
 def _orthonormal(block: Tensor) -> Tensor:
     """An orthonormal basis ``[P, r]`` of the columns of ``block``, dropping directions whose singular
     value is below ``sqrt(eps)`` of the largest (dependent or converged columns)."""

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_dtda.krylov import conjugate_gradients, lanczos_functions
+from lightning_dtda.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
 from oracles import relative_error
 
 
@@ -36,6 +36,30 @@ def test_one_block_needs_fewer_products_than_its_slowest_column():
     _, together, _ = conjugate_gradients(lambda v: damped @ v, rhs, tolerance=1e-8)
     alone = [conjugate_gradients(lambda v: damped @ v, rhs[:, [k]], tolerance=1e-8)[1] for k in range(6)]
     assert together < max(alone)
+
+
+def test_nystrom_sketch_recovers_a_low_rank_operator_and_its_top_eigenvalues():
+    _, basis, _ = operator()
+    low = (basis[:, :10] * torch.arange(1.0, 11.0, dtype=torch.float64)) @ basis[:, :10].T  # rank 10
+    u, eigenvalues = nystrom(lambda v: low @ v, 120, 15)
+    assert relative_error((u * eigenvalues) @ u.T, low) < 1e-10
+    assert torch.allclose(u.T @ u, torch.eye(15, dtype=torch.float64), atol=1e-12)
+    a, _, spectrum = operator()
+    top = nystrom(lambda v: a @ v, 120, 40)[1]
+    assert torch.all(top <= spectrum.max() * (1 + 1e-12)) and top[0] > 0.9 * spectrum.max()  # a Nystrom sketch never overestimates
+
+
+def test_nystrom_preconditioned_cg_takes_fewer_products_to_the_same_solution():
+    a, _, _ = operator()
+    damping = 1e-3
+    damped = a + damping * torch.eye(120, dtype=torch.float64)
+    rhs = torch.randn(120, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    exact = torch.linalg.solve(damped, rhs)
+    x, plain, _ = conjugate_gradients(lambda v: damped @ v, rhs, tolerance=1e-8)
+    sketch = nystrom(lambda v: a @ v, 120, 30)
+    y, preconditioned, residual = conjugate_gradients(lambda v: damped @ v, rhs, nystrom_preconditioner(*sketch, damping), tolerance=1e-8)
+    assert relative_error(y, exact) < 1e-6 and residual.max() < 1e-8
+    assert preconditioned < 0.6 * plain, (preconditioned, plain)
 
 
 @pytest.mark.parametrize("time", [0.5, 300.0])
