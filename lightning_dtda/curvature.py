@@ -522,7 +522,7 @@ def _fit_kfac(
         for p in layer.parameters(recurse=False):
             holders.setdefault(id(p), []).append(layer)
     tables = {i: holders[id(p)] for i, p in enumerate(params) if any(type(h) is nn.Embedding for h in holders.get(id(p), ()))}
-    kinds = lookup_kinds(model, next(iter(data))[0]) if tables else {}
+    kinds = lookup_kinds(model, next(iter(data))[0], lambda m, x: m(x)) if tables else {}
     wrong = [layers for layers in tables.values() if len(layers) > 1 or layers[0] not in kinds]
     if wrong:
         raise ValueError(

@@ -66,7 +66,7 @@ def _recording(layers: Iterable[nn.Embedding], expand: dict[nn.Embedding, int] |
             handle.remove()
 
 
-def lookup_kinds(model: nn.Module, inputs: Any) -> dict[nn.Embedding, str]:
+def lookup_kinds(model: nn.Module, inputs: Any, call: Callable[[nn.Module, Any], Tensor] = call_model) -> dict[nn.Embedding, str]:
     """The ``nn.Embedding`` layers of ``model`` whose weights can have a block, and how the forward on
     ``inputs`` looks them up: ``PER_EXAMPLE`` or ``SHARED`` (see the module docstring).
 
@@ -74,6 +74,7 @@ def lookup_kinds(model: nn.Module, inputs: Any) -> dict[nn.Embedding, str]:
     size follows the batch's is per example, one whose indices keep their shape is shared. A layer with
     lookups of neither kind or of both, not called, or with ``max_norm``, ``scale_grad_by_freq`` or
     ``sparse`` is left out; shared ones are all left out if expanding them changes the model's outputs.
+    ``call(model, inputs)`` runs the forward (curvlinops' form of the model takes ``model(inputs)``).
     """
     layers = [m for m in model.modules() if type(m) is nn.Embedding and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse]
     more = tree_map(lambda t: torch.cat([t, t[:1]]) if isinstance(t, Tensor) else t, inputs)
@@ -82,22 +83,22 @@ def lookup_kinds(model: nn.Module, inputs: Any) -> dict[nn.Embedding, str]:
         shapes, outputs = [], []
         for x in (inputs, more):
             with _recording(layers) as calls:
-                outputs.append(call_model(model, x))
+                outputs.append(call(model, x))
             shapes.append({layer: [tuple(i.shape) for i, _ in found] for layer, found in calls.items()})
     kinds = {}
     for layer in layers:
         pairs = list(zip(*(s[layer] for s in shapes)))
-        if not pairs:
+        if not pairs or len(shapes[0][layer]) != len(shapes[1][layer]):
             continue
         if all(a[:1] == (size,) and b[:1] == (size + 1,) and a[1:] == b[1:] for a, b in pairs):
             kinds[layer] = PER_EXAMPLE
-        elif all(a == b for a, b in pairs) and len(shapes[0][layer]) == len(shapes[1][layer]):
+        elif all(a == b for a, b in pairs):
             kinds[layer] = SHARED
     shared = {layer: size for layer, kind in kinds.items() if kind == SHARED}
     if shared:
         try:
             with torch.no_grad(), _recording(shared, expand=shared):
-                same = torch.equal(call_model(model, inputs), outputs[0])
+                same = torch.equal(call(model, inputs), outputs[0])
         except RuntimeError:  # shapes that no longer broadcast
             same = False
         if not same:

@@ -158,3 +158,21 @@ def test_tied_tables_and_lookups_that_change_under_expansion_are_left_out():
     model = Tied()
     with pytest.raises(ValueError, match=r"curvature='kfac' has no block for the weight of \[Embedding\(7, 3\), Linear"):
         fit_curvature("kfac", model, nn.CrossEntropyLoss(), [model.tokens.weight], [batch], 5)
+
+
+class KeywordTokens(Tokens):
+    def forward(self, *, tokens):
+        return super().forward(tokens)
+
+
+def test_embedding_blocks_of_a_keyword_only_forward_equal_the_positional_ones():
+    torch.manual_seed(0)
+    model, keywords = Tokens().double().eval(), KeywordTokens().double().eval()
+    keywords.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, V, (N, T)), torch.randint(0, C, (N,))
+    vectors = torch.randn(2, V * D + T * D + D * C + C, dtype=torch.float64)
+    solves = [
+        fit_curvature("ekfac", m, nn.CrossEntropyLoss(), list(m.parameters()), [(inputs, y)], N).solve(vectors, 0.1)
+        for m, inputs in ((model, x), (keywords, {"tokens": x}))
+    ]
+    assert relative_error(solves[1], solves[0]) < 1e-12
