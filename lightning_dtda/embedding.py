@@ -21,6 +21,10 @@ batch). A shared lookup's output is expanded over the batch while factors are co
 example has its own gradient; the model computes the same function (checked on a batch before an
 embedding is tracked). The padding row (``padding_idx``) gets no gradient in torch, so its lookups count
 as zero inputs: no count and no part in the correction, as for the one-hot layer with those inputs zeroed.
+The blocks come from data passes of their own (one for K-FAC, one more for EK-FAC's correction) beside
+curvlinops' passes for the other layers: curvlinops differentiates with respect to its own parameters
+only, so its passes never reach an embedding that only feeds other layers.
+
 Embeddings with ``max_norm`` (the forward rewrites the weight), ``scale_grad_by_freq`` (the gradient
 is not the derivative) or ``sparse`` gradients are not tracked.
 """

@@ -66,11 +66,11 @@ def test_embedding_blocks_equal_curvlinops_blocks_of_the_one_hot_linear_layers(k
     loss_function = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
     batches = [(x[:6], y[:6]), (x[6:], y[6:])]
     vectors = torch.randn(3, V * D + T * D + D * C + C, dtype=torch.float64)
-    solves = [
-        fit_curvature(kind, model, loss_function, list(model.parameters()), batches, N).solve(v, 0.1)
-        for model, v in ((ours, vectors), (twin, to_one_hot_layout(vectors)))
-    ]
+    curvatures = [fit_curvature(kind, model, loss_function, list(model.parameters()), batches, N) for model in (ours, twin)]
+    solves = [curvatures[0].solve(vectors, 0.1), curvatures[1].solve(to_one_hot_layout(vectors), 0.1)]
     assert relative_error(solves[0], to_one_hot_layout(solves[1], back=True)) < 1e-10
+    blocks = curvatures[0].state()["embedding_blocks"]
+    assert blocks["tokens"]["counts"].shape == (V,) and blocks["positions"]["gradient_covariance"].shape == (D, D)  # never V x V
     assert relative_error(solves[0], vectors / 0.1) > 1e-2  # the blocks are not zero
 
 
