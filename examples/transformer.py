@@ -1,5 +1,5 @@
 """Record 2 seeds of a small transformer on a synthetic sequence task, then attribute 4 test sequences
-with EK-FAC (its attention and linear layers) and with the exact GGN (every parameter, by conjugate
+with EK-FAC (its embeddings, attention and linear layers) and with the exact GGN (every parameter, by conjugate
 gradients).
 
     python examples/transformer.py             # well under a minute on 2 CPU cores
@@ -9,8 +9,8 @@ The task: sequences of 8 tokens out of 8; the label says whether token 1 occurs 
 token 2, so the model must count across positions. The model: token and position embeddings, one
 ``nn.TransformerEncoderLayer`` (self-attention, feed-forward, two LayerNorms), a final LayerNorm and a
 linear head, trained with AdamW. It is written as it would be without attribution in mind: EK-FAC
-tracks the attention's projections and the ``nn.Linear`` layers (feed-forward pair, head) and leaves out
-the embeddings and the LayerNorms; the exact GGN tracks everything. Writes the runs and both results
+tracks the token and position embeddings, the attention's projections and the ``nn.Linear`` layers
+(feed-forward pair, head) and leaves out the LayerNorms; the exact GGN tracks everything. Writes the runs and both results
 under --out.
 """
 

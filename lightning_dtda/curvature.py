@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_dtda.attention import factorable_attention
 from lightning_dtda.distributed import all_reduce_sum
+from lightning_dtda.embedding import EmbeddingBlock, correct_eigenvalues, fit_blocks, lookup_kinds
 from lightning_dtda.hooks import Hooks, call_model
 from lightning_dtda.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
 
@@ -258,13 +259,40 @@ class _KFACInverse(KFACInverseLinearOperator):
 
 
 class KFAC(Curvature):
-    """curvlinops' K-FAC or EK-FAC of the type-2 (exact-GGN) Fisher, inverted with exact damping."""
+    """K-FAC of the type-2 (exact-GGN) Fisher, inverted with exact damping: block-diagonal over layers,
+    curvlinops' blocks for the ``nn.Linear``/``nn.Conv2d`` parameters and ours for ``nn.Embedding`` weights
+    (see ``embedding``).
 
-    def __init__(self, operator: KFACLinearOperator) -> None:
-        self.operator = operator
+    Args:
+        operator: curvlinops' operator on the parameters that are no embedding weights (``None``: none).
+        sizes: Every parameter's number of entries, in the order vectors are flattened.
+        blocks: Embedding blocks by their parameter's position in that order, with their layer's name.
+    """
+
+    corrected = False  # EK-FAC's eigenvalues, or K-FAC's products of the factors' eigenvalues
+
+    def __init__(self, operator: KFACLinearOperator | None, sizes: Sequence[int], blocks: dict[int, tuple[str, EmbeddingBlock]]) -> None:
+        self.operator, self.sizes, self.blocks = operator, list(sizes), blocks
         self._inverse: _KFACInverse | None = None
 
+    def _blockwise(self, vectors: Tensor, by_operator: Callable[[Tensor], Tensor], by_block: Callable[[EmbeddingBlock, Tensor], Tensor]) -> Tensor:
+        """``vectors [K, P]`` mapped block by block: the operator's parameters together, each embedding alone."""
+        pieces = list(vectors.split(self.sizes, dim=1))
+        rest = [i for i in range(len(pieces)) if i not in self.blocks]
+        if rest:
+            done = by_operator(torch.cat([pieces[i] for i in rest], dim=1)).split([self.sizes[i] for i in rest], dim=1)
+            for i, piece in zip(rest, done):
+                pieces[i] = piece
+        for i, (_, block) in self.blocks.items():
+            pieces[i] = by_block(block, pieces[i])
+        return torch.cat(pieces, dim=1)
+
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
+        return self._blockwise(
+            vectors, lambda v: self._operator_solve(v, damping), lambda block, v: block.apply(lambda e: 1.0 / (e + damping), v, self.corrected)
+        )
+
+    def _operator_solve(self, vectors: Tensor, damping: float) -> Tensor:
         # Exact damping inverts (K + damping * I); damping each Kronecker factor would invert another matrix.
         # It works in the factors' eigenbases, which the operator caches whatever the damping, so one
         # operator serves every damping (fit_damping tries 13): only its damping is set per call.
@@ -275,16 +303,26 @@ class KFAC(Curvature):
 
     def state(self) -> dict[str, Any]:
         # Enum settings as their string values: the cache stores non-tensor settings as JSON.
-        return {k: v.value if isinstance(v, Enum) else v for k, v in self.operator.state_dict().items()}
+        state = {} if self.operator is None else {k: v.value if isinstance(v, Enum) else v for k, v in self.operator.state_dict().items()}
+        if self.blocks:
+            state[_EMBEDDING_BLOCKS] = {name: block.state() for name, block in self.blocks.values()}
+        return state
+
+
+_EMBEDDING_BLOCKS = "embedding_blocks"
 
 
 class EKFAC(KFAC, SpectralCurvature):
     """EK-FAC, whose eigenbasis (Kronecker products of the factors' eigenvectors) and corrected
     eigenvalues make any spectral function cheap; the damped solve stays curvlinops' exact one."""
 
+    corrected = True
     solve = KFAC.solve
 
     def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
+        return self._blockwise(vectors, lambda v: self._operator_apply(fn, v), lambda block, v: block.apply(fn, v, corrected=True))
+
+    def _operator_apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         op = self.operator
         op._maybe_compute_ekfac()
         # curvlinops 3.0 multiplies by Q diag(corrected eigenvalues) Q^T; substituting fn(eigenvalues)
@@ -350,10 +388,11 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
     """Names of the trainable parameters curvature ``kind`` attributes through, in ``named_parameters`` order.
 
     ``modules`` names submodules (as ``model.named_modules()`` does; ``None``: the whole model), whose
-    trainable parameters are tracked. ``"kfac"`` and ``"ekfac"`` keep only those of the ``nn.Linear`` and
-    ``nn.Conv2d`` layers among them that the forward on ``batch``'s inputs calls as modules: curvlinops
-    has factors for no other layer, and collects a layer's factors from its forward call. Self-attention
-    in ``nn.MultiheadAttention`` is called through layers for this (see ``attention``).
+    trainable parameters are tracked. ``"kfac"`` and ``"ekfac"`` keep only those of the ``nn.Linear``,
+    ``nn.Conv2d`` and ``nn.Embedding`` layers among them that the forward on ``batch``'s inputs calls as
+    modules: curvlinops has factors for the first two only, and collects a layer's factors from its forward
+    call; embeddings have blocks of ours (see ``embedding``, which says which lookups qualify).
+    Self-attention in ``nn.MultiheadAttention`` is called through layers for this (see ``attention``).
 
     Raises:
         ValueError: For a name that is no submodule, a named module without a tracked parameter, or no
@@ -371,17 +410,20 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
     inside = {root: [n for n in trainable if not root or n.startswith(root + ".")] for root in roots}
     if kind in ("kfac", "ekfac"):
         called: list[nn.Module] = []
+        inputs = Hooks(model).inputs_targets(batch)[0]
         with factorable_attention(model):
             handles = [layer.register_forward_hook(lambda layer, *_: called.append(layer)) for layer in model.modules() if isinstance(layer, KFAC_LAYERS)]
             try:
                 with torch.no_grad(), forward_differentiable_kernels():  # the fused fast path calls no submodule
-                    call_model(model, Hooks(model).inputs_targets(batch)[0])
+                    call_model(model, inputs)
+                    tables = lookup_kinds(model, inputs)
             finally:
                 for handle in handles:
                     handle.remove()
         # A parameter is factored if a called layer holds it and no other kind of layer does (a tied
-        # embedding's K-FAC block would leave out its use as an embedding); attention holds the
-        # projection that factorable_attention calls.
+        # embedding's block would leave out its use as an output layer, and the other way round);
+        # attention holds the projection that factorable_attention calls. An embedding's weight is
+        # factored if that embedding alone holds it.
         holders: dict[int, list[nn.Module]] = {}
         for layer in model.modules():
             for p in layer.parameters(recurse=False):
@@ -390,17 +432,18 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
             id(p) for layer in called for p in layer.parameters(recurse=False)
             if all(isinstance(holder, (*KFAC_LAYERS, nn.MultiheadAttention)) for holder in holders[id(p)])
         }
+        factored |= {id(layer.weight) for layer in tables if layer.weight.requires_grad and holders[id(layer.weight)] == [layer]}
         named = dict(model.named_parameters())
         inside = {root: [n for n in names if id(named[n]) in factored] for root, names in inside.items()}
     empty = [root for root, names in inside.items() if not names]
     if modules is not None and empty:
-        layers = "nn.Linear, nn.Conv2d or self-attention layers the forward calls" if kind in ("kfac", "ekfac") else "trainable parameters"
+        layers = "nn.Linear, nn.Conv2d, nn.Embedding or self-attention layers the forward calls" if kind in ("kfac", "ekfac") else "trainable parameters"
         hint = "name others, or use curvature='ggn' (any layer)" if kind in ("kfac", "ekfac") else "name others"
         raise ValueError(f"curvature={kind!r}: modules {empty} hold no {layers}; {hint}.")
     chosen = {n for names in inside.values() for n in names}
     if not chosen:
         raise ValueError(
-            f"curvature={kind!r} found no trainable nn.Linear, nn.Conv2d or self-attention layer that the forward calls in "
+            f"curvature={kind!r} found no trainable nn.Linear, nn.Conv2d, nn.Embedding or self-attention layer that the forward calls in "
             f"{type(model).__name__}; use curvature='ggn' (exact, any layer)."
         )
     return [n for n in trainable if n in chosen]
@@ -488,28 +531,62 @@ def _fit_kfac(
     common: dict[str, Any],
 ) -> KFAC:
     _check_kfac_loss(model, loss_function, data, kind)
-    cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
-    # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
-    # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
-    operator = cls(
-        model, loss_function, params, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
-        num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
-    )
+    holders: dict[int, list[nn.Module]] = {}
+    for layer in model.modules():
+        for p in layer.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(layer)
+    tables = {i: holders[id(p)] for i, p in enumerate(params) if any(type(h) is nn.Embedding for h in holders.get(id(p), ()))}
+    kinds = lookup_kinds(model, next(iter(data))[0], lambda m, x: m(x)) if tables else {}
+    wrong = [layers for layers in tables.values() if len(layers) > 1 or layers[0] not in kinds]
+    if wrong:
+        raise ValueError(
+            f"curvature={kind!r} has no block for the weight of {wrong[0]}: it is held by another layer too (tied), or looked up "
+            "neither per example nor the same for every example, or with max_norm, scale_grad_by_freq or sparse. Leave it out "
+            "(tracked_parameters does) or use curvature='ggn'."
+        )
+    layers = {i: found[0] for i, found in tables.items()}
+    names = {layer: name for name, layer in model.named_modules()}
+    others = [p for i, p in enumerate(params) if i not in layers]
+    operator = None
+    if others:
+        cls = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+        # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
+        # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
+        operator = cls(
+            model, loss_function, others, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
+            num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
+        )
+    embedding_kinds = {layer: kinds[layer] for layer in layers.values()}
     wrap = EKFAC if kind == "ekfac" else KFAC
     if state is not None:
-        operator.load_state_dict(state)
-        return wrap(operator)
-    # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
-    # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
-    operator.compute_kronecker_factors()
-    for factors in (operator._input_covariances, operator._gradient_covariances):
-        tree_map(all_reduce_sum, factors)
-    if kind == "ekfac":
-        _eigendecompose_factors(operator)
-        operator.compute_eigenvalue_correction()
-        tree_map(all_reduce_sum, operator._corrected_eigenvalues)
-        return EKFAC(operator)
-    return KFAC(operator)
+        state = dict(state)
+        saved = state.pop(_EMBEDDING_BLOCKS, {})
+        if operator is not None:
+            operator.load_state_dict(state)
+        blocks = {layer: EmbeddingBlock(**saved[names[layer]]) for layer in embedding_kinds}
+    else:
+        # Factors are sums over the data divided by num_data, so summing each rank's shard gives the
+        # full factors; EK-FAC's eigenvalue correction is such a sum too, in the summed factors' basis.
+        if operator is not None:
+            operator.compute_kronecker_factors()
+            for factors in (operator._input_covariances, operator._gradient_covariances):
+                tree_map(all_reduce_sum, factors)
+        blocks = fit_blocks(model, loss_function, embedding_kinds, data, common["num_data"])
+        for block in blocks.values():
+            for factor in (block.counts, block.gradient_covariance):
+                all_reduce_sum(factor)
+    for block in blocks.values():
+        block.basis(factor_eigh)
+    if kind == "ekfac" and state is None:
+        if operator is not None:
+            _eigendecompose_factors(operator)
+            operator.compute_eigenvalue_correction()
+            tree_map(all_reduce_sum, operator._corrected_eigenvalues)
+        if blocks:
+            correct_eigenvalues(model, loss_function, embedding_kinds, blocks, data, common["num_data"])
+            for block in blocks.values():
+                all_reduce_sum(block.corrected)
+    return wrap(operator, [p.numel() for p in params], {i: (names[layer], blocks[layer]) for i, layer in layers.items()})
 
 
 class _Called(nn.Module):

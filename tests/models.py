@@ -221,6 +221,27 @@ class TokenBag(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
+class LoneEmbedding(pl.LightningModule):
+    """One token per example, looked up and mapped by a frozen linear head, with mean squared error: the
+    embedding is the only trainable weight and the outputs are linear in it."""
+
+    def __init__(self, vocab: int = 10, d: int = 4, outputs: int = 2, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed, self.head = nn.Embedding(vocab, d), nn.Linear(d, outputs)
+        self.head.requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens[:, 0]))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.embed.weight], lr=self.hparams.lr)
+
+
 def token_regression_data(n: int = 24, length: int = 4, vocab: int = 10, outputs: int = 2, seed: int = 0,
                           dtype: torch.dtype = torch.float32) -> TensorDataset:
     """Token sequences and targets ``[outputs]``: a random value per token, summed, plus noise."""

@@ -56,13 +56,13 @@ def test_clean_digits_example_runs(tmp_path):
     assert "self_influence/flipped_in_top_50" in metrics
 
 
-def test_transformer_example_tracks_attention_and_linear_layers_with_ekfac(tmp_path):
+def test_transformer_example_tracks_embeddings_attention_and_linear_layers_with_ekfac(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "transformer.py"), "--epochs", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert ("ekfac: tracked encoder.linear1, encoder.linear2, encoder.self_attn, encoder.self_attn.out_proj, head\n"
+    assert ("ekfac: tracked encoder.linear1, encoder.linear2, encoder.self_attn, encoder.self_attn.out_proj, head, positions, tokens\n"
             "ggn: tracked every parameter") in out.stdout
     assert out.stdout.count("most helpful by ekfac") == 4 and out.stdout.count("most helpful by ggn") == 4
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["seed_0", "seed_1"]
@@ -71,5 +71,5 @@ def test_transformer_example_tracks_attention_and_linear_layers_with_ekfac(tmp_p
     result = AttributionResult.load(tmp_path / "result-ekfac.safetensors")
     assert result.effects.shape == (2, 4, 256)
     assert result.settings["per_run"][0]["parameters"] == [
-        "encoder.self_attn.in_proj_weight", "encoder.self_attn.in_proj_bias",
+        "tokens.weight", "positions.weight", "encoder.self_attn.in_proj_weight", "encoder.self_attn.in_proj_bias",
         *[f"{layer}.{p}" for layer in ("encoder.self_attn.out_proj", "encoder.linear1", "encoder.linear2", "head") for p in ("weight", "bias")]]

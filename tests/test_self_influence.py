@@ -163,7 +163,7 @@ def test_whole_set_influence_through_running_statistics_is_the_mean_of_the_per_q
 
 
 def test_self_influence_through_the_tracked_parameters_only(tmp_path):
-    """EK-FAC tracks attention and linear layers, not the embedding or LayerNorm: self-influence is the
+    """EK-FAC tracks the embedding, attention and linear layers, not the LayerNorms: self-influence is the
     diagonal of the effects through those parameters, and its settings name them."""
     from models import TinyTransformer, token_data
 
@@ -175,4 +175,4 @@ def test_self_influence_through_the_tracked_parameters_only(tmp_path):
     diagonal = torch.diagonal(attributor.attribute(data).effects, dim1=1, dim2=2)
     assert relative_error(result.effects, diagonal) < 1e-10
     tracked = result.settings["per_run"][0]["parameters"]
-    assert "embed.weight" not in tracked and "head.weight" in tracked
+    assert "layer.norm1.weight" not in tracked and "embed.weight" in tracked and "head.weight" in tracked

@@ -40,21 +40,26 @@ def restricted_oracle(model, data, queries, damping, frozen):
 
 
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
-def test_kfac_on_embedding_and_layer_norm_tracks_the_head_and_equals_its_exact_solve(token_bag, curvature, caplog):
-    """The head is the only nn.Linear: (E)K-FAC of one linear layer under MSE is its exact GGN, so the effects
-    equal a dense solve on the head's parameters alone (embedding and LayerNorm frozen)."""
+def test_kfac_on_embedding_and_layer_norm_tracks_embedding_and_head_and_the_head_alone_equals_its_exact_solve(token_bag, curvature, caplog):
+    """By default the embedding and the head are tracked and the LayerNorm left out. Named alone, the head is
+    the only factored layer: (E)K-FAC of one linear layer under MSE is its exact GGN, so the effects equal a
+    dense solve on the head's parameters (embedding and LayerNorm frozen)."""
     runs, data, queries = token_bag
     attributor = Attributor(TokenBag, runs, data, estimator=Influence(curvature=curvature, damping=0.05), progress=False)
     with caplog.at_level(logging.INFO):
         result = attributor.attribute(queries)
-    assert result.settings["per_run"][0]["parameters"] == ["head.weight", "head.bias"]
+    assert result.settings["per_run"][0]["parameters"] == ["embed.weight", "head.weight", "head.bias"]
     [line] = [r.getMessage() for r in caplog.records if "tracks" in r.getMessage()]
-    assert line.startswith(f"influence-{curvature} tracks 10 of 58 trainable weights (2 of 5 tensors), in head (Linear); "
-                           "left out: embed (Embedding), norm (LayerNorm).")
+    assert line.startswith(f"influence-{curvature} tracks 50 of 58 trainable weights (3 of 5 tensors), in embed (Embedding), head (Linear); "
+                           "left out: norm (LayerNorm).")
+    assert torch.isfinite(result.effects).all()
+    head = Attributor(TokenBag, runs, data, estimator=Influence(curvature=curvature, damping=0.05, modules=["head"]), progress=False)
+    alone = head.attribute(queries)
+    assert alone.settings["per_run"][0]["parameters"] == ["head.weight", "head.bias"]
     expected = restricted_oracle(attributor.load_model(attributor.runs[0]), data, queries, 0.05, ["embed", "norm"])
-    assert relative_error(result.effects[0], expected) < 1e-6
+    assert relative_error(alone.effects[0], expected) < 1e-6
     everything = restricted_oracle(attributor.load_model(attributor.runs[0]), data, queries, 0.05, [])
-    assert relative_error(result.effects[0], everything) > 1e-2  # leaving layers out does change the effects
+    assert relative_error(alone.effects[0], everything) > 1e-2  # leaving layers out does change the effects
 
 
 def test_ggn_restricted_to_named_modules_equals_the_dense_solve_on_their_parameters(token_bag):
@@ -75,7 +80,7 @@ def test_ggn_restricted_to_named_modules_equals_the_dense_solve_on_their_paramet
 def test_modules_that_name_nothing_trackable_are_refused(token_bag):
     runs, data, queries = token_bag
     for estimator, match in [
-        (Influence(curvature="ekfac", modules=["norm"]), r"curvature='ekfac': modules \['norm'\] hold no nn.Linear, nn.Conv2d or self-attention layers"),
+        (Influence(curvature="ekfac", modules=["norm"]), r"curvature='ekfac': modules \['norm'\] hold no nn.Linear, nn.Conv2d, nn.Embedding or self-attention layers"),
         (Influence(curvature="ggn", modules=["decoder"]), r"modules names \['decoder'\], which TokenBag does not have; .* \['embed', 'norm', 'head'\]"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -93,12 +98,12 @@ def test_ekfac_on_a_batch_norm_cnn_tracks_its_convolution_and_head(tmp_path):
         assert result.effects.shape == (1, 3, 18) and torch.isfinite(result.effects).all() and result.effects.abs().max() > 0
 
 
-def test_ekfac_on_a_transformer_layer_tracks_attention_and_feed_forward_but_not_embedding_or_layer_norms(tmp_path):
+def test_ekfac_on_a_transformer_layer_tracks_embedding_attention_and_feed_forward_but_not_layer_norms(tmp_path):
     data, queries = token_data(16), token_data(3, seed=1)
     runs = record(tmp_path, TinyTransformer(dropout=0.0), data, epochs=2)
     result = Attributor(TinyTransformer, runs, data, estimator=Influence(curvature="ekfac"), progress=False).attribute(queries)
     assert result.settings["per_run"][0]["parameters"] == [
-        "layer.self_attn.in_proj_weight", "layer.self_attn.in_proj_bias", "layer.self_attn.out_proj.weight",
+        "embed.weight", "layer.self_attn.in_proj_weight", "layer.self_attn.in_proj_bias", "layer.self_attn.out_proj.weight",
         "layer.self_attn.out_proj.bias", "layer.linear1.weight", "layer.linear1.bias", "layer.linear2.weight",
         "layer.linear2.bias", "head.weight", "head.bias"]
     assert torch.isfinite(result.effects).all() and result.effects.abs().max() > 0

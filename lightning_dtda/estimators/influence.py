@@ -51,9 +51,9 @@ class Influence(Estimator):
     gradients point most nearly the way of the exact damped-GGN solves, measured in the exact system's
     energy norm (see :func:`~lightning_dtda.curvature.fit_damping`): 13 GGN products of 16 columns.
 
-    Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``
-    and ``nn.Conv2d`` layers the forward calls and of ``nn.MultiheadAttention`` (self-attention), as
-    kronfluence does, and leave the others (embeddings, normalisation layers) out: the effects are then
+    Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``,
+    ``nn.Conv2d`` and ``nn.Embedding`` layers the forward calls and of ``nn.MultiheadAttention``
+    (self-attention), as kronfluence does, and leave the others (normalisation layers, tied embeddings) out: the effects are then
     those through the tracked parameters only, the others held at their final values, with query
     gradients, training gradients and curvature all restricted to them. Their names go into each run's settings (``parameters``) and
     one line is logged. ``"ggn"`` and ``"identity"`` track every trainable parameter. ``modules``
