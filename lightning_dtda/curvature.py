@@ -119,6 +119,10 @@ class DenseGGN(SpectralCurvature):
         return ((vectors @ self.eigenvectors) * fn(self.eigenvalues)) @ self.eigenvectors.T
 
 
+# Smallest and largest rank of the Nystrom sketch that preconditions block CG (see KrylovGGN).
+NYSTROM_RANKS = (16, 64)
+
+
 class KrylovGGN(SpectralCurvature):
     """The exact GGN through matrix products only, for models of any size.
 
@@ -128,25 +132,32 @@ class KrylovGGN(SpectralCurvature):
     collects, for every solve, its products, final relative residual and seconds (CG) or its products and
     seconds (Lanczos).
 
-    No preconditioner: K-FAC at the same weights, the obvious one, made CG slower on every model
-    measured (1.4-1.7x the products on the digits MLP; on a 1M-parameter CNN 60 products without
-    converging against 33 without it, 10x the time; see benchmarks/krylov.py).
+    Preconditioning: CG runs on ``(G + damping I)`` preconditioned by a randomized Nystrom sketch of
+    ``G`` (:func:`~lightning_dtda.krylov.nystrom`) with as many columns as the first block solved, at least
+    16 and at most 64: one product, about one iteration's cost, made once and reused by later solves. It
+    inverts the top of the spectrum, which a narrow block's Krylov space takes many products to find.
+    Measured on the 1M-parameter CNN of benchmarks/speed.py (GGN on 200 images, auto damping): one query
+    90 products in 29 s plain, 49 products + a rank-16 sketch in 20 s (a rank-64 sketch: 33 s); 50
+    queries 10 products in 177 s plain, 8 + a rank-64 sketch in 156 s (rank 16: 179 s). Memory: the
+    sketch's ``[P, rank]`` float64 basis. K-FAC and EK-FAC, the obvious preconditioners, made CG slower on
+    every model measured (1.4-2x the products; they drop the cross-layer blocks; benchmarks/krylov.py).
 
     Args:
         operator: curvlinops' GGN of the mean training loss.
         tolerance: Relative residual at which CG stops, and relative change at which Lanczos stops.
         max_iterations: Products after which either stops; a solve that has not converged by then warns.
+        preconditioned: Precondition CG as above.
     """
 
     def __init__(
         self, operator: PyTorchLinearOperator, tolerance: float = 1e-5, max_iterations: int = 500, progress: bool = False,
-        preconditioner_rank: int = 0,
+        preconditioned: bool = True,
     ) -> None:
         self.operator = _SummedOverRanks(operator)
         self.tolerance = tolerance
         self.max_iterations = max_iterations
         self.progress = progress
-        self.preconditioner_rank = preconditioner_rank
+        self.preconditioned = preconditioned
         self._sketch: tuple[Tensor, Tensor] | None = None
         self.reports: list[dict[str, Any]] = []
 
@@ -162,11 +173,12 @@ class KrylovGGN(SpectralCurvature):
         start = time.perf_counter()
         report: dict[str, Any] = {}
         precondition = None
-        if self.preconditioner_rank:
-            if self._sketch is None:  # one product of rank columns, reused by every later solve
-                self._sketch = nystrom(self.matmat, self.operator.shape[0], self.preconditioner_rank)
+        if self.preconditioned:
+            if self._sketch is None:  # one product, about one CG iteration's cost, reused by later solves
+                low, high = NYSTROM_RANKS
+                self._sketch = nystrom(self.matmat, self.operator.shape[0], min(max(len(vectors), low), high))
                 report["nystrom_seconds"] = round(time.perf_counter() - start, 3)
-            report["nystrom_rank"] = self.preconditioner_rank
+            report["nystrom_rank"] = self._sketch[0].shape[1]
             precondition = nystrom_preconditioner(*self._sketch, damping)
         x, iterations, residual = conjugate_gradients(
             lambda v: self.matmat(v) + damping * v,

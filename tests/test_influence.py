@@ -1,10 +1,10 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from lightning_dtda.curvature import DAMPING_GRID, fit_curvature
+from lightning_dtda.curvature import DAMPING_GRID, NYSTROM_RANKS, fit_curvature
 from lightning_dtda.estimators.base import curvature_examples
 from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
@@ -52,6 +52,26 @@ def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs):
     effects, _, info = attributor.attribute_run(run, queries)
     assert relative_error(effects, oracle_for(attributor, run, data, queries)) < 1e-5
     assert info["cg_residual"] < 1e-5 and 0 < info["cg_products"] < 83 and info["cg_seconds"] > 0
+
+
+def test_one_query_is_solved_with_a_nystrom_preconditioner_in_fewer_products(classifier_runs):
+    runs, data, queries = classifier_runs
+    one = TensorDataset(*(t[:1] for t in queries.tensors))
+    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-3, solver="krylov"), progress=False)
+    run = attributor.runs[0]
+    effects, _, info = attributor.attribute_run(run, one)
+    assert relative_error(effects, oracle_for(attributor, run, data, one)) < 1e-5
+    assert info["nystrom_rank"] == NYSTROM_RANKS[0] and info["nystrom_seconds"] > 0 and info["cg_residual"] < 1e-5
+    model = attributor.load_model(run)
+    curvatures = [
+        fit_curvature("ggn", model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [data.tensors], 40, solver="krylov") for _ in range(2)
+    ]
+    curvatures[1].preconditioned = False
+    vector = torch.randn(1, 83, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    preconditioned, plain = (c.solve(vector, 1e-3) for c in curvatures)
+    assert relative_error(preconditioned, plain) < 1e-5
+    counts = [c.reports[-1]["cg_products"] for c in curvatures]
+    assert "nystrom_rank" not in curvatures[1].reports[-1] and counts[0] < 0.7 * counts[1], counts
 
 
 def test_ggn_on_a_subset_of_the_training_set_uses_that_subsets_curvature(classifier_runs):
