@@ -73,3 +73,16 @@ def test_relu_smoothing_warns_without_relu_and_refuses_a_bad_width(tmp_path):
         Attributor(TinyClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.5), progress=False).attribute(data)
     with pytest.raises(ValueError, match="relu_smoothing must be None or a positive width, got 0.0"):
         Unrolled(relu_smoothing=0.0)
+
+
+class AdamReLUClassifier(ReLUClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def test_relu_smoothing_is_refused_for_adam_runs_where_it_diverges(tmp_path):
+    data = classification_data(n=20, dtype=torch.float64)
+    runs = record(tmp_path, AdamReLUClassifier, data, hidden=5)
+    with pytest.raises(ValueError, match=r"relu_smoothing=...\) is for SGD runs; seed_0 used torch.optim.adam.Adam.*Use Unrolled\(\)"):
+        Attributor(AdamReLUClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.1), progress=False).attribute(data)
+    assert Attributor(AdamReLUClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(data).effects.isfinite().all()
