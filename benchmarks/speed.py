@@ -9,7 +9,8 @@ million parameters on 3,000 digits upsampled to 32x32 (50 queries). Wall time co
 factors and scoring every (query, train) pair; memory is how far each raised the process's peak
 RSS. On the CNN the exact GGN solved by block conjugate gradients (``Influence(curvature="ggn",
 solver="krylov")``, its products on a random subset of ``GGN_SUBSET`` training images) runs the same
-way, with its time as ratios to both EK-FACs and its breakdown (products, seconds per product). The
+way, with and without its Nystrom preconditioner, with its time as ratios to both EK-FACs and its
+breakdown (products, seconds per product). The
 recorder's overhead is the ratio of Lightning training time with and without it (digits
 example: 20 epochs, a snapshot every epoch), alternated and repeated in one process.
 """
@@ -140,10 +141,15 @@ def child(tool: str, setting: str, runs: Path, damping: float, out: Path) -> Non
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     report: dict = {}
+    if tool == "ggn-plain":  # the same solve without its Nystrom preconditioner
+        from lightning_dtda.curvature import KrylovGGN
+
+        init = KrylovGGN.__init__
+        KrylovGGN.__init__ = lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "preconditioned": False})
     if tool == "kronfluence":
         effects = run_kronfluence(setting, runs, damping, out)
     else:
-        effects, report = run_ours(setting, runs, damping, "ggn" if tool == "ggn" else "ekfac")
+        effects, report = run_ours(setting, runs, damping, "ggn" if tool.startswith("ggn") else "ekfac")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     torch.save(effects, out / f"{tool}_{setting}.pt")
@@ -196,7 +202,7 @@ def main() -> None:
         runs = train(setting, root)
         [run] = load_runs(runs)
         damping = 1.0 / run.learning_rate_time()  # the "auto" rule (no weight decay here)
-        for tool in ("ours", "kronfluence", "ggn") if setting == "cnn" else ("ours", "kronfluence"):
+        for tool in ("ours", "kronfluence", "ggn", "ggn-plain") if setting == "cnn" else ("ours", "kronfluence"):
             out = subprocess.run([sys.executable, __file__, "--child", tool, setting, str(runs), str(damping), str(root)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
@@ -206,13 +212,17 @@ def main() -> None:
         o, k = measured["ours", setting], measured["kronfluence", setting]
         print(f"| {setting} | {params:,} | {o['seconds']:.1f} | {k['seconds']:.1f} | {o['seconds'] / k['seconds']:.2f} | "
               f"{o['peak_mib']:.0f} | {k['peak_mib']:.0f} | {pearson(root, 'ours', 'kronfluence', setting):.3f} |")
-    g, o, k = measured["ggn", "cnn"], measured["ours", "cnn"], measured["kronfluence", "cnn"]
-    print(f"\nCNN, exact GGN by block CG (50 queries, GGN products on {GGN_SUBSET} of 3,000 images): {g['seconds']:.1f} s, "
-          f"{g['seconds'] / o['seconds']:.2f}x our EK-FAC, {g['seconds'] / k['seconds']:.2f}x kronfluence's; peak {g['peak_mib']:.0f} MiB")
-    print(f"    {g['cg_products']} GGN products of [P, 50] to relative residual {g['cg_residual']:.1e}, "
-          f"{g['cg_seconds']:.1f} s in CG ({g['cg_seconds'] / g['cg_products']:.1f} s a product), "
-          f"{g['seconds'] - g['cg_seconds']:.1f} s for the query and training gradients; "
-          f"Pearson with our EK-FAC {pearson(root, 'ggn', 'ours', 'cnn'):.3f}")
+    o, k = measured["ours", "cnn"], measured["kronfluence", "cnn"]
+    for tool, label in (("ggn", "preconditioned by a Nystrom sketch (default)"), ("ggn-plain", "without a preconditioner")):
+        g = measured[tool, "cnn"]
+        print(f"\nCNN, exact GGN by block CG {label} (50 queries, GGN products on {GGN_SUBSET} of 3,000 images): "
+              f"{g['seconds']:.1f} s, {g['seconds'] / o['seconds']:.2f}x our EK-FAC, {g['seconds'] / k['seconds']:.2f}x kronfluence's; "
+              f"peak {g['peak_mib']:.0f} MiB")
+        sketch = f" after a rank-{g['nystrom_rank']} sketch ({g['nystrom_seconds']:.1f} s)" if "nystrom_rank" in g else ""
+        print(f"    {g['cg_products']} GGN products of [P, 50]{sketch} to relative residual {g['cg_residual']:.1e}, "
+              f"{g['cg_seconds']:.1f} s in CG ({g['cg_seconds'] / g['cg_products']:.1f} s a product), "
+              f"{g['seconds'] - g['cg_seconds']:.1f} s for the query and training gradients; "
+              f"Pearson with our EK-FAC {pearson(root, tool, 'ours', 'cnn'):.3f}")
     q1, median, q3, fastest = recorder_overhead()
     print(f"\nrecorder overhead on the digits example (with / without, median of 41 pairs): {median:.3f}x "
           f"(quartiles {q1:.3f}-{q3:.3f}); fastest with / fastest without: {fastest:.3f}x")

@@ -170,16 +170,17 @@ class KrylovGGN(SpectralCurvature):
             return (self.operator @ columns.to(self.operator.dtype)).to(columns.dtype)
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
-        start = time.perf_counter()
         report: dict[str, Any] = {}
         precondition = None
         if self.preconditioned:
             if self._sketch is None:  # one product, about one CG iteration's cost, reused by later solves
+                start = time.perf_counter()
                 low, high = NYSTROM_RANKS
                 self._sketch = nystrom(self.matmat, self.operator.shape[0], min(max(len(vectors), low), high))
                 report["nystrom_seconds"] = round(time.perf_counter() - start, 3)
             report["nystrom_rank"] = self._sketch[0].shape[1]
             precondition = nystrom_preconditioner(*self._sketch, damping)
+        start = time.perf_counter()
         x, iterations, residual = conjugate_gradients(
             lambda v: self.matmat(v) + damping * v,
             vectors.T.double(),

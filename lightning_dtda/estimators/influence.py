@@ -66,9 +66,10 @@ class Influence(Estimator):
         damping: ``"auto"`` (per run, see above) or a positive float.
         solver: How ``"ggn"`` is solved: ``"dense"`` (the matrix built and eigendecomposed; up to
             32,768 parameters), ``"krylov"`` (block conjugate gradients on GGN products, all queries at
-            once; any size) or ``"auto"`` (dense up to 4,096 parameters). The products taken and the
-            final relative residual go into each run's settings (``cg_products``, ``cg_residual``, and
-            ``cg_seconds``).
+            once, preconditioned by a randomized Nystrom sketch of the GGN; any size) or ``"auto"`` (dense
+            up to 4,096 parameters). The products taken and the final relative residual go into each run's
+            settings (``cg_products``, ``cg_residual``, ``cg_seconds``; the sketch's ``nystrom_rank`` and
+            ``nystrom_seconds``).
         curvature_subset: Fit the curvature on this many training examples drawn at random (the same
             draw for every run) instead of all of them; the gradients contracted are still all ``N``.
         modules: Names of submodules (as in ``model.named_modules()``) to attribute through, e.g.
