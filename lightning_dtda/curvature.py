@@ -119,8 +119,10 @@ class DenseGGN(SpectralCurvature):
         return ((vectors @ self.eigenvectors) * fn(self.eigenvalues)) @ self.eigenvectors.T
 
 
-# Smallest and largest rank of the Nystrom sketch that preconditions block CG (see KrylovGGN).
+# Block CG is preconditioned by a Nystrom sketch whose rank is the block's width clamped to
+# NYSTROM_RANKS, by default for blocks of at most NYSTROM_MAX_COLUMNS columns (see KrylovGGN).
 NYSTROM_RANKS = (16, 64)
+NYSTROM_MAX_COLUMNS = 8
 
 
 class KrylovGGN(SpectralCurvature):
@@ -132,26 +134,28 @@ class KrylovGGN(SpectralCurvature):
     collects, for every solve, its products, final relative residual and seconds (CG) or its products and
     seconds (Lanczos).
 
-    Preconditioning: CG runs on ``(G + damping I)`` preconditioned by a randomized Nystrom sketch of
-    ``G`` (:func:`~lightning_dtda.krylov.nystrom`) with as many columns as the first block solved, at least
-    16 and at most 64: one product, about one iteration's cost, made once and reused by later solves. It
-    inverts the top of the spectrum, which a narrow block's Krylov space takes many products to find.
-    Measured on the 1M-parameter CNN of benchmarks/speed.py (GGN on 200 images, auto damping): one query
-    90 products in 29 s plain, 49 products + a rank-16 sketch in 20 s (a rank-64 sketch: 33 s); 50
-    queries 10 products in 177 s plain, 8 + a rank-64 sketch in 156 s (rank 16: 179 s). Memory: the
-    sketch's ``[P, rank]`` float64 basis. K-FAC and EK-FAC, the obvious preconditioners, made CG slower on
-    every model measured (1.4-2x the products; they drop the cross-layer blocks; benchmarks/krylov.py).
+    Preconditioning: a block of at most 8 columns (a few queries, or ``reduce="mean"``) is solved with
+    a randomized Nystrom sketch of ``G`` as CG's preconditioner (:func:`~lightning_dtda.krylov.nystrom`;
+    rank 16: one product of 16 columns, made once and reused by later solves). It inverts the top of the
+    spectrum, which a narrow block's Krylov space takes many products to find: one query on the
+    1M-parameter CNN of benchmarks/speed.py (GGN on 200 images, auto damping) took 90 products in 29 s
+    plain and 49 + the sketch in 20 s. A wide block spans the top of the spectrum itself within a product
+    or two: 50 queries there took 10 products (206 s) plain and 9 after a rank-50 sketch (215 s), so
+    wider blocks are solved plain. Memory: the sketch's ``[P, rank]`` float64 basis. K-FAC and EK-FAC,
+    the obvious preconditioners, made CG slower on every model measured (1.4-2x the products; they drop
+    the cross-layer blocks; benchmarks/krylov.py).
 
     Args:
         operator: curvlinops' GGN of the mean training loss.
         tolerance: Relative residual at which CG stops, and relative change at which Lanczos stops.
         max_iterations: Products after which either stops; a solve that has not converged by then warns.
-        preconditioned: Precondition CG as above.
+        preconditioned: ``None``: as above; ``True``/``False``: always/never, the sketch's rank then the
+            first block's width clamped to 16-64.
     """
 
     def __init__(
         self, operator: PyTorchLinearOperator, tolerance: float = 1e-5, max_iterations: int = 500, progress: bool = False,
-        preconditioned: bool = True,
+        preconditioned: bool | None = None,
     ) -> None:
         self.operator = _SummedOverRanks(operator)
         self.tolerance = tolerance
@@ -172,7 +176,7 @@ class KrylovGGN(SpectralCurvature):
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         report: dict[str, Any] = {}
         precondition = None
-        if self.preconditioned:
+        if self.preconditioned or (self.preconditioned is None and len(vectors) <= NYSTROM_MAX_COLUMNS):
             if self._sketch is None:  # one product, about one CG iteration's cost, reused by later solves
                 start = time.perf_counter()
                 low, high = NYSTROM_RANKS

@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from lightning_dtda.curvature import DAMPING_GRID, NYSTROM_RANKS, fit_curvature
+from lightning_dtda.curvature import DAMPING_GRID, NYSTROM_MAX_COLUMNS, NYSTROM_RANKS, fit_curvature
 from lightning_dtda.estimators.base import curvature_examples
 from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
@@ -72,6 +72,9 @@ def test_one_query_is_solved_with_a_nystrom_preconditioner_in_fewer_products(cla
     assert relative_error(preconditioned, plain) < 1e-5
     counts = [c.reports[-1]["cg_products"] for c in curvatures]
     assert "nystrom_rank" not in curvatures[1].reports[-1] and counts[0] < 0.7 * counts[1], counts
+    wide = fit_curvature("ggn", model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [data.tensors], 40, solver="krylov")
+    wide.solve(torch.randn(NYSTROM_MAX_COLUMNS + 1, 83, dtype=torch.float64), 1e-3)  # wide blocks find the top of the spectrum themselves
+    assert "nystrom_rank" not in wide.reports[-1]
 
 
 def test_ggn_on_a_subset_of_the_training_set_uses_that_subsets_curvature(classifier_runs):
