@@ -73,20 +73,15 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
     and JSON values. Anything else raises ``TypeError``: only pickle could store it.
     """
     tensors: dict[str, Tensor] = {}
-    storages: set[int] = set()
 
     def encode(value: Any, path: tuple[str, ...]) -> Any:
         if isinstance(value, Tensor):
             name = ".".join(path)
             if name in tensors:
                 raise ValueError(f"two tensors of the tree would both be stored as {name!r}; rename one of their keys.")
-            t = value.detach().cpu().contiguous()
-            # safetensors refuses tensors that share memory (tied weights): the second is stored in full.
-            storage = t.untyped_storage().data_ptr()
-            if storage in storages and t.numel():
-                t = t.clone()
-            storages.add(storage)
-            tensors[name] = t
+            # Tensors that share memory (tied weights) are each stored in full: serialize copies bytes
+            # from each tensor's own pointer.
+            tensors[name] = value.detach().cpu().contiguous()
             return {_TENSOR: name}
         if isinstance(value, Mapping):
             if all(isinstance(k, str) for k in value) and not (len(value) == 1 and {_TENSOR, _ITEMS} & set(value)):
