@@ -19,6 +19,7 @@ from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.curvature import describe_tracked
 from lightning_dtda.data import fingerprint_dataset
 from lightning_dtda.distributed import rank_and_world
+from lightning_dtda.embedding import check_embeddings
 from lightning_dtda.estimators import Estimator, Influence, RunContext
 from lightning_dtda.estimators.base import cache_file, measurement_gradients
 from lightning_dtda.gradients import trainable_parameters
@@ -127,6 +128,7 @@ class Attributor:
             if hooks.default_measurement and query_data is not None:  # the query loss: its targets could broadcast too
                 hooks.check_loss(move_data_to_device(next(iter(DataLoader(query_data, batch_size=2))), self.device))
         params = self.estimator.tracked_parameters(model, first)
+        check_embeddings(model, params, getattr(self.estimator, "curvature", None) == "identity")
         subset = params != list(trainable_parameters(model))
         if subset and run is self.runs[0]:
             rank_zero_info(f"{self.estimator.label} tracks {describe_tracked(model, params)}")

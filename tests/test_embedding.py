@@ -176,3 +176,40 @@ def test_embedding_blocks_of_a_keyword_only_forward_equal_the_positional_ones():
         for m, inputs in ((model, x), (keywords, {"tokens": x}))
     ]
     assert relative_error(solves[1], solves[0]) < 1e-12
+
+
+class TokenBagVariant(TokenBag):
+    """TokenBag with an embedding option attribution cannot go through, or an nn.EmbeddingBag."""
+
+    def __init__(self, variant: str = "plain", **hparams) -> None:
+        super().__init__(**hparams)
+        vocab, d = self.hparams.vocab, self.hparams.d
+        self.embed = {
+            "max_norm": lambda: nn.Embedding(vocab, d, max_norm=1.0),
+            "scale_grad_by_freq": lambda: nn.Embedding(vocab, d, scale_grad_by_freq=True),
+            "sparse": lambda: nn.Embedding(vocab, d, sparse=True),
+            "bag": lambda: nn.EmbeddingBag(vocab, d),
+        }[variant]()
+
+    def forward(self, tokens):
+        pooled = self.embed(tokens) if isinstance(self.embed, nn.EmbeddingBag) else self.embed(tokens).mean(1)
+        return self.head(self.norm(pooled))
+
+
+@pytest.mark.parametrize("variant", ["max_norm", "scale_grad_by_freq", "sparse", "bag"])
+def test_embedding_options_attribution_cannot_go_through_are_refused_before_any_work(tmp_path, variant):
+    data = token_regression_data()
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+        TokenBagVariant(variant), DataLoader(data, batch_size=8, shuffle=True))
+    refused = {"max_norm": "max_norm=1.0: its forward renormalises the weight in place",
+               "scale_grad_by_freq": "scale_grad_by_freq=True: its backward rescales the gradient",
+               "sparse": "sparse=True: its gradient is a sparse tensor",
+               "bag": "torch has no forward-mode or double-backward derivative"}[variant]
+    with pytest.raises(ValueError, match=rf"embed \((Embedding|EmbeddingBag)\) (has |cannot be attributed through: ){refused}"):
+        Attributor(TokenBagVariant, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False).attribute(data)
+    if variant != "max_norm":  # left out, the rest attributes; identity needs first derivatives only, which EmbeddingBag has
+        left_out = Influence(curvature="ggn", modules=["norm", "head"])
+        for estimator in (left_out, Influence(curvature="ekfac")) + ((Influence(curvature="identity"),) if variant == "bag" else ()):
+            result = Attributor(TokenBagVariant, tmp_path / "runs", data, estimator=estimator, progress=False).attribute(data)
+            assert result.effects.isfinite().all()

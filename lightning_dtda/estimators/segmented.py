@@ -113,8 +113,8 @@ def segmented_effects(
     num_train = run.dataset_length
     adjoint = query_grads
     effects = torch.zeros(len(query_grads), num_train, dtype=query_grads.dtype, device=query_grads.device)
+    _check_sgd(run)  # first: more snapshots would not help an Adam run
     groups = segment_snapshots(run, num_segments)
-    _check_sgd(run)
     for group in groups[::-1]:
         first, last = steps[group[0] - 1], steps[group[-1]]
         time = run.learning_rate_time(first, last)  # eta_l * K_l
