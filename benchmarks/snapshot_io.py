@@ -1,6 +1,6 @@
 """What safetensors snapshots (run format 3) cost against the flat archives of run format 2.
 
-    python benchmarks/snapshot_io.py    # about 1 minute on 2 cores
+    python benchmarks/snapshot_io.py    # about 4 minutes on 2 cores
 
 Records two epochs of the digits MLP of benchmarks/speed.py (the recorder-overhead setting: 32 steps
 of 32 examples per snapshot), takes its last snapshot, and writes and reads that same content in both
@@ -8,6 +8,11 @@ formats, interleaved, 2,000 times each. Prints the median time per snapshot of: 
 + SHA-256 (what the recorder pays per snapshot), and checked read + decode (what a replay pays per
 snapshot), and the ratio new / old. Format 2's encoder is no longer in the package; the few lines
 below rebuild it from ``legacy.decode_archive``, which reads what it writes (checked here).
+
+Then the recorder's overhead in the protocol of benchmarks/speed.py, but format against format: the
+digits example (20 epochs, a snapshot every epoch) trained with the recorder writing safetensors and
+with it writing format-2 archives, the same seed back to back in alternating order, 41 pairs after a
+warm-up pair; printed: the quartiles of the paired ratios (safetensors / format 2).
 """
 
 from __future__ import annotations
@@ -65,6 +70,30 @@ def write_archive(tree: dict[str, Any], path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def recorder_format_ratio(repeats: int = 41) -> tuple[float, float, float]:
+    """Quartiles of the training time with safetensors snapshots over that with format-2 archives."""
+    import lightning_dtda.run_format as run_format
+
+    train_set = datasets("mlp")[0]
+    writers = {"new": run_format.save_tree, "old": write_archive}
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats + 1):
+            seconds = {}
+            for kind in ("new", "old") if repeat % 2 else ("old", "new"):
+                run_format.save_tree = writers[kind]
+                pl.seed_everything(repeat, verbose=False)
+                trainer = pl.Trainer(max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                     enable_model_summary=False, callbacks=[TrajectoryRecorder(Path(tmp) / f"{kind}{repeat}")])
+                start = time.perf_counter()
+                trainer.fit(DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True))
+                seconds[kind] = time.perf_counter() - start
+            if repeat > 0:
+                ratios.append(seconds["new"] / seconds["old"])
+    run_format.save_tree = writers["new"]
+    return tuple(torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist())
+
+
 def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +134,9 @@ def main() -> None:
         old = statistics.median(seconds[(operation, "old")]) * 1e3
         new = statistics.median(seconds[(operation, "new")]) * 1e3
         print(f"| {label} | {old:.3f} | {new:.3f} | {new / old:.2f} |")
+    q1, median, q3 = recorder_format_ratio()
+    print(f"\nrecorder, digits example (20 epochs, a snapshot each): training time writing safetensors / writing format 2, "
+          f"median of 41 pairs {median:.3f} (quartiles {q1:.3f}-{q3:.3f})")
 
 
 if __name__ == "__main__":
