@@ -460,7 +460,10 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
     if modules is not None and empty:
         layers = "nn.Linear, nn.Conv2d, nn.Embedding or self-attention layers the forward calls" if kind in ("kfac", "ekfac") else "trainable parameters"
         hint = "name others, or use curvature='ggn' (any layer)" if kind in ("kfac", "ekfac") else "name others"
-        raise ValueError(f"curvature={kind!r}: modules {empty} hold no {layers}; {hint}.")
+        raise ValueError(
+            f"curvature={kind!r}: modules {empty} hold no {layers}; {hint}. (A weight two modules share, such as a head tied to "
+            "an embedding, is named after its first holder in named_parameters(), and K-FAC leaves it out: no one block sees both uses.)"
+        )
     chosen = {n for names in inside.values() for n in names}
     if not chosen:
         raise ValueError(
@@ -475,11 +478,19 @@ def describe_tracked(model: nn.Module, names: Sequence[str]) -> str:
     params = dict(model.named_parameters())
     left = [n for n, p in params.items() if p.requires_grad and n not in names]
 
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(module_name)
+
     def layers(of: Sequence[str]) -> str:
         parts = []
         for owner in dict.fromkeys(n.rpartition(".")[0] for n in of):
             if owner:
-                parts.append(f"{owner} ({type(model.get_submodule(owner)).__name__})")
+                # A weight other modules hold too (a head tied to an embedding) is named after its first holder.
+                shared = sorted({h for n in of if n.rpartition(".")[0] == owner for h in holders[id(params[n])]} - {owner})
+                tied = f", its weight shared with {', '.join(shared)}" if shared else ""
+                parts.append(f"{owner} ({type(model.get_submodule(owner)).__name__}{tied})")
             else:  # parameters of the model itself (a learned positional table, say): named one by one
                 parts += [f"{n} (a parameter of {type(model).__name__})" for n in of if "." not in n]
         return ", ".join(parts)

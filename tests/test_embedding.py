@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dtda import Attributor, Influence, Segmented, TrajectoryRecorder
-from lightning_dtda.curvature import fit_curvature, tracked_parameters
+from lightning_dtda.curvature import describe_tracked, fit_curvature, tracked_parameters
 from models import LoneEmbedding, TokenBag, token_regression_data, trainer
 from oracles import dense_ggn_effects, relative_error
 
@@ -154,6 +154,7 @@ class Tied(nn.Module):
 def test_tied_tables_and_lookups_that_change_under_expansion_are_left_out():
     batch = (torch.randint(0, V, (5, T)), torch.randint(0, V, (5,)))
     assert tracked_parameters(Tied(), "ekfac", None, batch) == ["mix.weight", "mix.bias"]
+    assert "left out: tokens (Embedding, its weight shared with head), positions (Embedding)" in describe_tracked(Tied(), ["mix.weight", "mix.bias"])
     assert tracked_parameters(Tied(tie=False), "ekfac", None, batch) == ["tokens.weight", "mix.weight", "mix.bias", "head.weight"]
     model = Tied()
     with pytest.raises(ValueError, match=r"curvature='kfac' has no block for the weight of \[Embedding\(7, 3\), Linear"):
