@@ -102,8 +102,14 @@ def test_replay_refuses_what_it_cannot_replay(tmp_path):
     runs = record(tmp_path, RMSpropClassifier, data)
     with pytest.raises(ValueError, match="RMSprop has none. Supported: torch.optim.sgd.SGD"):
         Attributor(RMSpropClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
-    with pytest.raises(ValueError, match="segments=9, but run seed_0 has 2 snapshots after step 0"):
+    # The optimizer is refused before the snapshots are counted: more snapshots would not help.
+    with pytest.raises(ValueError, match="Segmented models SGD, .* run seed_0 used torch.optim.rmsprop.RMSprop"):
         Attributor(RMSpropClassifier, runs, data, estimator=Segmented(segments=9, curvature="ggn"),
+                   progress=False).attribute(queries)
+    (tmp_path / "sgd").mkdir()
+    sgd_runs = record(tmp_path / "sgd", TinyClassifier, data)
+    with pytest.raises(ValueError, match="segments=9, but run seed_0 has 2 snapshots after step 0"):
+        Attributor(TinyClassifier, sgd_runs, data, estimator=Segmented(segments=9, curvature="ggn"),
                    progress=False).attribute(queries)
 
 

@@ -45,7 +45,7 @@ def _check_sgd(run: Trajectory) -> None:
     if not optimizer.endswith("SGD"):
         raise ValueError(
             f"Segmented models SGD, whose step is the learning rate; run {run.name} used {optimizer}. "
-            "Use Unrolled() for Adam."
+            "Use Unrolled() for Adam or AdamW."
         )
 
 
