@@ -191,6 +191,7 @@ class RunContext:
                 key["subset"] = subset
             if kind == "ggn":  # a dense eigendecomposition cached for "dense" must not answer a "krylov" request
                 key["solver"] = solver
+                key["eigh"] = "float64"  # caches from before the eigendecomposition was float64 are computed again
             if self.params is not None and self.params != list(trainable_parameters(model)):
                 key["parameters"] = self.params
             path = cache_file(self.cache_dir, self.run, f"curvature-{kind}", key)
