@@ -102,8 +102,10 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
     metadata = {TREE_KEY: json.dumps(encode(tree, ()))}
     # safetensors' own serializer, which both its numpy and torch writers end in, given each tensor's
     # memory directly: the same bytes in 0.025 ms for a digits-MLP snapshot, against 0.08 ms through its
-    # numpy writer and 0.2 ms through its torch writer (their per-tensor dtype and sharing checks, which
-    # encode() has done; benchmarks/snapshot_io.py). The tensors stay alive in `tensors` meanwhile.
+    # numpy writer and 0.2 ms through its torch writer (their per-tensor conversions and shared-memory
+    # checks, which a serializer copying from each tensor's own pointer does not need;
+    # benchmarks/snapshot_io.py). The tensors stay alive in `tensors` meanwhile. Little-endian machines
+    # only, as torch's own writer byteswaps on big-endian ones.
     specs = {
         name: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=t.shape, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
         for name, t in tensors.items()
