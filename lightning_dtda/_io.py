@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 import torch
 from safetensors import TensorSpec, serialize
 from torch import Tensor
+
+if sys.byteorder != "little":  # tensors are written and read as the machine's raw bytes (see encode_tree)
+    raise ImportError("lightning-dtda writes and reads safetensors files as raw little-endian bytes; this machine is big-endian.")
 
 # The metadata entry that holds the tree's JSON; its tensors appear there as {"__tensor__": name}, and
 # a dict whose keys are not all strings (an optimizer state's parameter numbers) as {"__items__": pairs}.
@@ -104,8 +108,7 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
     # memory directly: the same bytes in 0.025 ms for a digits-MLP snapshot, against 0.08 ms through its
     # numpy writer and 0.2 ms through its torch writer (their per-tensor conversions and shared-memory
     # checks, which a serializer copying from each tensor's own pointer does not need;
-    # benchmarks/snapshot_io.py). The tensors stay alive in `tensors` meanwhile. Little-endian machines
-    # only, as torch's own writer byteswaps on big-endian ones.
+    # benchmarks/snapshot_io.py). The tensors stay alive in `tensors` meanwhile.
     specs = {
         name: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=t.shape, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
         for name, t in tensors.items()
