@@ -176,21 +176,20 @@ def fit_blocks(
     """K-FAC blocks of the layers ``kinds`` (from :func:`lookup_kinds`), from one pass over ``data`` (a
     rank's shard: the sums are over this shard, divided by the full ``num_data``)."""
     counts: dict[nn.Embedding, Tensor] = {}
-    lookups: dict[nn.Embedding, int] = {}
     grams: dict[nn.Embedding, Tensor] = {}
     for column, layer, indices, g in _lookups(model, loss_function, kinds, data):
         flat = g.reshape(-1, g.shape[-1])
         grams[layer] = grams.get(layer, 0) + flat.T @ flat
         if column == 0:
-            lookups[layer] = indices.shape[1]
+            # Each batch's counts over its own lookups per example S, as curvlinops normalises each batch
+            # (sequence lengths may differ between batches); in float64, where float16 would overflow.
+            lookups = indices.shape[1]
             if layer.padding_idx is not None:
                 indices = indices[indices != layer.padding_idx]
-            counts[layer] = counts.get(layer, 0) + torch.bincount(indices.flatten(), minlength=layer.num_embeddings)
+            found = torch.bincount(indices.flatten(), minlength=layer.num_embeddings).double() / lookups
+            counts[layer] = counts.get(layer, 0) + found
     scale = _scale(loss_function, num_data)
-    return {
-        layer: EmbeddingBlock(counts[layer].to(layer.weight.dtype) / (num_data * lookups[layer]), grams[layer] * scale)
-        for layer in kinds
-    }
+    return {layer: EmbeddingBlock((counts[layer] / num_data).to(layer.weight.dtype), grams[layer] * scale) for layer in kinds}
 
 
 def correct_eigenvalues(

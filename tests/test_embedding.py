@@ -38,7 +38,7 @@ class Tokens(nn.Module):
         if self.padding_idx is not None:
             inputs = inputs * (x != self.padding_idx)[..., None]
         # The position inputs repeated for every example: a linear layer sees a batch dimension.
-        positions = F.one_hot(where, T).double().expand(len(x), T, T)
+        positions = F.one_hot(where, T).double().expand(len(x), x.shape[1], T)
         return self.head(torch.tanh(self.tokens(inputs) + self.positions(positions)).mean(1))
 
 
@@ -51,10 +51,11 @@ def to_one_hot_layout(v, back=False):
     return torch.cat([*out, pieces[2]], dim=1)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("padding_idx", [None, 0])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
-def test_embedding_blocks_equal_curvlinops_blocks_of_the_one_hot_linear_layers(kind, loss, padding_idx):
+def test_embedding_blocks_equal_curvlinops_blocks_of_the_one_hot_linear_layers(kind, loss, padding_idx, ragged):
     torch.manual_seed(0)
     ours, twin = Tokens(padding_idx=padding_idx).double().eval(), Tokens(True, padding_idx).double().eval()
     with torch.no_grad():
@@ -64,7 +65,8 @@ def test_embedding_blocks_equal_curvlinops_blocks_of_the_one_hot_linear_layers(k
     assert torch.equal(ours(x), twin(x))
     y = torch.randint(0, C, (N,)) if loss == "ce" else torch.randn(N, C, dtype=torch.float64)
     loss_function = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
-    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    # ragged: the second batch's sequences are shorter, as padded text batches are (normalised per batch)
+    batches = [(x[:6], y[:6]), (x[6:, : T // 2] if ragged else x[6:], y[6:])]
     vectors = torch.randn(3, V * D + T * D + D * C + C, dtype=torch.float64)
     curvatures = [fit_curvature(kind, model, loss_function, list(model.parameters()), batches, N) for model in (ours, twin)]
     solves = [curvatures[0].solve(vectors, 0.1), curvatures[1].solve(to_one_hot_layout(vectors), 0.1)]
