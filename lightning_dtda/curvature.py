@@ -184,7 +184,7 @@ class KrylovGGN(SpectralCurvature):
             if self._sketch is None:  # one product, about one CG iteration's cost, reused by later solves
                 start = time.perf_counter()
                 low, high = NYSTROM_RANKS
-                self._sketch = nystrom(self.matmat, self.operator.shape[0], min(max(len(vectors), low), high))
+                self._sketch = nystrom(self.matmat, self.operator.shape[0], min(max(len(vectors), low), high), device=vectors.device)
                 report["nystrom_seconds"] = round(time.perf_counter() - start, 3)
             report["nystrom_rank"] = self._sketch[0].shape[1]
             precondition = nystrom_preconditioner(*self._sketch, damping)

@@ -75,7 +75,9 @@ def conjugate_gradients(
     return x, iterations, residual.where(rhs.norm(dim=0) > 0, torch.zeros_like(residual))
 
 
-def nystrom(matmat: MatMat, size: int, rank: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[Tensor, Tensor]:
+def nystrom(
+    matmat: MatMat, size: int, rank: int, dtype: torch.dtype = torch.float64, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """A randomized Nystrom approximation ``U diag(lam) U^T`` of a PSD operator from one product with a
     ``[size, rank]`` block: orthonormal ``U [size, rank]`` and ``lam [rank]`` (descending, >= 0).
 
@@ -85,9 +87,10 @@ def nystrom(matmat: MatMat, size: int, rank: int, dtype: torch.dtype = torch.flo
     a fixed seed, so every rank of a distributed run draws the same one.
     """
     generator = torch.Generator().manual_seed(seed)
-    omega, _ = torch.linalg.qr(torch.randn(size, rank, generator=generator, dtype=dtype))
+    omega, _ = torch.linalg.qr(torch.randn(size, rank, generator=generator, dtype=dtype).to(device))
     product = matmat(omega)
-    nu = size**0.5 * torch.finfo(dtype).eps * product.norm()
+    # The floor keeps an operator that is exactly zero (nothing to precondition) positive definite.
+    nu = (size**0.5 * torch.finfo(dtype).eps * product.norm()).clamp(min=torch.finfo(dtype).tiny ** 0.5)
     for _ in range(4):  # rounding can leave the core indefinite at the smallest shift: shift more
         y = product + nu * omega
         core = omega.T @ y

@@ -44,6 +44,8 @@ def test_nystrom_sketch_recovers_a_low_rank_operator_and_its_top_eigenvalues():
     u, eigenvalues = nystrom(lambda v: low @ v, 120, 15)
     assert relative_error((u * eigenvalues) @ u.T, low) < 1e-10
     assert torch.allclose(u.T @ u, torch.eye(15, dtype=torch.float64), atol=1e-12)
+    u, eigenvalues = nystrom(lambda v: 0 * v, 120, 8)  # an operator with nothing to precondition
+    assert eigenvalues.max() < 1e-100 and torch.allclose(nystrom_preconditioner(u, eigenvalues, 0.1)(low), low, rtol=1e-12, atol=0)
     a, _, spectrum = operator()
     top = nystrom(lambda v: a @ v, 120, 40)[1]
     assert torch.all(top <= spectrum.max() * (1 + 1e-12)) and top[0] > 0.9 * spectrum.max()  # a Nystrom sketch never overestimates
