@@ -83,6 +83,8 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
             name = ".".join(path)
             if name in tensors:
                 raise ValueError(f"two tensors of the tree would both be stored as {name!r}; rename one of their keys.")
+            if value.dtype not in _STORABLE:
+                raise TypeError(f"{name} is a {value.dtype} tensor, which these files do not hold; convert it (e.g. to float64).")
             # Tensors that share memory (tied weights) are each stored in full: serialize copies bytes
             # from each tensor's own pointer.
             tensors[name] = value.detach().cpu().contiguous()
@@ -118,10 +120,12 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
 
 # safetensors' dtype names (its format specification) and the torch dtypes they hold.
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "C64": torch.complex64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+_STORABLE = frozenset(_DTYPES.values())
 
 
 def _tensors_in(data: bytearray) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -139,16 +143,29 @@ def _tensors_in(data: bytearray) -> tuple[dict[str, Tensor], dict[str, str]]:
     if 8 + length > len(data):
         raise ValueError("incomplete metadata: the header runs past the end of the file")
     header = json.loads(bytes(data[8 : 8 + length]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("the header's __metadata__ is not a map of strings")
+
+    def valid(entry: Any) -> bool:
+        offsets, shape = (entry.get("data_offsets"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
+        whole = lambda xs, n=None: isinstance(xs, list) and (n is None or len(xs) == n) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+        return whole(offsets, 2) and whole(shape) and entry.get("dtype") in _DTYPES
+
+    for name, entry in header.items():
+        if not valid(entry):
+            if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor {name!r} has the dtype {entry['dtype']!r}, which this version does not read")
+            raise ValueError(f"tensor {name!r} has a malformed entry {entry!r}")
     start, end = 8 + length, 8 + length
     tensors = {}
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
-        dtype, shape, (first, last) = _DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
-        if dtype is None:
-            raise ValueError(f"tensor {name!r} has the dtype {entry['dtype']!r}, which this version does not read")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name!r} has the shape {shape}")
+        dtype, shape, (first, last) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
         numel = math.prod(shape)
+        if (start + first) % dtype.itemsize:  # safetensors' writers align every tensor to its element size
+            raise ValueError(f"tensor {name!r} starts at byte {first}, not aligned to its {dtype.itemsize}-byte elements")
         if start + first != end or last - first != numel * dtype.itemsize:
             raise ValueError(f"tensor {name!r}'s bytes [{first}, {last}) do not follow the previous tensor's or fit its shape")
         end = start + last

@@ -78,6 +78,8 @@ def test_tensors_are_read_as_safetensors_reads_them_and_bad_layouts_are_refused(
         "bf16": torch.randn(3).to(torch.bfloat16), "i64": torch.arange(4), "i32": torch.arange(3, dtype=torch.int32),
         "i16": torch.arange(2, dtype=torch.int16), "i8": torch.arange(-3, 3, dtype=torch.int8),
         "u8": torch.arange(9, dtype=torch.uint8).view(3, 3), "bool": torch.tensor([True, False]),
+        "u16": torch.arange(3).to(torch.uint16), "u32": torch.arange(3).to(torch.uint32), "u64": torch.arange(3).to(torch.uint64),
+        "c64": torch.randn(2, dtype=torch.complex64),
         "f8": torch.randn(4).to(torch.float8_e4m3fn), "f8_e5m2": torch.randn(4).to(torch.float8_e5m2),
         "scalar": torch.tensor(2.5), "empty": torch.empty(0, 3),
     }
@@ -95,6 +97,7 @@ def test_tensors_are_read_as_safetensors_reads_them_and_bad_layouts_are_refused(
         header = safetensors_header(bytes(data))
         change(header)
         text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)  # padded as safetensors pads it, so tensors stay aligned
         body = data[8 + struct.unpack_from("<Q", data)[0]:]
         return bytearray(struct.pack("<Q", len(text)) + text + body)
 
@@ -105,15 +108,25 @@ def test_tensors_are_read_as_safetensors_reads_them_and_bad_layouts_are_refused(
         h["i64"]["data_offsets"] = h["f64"]["data_offsets"]
 
     def unknown(h):
-        h["f32"]["dtype"] = "C64"
+        h["f32"]["dtype"] = "X99"
 
-    for change, message in ((widen, "'f32'.s bytes .* do not follow"), (overlap, "do not follow"), (unknown, "dtype 'C64'")):
+    for change, message in ((widen, "'f32'.s bytes .* do not follow"), (overlap, "do not follow"), (unknown, "dtype 'X99'")):
         with pytest.raises(ValueError, match=message):
             _tensors_in(rewritten(change))
         with pytest.raises(Exception):  # safetensors refuses them too
             load(bytes(rewritten(change)))
     with pytest.raises(ValueError, match="incomplete metadata"):
         _tensors_in(data + b"\0" * 8)
+    for change, message in ((lambda h: h.clear() or h.update({"x": [1]}), "'x' has a malformed entry"),
+                            (lambda h: h["f32"].update(data_offsets=[0.0, 24.0]), "'f32' has a malformed entry"),
+                            (lambda h: h["f32"].update(shape=[True, 3]), "'f32' has a malformed entry"),
+                            (lambda h: h.update(__metadata__="x"), "__metadata__ is not a map of strings")):
+        with pytest.raises(ValueError, match=message):
+            _tensors_in(rewritten(change))
+    with pytest.raises(ValueError, match="the header is not a JSON object"):
+        _tensors_in(bytearray(struct.pack("<Q", 8) + b'"abcdef"'))
+    with pytest.raises(TypeError, match="x is a torch.complex128 tensor, which these files do not hold"):
+        encode_tree({"x": torch.zeros(2, dtype=torch.complex128)})
 
 
 def test_trees_refuse_what_only_pickle_could_store():
