@@ -216,3 +216,23 @@ def test_embedding_options_attribution_cannot_go_through_are_refused_before_any_
         for estimator in (left_out, Influence(curvature="ekfac")) + ((Influence(curvature="identity"),) if variant == "bag" else ()):
             result = Attributor(TokenBagVariant, tmp_path / "runs", data, estimator=estimator, progress=False).attribute(data)
             assert result.effects.isfinite().all()
+
+
+class FunctionallyTied(nn.Module):
+    """A head written as a product with the token table: a tie no module structure shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.mix = nn.Embedding(V, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.mix(self.tokens(x).mean(1)) @ self.tokens.weight.T
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_an_embedding_weight_used_outside_its_lookups_is_refused(kind):
+    torch.manual_seed(0)
+    model = FunctionallyTied().double().eval()
+    batch = (torch.randint(0, V, (N, T)), torch.randint(0, V, (N,)))
+    with pytest.raises(ValueError, match="is used by the forward outside its lookups"):
+        fit_curvature(kind, model, nn.CrossEntropyLoss(), list(model.parameters()), [batch], N)
