@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SUPPORTED = ("torch.optim.sgd.SGD", "torch.optim.adam.Adam", "torch.optim.adamw.AdamW")
+SGD = "torch.optim.sgd.SGD"
+SUPPORTED = (SGD, "torch.optim.adam.Adam", "torch.optim.adamw.AdamW")
 
 
 def _sqrt(v: Tensor) -> Tensor:

@@ -377,3 +377,14 @@ def test_a_bf16_mixed_run_replays_within_the_documented_bound(tmp_path):
     assert 1e-5 < gap < 2e-2  # bf16 rounding, not reproduced; within the tolerance the estimator accepts
     result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(data)
     assert torch.isfinite(result.effects).all()
+
+
+def test_segmented_takes_sgd_exactly_not_asgd():
+    from types import SimpleNamespace
+
+    from lightning_dtda.estimators.segmented import _check_sgd
+
+    run = SimpleNamespace(name="seed_0", manifest=SimpleNamespace(optimizer_class="torch.optim.asgd.ASGD"))
+    with pytest.raises(ValueError, match="Segmented models SGD, .* used torch.optim.asgd.ASGD"):
+        _check_sgd(run)
+    _check_sgd(SimpleNamespace(name="seed_0", manifest=SimpleNamespace(optimizer_class="torch.optim.sgd.SGD")))

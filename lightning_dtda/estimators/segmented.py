@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lightning_dtda.curvature import KrylovGGN, SpectralCurvature, check_modules, check_solver, check_spectral, tracked_parameters
 from lightning_dtda.estimators.base import Estimator, RunContext
+from lightning_dtda.optim import SGD
 from lightning_dtda.trajectory import Trajectory
 
 
@@ -42,7 +43,7 @@ def segment_snapshots(run: Trajectory, num_segments: int) -> list[list[int]]:
 
 def _check_sgd(run: Trajectory) -> None:
     optimizer = run.manifest.optimizer_class
-    if not optimizer.endswith("SGD"):
+    if optimizer != SGD:  # exactly SGD: ASGD also ends in "SGD"
         raise ValueError(
             f"Segmented models SGD, whose step is the learning rate; run {run.name} used {optimizer}. "
             "Use Unrolled() for Adam or AdamW."

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_dtda.estimators.base import Estimator, RunContext, measurement_gradients
+from lightning_dtda.optim import SGD
 from lightning_dtda.replay import Replay, differentiable_running_statistics, running_statistics
 from lightning_dtda.trajectory import Trajectory
 
@@ -108,7 +109,7 @@ class Unrolled(Estimator):
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
         optimizer = context.run.manifest.optimizer_class
-        if self.relu_smoothing is not None and not optimizer.endswith("SGD"):
+        if self.relu_smoothing is not None and optimizer != SGD:
             # Adam divides each entry's step by sqrt(v_hat) + eps, enormous where gradients were near 0
             # (dead units, weights on always-zero inputs); the blurred kinks feed those entries, and the
             # linearised run diverges: on the digits MLP under Adam, NaN for widths 0.1 and 1, and effects
