@@ -62,6 +62,7 @@ def test_unrolled_relu_smoothing_keeps_the_replay_and_changes_only_second_order(
     smoothed = Attributor(ReLUClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.5), progress=False).attribute(queries)
     torch.testing.assert_close(smoothed.measurements, exact.measurements)
     assert smoothed.settings["relu_smoothing"] == 0.5
+    assert (Unrolled().label, Unrolled(relu_smoothing=0.5).label) == ("unrolled", "unrolled-relu0.5")  # told apart in messages and files
     # An example's last step enters its effect through its gradient alone; the kinks act on later steps.
     assert 0.01 < (smoothed.effects - exact.effects).norm() / exact.effects.norm() < 1.0
 

@@ -107,6 +107,11 @@ class Unrolled(Estimator):
         if self.relu_smoothing is not None and (isinstance(self.relu_smoothing, bool) or not self.relu_smoothing > 0):
             raise ValueError(f"relu_smoothing must be None or a positive width, got {self.relu_smoothing!r}.")
 
+    @property
+    def label(self) -> str:
+        """``unrolled``, or ``unrolled-relu<width>`` with ``relu_smoothing``: messages and files tell the two apart."""
+        return "unrolled" if self.relu_smoothing is None else f"unrolled-relu{self.relu_smoothing:g}"
+
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
         optimizer = context.run.manifest.optimizer_class
         if self.relu_smoothing is not None and optimizer != SGD:
