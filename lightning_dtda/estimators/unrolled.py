@@ -110,7 +110,7 @@ class Unrolled(Estimator):
     @property
     def label(self) -> str:
         """``unrolled``, or ``unrolled-relu<width>`` with ``relu_smoothing``: messages and files tell the two apart."""
-        return "unrolled" if self.relu_smoothing is None else f"unrolled-relu{self.relu_smoothing:g}"
+        return super().label + ("" if self.relu_smoothing is None else f"-relu{self.relu_smoothing:g}")
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
         optimizer = context.run.manifest.optimizer_class
