@@ -405,6 +405,16 @@ def check_modules(modules: Sequence[str] | None) -> tuple[str, ...] | None:
     return tuple(modules)
 
 
+def parameter_holders(model: nn.Module) -> dict[int, dict[str, nn.Module]]:
+    """For each parameter (by ``id``), the modules that hold it directly, by name: more than one for a
+    weight two modules share (a head tied to an embedding)."""
+    holders: dict[int, dict[str, nn.Module]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), {})[name] = module
+    return holders
+
+
 def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | None, batch: Any) -> list[str]:
     """Names of the trainable parameters curvature ``kind`` attributes through, in ``named_parameters`` order.
 
@@ -445,10 +455,7 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
         # embedding's block would leave out its use as an output layer, and the other way round);
         # attention holds the projection that factorable_attention calls. An embedding's weight is
         # factored if that embedding alone holds it.
-        holders: dict[int, list[nn.Module]] = {}
-        for layer in model.modules():
-            for p in layer.parameters(recurse=False):
-                holders.setdefault(id(p), []).append(layer)
+        holders = {key: list(found.values()) for key, found in parameter_holders(model).items()}
         factored = {
             id(p) for layer in called for p in layer.parameters(recurse=False)
             if all(isinstance(holder, (*KFAC_LAYERS, nn.MultiheadAttention)) for holder in holders[id(p)])
@@ -478,10 +485,7 @@ def describe_tracked(model: nn.Module, names: Sequence[str]) -> str:
     params = dict(model.named_parameters())
     left = [n for n, p in params.items() if p.requires_grad and n not in names]
 
-    holders: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            holders.setdefault(id(p), []).append(module_name)
+    holders = parameter_holders(model)
 
     def layers(of: Sequence[str]) -> str:
         parts = []
@@ -563,10 +567,7 @@ def _fit_kfac(
     common: dict[str, Any],
 ) -> KFAC:
     _check_kfac_loss(model, loss_function, data, kind)
-    holders: dict[int, list[nn.Module]] = {}
-    for layer in model.modules():
-        for p in layer.parameters(recurse=False):
-            holders.setdefault(id(p), []).append(layer)
+    holders = {key: list(found.values()) for key, found in parameter_holders(model).items()}
     tables = {i: holders[id(p)] for i, p in enumerate(params) if any(type(h) is nn.Embedding for h in holders.get(id(p), ()))}
     kinds = lookup_kinds(model, next(iter(data))[0], lambda m, x: m(x)) if tables else {}
     wrong = [layers for layers in tables.values() if len(layers) > 1 or layers[0] not in kinds]
