@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import DigitsCNN, datasets, train  # noqa: E402
+from speed import datasets, train  # noqa: E402
 
 from lightning_dtda import Attributor, Influence, load_runs  # noqa: E402
 from lightning_dtda.curvature import KrylovGGN, fit_curvature  # noqa: E402
