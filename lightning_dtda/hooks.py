@@ -123,7 +123,8 @@ class Hooks:
             raise MissingHookError(
                 self.module,
                 "attribution_loss_function",
-                "the targets are floats between 0 and 1, which could be targets of binary cross-entropy, of cross-entropy "
+                f"the float targets checked (the first {len(targets)} examples') all lie between 0 and 1, which could be targets "
+                "of binary cross-entropy, of cross-entropy "
                 "on probabilities (label smoothing) or of mean squared error; return nn.BCEWithLogitsLoss(), "
                 "nn.CrossEntropyLoss() or nn.MSELoss() to say which",
             )

@@ -182,10 +182,10 @@ def test_losses_and_shapes_the_defaults_would_get_wrong_are_refused(tmp_path, es
         (ColumnRegression, TensorDataset(x, y[:, 0]),
          r"attribution_inputs_targets`: the model's outputs have shape \(2, 1\) and the targets \(2,\), which MSELoss needs to be \(2, 1\)"),
         (LogitClassifier, TensorDataset(x, (y > 0).float()),
-         "attribution_loss_function`: the targets are floats between 0 and 1, which could be targets of binary cross-entropy"),
+         "attribution_loss_function`: the float targets checked \\(the first 2 examples'\\) all lie between 0 and 1, which could be targets of binary cross-entropy"),
         # smoothed labels too: binary or soft cross-entropy targets, not regression ones
         (LogitClassifier, TensorDataset(x, 0.05 + 0.9 * (y > 0).float()),
-         "attribution_loss_function`: the targets are floats between 0 and 1, .* nn.CrossEntropyLoss\\(\\)"),
+         "attribution_loss_function`: the float targets checked .* all lie between 0 and 1, .* nn.CrossEntropyLoss\\(\\)"),
     ]:
         pl.seed_everything(0)
         runs = tmp_path / f"{cls.__name__}{len(match)}"
@@ -311,7 +311,7 @@ def test_the_recorder_warns_at_the_first_batch_about_a_hook_attribution_will_nee
     and training goes on; a module with the hook records without the warning."""
     x, y = regression_data(n=16).tensors
     data = TensorDataset(x, (y > 0).float())
-    with pytest.warns(UserWarning, match="attributing it will fail as things are: .*attribution_loss_function`: the targets are floats"):
+    with pytest.warns(UserWarning, match="attributing it will fail as things are: .*attribution_loss_function`: the float targets checked"):
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "plain")], max_epochs=1).fit(LogitClassifier(), DataLoader(data, batch_size=8))
     assert load_runs(tmp_path / "plain")[0].status == "finished"
     with warnings.catch_warnings(record=True) as caught:
