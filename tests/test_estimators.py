@@ -55,7 +55,9 @@ def test_a_run_recorded_by_release_0_1_reads_as_finished_with_the_same_weights(f
     assert old.snapshot_steps == new.snapshot_steps == [0, 4, 8, 12]
     for a, b in zip(old.steps, new.steps):
         assert a.lrs == b.lrs and all(torch.equal(x, y) for x, y in zip(a.micro_batches, b.micro_batches))
-    assert all(torch.equal(old.state_dict()[k], new.state_dict()[k]) for k in old.state_dict())
+    # The same training on another CPU's kernels differs by ~1e-16 (float64): compare with a tolerance.
+    for k, weight in old.state_dict().items():
+        torch.testing.assert_close(weight, new.state_dict()[k], rtol=1e-12, atol=1e-12)
 
 
 def test_settings_are_the_cache_key(tmp_path):
