@@ -44,14 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP  # noqa: E402
 from digits_cnn import DigitsCNN  # noqa: E402
 
-from lightning_dtda import AttributionResult, Attributor, Influence, Segmented, Unrolled, distribution, load_runs, train_seeds  # noqa: E402
-from lightning_dtda.evaluation import (  # noqa: E402
-    QuerySpearman,
-    Retraining,
-    leave_one_out_weights,
-    random_subset_weights,
-    retrain,
-)
+from lightning_dtda import AttributionResult, Attributor, Influence, Segmented, Unrolled, load_runs, train_seeds
+from lightning_dtda.results import distribution  # noqa: E402
+from lightning_dtda.evaluation import QuerySpearman, leave_one_out_weights, random_subset_weights, retrain  # noqa: E402
+from lightning_dtda.results.retraining import Retraining
 
 STATISTICS = ("mean", "variance", "wasserstein")
 METHODS = {
@@ -255,7 +251,7 @@ def main() -> None:
         record["damping grid"] = damping_grid(Module, runs[: args.estimator_seeds], train, queries, loo)
 
     # The headline case: the example whose removal moves the spread most relative to the mean.
-    from lightning_dtda.figures import plot_distributions
+    from lightning_dtda.reporting.figures import plot_distributions
 
     name, result, _ = next(r for r in rows if r[0] == "ggn") if "ggn" in args.methods else rows[0]
     spread, shift = result.std_shift().abs(), result.mean_shift().abs()

@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import datasets, train  # noqa: E402
 
 from lightning_dtda import Attributor, Influence, load_runs  # noqa: E402
-from lightning_dtda.curvature import KrylovGGN, fit_curvature  # noqa: E402
-from lightning_dtda.gradients import per_example_gradients  # noqa: E402
+from lightning_dtda.curvature.ggn import KrylovGGN
+from lightning_dtda.curvature.fit import fit_curvature  # noqa: E402
+from lightning_dtda.model.gradients import per_example_gradients  # noqa: E402
 from lightning_dtda.hooks import Hooks  # noqa: E402
-from lightning_dtda.krylov import conjugate_gradients, nystrom, nystrom_preconditioner  # noqa: E402
-from lightning_dtda.trajectory import instantiate  # noqa: E402
+from lightning_dtda.curvature.krylov import conjugate_gradients, nystrom, nystrom_preconditioner  # noqa: E402
+from lightning_dtda.model.instantiate import instantiate  # noqa: E402
 
 
 def setting(name: str, root: Path, num_train: int, num_queries: int):

@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP  # noqa: E402
 
-from lightning_dtda import Attributor, Influence, distribution, load_runs, train_seeds  # noqa: E402
-from lightning_dtda.trajectory import instantiate  # noqa: E402
+from lightning_dtda import Attributor, Influence, load_runs, train_seeds
+from lightning_dtda.results import distribution  # noqa: E402
+from lightning_dtda.model.instantiate import instantiate  # noqa: E402
 
 FLIP_FRACTION = 0.1
 BUDGETS = (0.05, 0.10, 0.20)

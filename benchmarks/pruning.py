@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP  # noqa: E402
 
 from lightning_dtda import Attributor, AttributionResult, Unrolled, load_runs, train_seeds  # noqa: E402
-from lightning_dtda.evaluation import Retraining, retrain  # noqa: E402
+from lightning_dtda.results.retraining import Retraining
+from lightning_dtda.evaluation import retrain  # noqa: E402
 
 HELD_OUT_SEEDS = range(100, 124)
 KS = (10, 25, 50, 100)

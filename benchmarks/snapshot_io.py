@@ -36,8 +36,8 @@ from speed import DigitsMLP, datasets  # noqa: E402
 
 from lightning_dtda import TrajectoryRecorder, load_runs  # noqa: E402
 from lightning_dtda._io import atomic_write_bytes, read_checked, save_tree  # noqa: E402
-from lightning_dtda.legacy import ARCHIVE_MAGIC, decode_archive  # noqa: E402
-from lightning_dtda.run_format import SnapshotContent  # noqa: E402
+from lightning_dtda.runs.archive import ARCHIVE_MAGIC, decode_archive  # noqa: E402
+from lightning_dtda.runs.format import SnapshotContent  # noqa: E402
 
 REPEATS = 2000
 
@@ -72,7 +72,7 @@ def write_archive(tree: dict[str, Any], path: Path) -> str:
 
 def recorder_format_ratio(repeats: int = 41) -> tuple[float, float, float]:
     """Quartiles of the training time with safetensors snapshots over that with format-2 archives."""
-    import lightning_dtda.run_format as run_format
+    import lightning_dtda.runs.format as run_format
 
     train_set = datasets("mlp")[0]
     writers = {"new": run_format.save_tree, "old": write_archive}

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsMLP  # noqa: E402
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder, load_runs  # noqa: E402
-from lightning_dtda.trajectory import instantiate  # noqa: E402
+from lightning_dtda.model.instantiate import instantiate  # noqa: E402
 
 BATCH = 128
 # Training images the CNN's GGN products run on: each block-CG iteration is one pass over them with all
@@ -142,7 +142,7 @@ def child(tool: str, setting: str, runs: Path, damping: float, out: Path) -> Non
     start = time.perf_counter()
     report: dict = {}
     if tool.startswith("ggn"):  # with and without the Nystrom preconditioner (by default: without, for 50 queries)
-        from lightning_dtda.curvature import KrylovGGN
+        from lightning_dtda.curvature.ggn import KrylovGGN
 
         init = KrylovGGN.__init__
         KrylovGGN.__init__ = lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "preconditioned": tool == "ggn"})

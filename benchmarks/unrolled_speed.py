@@ -26,8 +26,8 @@ from digits_cnn import DigitsCNN  # noqa: E402
 from digits_dtda import benchmark_data  # noqa: E402
 
 from lightning_dtda import Attributor, Unrolled, load_runs, train_seeds  # noqa: E402
-from lightning_dtda.replay import replay  # noqa: E402
-from lightning_dtda.trajectory import instantiate  # noqa: E402
+from lightning_dtda.replay.engine import replay  # noqa: E402
+from lightning_dtda.model.instantiate import instantiate  # noqa: E402
 
 QUERIES = 50
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from lightning_dtda.figures import plot_image_grid
+from lightning_dtda.reporting.figures import plot_image_grid
 
 
 class DigitsMLP(pl.LightningModule):

@@ -4,7 +4,7 @@ Artefacts are safetensors files (a JSON header, then raw little-endian tensor by
 safetensors reader opens them, and reading one runs no code. A tree of dicts and lists is stored as
 its tensors, each under its dotted path (``state_dict.net.0.weight``), plus the rest of the tree as
 JSON in the header's metadata (see :func:`encode_tree`). Nothing here pickles; the one reader of the
-``torch.save`` files that earlier versions wrote is ``legacy.convert``, run only when asked.
+``torch.save`` files that earlier versions wrote is ``lightning_dtda.convert`` (``migrate``), run only when asked.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors import TensorSpec, serialize
 from torch import Tensor
+
+from lightning_dtda.errors import CorruptFileError
 
 if sys.byteorder != "little":  # tensors are written and read as the machine's raw bytes (see encode_tree)
     raise ImportError("lightning-dtda writes and reads safetensors files as raw little-endian bytes; this machine is big-endian.")
@@ -65,7 +67,7 @@ def load_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON (truncated or corrupt): {err}") from err
+        raise CorruptFileError(f"{path} is not valid JSON (truncated or corrupt): {err}") from err
 
 
 def encode_tree(tree: Mapping[str, Any]) -> bytes:
@@ -216,9 +218,9 @@ def read_checked(path: str | Path, sha256: str | None = None) -> bytearray:
     with path.open("rb") as file:
         data = bytearray(os.fstat(file.fileno()).st_size)
         if file.readinto(data) != len(data):
-            raise ValueError(f"{path} changed while it was read; read it again.")
+            raise CorruptFileError(f"{path} changed while it was read; read it again.")
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(
+        raise CorruptFileError(
             f"{path} does not match the checksum recorded for it: the file was truncated or altered "
             "after it was written. Record the run again or restore the file."
         )
@@ -233,13 +235,13 @@ def decode_file(path: str | Path, data: bytes | bytearray) -> dict[str, Any]:
         raise ValueError(
             f"{path} was written with torch.save (pickle) by an earlier version of lightning-dtda; this version "
             "reads only safetensors files. Convert it once with "
-            f"`python -c \"from lightning_dtda.legacy import convert; convert({str(path)!r})\"`, which writes "
+            f"`python -c \"from lightning_dtda import convert; convert({str(path)!r})\"`, which writes "
             f"{path.with_suffix('.safetensors').name} beside it."
         )
     try:
         return decode_tree(data)
     except (ValueError, KeyError, TypeError, struct.error) as err:
-        raise ValueError(f"{path} is not a readable lightning-dtda file (truncated or corrupt): {err}") from err
+        raise CorruptFileError(f"{path} is not a readable lightning-dtda file (truncated or corrupt): {err}") from err
 
 
 def load_tree(path: str | Path, sha256: str | None = None) -> dict[str, Any]:

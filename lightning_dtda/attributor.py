@@ -16,17 +16,19 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from lightning_dtda._io import load_tree, save_tree
-from lightning_dtda.curvature import describe_tracked
-from lightning_dtda.data import fingerprint_dataset
-from lightning_dtda.distributed import rank_and_world
-from lightning_dtda.embedding import check_embeddings
+from lightning_dtda.cache import effects_file
+from lightning_dtda.curvature.embedding import check_embeddings
+from lightning_dtda.curvature.tracked import describe_tracked
 from lightning_dtda.estimators import Estimator, Influence, RunContext
-from lightning_dtda.estimators.base import cache_file, measurement_gradients
-from lightning_dtda.gradients import trainable_parameters
+from lightning_dtda.estimators.base import measurement_gradients
 from lightning_dtda.hooks import Hooks
-from lightning_dtda.reporting import log_result
-from lightning_dtda.result import AttributionResult, SelfInfluence
-from lightning_dtda.trajectory import Trajectory, check_poolable, instantiate, load_runs
+from lightning_dtda.model.gradients import trainable_parameters
+from lightning_dtda.model.instantiate import instantiate
+from lightning_dtda.reporting.loggers import log_result
+from lightning_dtda.results.result import AttributionResult, SelfInfluence
+from lightning_dtda.runs.fingerprint import fingerprint_dataset
+from lightning_dtda.runs.trajectory import Trajectory, check_poolable, load_runs
+from lightning_dtda.sharding import rank_and_world
 
 
 def _as_loggers(loggers: Logger | Sequence[Logger] | pl.Trainer | None) -> list[Logger]:
@@ -169,16 +171,10 @@ class Attributor:
     def cache_path(self, run: Trajectory, query_fingerprint: str, reduce: Literal["mean"] | None = None) -> Path:
         """Where ``run``'s effects are cached: named by a hash of everything they depend on."""
         assert self.cache_dir is not None
-        key = {
-            "module": run.module_class,
-            "snapshots": [entry.sha256 for entry in self.estimator.snapshots_used(run)],
-            "train": run.dataset_fingerprint,
-            "queries": query_fingerprint,
-            "estimator": self.estimator.settings(),
-        }
-        if reduce is not None:
-            key["reduce"] = reduce
-        return cache_file(self.cache_dir, run, self.estimator.label, key)
+        estimator = self.estimator
+        return effects_file(
+            self.cache_dir, run, estimator.label, estimator.settings(), estimator.snapshots_used(run), query_fingerprint, reduce
+        )
 
     def _cached_attribute_run(
         self, run: Trajectory, query_data: Dataset, query_fingerprint: str, reduce: Literal["mean"] | None

@@ -13,10 +13,10 @@ from typing_extensions import override
 
 from lightning_dtda.attributor import Attributor
 from lightning_dtda.estimators import Estimator, Influence
-from lightning_dtda.recorder import TrajectoryRecorder
-from lightning_dtda.reporting import log_result
-from lightning_dtda.result import AttributionResult
-from lightning_dtda.trajectory import Trajectory, find_runs
+from lightning_dtda.record.recorder import TrajectoryRecorder
+from lightning_dtda.reporting.loggers import log_result
+from lightning_dtda.results.result import AttributionResult
+from lightning_dtda.runs.trajectory import Trajectory, find_runs
 
 
 class AttributionCallback(Callback):

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_dtda.errors import MissingHookError
+
 LOSS_FUNCTIONS = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 _SIGNATURES = {
@@ -42,14 +44,11 @@ def call_model(model: nn.Module, inputs: Any) -> Tensor:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
-class MissingHookError(TypeError):
-    """A hook is needed because its default does not apply to this module or batch."""
-
-    def __init__(self, module: nn.Module, hook: str, why: str) -> None:
-        super().__init__(
-            f"{type(module).__name__} needs the attribution hook `{hook}`: {why}. Define it on the "
-            f"LightningModule:\n\n    {_SIGNATURES[hook]}:\n        ...\n"
-        )
+def _missing(module: nn.Module, hook: str, why: str) -> MissingHookError:
+    return MissingHookError(
+        f"{type(module).__name__} needs the attribution hook `{hook}`: {why}. Define it on the "
+        f"LightningModule:\n\n    {_SIGNATURES[hook]}:\n        ...\n"
+    )
 
 
 class Hooks:
@@ -73,7 +72,7 @@ class Hooks:
             return hook(batch)
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(b, Tensor) for b in batch):
             return batch[0], batch[1]
-        raise MissingHookError(
+        raise _missing(
             self.module,
             "attribution_inputs_targets",
             f"the default expects a batch that is an (inputs, targets) pair of tensors, got {type(batch).__name__}",
@@ -89,7 +88,7 @@ class Hooks:
                 _, targets = self.inputs_targets(batch)
                 if targets.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
                     # Cross-entropy (and gather, in per-example gradients) takes class indices as int64 only.
-                    raise MissingHookError(
+                    raise _missing(
                         self.module,
                         "attribution_inputs_targets",
                         f"the targets are {targets.dtype} class indices, and cross-entropy takes them as torch.long; "
@@ -100,7 +99,7 @@ class Hooks:
                 elif targets.is_floating_point():
                     loss = nn.MSELoss()
                 else:
-                    raise MissingHookError(
+                    raise _missing(
                         self.module,
                         "attribution_loss_function",
                         f"no default loss for targets of dtype {targets.dtype} (integers mean cross-entropy, "
@@ -120,7 +119,7 @@ class Hooks:
         _, targets = self.inputs_targets(batch)
         self.loss_function(batch)
         if self._user_hook("attribution_loss_function") is None and targets.is_floating_point() and bool(((targets >= 0) & (targets <= 1)).all()):
-            raise MissingHookError(
+            raise _missing(
                 self.module,
                 "attribution_loss_function",
                 f"the float targets checked (the first {len(targets)} examples') all lie between 0 and 1, which could be targets "
@@ -140,7 +139,7 @@ class Hooks:
             with torch.no_grad():
                 outputs = call_model(self.module, inputs)
         except TypeError as err:
-            raise MissingHookError(
+            raise _missing(
                 self.module,
                 "attribution_inputs_targets",
                 f"the model cannot be called as model(inputs) with the inputs it returns ({err}). Return the inputs as a "
@@ -152,7 +151,7 @@ class Hooks:
         else:
             expected = tuple(outputs.shape)
         if tuple(targets.shape) != expected:
-            raise MissingHookError(
+            raise _missing(
                 self.module,
                 "attribution_inputs_targets",
                 f"the model's outputs have shape {tuple(outputs.shape)} and the targets {tuple(targets.shape)}, which "

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_dtda import load_runs
-from lightning_dtda.replay import replay
-from lightning_dtda.trajectory import instantiate
+from lightning_dtda.replay.engine import replay
+from lightning_dtda.model.instantiate import instantiate
 from models import TinyClassifier, classification_data
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_dtda import AttributionResult
-from lightning_dtda import distribution as D
+from lightning_dtda.results import distribution as D
 
 
 def gaussian_pair(a, b, seeds=200_000):
@@ -84,7 +84,7 @@ def test_interval_needs_two_seeds_and_a_valid_level():
 
 
 def test_distribution_figure_has_a_panel_per_example(tmp_path):
-    from lightning_dtda.figures import plot_distributions
+    from lightning_dtda.reporting.figures import plot_distributions
 
     g = torch.Generator().manual_seed(0)
     result = result_with(torch.randn(8, 2, 5, generator=g), torch.randn(8, 2, generator=g))
@@ -97,7 +97,7 @@ def test_distribution_figure_has_a_panel_per_example(tmp_path):
 
 
 def test_scatter_and_image_grid_figures(tmp_path):
-    from lightning_dtda.figures import plot_image_grid, plot_shift_scatter
+    from lightning_dtda.reporting.figures import plot_image_grid, plot_shift_scatter
 
     g = torch.Generator().manual_seed(0)
     result = result_with(torch.randn(4, 2, 6, generator=g), torch.randn(4, 2, generator=g))

@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dtda import Attributor, Influence, Segmented, TrajectoryRecorder
-from lightning_dtda.curvature import describe_tracked, fit_curvature, tracked_parameters
+from lightning_dtda.curvature.tracked import describe_tracked, tracked_parameters
+from lightning_dtda.curvature.fit import fit_curvature
 from models import LoneEmbedding, TokenBag, token_regression_data, trainer
 from oracles import dense_ggn_effects, relative_error
 
@@ -100,7 +101,7 @@ def token_bag(tmp_path_factory):
 
 
 def test_a_cached_embedding_block_gives_the_same_effects_without_a_data_pass(token_bag, tmp_path, monkeypatch):
-    import lightning_dtda.curvature as curvature
+    import lightning_dtda.curvature.kfac as curvature
 
     runs, data, queries = token_bag
 

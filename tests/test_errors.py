@@ -120,8 +120,8 @@ def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
     with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
         load_runs(tmp_path / "runs")
     # given as trajectories, bypassing load_runs: seed_1 would be attributed with seed_0's examples
-    from lightning_dtda.evaluation import retrain
-    from lightning_dtda.trajectory import Trajectory
+    from lightning_dtda import retrain
+    from lightning_dtda.runs.trajectory import Trajectory
 
     trajectories = [Trajectory(tmp_path / "runs" / "seed_0"), Trajectory(tmp_path / "runs" / "seed_1")]
     with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
@@ -168,7 +168,7 @@ def test_segmented_needs_curvature_functions_and_solvers_are_checked(runs, data,
         Segmented(curvature="ggn", solver="cg")
     with pytest.raises(ValueError, match="curvature_subset must be None or a positive integer, got 0"):
         Influence(curvature="ggn", curvature_subset=0)
-    monkeypatch.setattr("lightning_dtda.curvature.DENSE_GGN_LIMIT", 10)
+    monkeypatch.setattr("lightning_dtda.curvature.base.DENSE_GGN_LIMIT", 10)
     with pytest.raises(ValueError, match="solver='dense' builds a 83 x 83 GGN; above 10 parameters that is refused. Use solver='krylov'"):
         Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn", solver="dense"), progress=False).attribute(data)
 

@@ -6,9 +6,10 @@ from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, AttributionResult, Influence, load_runs, train_seeds
-from lightning_dtda.evaluation import QuerySpearman, Retraining, leave_one_out_weights, random_subset_weights, retrain
-from lightning_dtda.replay import replay
-from lightning_dtda.trajectory import instantiate
+from lightning_dtda import QuerySpearman, leave_one_out_weights, random_subset_weights, retrain
+from lightning_dtda.results.retraining import Retraining
+from lightning_dtda.replay.engine import replay
+from lightning_dtda.model.instantiate import instantiate
 from models import TinyClassifier, WeightedCNN, classification_data, fit_weighted_cnn, image_data, trainer
 
 

@@ -4,7 +4,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from lightning_dtda.curvature import DAMPING_GRID, NYSTROM_MAX_COLUMNS, NYSTROM_RANKS, fit_curvature
+from lightning_dtda.damping import DAMPING_GRID
+from lightning_dtda.curvature.ggn import NYSTROM_MAX_COLUMNS, NYSTROM_RANKS
+from lightning_dtda.curvature.fit import fit_curvature
 from lightning_dtda.estimators.base import curvature_examples
 from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
@@ -332,7 +334,7 @@ def test_a_factor_eigh_lapack_cannot_converge_on_is_decomposed_after_a_jitter(mo
     """LAPACK's eigh failed on the 1M-parameter CNN's 4,097-square input factor (a matrix too large to keep
     here); the failure is raised once, as LAPACK raised it, and the fallback's decomposition must hold
     for the factor itself."""
-    from lightning_dtda.curvature import factor_eigh
+    from lightning_dtda.curvature.base import factor_eigh
 
     x = torch.randn(50, 8, dtype=torch.float64)
     factor = (x.T @ x / 50).repeat_interleave(3, 0).repeat_interleave(3, 1)  # rank 8 of 24: repeated zero eigenvalues

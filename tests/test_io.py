@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from lightning_dtda import AttributionResult, TrajectoryRecorder, load_runs
 from lightning_dtda._io import _tensors_in, decode_tree, encode_tree, load_tree, save_tree
-from lightning_dtda.legacy import ARCHIVE_MAGIC, convert
+from lightning_dtda.runs.archive import ARCHIVE_MAGIC
+from lightning_dtda.migrate import convert
 from models import TinyClassifier, classification_data, trainer
 
 OLD_RUN = Path(__file__).parent / "data" / "runs_0_1"

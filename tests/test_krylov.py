@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_dtda.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
+from lightning_dtda.curvature.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
 from oracles import relative_error
 
 

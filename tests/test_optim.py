@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_dtda.optim import FunctionalOptimizer
+from lightning_dtda.replay.optim import FunctionalOptimizer
 
 
 def group_settings(optimizer, names):

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_dtda import TrajectoryRecorder, load_runs
-from lightning_dtda.trajectory import Trajectory
+from lightning_dtda.runs.trajectory import Trajectory
 from models import TinyClassifier, classification_data, trainer
 
 

@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from lightning_dtda import Attributor, Unrolled
-from lightning_dtda.relu import ReLUSmoothing
+from lightning_dtda.replay.relu import ReLUSmoothing
 from test_unrolled import record
 from models import ReLUClassifier, TinyClassifier, classification_data
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_dtda import Attributor, Influence, Segmented, SelfInfluence, Unrolled
-from lightning_dtda.curvature import DAMPING_GRID
+from lightning_dtda.damping import DAMPING_GRID
 from lightning_dtda.estimators.base import curvature_examples
 from lightning_dtda.estimators.influence import DAMPING_PROBES
 from models import LinearRegression, TinyClassifier, classification_data, regression_data
@@ -56,7 +56,7 @@ def test_self_influence_equals_the_dense_ggn_oracle_and_its_losses_are_the_train
 def test_kronecker_auto_damping_of_self_influence_is_fitted_on_a_random_draw_of_training_gradients(classifier_runs, curvature):
     """No queries: the damping is the grid's best for the training gradients of DAMPING_PROBES examples drawn
     at random (checked with exact solves on the dense GGN), and the effects are those at that damping."""
-    from lightning_dtda.curvature import fit_curvature
+    from lightning_dtda.curvature.fit import fit_curvature
 
     runs, data, _ = classifier_runs
     attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature=curvature), progress=False)

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dtda import Attributor, Influence, Segmented, TrajectoryRecorder
-from lightning_dtda.attention import factorable_attention
-from lightning_dtda.curvature import fit_curvature
+from lightning_dtda.curvature.attention import factorable_attention
+from lightning_dtda.curvature.fit import fit_curvature
 from models import SmallCNN, TinyTransformer, TokenBag, image_data, token_data, token_regression_data, trainer
 from oracles import dense_ggn_effects, relative_error
 
@@ -184,7 +184,7 @@ def test_kfac_of_multihead_attention_equals_kfac_of_the_same_attention_written_w
 
 def test_the_tracked_line_names_parameters_held_by_the_model_itself():
     """A user trial read "left out: (top) (Model)" for a learned positional table held by the model."""
-    from lightning_dtda.curvature import describe_tracked
+    from lightning_dtda.curvature.tracked import describe_tracked
 
     class Model(nn.Module):
         def __init__(self):

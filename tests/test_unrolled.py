@@ -6,11 +6,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dtda import Attributor, Segmented, TrajectoryRecorder, Unrolled, load_runs
-from lightning_dtda.evaluation import leave_one_out_weights, retrain
-from lightning_dtda.replay import replay
+from lightning_dtda import leave_one_out_weights, retrain
+from lightning_dtda.damping import learning_rate_time
+from lightning_dtda.replay.engine import replay
 from lightning_dtda.hooks import Hooks
 from models import TinyClassifier, TinyTransformer, WeightedCNN, classification_data, fit_weighted_cnn, image_data, token_data, trainer
 from oracles import relative_error
+from lightning_dtda.runs.trajectory import Trajectory
 
 
 class AdamClassifier(TinyClassifier):
@@ -315,7 +317,7 @@ def test_steps_a_16_mixed_gradient_scaler_skipped_are_skipped_in_the_replay(tmp_
     skipped = [step.skipped for step in run.steps]
     assert run.manifest.precision == "16-mixed" and skipped[:2] == [True, True] and not all(skipped)
     assert torch.equal(run.state_dict(1)["net.0.weight"], run.state_dict(0)["net.0.weight"])  # steps 1-4: all skipped
-    assert run.learning_rate_time() == pytest.approx(skipped.count(False) * 0.1 / (1 - 0.9))  # skipped steps moved nothing
+    assert learning_rate_time(run) == pytest.approx(skipped.count(False) * 0.1 / (1 - 0.9))  # skipped steps moved nothing
     replayed = replay(model, run, data, torch.ones(1, 24))
     gap = max(((t[0] - run.state_dict()[n]).abs().max() / run.state_dict()[n].abs().max()).item() for n, t in replayed.items())
     assert gap < 2e-2  # float16 rounding, not reproduced; within the tolerance the estimator accepts
@@ -328,7 +330,7 @@ def test_what_the_replay_cannot_reproduce_is_refused_before_any_work(tmp_path):
     from pathlib import Path
     from torch import nn
 
-    from lightning_dtda.replay import check_replayable
+    from lightning_dtda.replay.engine import check_replayable
 
     [old] = load_runs(Path(__file__).parent / "data" / "runs_0_1")  # recorded before random states were
     cpu = torch.device("cpu")
@@ -380,11 +382,14 @@ def test_a_bf16_mixed_run_replays_within_the_documented_bound(tmp_path):
 
 
 def test_segmented_takes_sgd_exactly_not_asgd():
+    from dataclasses import replace
+    from pathlib import Path
     from types import SimpleNamespace
 
     from lightning_dtda.estimators.segmented import _check_sgd
 
-    run = SimpleNamespace(name="seed_0", manifest=SimpleNamespace(optimizer_class="torch.optim.asgd.ASGD"))
+    manifest = Trajectory(Path(__file__).parent / "data" / "runs_0_1" / "seed_0").manifest
+    run = SimpleNamespace(name="seed_0", manifest=replace(manifest, optimizer_class="torch.optim.asgd.ASGD"))
     with pytest.raises(ValueError, match="Segmented models SGD, .* used torch.optim.asgd.ASGD"):
         _check_sgd(run)
-    _check_sgd(SimpleNamespace(name="seed_0", manifest=SimpleNamespace(optimizer_class="torch.optim.sgd.SGD")))
+    _check_sgd(SimpleNamespace(name="seed_0", manifest=replace(manifest, optimizer_class="torch.optim.sgd.SGD")))

@@ -8,8 +8,6 @@ say). Its :meth:`Estimator.settings` are both the cache key of its results and w
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +19,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_dtda._io import load_tree, save_tree
-from lightning_dtda.curvature import Curvature, fit_curvature
-from lightning_dtda.distributed import gather_columns, rank_and_world, shard
-from lightning_dtda.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.cache import curvature_file
+from lightning_dtda.curvature.base import Curvature
+from lightning_dtda.curvature.fit import fit_curvature
 from lightning_dtda.hooks import Hooks
-from lightning_dtda.run_format import SnapshotEntry
-from lightning_dtda.trajectory import Trajectory, instantiate
+from lightning_dtda.model.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.model.instantiate import instantiate
+from lightning_dtda.runs.format import SnapshotEntry
+from lightning_dtda.runs.trajectory import Trajectory
+from lightning_dtda.sharding import gather_columns, rank_and_world, shard
 
 
 class Estimator:
@@ -186,15 +187,8 @@ class RunContext:
                 hooks.check_loss(first)
         path = None
         if cache and self.cache_dir is not None:
-            key = {"snapshot": self.run.snapshots[-1].sha256, "train": self.run.dataset_fingerprint, "curvature": kind}
-            if subset is not None:
-                key["subset"] = subset
-            if kind == "ggn":  # a dense eigendecomposition cached for "dense" must not answer a "krylov" request
-                key["solver"] = solver
-                key["eigh"] = "float64"  # caches from before the eigendecomposition was float64 are computed again
-            if self.params is not None and self.params != list(trainable_parameters(model)):
-                key["parameters"] = self.params
-            path = cache_file(self.cache_dir, self.run, f"curvature-{kind}", key)
+            tracked = self.params if self.params is not None and self.params != list(trainable_parameters(model)) else None
+            path = curvature_file(self.cache_dir, self.run, kind, solver, subset, tracked)
         state = load_tree(path) if path is not None and path.is_file() else None
         examples = curvature_examples(len(self.train_data), subset)  # type: ignore[arg-type]
         data = _InputsTargets(Subset(self.train_data, [examples[i] for i in shard(len(examples))]), hooks, self.batch_size, self.device)
@@ -233,7 +227,3 @@ def curvature_examples(num_train: int, subset: int | None) -> list[int]:
     return sorted(torch.randperm(num_train, generator=torch.Generator().manual_seed(0))[:subset].tolist())
 
 
-def cache_file(cache_dir: Path, run: Trajectory, label: str, key: dict[str, Any]) -> Path:
-    """``cache_dir/{run}-{label}-{hash of key}.safetensors``."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir / f"{run.name}-{label}-{digest}.safetensors"

@@ -9,14 +9,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from lightning_dtda.curvature import (
-    CURVATURES, DENSE_GGN_LIMIT, Curvature, KrylovGGN, check_modules, check_solver, dense_ggn, fit_damping, tracked_parameters,
-)
+from lightning_dtda.curvature.base import CURVATURES, DENSE_GGN_LIMIT, Curvature, check_solver, dense_ggn
+from lightning_dtda.curvature.ggn import KrylovGGN
+from lightning_dtda.curvature.tracked import check_modules, tracked_parameters
+from lightning_dtda.damping import auto_damping, fit_damping
 from lightning_dtda.estimators.base import Estimator, RunContext, curvature_examples
-from lightning_dtda.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.hooks import Hooks
-from lightning_dtda.run_format import SnapshotEntry
-from lightning_dtda.trajectory import Trajectory
+from lightning_dtda.model.gradients import stream_gradients, trainable_parameters
+from lightning_dtda.runs.format import SnapshotEntry
+from lightning_dtda.runs.trajectory import Trajectory
 
 # Query gradients that choose K-FAC's and EK-FAC's "auto" damping: one GGN product of this many
 # columns per candidate damping.
@@ -49,7 +50,7 @@ class Influence(Estimator):
     cross-layer blocks), and their ``"auto"`` damping is fitted per run instead: among ``lam_G * 10^(k/2)``,
     ``k = -4 .. 8`` (``lam_G`` the rule above), the one whose damped solves of the first 16 query
     gradients point most nearly the way of the exact damped-GGN solves, measured in the exact system's
-    energy norm (see :func:`~lightning_dtda.curvature.fit_damping`): 13 GGN products of 16 columns.
+    energy norm (see :func:`~lightning_dtda.damping.fit_damping`): 13 GGN products of 16 columns.
 
     Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``,
     ``nn.Conv2d`` and ``nn.Embedding`` layers the forward calls and of ``nn.MultiheadAttention``
@@ -105,18 +106,7 @@ class Influence(Estimator):
         damping, which the run's settings record)."""
         if self.damping != "auto":
             return float(self.damping)
-        time = run.learning_rate_time()
-        if not time > 0:
-            raise ValueError(
-                f"damping='auto' is 1 / the run's learning-rate time, but {run.name} has taken no step with a positive "
-                "learning rate yet; give a damping."
-            )
-        weight_decay = run.weight_decay
-        if run.manifest.optimizer_class.endswith("AdamW"):
-            # Decoupled decay shrinks the weights by lr * wd per step, outside Adam's scaling: in the
-            # scaled time above it is a curvature of wd / step_scale.
-            weight_decay /= run.snapshots[-1].step_scale or 1.0
-        return 1.0 / time + weight_decay
+        return auto_damping(run)
 
     def snapshots_used(self, run: Trajectory) -> tuple[SnapshotEntry, ...]:
         return run.snapshots[-1:]

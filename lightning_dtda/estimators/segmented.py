@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_dtda.curvature import KrylovGGN, SpectralCurvature, check_modules, check_solver, check_spectral, tracked_parameters
+from lightning_dtda.curvature.base import SpectralCurvature, check_solver, check_spectral
+from lightning_dtda.curvature.ggn import KrylovGGN
+from lightning_dtda.curvature.tracked import check_modules, tracked_parameters
+from lightning_dtda.damping import learning_rate_time
+from lightning_dtda.errors import UnsupportedTrainingError
 from lightning_dtda.estimators.base import Estimator, RunContext
-from lightning_dtda.optim import SGD
-from lightning_dtda.trajectory import Trajectory
+from lightning_dtda.runs.trajectory import Trajectory
 
 
 def segment_snapshots(run: Trajectory, num_segments: int) -> list[list[int]]:
@@ -42,10 +45,9 @@ def segment_snapshots(run: Trajectory, num_segments: int) -> list[list[int]]:
 
 
 def _check_sgd(run: Trajectory) -> None:
-    optimizer = run.manifest.optimizer_class
-    if optimizer != SGD:  # exactly SGD: ASGD also ends in "SGD"
-        raise ValueError(
-            f"Segmented models SGD, whose step is the learning rate; run {run.name} used {optimizer}. "
+    if run.manifest.optimizer != "SGD":
+        raise UnsupportedTrainingError(
+            f"Segmented models SGD, whose step is the learning rate; run {run.name} used {run.manifest.optimizer_class}. "
             "Use Unrolled() for Adam or AdamW."
         )
 
@@ -118,7 +120,7 @@ def segmented_effects(
     groups = segment_snapshots(run, num_segments)
     for group in groups[::-1]:
         first, last = steps[group[0] - 1], steps[group[-1]]
-        time = run.learning_rate_time(first, last)  # eta_l * K_l
+        time = learning_rate_time(run, first, last)  # eta_l * K_l
         models = [context.load_model(index) for index in group]
         curvature = context.fit_curvature(kind, models[-1], solver=solver, subset=subset)  # at the segment's last weights
         assert isinstance(curvature, SpectralCurvature)

@@ -12,25 +12,24 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_dtda.data import fingerprint_dataset
+from lightning_dtda._version import __version__
 from lightning_dtda.hooks import Hooks
-from lightning_dtda.membership import BatchMembership
-from lightning_dtda.run_format import Manifest, Writer, jsonable, module_fingerprint, scheduled_settings
-from lightning_dtda.run_writer import RunWriter
+from lightning_dtda.record.membership import BatchMembership
+from lightning_dtda.record.writer import RunWriter
+from lightning_dtda.runs.fingerprint import fingerprint_dataset
+from lightning_dtda.runs.format import Manifest, RecordingProcess, jsonable, module_fingerprint, scheduled_settings
 
 
 def _package_version() -> str:
     # The version of the code that runs, not of the installed distribution's metadata, which an
     # editable install or a PYTHONPATH checkout can leave behind.
-    import lightning_dtda
-
-    return lightning_dtda.__version__
+    return __version__
 
 
 def _class_path(obj: Any) -> str:
@@ -77,7 +76,7 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
             "algorithm": str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"),
             "custom": is_overridden("configure_gradient_clipping", pl_module),
         },
-        writer=Writer.this_process(),
+        writer=RecordingProcess.this_process(),
     )
 
 

@@ -1,63 +1,17 @@
-"""Files written by earlier versions, and converting them to the current formats.
+"""Converting files written by earlier versions to the current formats, run only when asked.
 
-Runs recorded before safetensors (run format 2) keep their snapshots as flat archives (a magic line,
-a JSON header and raw tensor bytes); :func:`decode_archive` reads them, so such runs load unchanged.
-The one thing in them it does not read is an entry written with ``torch.save`` (a snapshot's
-optimizer state, kept only with ``save_optimizer_state=True``): unpickling is done by :func:`convert`
-alone, when asked. Results and ground truths were ``torch.save`` files; :func:`convert` rewrites them
-as safetensors. Cached effects and curvatures need no conversion: they are recomputed once.
+Results and ground truths were ``torch.save`` files, and run format 2's snapshots may hold
+``torch.save`` entries; :func:`convert` rewrites them as safetensors. Cached effects and curvatures
+need no conversion: they are computed again once.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import struct
 from pathlib import Path
-from typing import Any
 
 import torch
 
-ARCHIVE_MAGIC = b"lightning-dtda archive 1\n"
-
-
-class PickledEntryError(ValueError):
-    """A format 2 snapshot holds an entry written with ``torch.save``, which only :func:`convert` reads."""
-
-
-def decode_archive(data: bytes, allow_pickle: bool = False) -> dict[str, Any]:
-    """A run format 2 snapshot's tree; raises ``ValueError`` for anything else, and for an entry written
-    with ``torch.save`` unless ``allow_pickle`` (then read with ``torch.load(weights_only=True)``)."""
-    if not data.startswith(ARCHIVE_MAGIC):
-        raise ValueError("not a lightning-dtda archive")
-    start = len(ARCHIVE_MAGIC) + 8
-    (length,) = struct.unpack_from("<Q", data, len(ARCHIVE_MAGIC))
-    tree = json.loads(data[start : start + length])
-    body = bytearray(memoryview(data)[start + length :])  # one copy, writable: torch.frombuffer shares it quietly
-
-    def region(offset: int, size: int) -> None:
-        if offset < 0 or offset + size > len(body):
-            raise ValueError("archive cut short")
-
-    def decode(value: Any, key: str) -> Any:
-        if not isinstance(value, dict):
-            return value
-        if "__tensor__" in value:
-            dtype_name, shape, offset, size = value["__tensor__"]
-            region(offset, size)
-            dtype = getattr(torch, dtype_name)
-            if size == 0:
-                return torch.empty(shape, dtype=dtype)
-            return torch.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
-        if "__saved__" in value:
-            if not allow_pickle:
-                raise PickledEntryError(f"its entry {key!r} was written with torch.save (pickle), which is read only when converting")
-            offset, size = value["__saved__"]
-            region(offset, size)
-            return torch.load(io.BytesIO(bytes(body[offset : offset + size])), map_location="cpu", weights_only=True)
-        return {k: decode(v, k) for k, v in value.items()}
-
-    return decode(tree, "")
+from lightning_dtda.runs.archive import ARCHIVE_MAGIC, decode_archive
 
 
 def convert(path: str | Path) -> list[Path]:
@@ -73,7 +27,7 @@ def convert(path: str | Path) -> list[Path]:
     Raises:
         ValueError: If ``path`` is none of these.
     """
-    from lightning_dtda.run_format import MANIFEST
+    from lightning_dtda.runs.format import MANIFEST
 
     path = Path(path)
     if path.is_dir():
@@ -88,7 +42,7 @@ def _convert_run(run_dir: Path) -> list[Path]:
     from dataclasses import replace
 
     from lightning_dtda._io import load_json, read_checked, save_json
-    from lightning_dtda.run_format import FORMAT, MANIFEST, Manifest, SnapshotContent, snapshot_file
+    from lightning_dtda.runs.format import FORMAT, MANIFEST, Manifest, SnapshotContent, snapshot_file
 
     manifest = Manifest.from_json(load_json(run_dir / MANIFEST))
     entries, written, old = [], [], []
@@ -109,8 +63,8 @@ def _convert_run(run_dir: Path) -> list[Path]:
 
 
 def _convert_torch_file(path: Path) -> Path:
-    from lightning_dtda.evaluation import Retraining
-    from lightning_dtda.result import AttributionResult
+    from lightning_dtda.results.result import AttributionResult
+    from lightning_dtda.results.retraining import Retraining
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -36,10 +36,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from curvlinops.kfac_utils import loss_hessian_matrix_sqrt
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from lightning_dtda.curvature._curvlinops import loss_hessian_matrix_sqrt
+from lightning_dtda.errors import UnsupportedLayerError
 from lightning_dtda.hooks import call_model
 
 PER_EXAMPLE, SHARED = "per example", "shared"
@@ -185,7 +186,7 @@ def _check_only_lookups(kinds: Iterable[nn.Embedding], found: list[tuple[nn.Embe
                 expected.index_add_(0, rows[kept], g[kept])
         actual = torch.zeros_like(expected) if weight_grad is None else weight_grad
         if not torch.allclose(actual, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max().clamp(min=1e-30))):
-            raise ValueError(
+            raise UnsupportedLayerError(
                 f"{layer} is used by the forward outside its lookups (a head written as `h @ embedding.weight.T`, say), which "
                 "its K-FAC block cannot see. Use curvature='ggn', or modules= naming the other submodules."
             )
@@ -264,7 +265,7 @@ def check_embeddings(model: nn.Module, tracked: Iterable[str], first_derivatives
             continue
         kind = type(layer).__name__
         if layer.max_norm is not None:
-            raise ValueError(
+            raise UnsupportedLayerError(
                 f"{name} ({kind}) has max_norm={layer.max_norm}: its forward renormalises the weight in place, which attribution "
                 "cannot differentiate. Attribute a module built with max_norm=None (the same function for rows within the norm)."
             )
@@ -278,7 +279,7 @@ def check_embeddings(model: nn.Module, tracked: Iterable[str], first_derivatives
             else None
         )
         if why:
-            raise ValueError(
+            raise UnsupportedLayerError(
                 f"{name} ({kind}) cannot be attributed through: {why}. Influence and Segmented can leave it out (modules= naming "
                 "the other submodules, or curvature='ekfac' or 'kfac', which leave it out); Unrolled cannot."
             )

@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from lightning_dtda._io import load_json, save_json
-from lightning_dtda.run_format import FORMAT, MANIFEST, Manifest, SnapshotContent, SnapshotEntry, StepRecord, Writer, encode_steps, snapshot_file
+from lightning_dtda.damping import adam_step_scale
+from lightning_dtda.runs.format import (
+    FORMAT,
+    MANIFEST,
+    Manifest,
+    RecordingProcess,
+    SnapshotContent,
+    SnapshotEntry,
+    StepRecord,
+    encode_steps,
+    snapshot_file,
+)
 
 
 class RunWriter:
@@ -85,7 +95,7 @@ class RunWriter:
             )
         # A run recorded in an earlier format goes on in this one; readers tell each snapshot's by its bytes.
         # This process records it now: with the crashed one's id, readers would take it for abandoned.
-        self.manifest = replace(Manifest.from_json(load_json(self.run_dir / MANIFEST)), format=FORMAT, writer=Writer.this_process())
+        self.manifest = replace(Manifest.from_json(load_json(self.run_dir / MANIFEST)), format=FORMAT, writer=RecordingProcess.this_process())
         self.complete, self.stopped = False, None
         if trainer.is_global_zero:
             self.flush()
@@ -173,29 +183,3 @@ class RunWriter:
 
 
 # Entries whose median gives Adam's step scale: a strided sample beyond this bounds the cost at large sizes.
-_SCALE_SAMPLE = 1 << 20
-
-
-def adam_step_scale(optimizer: torch.optim.Optimizer) -> float | None:
-    """The median over the entries that have had a gradient of Adam's per-entry step multiplier
-    ``1 / (sqrt(v_hat) + eps)`` (``v_hat`` the bias-corrected second moment), or ``None`` for an
-    optimizer without second moments or before its first step. The ``"auto"`` damping rule needs it: under Adam an entry moves
-    ``lr / (sqrt(v_hat) + eps)`` per unit of gradient, not ``lr``."""
-    moments = []  # (second moment, its bias correction, eps) per parameter
-    for group in optimizer.param_groups:
-        beta2 = group.get("betas", (None, None))[1]
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            # With amsgrad, Adam divides by the running maximum of the second moment.
-            v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
-            if beta2 is not None and v is not None:
-                moments.append((v, 1 - beta2 ** float(state["step"]), group["eps"]))
-    if not moments:
-        return None
-    stride = max(1, sum(v.numel() for v, _, _ in moments) // _SCALE_SAMPLE)
-    sampled = [(v.detach().flatten()[::stride].float(), correction, eps) for v, correction, eps in moments]
-    # Entries that never had a gradient (unused embedding rows, always-zero inputs) never moved: their
-    # 1 / eps would decide the median when they are most of the model.
-    scales = [1.0 / ((v[v > 0] / correction).sqrt() + eps) for v, correction, eps in sampled]
-    flat = torch.cat(scales)
-    return float(flat.median().cpu()) if len(flat) else None

@@ -4,7 +4,7 @@ Both take ``K`` right-hand sides at once and run ``K`` independent recurrences i
 iteration costs one product with a ``[P, K]`` block: on a GGN, one pass over the data for all
 queries together. They are written here rather than taken from curvlinops because the ones it
 forwards to (GPyTorch's ``linear_cg``) stop early or stall with their defaults, show no progress,
-and do not report residuals (see NOTES).
+and do not report residuals (measured: a default tolerance of 1.0 stops after ~10 iterations).
 """
 
 from __future__ import annotations

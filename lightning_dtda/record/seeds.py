@@ -10,9 +10,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_dtda.recorder import TrajectoryRecorder
-from lightning_dtda.run_format import MANIFEST
-from lightning_dtda.trajectory import Trajectory
+from lightning_dtda.record.recorder import TrajectoryRecorder
+from lightning_dtda.runs.format import MANIFEST
+from lightning_dtda.runs.trajectory import Trajectory
 
 
 def train_seeds(

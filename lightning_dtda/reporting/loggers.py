@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from lightning_dtda.result import AttributionResult
+from lightning_dtda.results.result import AttributionResult
 
 TABLE_COLUMNS = ("query", "kind", "rank", "train_index", "mean_shift")
 _HISTOGRAM_BINS = 50
@@ -62,7 +62,7 @@ def _figures(result: AttributionResult) -> dict[str, Any]:
     if result.num_seeds < 2:
         return {}
     try:
-        from lightning_dtda.figures import plot_distributions, plot_shift_scatter
+        from lightning_dtda.reporting.figures import plot_distributions, plot_shift_scatter
     except ImportError:
         return {}
     _, wideners = result.spread_wideners(query=0, k=3)

@@ -7,15 +7,15 @@ may carry leading batch dimensions (many models replayed at once): every operati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-SGD = "torch.optim.sgd.SGD"
-SUPPORTED = (SGD, "torch.optim.adam.Adam", "torch.optim.adamw.AdamW")
+from lightning_dtda.errors import UnsupportedTrainingError
+from lightning_dtda.runs.format import OPTIMIZERS
 
 
 def _sqrt(v: Tensor) -> Tensor:
@@ -56,17 +56,18 @@ class FunctionalOptimizer:
         Raises:
             ValueError: For an optimizer or setting that has no functional twin here.
         """
-        if name not in SUPPORTED:
-            raise ValueError(
+        optimizer = OPTIMIZERS.get(name)
+        if optimizer is None:
+            raise UnsupportedTrainingError(
                 f"Replaying a run needs a functional twin of its optimizer; {name} has none. Supported: "
-                f"{', '.join(SUPPORTED)}."
+                f"{', '.join(OPTIMIZERS)}."
             )
         groups = tuple(param_groups)
         for g in groups:
             for flag in ("maximize", "amsgrad"):
                 if g.get(flag):
-                    raise ValueError(f"Replay does not support {name} with {flag}=True.")
-            if name.endswith("SGD") and g.get("dampening", 0) and g.get("nesterov"):
+                    raise UnsupportedTrainingError(f"Replay does not support {name} with {flag}=True.")
+            if optimizer == "SGD" and g.get("dampening", 0) and g.get("nesterov"):
                 raise ValueError("SGD with both dampening and nesterov is not a valid torch optimizer.")
         index = {n: i for i, g in enumerate(groups) for n in g.get("param_names", [])}
         missing = [n for n in param_names if n not in index]
@@ -74,8 +75,8 @@ class FunctionalOptimizer:
             index = {n: 0 for n in param_names}
         elif missing:
             raise ValueError(f"The manifest does not say which parameter group holds {missing[:3]}.")
-        decoupled = name.endswith("AdamW") or any(g.get("decoupled_weight_decay") for g in groups)
-        return cls("sgd" if name.endswith("SGD") else "adam", groups, tuple(index[n] for n in param_names), decoupled)
+        decoupled = optimizer == "AdamW" or any(g.get("decoupled_weight_decay") for g in groups)
+        return cls("sgd" if optimizer == "SGD" else "adam", groups, tuple(index[n] for n in param_names), decoupled)
 
     def init(self, params: list[Tensor]) -> dict[str, Any]:
         """The optimizer state before its first step."""

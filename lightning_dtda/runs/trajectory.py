@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_dtda._io import load_json
-from lightning_dtda.data import fingerprint_dataset
-from lightning_dtda.run_format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step, jsonable, module_fingerprint
+from lightning_dtda.errors import DatasetMismatchError, UnfinishedRunError
+from lightning_dtda.runs.fingerprint import fingerprint_dataset
+from lightning_dtda.runs.format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step
 
 
 class Trajectory:
@@ -92,7 +91,7 @@ class Trajectory:
     def snapshots(self) -> tuple[SnapshotEntry, ...]:
         """The listed snapshots, in step order."""
         if not self.manifest.snapshots:
-            raise ValueError(
+            raise UnfinishedRunError(
                 f"{self.describe_status()}: there are no weights to read yet. Wait for the run to reach a "
                 "checkpoint or finish, resume it with trainer.fit(ckpt_path=...), or record it again."
             )
@@ -133,15 +132,15 @@ class Trajectory:
         return steps
 
     def check_dataset(self, data: Any) -> None:
-        """Raise ``ValueError`` unless ``data`` has the recorded length and fingerprint."""
+        """Raise :class:`DatasetMismatchError` unless ``data`` has the recorded length and fingerprint."""
         n = len(data)
         if n != self.dataset_length:
-            raise ValueError(
+            raise DatasetMismatchError(
                 f"train_data has {n} examples but run {self.name} was recorded on {self.dataset_length}. Pass the "
                 "dataset of the training DataLoader, in its original order."
             )
         if fingerprint_dataset(data) != self.dataset_fingerprint:
-            raise ValueError(
+            raise DatasetMismatchError(
                 f"train_data differs from the data run {self.name} was recorded on (same length, different "
                 "content or order). Pass the dataset of the training DataLoader, in its original order."
             )
@@ -156,137 +155,6 @@ class Trajectory:
         """The optimizer's weight decay (first parameter group), 0 when it had none."""
         return float(self.optimizer_groups[0].get("weight_decay") or 0.0)
 
-    def learning_rate_time(self, first: int = 0, last: int | None = None) -> float:
-        r"""Total effective step size :math:`\sum_t \eta_t s_t` of steps ``first+1 .. last`` (default:
-        the whole run), first parameter group.
-
-        ``s_t`` is how far one unit of gradient moves the weights per unit of learning rate. SGD with
-        momentum ``beta``: ``1 / (1 - beta)`` (the step's own ``beta`` where a schedule changed it).
-        Adam, AdamW: the median of ``1 / (sqrt(v_hat) + eps)`` over the parameters' entries, recorded at
-        each snapshot (``SnapshotEntry.step_scale``) and used for the steps up to it (Adam's ``beta1``
-        averages gradients rather than summing them, so it adds no factor).
-
-        Steps that 16-mixed's gradient scaler skipped moved nothing and count for nothing.
-
-        Raises:
-            ValueError: For another optimizer, whose step per unit of gradient this does not model, and
-                for an Adam run recorded without step scales (before 0.3).
-        """
-        optimizer = self.manifest.optimizer_class.rpartition(".")[2]
-        if optimizer in ("Adam", "AdamW"):
-            scaled = zip(self.steps, self._adam_scales())
-            return sum(step.lrs[0] * scale for step, scale in list(scaled)[first:last] if not step.skipped)
-        if optimizer != "SGD":
-            raise ValueError(
-                f"The learning-rate time models SGD, Adam and AdamW, whose step per unit of gradient is known; run {self.name} "
-                f"trained with {optimizer}: give a damping."
-            )
-        momentum = float(self.optimizer_groups[0].get("momentum") or 0.0)
-        # A momentum schedule (recorded per step since 0.2) gives each step its own factor.
-        return sum(
-            step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0]) for step in self.steps[first:last] if not step.skipped
-        )
-
-    def _adam_scales(self) -> list[float]:
-        """Each step's Adam step scale: that of the snapshot closing its interval."""
-        scales = []
-        for previous, entry in zip(self.snapshots, self.snapshots[1:]):
-            skipped = all(step.skipped for step in self.steps[previous.step : entry.step])
-            if entry.step_scale is None and not skipped:  # all skipped: Adam had no state yet, and none is needed
-                raise ValueError(
-                    f"Run {self.name} trained with {self.manifest.optimizer_class.rpartition('.')[2]}, whose step per unit of "
-                    "gradient the recorder noted only from version 0.3 on, and this run lacks it: record it again, or "
-                    "give a damping."
-                )
-            scales += [entry.step_scale or 0.0] * (entry.step - previous.step)
-        return scales
-
-
-def same_class(cls: type, recorded: str) -> bool:
-    """Whether ``cls`` may stand for the class a run recorded as ``recorded``: it has the same qualified name.
-
-    The module part is not compared: a class defined in the script that trained is recorded as
-    ``__main__.Net`` and imported elsewhere as ``train.Net``, and code moves between modules. The
-    hyperparameters and weights then decide (see :func:`instantiate`).
-    """
-    return recorded.endswith("." + cls.__qualname__)
-
-
-def instantiate(
-    module: type[nn.Module] | nn.Module, run: Trajectory, snapshot: int = -1, device: torch.device | str = "cpu"
-) -> nn.Module:
-    """The module of ``run`` at ``snapshot`` (default: the final one), in eval mode on ``device``.
-
-    Args:
-        module: The LightningModule class, built from the run's recorded hyperparameters, or an
-            instance, deep-copied so the caller's module is left untouched.
-
-    Raises:
-        ValueError: If the run trained another class, or ``module`` is an instance whose parameters do not
-            fit the run's weights (the message names the hyperparameters that differ from the run's).
-        TypeError: If the class cannot be built from the recorded hyperparameters.
-
-    Warns: when a class of the same qualified name in another module is taken for the recorded one (a
-    class defined in the training script is recorded as ``__main__.Net`` and imported elsewhere as
-    ``train.Net``; see :func:`same_class`), and when an instance has other hyperparameters than the
-    run's but fits its weights.
-    """
-    if isinstance(module, nn.Module):
-        cls: type = type(module)
-        model = copy.deepcopy(module)
-    else:
-        cls, model = module, None
-    path = f"{cls.__module__}.{cls.__qualname__}"
-    if not same_class(cls, run.module_class):
-        raise ValueError(
-            f"Run {run.name} trained {run.module_class}, not {path}. Pass the class the run trained (a class defined in "
-            "the training script can be imported from it; one of the same name in another module is taken for it), or an "
-            "instance of it."
-        )
-    if path != run.module_class:
-        warnings.warn(f"Run {run.name} recorded its module class as {run.module_class}; taking {path}, of the same name, for it.", stacklevel=2)
-    if model is None:
-        try:
-            model = cls(**run.manifest.hparams)
-        except TypeError as err:
-            raise TypeError(
-                f"Could not build {path} from the recorded hyperparameters ({err}). Call "
-                "`self.save_hyperparameters()` in its __init__, or pass an instance instead of the class."
-            ) from err
-    # Only plain values compare: others were recorded as their repr, which may hold an address.
-    given = {k: v for k, v in dict(getattr(model, "hparams", {})).items() if v is None or isinstance(v, (bool, int, float, str))}
-    differ = [k for k, v in run.manifest.hparams.items() if k in given and jsonable(given[k]) != v]
-    differences = (
-        f"run {run.name} was trained with {', '.join(f'{k}={run.manifest.hparams[k]!r}' for k in differ)}; the module given "
-        f"has {', '.join(f'{k}={given[k]!r}' for k in differ)}"
-    )
-    state = run.state_dict(snapshot)
-    # Lightning's "64-true" (or "bf16-true") converts the module after construction; match it.
-    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
-    if dtype is not None:
-        model.to(dtype=dtype)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(
-            f"The module given does not match run {run.name}'s weights ({str(err).splitlines()[-1].strip().rstrip('.')})"
-            f"{': ' + differences if differ else ''}. Pass the class (it is built from the recorded hyperparameters) or an "
-            "instance built with the run's."
-        ) from None
-    if differ:
-        warnings.warn(f"The module given is not the one trained: {differences}. Effects are the given module's.", stacklevel=2)
-    recorded, now = run.manifest.module_fingerprint or {}, module_fingerprint(model)
-    # Other hyperparameters (warned about above) change the structure's repr by themselves.
-    changed = [w for w in ("source",) + (() if differ else ("structure",)) if w in recorded and w in now and recorded[w] != now[w]]
-    if changed:
-        what = {"structure": "its layers (repr)", "source": "its class's source code"}
-        warnings.warn(
-            f"{path} is not the code that trained run {run.name}: {' and '.join(what[c] for c in changed)} differ from what "
-            "was recorded, though its name and weights fit. Effects are those of the code given; attribute with the "
-            "code that trained the run (an edited docstring or comment also changes the source).",
-            stacklevel=2,
-        )
-    return model.to(device).eval()
 
 
 def load_runs(path: str | Path, unfinished: bool = False) -> list[Trajectory]:
@@ -315,7 +183,7 @@ def load_runs(path: str | Path, unfinished: bool = False) -> list[Trajectory]:
         )
         if unfinished:
             advice = "They have no snapshot listed yet; wait for a checkpoint or the end of training, or delete their folders."
-        raise ValueError(f"{path} holds runs that have not finished:\n{lines}\n{advice}")
+        raise UnfinishedRunError(f"{path} holds runs that have not finished:\n{lines}\n{advice}")
     check_poolable(runs)
     partial = [run for run in runs if run.status != "finished"]
     if partial:
@@ -346,10 +214,11 @@ def find_runs(path: Path) -> list[Trajectory]:
 
 
 def check_poolable(runs: list[Trajectory]) -> None:
-    """Raise ``ValueError`` unless the runs trained one module class on one dataset."""
+    """Raise ``ValueError`` unless the runs trained one module class on one dataset (:class:`DatasetMismatchError`
+    for datasets)."""
     first = runs[0]
     for run in runs[1:]:
         if run.module_class != first.module_class:
             raise ValueError(f"The runs mix {first.module_class} ({first.name}) and {run.module_class} ({run.name}).")
         if run.dataset_fingerprint != first.dataset_fingerprint:
-            raise ValueError(f"The runs mix datasets: {first.name} and {run.name} have different fingerprints.")
+            raise DatasetMismatchError(f"The runs mix datasets: {first.name} and {run.name} have different fingerprints.")

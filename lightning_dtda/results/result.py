@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_dtda import distribution
 from lightning_dtda._io import load_tree, save_json, save_tree
+from lightning_dtda.results import distribution
 
-_RESULT_FORMAT = 2  # 2: a safetensors file; 1: torch.save (see legacy.convert)
+_RESULT_FORMAT = 2  # 2: a safetensors file; 1: torch.save (see migrate.convert)
 
 
 # What Attributor.attribute adds to the estimator's settings: per run, and about the runs.

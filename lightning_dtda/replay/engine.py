@@ -3,7 +3,7 @@
 A replay starts from the run's step-0 snapshot and repeats every recorded optimizer step with the
 recorded micro-batches and learning rates, through a functional twin of the optimizer. Giving
 example ``n`` the weight ``w_n`` in every step that contains it (loss ``mean_b(w_b l_b)``, so the
-batch's normaliser is unchanged) is the coupled counterfactual of DESIGN section 1: same seed, same
+batch's normaliser is unchanged) is the coupled counterfactual (docs, design): same seed, same
 initialisation, same batch order, same dropout masks. ``w = 1`` everywhere is the recorded run itself.
 
 The training loss is evaluated as Lightning trained: in train mode. Random ops in the forward
@@ -18,38 +18,24 @@ its loss, nothing else.
 from __future__ import annotations
 
 import contextlib
-import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from lightning_dtda.gradients import HookCall, trainable_parameters
+from lightning_dtda.errors import UnsupportedTrainingError
 from lightning_dtda.hooks import Hooks
-from lightning_dtda.optim import FunctionalOptimizer
-from lightning_dtda.relu import ReLUSmoothing
-from lightning_dtda.run_format import Step
-from lightning_dtda.trajectory import Trajectory
-
-_BATCH_NORMS = nn.modules.batchnorm._BatchNorm
-
-
-def running_statistics(model: nn.Module) -> list[str]:
-    """Names of the buffers a train-mode forward updates: batch norms' running means and variances."""
-    return [
-        f"{name}.{buffer}"
-        for name, m in model.named_modules()
-        if isinstance(m, _BATCH_NORMS) and m.track_running_stats
-        for buffer in ("running_mean", "running_var")
-    ]
+from lightning_dtda.model.gradients import HookCall, trainable_parameters
+from lightning_dtda.replay.layers import _BATCH_NORMS, _train_mode, running_statistics
+from lightning_dtda.replay.optim import FunctionalOptimizer
+from lightning_dtda.replay.relu import ReLUSmoothing
+from lightning_dtda.runs.format import Step
+from lightning_dtda.runs.trajectory import Trajectory
 
 
 def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) -> None:
@@ -77,117 +63,7 @@ def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) ->
     if "cuda" in drew and device.type != "cuda":
         problems.append("its training step drew random numbers on CUDA, which only a CUDA replay reproduces (use device='cuda')")
     if problems:
-        raise ValueError(f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". Use Influence() or Segmented() for it.")
-
-
-def _normalized(input: Tensor, dims: list[int], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(input - mean) / sqrt(var + eps)`` over ``dims`` from primitives, with the mean and (biased) variance."""
-    mean = input.mean(dims, keepdim=True)
-    var = input.var(dims, unbiased=False, keepdim=True)
-    return (input - mean) * torch.rsqrt(var + eps), mean, var
-
-
-def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
-    out = out if weight is None else out * weight.view(shape)
-    return out if bias is None else out + bias.view(shape)
-
-
-# Torch's fused batch-, instance- and layer-norm kernels give second derivatives under vmap(grad(...))
-# that are off by 1e-5 to 1e-3 relative (measured against finite differences and plain autograd; group
-# and RMS norm are exact), and the replay differentiates the training gradient. It normalises with
-# these decompositions instead, exact to rounding.
-def _batch_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
-    dims = [0, *range(2, input.ndim)]
-    out, mean, var = _normalized(input, dims, self.eps)
-    if self.track_running_stats:  # torch's running variance is the unbiased one
-        count = input.numel() // input.shape[1]
-        self._replay_collected[self._replay_name] = (mean.flatten(), var.flatten() * count / max(count - 1, 1))
-    return _affine(out, self.weight, self.bias, [1, -1, *[1] * (input.ndim - 2)])
-
-
-def _instance_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
-    channel_dim = input.ndim - self._get_no_batch_dim()  # 1 for batched input, 0 for one example
-    out, _, _ = _normalized(input, list(range(channel_dim + 1, input.ndim)), self.eps)
-    return _affine(out, self.weight, self.bias, [-1, *[1] * (input.ndim - channel_dim - 1)])
-
-
-def _layer_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
-    out, _, _ = _normalized(input, list(range(input.ndim - len(self.normalized_shape), input.ndim)), self.eps)
-    return _affine(out, self.weight, self.bias, list(self.normalized_shape))
-
-
-class _EagerDropoutMasks(TorchFunctionMode):
-    """``F.dropout`` drawing its mask as it does outside ``vmap``.
-
-    Torch's CPU kernel fills ``empty_like(input)`` with Bernoulli draws in memory order; under
-    ``vmap(randomness="same")`` the mask is drawn in logical order. For a non-contiguous input (attention's
-    output after its transpose, in every transformer layer) these are different masks, so the replay of
-    a run would drop other units than the run did. This draws into a tensor laid out as the input is.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.dropout:
-            bound = dict(zip(("input", "p", "training", "inplace"), args)) | kwargs
-            input, p = bound["input"], bound.get("p", 0.5)
-            if bound.get("training", True) and 0 < p < 1 and input.device.type == "cpu" and not input.is_contiguous():
-                layout = torch.empty_strided(input.shape, input.stride(), dtype=input.dtype, device=input.device)
-                return input * torch.empty_like(layout).bernoulli_(1 - p).div_(1 - p)
-        return func(*args, **kwargs)
-
-
-_DECOMPOSED = (
-    (_BATCH_NORMS, _batch_norm_forward),
-    (nn.modules.instancenorm._InstanceNorm, _instance_norm_forward),
-    (nn.LayerNorm, _layer_norm_forward),
-)
-
-
-@contextlib.contextmanager
-def _train_mode(model: nn.Module, collected: dict[str, tuple[Tensor, Tensor]], eager_masks: bool) -> Iterator[None]:
-    """Train mode, with normalisation layers decomposed (see above), and batch norms normalising by their
-    batch's statistics without touching their buffers, putting the statistics (mean, unbiased
-    variance) they saw in ``collected`` by module name. ``eager_masks``: draw CPU dropout masks as
-    outside vmap (needed only when the training step drew random numbers: the mode costs every op a
-    Python call)."""
-    modes = {m: m.training for m in model.modules()}
-    patched = []
-    for name, m in model.named_modules():
-        forward = next((f for kind, f in _DECOMPOSED if isinstance(m, kind)), None)
-        if forward is not None:
-            m._replay_name, m._replay_collected = name, collected
-            m.forward = types.MethodType(forward, m)
-            patched.append(m)
-    model.train()
-    try:
-        # The fused attention kernels have no second derivatives; the math one does.
-        with sdpa_kernel(SDPBackend.MATH), _EagerDropoutMasks() if eager_masks else contextlib.nullcontext():
-            yield
-    finally:
-        for m in patched:
-            del m.forward, m._replay_name, m._replay_collected
-        for m, mode in modes.items():
-            m.training = mode
-
-
-@contextlib.contextmanager
-def differentiable_running_statistics(model: nn.Module) -> Iterator[None]:
-    """Eval-mode batch norms written out, so autograd reaches their running statistics (torch's kernel
-    refuses to differentiate with respect to them)."""
-
-    def forward(self: nn.Module, input: Tensor) -> Tensor:
-        shape = [1, -1, *[1] * (input.ndim - 2)]
-        out = (input - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
-        return _affine(out, self.weight, self.bias, shape)
-
-    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats]
-    for m in norms:
-        m.forward = types.MethodType(forward, m)
-    try:
-        yield
-    finally:
-        for m in norms:
-            del m.forward
+        raise UnsupportedTrainingError(f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". Use Influence() or Segmented() for it.")
 
 
 def _restore_random_states(step: Step, micro_batch: int, device: torch.device) -> None:
@@ -238,7 +114,7 @@ class Replay:
         for scheduler in run.manifest.schedulers:
             if scheduler.get("cycle_momentum") and not run.steps[0].scheduled:
                 name = scheduler["class"].rpartition(".")[2]
-                raise ValueError(
+                raise UnsupportedTrainingError(
                     f"Run {run.name}'s scheduler {name} changes the momentum during training, and the run was recorded "
                     "by a version that did not record momentum per step. Record it again with this version."
                 )
@@ -246,7 +122,7 @@ class Replay:
         self.eager_masks = self.device.type == "cpu" and any(states for step in run.steps for states in (step.rng or ()))
         self.clipping = run.manifest.gradient_clipping or {}
         if self.clipping.get("custom"):
-            raise ValueError(
+            raise UnsupportedTrainingError(
                 f"Run {run.name}'s module overrides configure_gradient_clipping; the replay applies only Lightning's "
                 "own clipping (gradient_clip_val with the 'norm' or 'value' algorithm)."
             )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from lightning_dtda.result import AttributionResult
+from lightning_dtda.results.result import AttributionResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

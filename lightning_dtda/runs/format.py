@@ -4,7 +4,7 @@ the block's tensor layout; the recorder writes through it and every reader reads
 
 A run folder holds ``manifest.json`` (a :class:`Manifest`) and ``snapshots/step_XXXXXXXX.safetensors``
 files whose content is a :class:`SnapshotContent` (see :meth:`SnapshotContent.to_tree` for the layout).
-Runs of format 2 (``.snapshot`` flat archives, see ``legacy``) read unchanged.
+Runs of format 2 (``.snapshot`` flat archives, see ``runs.archive``) read unchanged.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ import torch
 from torch import Tensor
 
 from lightning_dtda._io import decode_file, read_checked, save_tree
-from lightning_dtda.legacy import ARCHIVE_MAGIC, PickledEntryError, decode_archive
+from lightning_dtda.errors import CorruptFileError
+from lightning_dtda.runs.archive import ARCHIVE_MAGIC, PickledEntryError, decode_archive
 
 MANIFEST = "manifest.json"
-FORMAT = 3  # 3: snapshots are safetensors files; 2: flat archives (see legacy); 1: torch.save files
+# The optimizers whose step is modelled (replay, learning-rate time), by exact class path: a subclass or
+# another class of the same name (``torch.optim.ASGD`` ends in "SGD") is none of them.
+OPTIMIZERS = {"torch.optim.sgd.SGD": "SGD", "torch.optim.adam.Adam": "Adam", "torch.optim.adamw.AdamW": "AdamW"}
+FORMAT = 3  # 3: snapshots are safetensors files; 2: flat archives (see runs.archive); 1: torch.save files
 READABLE_FORMATS = (2, 3)  # the manifest's layout is the same in both; each snapshot file says which it is
 
 
@@ -68,14 +72,14 @@ class SnapshotEntry:
 
 
 @dataclass(frozen=True)
-class Writer:
+class RecordingProcess:
     """The process that records a run, so a reader can tell a run in progress from an abandoned one."""
 
     host: str
     pid: int
 
     @classmethod
-    def this_process(cls) -> "Writer":
+    def this_process(cls) -> "RecordingProcess":
         return cls(socket.gethostname(), os.getpid())
 
     def is_alive(self) -> bool | None:
@@ -152,12 +156,22 @@ class Manifest:
     snapshots: tuple[SnapshotEntry, ...] = ()
     complete: bool = False
     stopped: str | None = None
-    writer: Writer | None = None
+    writer: RecordingProcess | None = None
     format: int = field(default=FORMAT)
     module_fingerprint: dict[str, str] | None = None
 
     def with_snapshots(self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None) -> "Manifest":
         return replace(self, snapshots=tuple(snapshots), complete=complete, stopped=stopped)
+
+    @property
+    def optimizer(self) -> str | None:
+        """``"SGD"``, ``"Adam"`` or ``"AdamW"`` for exactly those torch optimizers (see :data:`OPTIMIZERS`), else ``None``."""
+        return OPTIMIZERS.get(self.optimizer_class)
+
+    @property
+    def optimizer_name(self) -> str:
+        """The optimizer's class name, for messages."""
+        return self.optimizer_class.rpartition(".")[2]
 
     def to_json(self) -> dict[str, Any]:
         # The layout of format 2 as the first recorder wrote it, so earlier runs read unchanged.
@@ -217,7 +231,7 @@ class Manifest:
                 snapshots=tuple(SnapshotEntry.from_json(s) for s in data["snapshots"]),
                 complete=bool(data["complete"]),
                 stopped=data.get("stopped"),
-                writer=None if writer is None else Writer(writer["host"], int(writer["pid"])),
+                writer=None if writer is None else RecordingProcess(writer["host"], int(writer["pid"])),
                 format=int(data["format"]),
                 module_fingerprint=data["module"].get("fingerprint"),
             )
@@ -382,11 +396,11 @@ class SnapshotContent:
             return cls.from_tree(decode_archive(data))
         except PickledEntryError as err:
             raise ValueError(
-                f"{path}: {err}. Convert the run once with `python -c \"from lightning_dtda.legacy import convert; "
+                f"{path}: {err}. Convert the run once with `python -c \"from lightning_dtda import convert; "
                 f"convert({str(path.parent.parent)!r})\"` (it reads that entry with torch.load(weights_only=True))."
             ) from err
         except Exception as err:  # the checksum matched, so this is a file some other program wrote
-            raise ValueError(f"{path} is not a readable snapshot file: {err}") from err
+            raise CorruptFileError(f"{path} is not a readable snapshot file: {err}") from err
 
     def decoded_steps(self) -> tuple[int, list[Step]]:
         return decode_steps(self.steps)

@@ -1,0 +1,155 @@
+"""The exact generalised Gauss-Newton matrix: built densely and eigendecomposed, or through matrix products only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from curvlinops import (
+    GGNLinearOperator,
+)
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_dtda.curvature._curvlinops import PyTorchLinearOperator, SummedOverRanks
+from lightning_dtda.curvature.base import SpectralCurvature, factor_eigh, forward_differentiable_kernels
+from lightning_dtda.curvature.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
+from lightning_dtda.sharding import all_reduce_sum
+
+# Columns per GGN matrix product when building the dense matrix: bounds the memory of the vmap.
+_DENSE_COLUMNS = 256
+
+
+class DenseGGN(SpectralCurvature):
+    """The exact GGN as a dense matrix, eigendecomposed once; any damping then costs one product."""
+
+    def __init__(self, eigenvalues: Tensor, eigenvectors: Tensor) -> None:
+        self.eigenvalues, self.eigenvectors = eigenvalues, eigenvectors
+
+    @classmethod
+    def from_operator(cls, operator: GGNLinearOperator) -> "DenseGGN":
+        num_params = operator.shape[0]
+        eye = torch.eye(num_params, dtype=operator.dtype, device=operator.device)
+        with forward_differentiable_kernels():
+            ggn = torch.cat([operator @ eye[:, i : i + _DENSE_COLUMNS] for i in range(0, num_params, _DENSE_COLUMNS)], dim=1)
+        all_reduce_sum(ggn)  # each rank summed its shard of the data
+        # In float64 whatever the model's precision: a float32 eigenbasis is orthogonal to about 1e-7,
+        # which leaks the largest curvatures into the damped solve of the smallest (a user trial: 1e-2
+        # relative error at damping 1e-5 on a float32 MLP, 1e-4 at 1e-3, where block CG was 1e-4 and 1e-5).
+        eigenvalues, eigenvectors = factor_eigh((ggn + ggn.T) / 2)
+        # A PSD matrix's rounding error can give tiny negative eigenvalues; they are zeros.
+        return cls(eigenvalues.clamp(min=0.0), eigenvectors)
+
+    def state(self) -> dict[str, Any]:
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
+
+    def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
+        q = self.eigenvectors
+        return (((vectors.to(q.dtype) @ q) * fn(self.eigenvalues)) @ q.T).to(vectors.dtype)
+
+
+# Block CG is preconditioned by a Nystrom sketch whose rank is the block's width clamped to
+# NYSTROM_RANKS, by default for blocks of at most NYSTROM_MAX_COLUMNS columns (see KrylovGGN).
+NYSTROM_RANKS = (16, 64)
+
+
+NYSTROM_MAX_COLUMNS = 8
+
+
+class KrylovGGN(SpectralCurvature):
+    """The exact GGN through matrix products only, for models of any size.
+
+    ``solve`` runs block conjugate gradients on all vectors at once; ``apply_functions`` (segmented
+    unrolling's ``exp(-T C)`` and ``(1 - exp(-T C)) / C``) runs Lanczos. Each iteration is one product
+    of the GGN with a ``[P, K]`` block: one pass over the (sub)set of training data. ``reports``
+    collects, for every solve, its products, final relative residual and seconds (CG) or its products and
+    seconds (Lanczos).
+
+    Preconditioning: a block of at most 8 columns (a few queries, or ``reduce="mean"``) is solved with
+    a randomized Nystrom sketch of ``G`` as CG's preconditioner (:func:`~lightning_dtda.krylov.nystrom`;
+    rank 16: one product of 16 columns, made once and reused by later solves). It inverts the top of the
+    spectrum, which a narrow block's Krylov space takes many products to find: one query on the
+    1M-parameter CNN of benchmarks/speed.py (GGN on 200 images, auto damping) took 90 products in 29 s
+    plain and 49 + the sketch in 20 s. A wide block spans the top of the spectrum itself within a product
+    or two: 50 queries there took 10 products (206 s) plain and 9 after a rank-50 sketch (215 s), so
+    wider blocks are solved plain. Memory: the sketch's ``[P, rank]`` float64 basis. K-FAC and EK-FAC,
+    the obvious preconditioners, made CG slower on every model measured (1.4-2x the products; they drop
+    the cross-layer blocks; benchmarks/krylov.py).
+
+    Args:
+        operator: curvlinops' GGN of the mean training loss.
+        tolerance: Relative residual at which CG stops, and relative change at which Lanczos stops.
+        max_iterations: Products after which either stops; a solve that has not converged by then warns.
+        preconditioned: ``None``: as above; ``True``/``False``: always/never, the sketch's rank then the
+            first block's width clamped to 16-64.
+    """
+
+    def __init__(
+        self, operator: PyTorchLinearOperator, tolerance: float = 1e-5, max_iterations: int = 500, progress: bool = False,
+        preconditioned: bool | None = None,
+    ) -> None:
+        self.operator = SummedOverRanks(operator)
+        self.tolerance = tolerance
+        self.max_iterations = max_iterations
+        self.progress = progress
+        self.preconditioned = preconditioned
+        self._sketch: tuple[Tensor, Tensor] | None = None
+        self.reports: list[dict[str, Any]] = []
+
+    def matmat(self, columns: Tensor) -> Tensor:
+        """The GGN times ``columns [P, K]``, summed over ranks, in ``columns``' dtype.
+
+        The Krylov recurrences pass float64 whatever the model's precision: in float32, block CG loses
+        conjugacy and needed 3-18x more products (measured on the digits MLP)."""
+        with forward_differentiable_kernels():
+            return (self.operator @ columns.to(self.operator.dtype)).to(columns.dtype)
+
+    def solve(self, vectors: Tensor, damping: float) -> Tensor:
+        report: dict[str, Any] = {}
+        precondition = None
+        if self.preconditioned or (self.preconditioned is None and len(vectors) <= NYSTROM_MAX_COLUMNS):
+            if self._sketch is None:  # one product, about one CG iteration's cost, reused by later solves
+                start = time.perf_counter()
+                low, high = NYSTROM_RANKS
+                self._sketch = nystrom(self.matmat, self.operator.shape[0], min(max(len(vectors), low), high), device=vectors.device)
+                report["nystrom_seconds"] = round(time.perf_counter() - start, 3)
+            report["nystrom_rank"] = self._sketch[0].shape[1]
+            precondition = nystrom_preconditioner(*self._sketch, damping)
+        start = time.perf_counter()
+        x, iterations, residual = conjugate_gradients(
+            lambda v: self.matmat(v) + damping * v,
+            vectors.T.double(),
+            precondition,
+            tolerance=self.tolerance,
+            max_iterations=self.max_iterations,
+            progress=self.progress,
+            desc="GGN block conjugate gradients",
+        )
+        self.reports.append(
+            {"cg_products": iterations, "cg_residual": residual.max().item(), "cg_seconds": round(time.perf_counter() - start, 3), **report}
+        )
+        x = x.to(vectors.dtype)
+        if residual.max() > 10 * self.tolerance:
+            rank_zero_warn(
+                f"GGN block conjugate gradients stopped after {iterations} products at relative residual "
+                f"{residual.max():.1e} (tolerance {self.tolerance:.0e}); the effects are that inaccurate. Raise the "
+                "damping (a small one leaves the system ill-conditioned), or use solver='dense' (up to 32,768 parameters)."
+            )
+        return x.T
+
+    def apply_functions(self, fns: Sequence[Callable[[Tensor], Tensor]], vectors: Tensor) -> list[Tensor]:
+        start = time.perf_counter()
+        results, products = lanczos_functions(
+            self.matmat, vectors.T.double(), fns, self.tolerance, self.max_iterations, self.progress, "GGN Lanczos"
+        )
+        self.reports.append({"lanczos_products": products, "lanczos_seconds": round(time.perf_counter() - start, 3)})
+        if products >= 2 * self.max_iterations - 1:
+            rank_zero_warn(f"GGN Lanczos stopped after {self.max_iterations} iterations before converging; raise max_iterations.")
+        return [r.T.to(vectors.dtype) for r in results]
+
+    def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
+        return self.apply_functions([fn], vectors)[0]
+
+

@@ -1,0 +1,1 @@
+"""The module of a recorded run, and per-example gradients of it."""

@@ -1,0 +1,1 @@
+"""Recording a run while it trains: the callback, batch membership, the run's files, training several seeds."""

@@ -1,0 +1,63 @@
+"""Whether a replay reproduces its recorded run: the one check every consumer of a replay runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_dtda.errors import ReplayMismatchError
+from lightning_dtda.replay.engine import Replay
+from lightning_dtda.runs.trajectory import Trajectory
+
+# The replay must land on the recorded weights; a larger gap means it is not the same run.
+_REPLAY_TOLERANCE = 1e-4
+
+
+# A mixed-precision run is replayed in full precision: its bfloat16 / float16 rounding cannot be
+# reproduced by the vmapped replay (replaying under the same autocast landed further away, 6e-3
+# against 4e-3 relative, on a bf16-mixed MLP), so the replay differentiates the run without it.
+_MIXED_PRECISION_TOLERANCE = 2e-2
+
+
+def _state_tensors(state: dict[str, Any]) -> list[Tensor]:
+    return [t for key in sorted(state) if isinstance(state[key], list) for t in state[key] if t is not None]
+
+
+def _with_state_tensors(state: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
+    rebuilt, it = dict(state), iter(tensors)
+    for key in sorted(state):
+        if isinstance(state[key], list):
+            rebuilt[key] = [None if t is None else next(it) for t in state[key]]
+    return rebuilt
+
+
+def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int) -> None:
+    """Raise (after the first snapshot interval: before the long pass) or warn (at the end) if the
+    replay does not reproduce the weights and running statistics recorded at ``snapshot``."""
+    recorded = run.state_dict(snapshot)
+    gaps = {
+        n: ((t[0] - recorded[n].to(t)).abs().max() / recorded[n].abs().max().clamp(min=1e-12)).item()
+        for n, t in replay.named(params, state).items()
+    }
+    worst = max(gaps, key=gaps.__getitem__)
+    gap = gaps[worst]
+    mixed = "mixed" in run.manifest.precision
+    if gap <= (_MIXED_PRECISION_TOLERANCE if mixed else _REPLAY_TOLERANCE):
+        return
+    message = (
+        f"Replaying {run.name} to step {run.snapshot_steps[snapshot]} lands {gap:.1e} (relative) away from its recorded "
+        f"weights (most in {worst!r}), so the replay is not the run. Possible causes: a training loss other than the attribution_train_loss "
+        "hook's (or a training_step that adds terms to it); random data augmentation (the replay reads train_data as it is); "
+        "dropout inside a fused kernel (scaled_dot_product_attention with dropout_p > 0); "
+        "manual optimization or an optimizer step changed by a callback or closure; parameters trained but not "
+        f"trainable in the module given to the Attributor; mixed precision (this run: {run.manifest.precision}); "
+        "under Adam, a parameter whose gradient is only rounding noise, which Adam turns into full steps: a bias just "
+        "before a batch norm, or attention's key bias (in_proj_bias; softmax ignores it) in nn.MultiheadAttention and "
+        "nn.TransformerEncoderLayer (use bias=False there, or freeze it)."
+    )
+    if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1:
+        rank_zero_warn(message + " Unrolled effects describe the replay.")
+    else:
+        raise ReplayMismatchError(message)

@@ -1,0 +1,1 @@
+"""Sending results to Lightning loggers, and figures of them."""

@@ -1,0 +1,1 @@
+"""What attribution and retraining produce: results, ground truths, and statistics over seeds."""
