@@ -3,7 +3,7 @@
 Artefacts are safetensors files (a JSON header, then raw little-endian tensor bytes): any
 safetensors reader opens them, and reading one runs no code. A tree of dicts and lists is stored as
 its tensors, each under its dotted path (``state_dict.net.0.weight``), plus the rest of the tree as
-JSON in the header's metadata (see :func:`encode_tree`). Nothing here pickles; the one reader of the
+JSON in the header's metadata (see ``encode_tree``). Nothing here pickles; the one reader of the
 ``torch.save`` files that earlier versions wrote is ``lightning_dtda.convert`` (``migrate``), run only when asked.
 """
 
@@ -26,7 +26,9 @@ from torch import Tensor
 from lightning_dtda.errors import CorruptFileError
 
 if sys.byteorder != "little":  # tensors are written and read as the machine's raw bytes (see encode_tree)
-    raise ImportError("lightning-dtda writes and reads safetensors files as raw little-endian bytes; this machine is big-endian.")
+    raise ImportError(
+        "lightning-dtda writes and reads safetensors files as raw little-endian bytes; this machine is big-endian."
+    )
 
 # The metadata entry that holds the tree's JSON; its tensors appear there as {"__tensor__": name}, and
 # a dict whose keys are not all strings (an optimizer state's parameter numbers) as {"__items__": pairs}.
@@ -86,7 +88,9 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
             if name in tensors:
                 raise ValueError(f"two tensors of the tree would both be stored as {name!r}; rename one of their keys.")
             if value.dtype not in _STORABLE:
-                raise TypeError(f"{name} is a {value.dtype} tensor, which these files do not hold; convert it (e.g. to float64).")
+                raise TypeError(
+                    f"{name} is a {value.dtype} tensor, which these files do not hold; convert it (e.g. to float64)."
+                )
             # Tensors that share memory (tied weights) are each stored in full: serialize copies bytes
             # from each tensor's own pointer.
             tensors[name] = value.detach().cpu().contiguous()
@@ -96,7 +100,9 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
                 return {k: encode(v, (*path, k)) for k, v in value.items()}
             for k in value:
                 if not isinstance(k, _JSON_LEAVES):
-                    raise TypeError(f"{'.'.join(path)} has the key {k!r}, which JSON cannot hold; use strings or numbers.")
+                    raise TypeError(
+                        f"{'.'.join(path)} has the key {k!r}, which JSON cannot hold; use strings or numbers."
+                    )
             return {_ITEMS: [[k, encode(v, (*path, str(k)))] for k, v in value.items()]}
         if isinstance(value, (list, tuple)):
             return [encode(v, (*path, str(i))) for i, v in enumerate(value)]
@@ -114,7 +120,12 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
     # checks, which a serializer copying from each tensor's own pointer does not need;
     # benchmarks/snapshot_io.py). The tensors stay alive in `tensors` meanwhile.
     specs = {
-        name: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=t.shape, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
+        name: TensorSpec(
+            dtype=str(t.dtype).removeprefix("torch."),
+            shape=t.shape,
+            data_ptr=t.data_ptr(),
+            data_len=t.numel() * t.element_size(),
+        )
         for name, t in tensors.items()
     }
     return serialize(specs, metadata)
@@ -122,10 +133,22 @@ def encode_tree(tree: Mapping[str, Any]) -> bytes:
 
 # safetensors' dtype names (its format specification) and the torch dtypes they hold.
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "C64": torch.complex64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "C64": torch.complex64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _STORABLE = frozenset(_DTYPES.values())
 
@@ -153,7 +176,10 @@ def _tensors_in(data: bytearray) -> tuple[dict[str, Tensor], dict[str, str]]:
 
     def valid(entry: Any) -> bool:
         offsets, shape = (entry.get("data_offsets"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
-        whole = lambda xs, n=None: isinstance(xs, list) and (n is None or len(xs) == n) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+
+        def whole(xs: Any, n: int | None = None) -> bool:
+            return isinstance(xs, list) and (n is None or len(xs) == n) and all(type(x) is int and x >= 0 for x in xs)
+
         return whole(offsets, 2) and whole(shape) and entry.get("dtype") in _DTYPES
 
     for name, entry in header.items():
@@ -167,20 +193,28 @@ def _tensors_in(data: bytearray) -> tuple[dict[str, Tensor], dict[str, str]]:
         dtype, shape, (first, last) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
         numel = math.prod(shape)
         if (start + first) % dtype.itemsize:  # safetensors' writers align every tensor to its element size
-            raise ValueError(f"tensor {name!r} starts at byte {first}, not aligned to its {dtype.itemsize}-byte elements")
+            raise ValueError(
+                f"tensor {name!r} starts at byte {first}, not aligned to its {dtype.itemsize}-byte elements"
+            )
         if start + first != end or last - first != numel * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}'s bytes [{first}, {last}) do not follow the previous tensor's or fit its shape")
+            raise ValueError(
+                f"tensor {name!r}'s bytes [{first}, {last}) do not follow the previous tensor's or fit its shape"
+            )
         end = start + last
         if end > len(data):
             raise ValueError(f"incomplete metadata: tensor {name!r} runs past the end of the file")
-        tensors[name] = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + first).view(shape) if numel else torch.empty(shape, dtype=dtype)
+        tensors[name] = (
+            torch.frombuffer(data, dtype=dtype, count=numel, offset=start + first).view(shape)
+            if numel
+            else torch.empty(shape, dtype=dtype)
+        )
     if end != len(data):
         raise ValueError(f"incomplete metadata: the tensors end at byte {end} of {len(data)}")
     return tensors, metadata
 
 
 def decode_tree(data: bytes | bytearray) -> dict[str, Any]:
-    """Invert :func:`encode_tree`; raises ``ValueError`` for bytes it did not write. The tensors of a
+    """Invert ``encode_tree``; raises ``ValueError`` for bytes it did not write. The tensors of a
     ``bytearray`` are views of it; ``bytes`` are copied once."""
     tensors, metadata = _tensors_in(data if isinstance(data, bytearray) else bytearray(data))
     if TREE_KEY not in metadata:
@@ -203,7 +237,7 @@ def decode_tree(data: bytes | bytearray) -> dict[str, Any]:
 
 
 def save_tree(tree: Mapping[str, Any], path: str | Path) -> str:
-    """Write :func:`encode_tree`'s bytes to ``path`` atomically and return their SHA-256."""
+    """Write ``encode_tree``'s bytes to ``path`` atomically and return their SHA-256."""
     data = encode_tree(tree)
     atomic_write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
@@ -228,14 +262,14 @@ def read_checked(path: str | Path, sha256: str | None = None) -> bytearray:
 
 
 def decode_file(path: str | Path, data: bytes | bytearray) -> dict[str, Any]:
-    """:func:`decode_tree` of the bytes read from ``path``; an earlier version's ``torch.save`` file or
+    """``decode_tree`` of the bytes read from ``path``; an earlier version's ``torch.save`` file or
     anything unreadable raises ``ValueError`` naming the file (and how to convert it)."""
     path = Path(path)
     if data.startswith(_ZIP_MAGIC):
         raise ValueError(
             f"{path} was written with torch.save (pickle) by an earlier version of lightning-dtda; this version "
             "reads only safetensors files. Convert it once with "
-            f"`python -c \"from lightning_dtda import convert; convert({str(path)!r})\"`, which writes "
+            f'`python -c "from lightning_dtda import convert; convert({str(path)!r})"`, which writes '
             f"{path.with_suffix('.safetensors').name} beside it."
         )
     try:
@@ -245,7 +279,7 @@ def decode_file(path: str | Path, data: bytes | bytearray) -> dict[str, Any]:
 
 
 def load_tree(path: str | Path, sha256: str | None = None) -> dict[str, Any]:
-    """Read a file written by :func:`save_tree` (see :func:`read_checked` and :func:`decode_file`).
+    """Read a file written by ``save_tree`` (see ``read_checked`` and ``decode_file``).
 
     It is read whole and decoded from the bytes that were checked, not memory-mapped: the checksum
     reads every byte anyway, and a file replaced after the check cannot slip through.

@@ -46,16 +46,16 @@ class Attributor:
 
     The Attributor coordinates; the ``estimator`` computes. For each run it loads the module at the
     final snapshot, computes the query gradients and base measurements, hands them to the estimator
-    (:class:`~lightning_dtda.Influence`, :class:`~lightning_dtda.Unrolled` or
-    :class:`~lightning_dtda.Segmented`), caches what it returns, and pools the runs into an
-    :class:`AttributionResult` of effects ``[seeds, queries, train]``. Sign: an effect is the
+    (``Influence``, ``Unrolled`` or
+    ``Segmented``), caches what it returns, and pools the runs into an
+    ``AttributionResult`` of effects ``[seeds, queries, train]``. Sign: an effect is the
     predicted change of the measurement when the example is *removed*.
 
     Args:
         module: The LightningModule class (instantiated from each run's recorded hyperparameters) or
             an instance (copied; the original is left untouched).
-        runs: A run folder, a folder of run folders, or already loaded :class:`Trajectory` objects. A
-            folder with a run that has not finished is refused (see :func:`load_runs`).
+        runs: A run folder, a folder of run folders, or already loaded ``Trajectory`` objects. A
+            folder with a run that has not finished is refused (see ``load_runs``).
         train_data: The training set in the recorded index order: the dataset of the DataLoader the
             runs trained on. Its length and fingerprint must match the recorded ones.
         estimator: How effects are estimated per run. Default: ``Influence()`` (EK-FAC, ``"auto"`` damping).
@@ -69,16 +69,18 @@ class Attributor:
             cached there too: new queries or another damping reuse them.
 
     Raises:
-        TypeError: If ``estimator`` is not an :class:`~lightning_dtda.estimators.Estimator`, or
+        TypeError: If ``estimator`` is not an ``Estimator``, or
             ``train_data`` is an ``IterableDataset``.
         ValueError: If the training data is not the data the runs were recorded on, or ``device`` names
             CUDA on a machine without it.
 
-    Example::
+    Example:
 
+        ```python
         attributor = Attributor(MyModule, "runs/", train_set, estimator=Influence(curvature="ekfac"))
         result = attributor.attribute(query_set, loggers=trainer)
         values, indices = result.top_k(query=0, k=5)
+        ```
     """
 
     def __init__(
@@ -104,7 +106,9 @@ class Attributor:
             )
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}, but torch finds no CUDA device here; use device='cpu' or leave device=None.")
+            raise ValueError(
+                f"device={device!r}, but torch finds no CUDA device here; use device='cpu' or leave device=None."
+            )
         self.module = module
         self.runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
         self.train_data = train_data
@@ -136,22 +140,39 @@ class Attributor:
             rank_zero_info(f"{self.estimator.label} tracks {describe_tracked(model, params)}")
         return model, hooks, params, subset
 
-    def attribute_run(self, run: Trajectory, query_data: Dataset, reduce: Literal["mean"] | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    def attribute_run(
+        self, run: Trajectory, query_data: Dataset, reduce: Literal["mean"] | None = None
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Effects ``[queries, train]``, base measurements ``[queries]`` and what the estimator chose
         for this run (e.g. ``{"damping": ...}``; ``"parameters"``: the names of those tracked, when the
         estimator leaves some trainable ones out), for one run; with ``reduce="mean"``, of the mean
         measurement over the queries (``[1, train]`` and ``[1]``)."""
         model, hooks, params, subset = self._prepare(run, query_data)
-        query_grads = measurement_gradients(model, query_data, self.batch_size, self.device, self.progress, reduce, params)
+        query_grads = measurement_gradients(
+            model, query_data, self.batch_size, self.device, self.progress, reduce, params
+        )
         with torch.no_grad():
             measurements = torch.cat(
-                [hooks.measurement(move_data_to_device(b, self.device)) for b in DataLoader(query_data, batch_size=self.batch_size)]
+                [
+                    hooks.measurement(move_data_to_device(b, self.device))
+                    for b in DataLoader(query_data, batch_size=self.batch_size)
+                ]
             ).cpu()
         if reduce == "mean":
             measurements = measurements.mean(0, keepdim=True)
         context = RunContext(
-            run, self.module, model, query_grads, query_data, self.train_data, self.batch_size, self.device, self.progress, self.cache_dir,
-            params, reduce,
+            run,
+            self.module,
+            model,
+            query_grads,
+            query_data,
+            self.train_data,
+            self.batch_size,
+            self.device,
+            self.progress,
+            self.cache_dir,
+            params,
+            reduce,
         )
         effects, info = self.estimator.estimate(context)
         if subset:
@@ -173,7 +194,13 @@ class Attributor:
         assert self.cache_dir is not None
         estimator = self.estimator
         return effects_file(
-            self.cache_dir, run, estimator.label, estimator.settings(), estimator.snapshots_used(run), query_fingerprint, reduce
+            self.cache_dir,
+            run,
+            estimator.label,
+            estimator.settings(),
+            estimator.snapshots_used(run),
+            query_fingerprint,
+            reduce,
         )
 
     def _cached_attribute_run(
@@ -213,14 +240,16 @@ class Attributor:
                 damping is then fitted on the mean gradient.)
 
         Returns:
-            An :class:`AttributionResult` with ``effects [seeds, queries, train]``; its ``settings``
+            An ``AttributionResult`` with ``effects [seeds, queries, train]``; its ``settings``
             hold the estimator's settings, what it chose per run, and each run's seed, final step and status
             (and ``reduce``, when given).
         """
         if len(query_data) == 0:  # type: ignore[arg-type]
             raise ValueError("query_data is empty; pass at least one query example.")
         if reduce not in (None, "mean"):
-            raise ValueError(f"reduce must be None (one effect per query) or 'mean' (of the mean measurement), got {reduce!r}.")
+            raise ValueError(
+                f"reduce must be None (one effect per query) or 'mean' (of the mean measurement), got {reduce!r}."
+            )
         effects, measurements, per_run = [], [], []
         query_fingerprint = fingerprint_dataset(query_data) if self.cache_dir is not None else ""
         for run in tqdm(self.runs, desc=f"attributing ({self.estimator.label})", disable=not self.progress):
@@ -231,7 +260,9 @@ class Attributor:
         settings = self._settings(per_run)
         if reduce is not None:
             settings["reduce"] = reduce
-        result = AttributionResult(torch.stack(effects), torch.stack(measurements), [run.name for run in self.runs], settings)
+        result = AttributionResult(
+            torch.stack(effects), torch.stack(measurements), [run.name for run in self.runs], settings
+        )
         if rank_and_world()[0] == 0:
             log_result(result, _as_loggers(loggers), k=top_k)
         return result
@@ -250,30 +281,41 @@ class Attributor:
 
     def self_influence(self) -> SelfInfluence:
         """Each training example's removal effect on its own training loss, in every run, without the
-        ``[N, N]`` matrix of :meth:`attribute` on the training set (whose diagonal it equals with the
+        ``[N, N]`` matrix of ``attribute`` on the training set (whose diagonal it equals with the
         default measurement, the loss).
 
         Sign as everywhere: the predicted change of the example's loss when it is removed; for influence
         functions ``g_n^T (C + lambda I)^-1 g_n / N >= 0``. Computed per run in chunks of ``batch_size``
         training gradients (each solved by the curvature and dotted with itself), sharded over ranks like
-        :meth:`attribute`; the fitted curvature is cached in ``cache_dir``, the values are not.
+        ``attribute``; the fitted curvature is cached in ``cache_dir``, the values are not.
 
         Returns:
-            A :class:`SelfInfluence` with ``effects [seeds, train]`` and the base ``losses [seeds, train]``.
+            A ``SelfInfluence`` with ``effects [seeds, train]`` and the base ``losses [seeds, train]``.
 
         Raises:
             ValueError: For an estimator that cannot give it without one estimate per example
-                (:class:`Unrolled`, :class:`Segmented`) or the exact GGN solved by Krylov methods; the
+                (``Unrolled``, ``Segmented``) or the exact GGN solved by Krylov methods; the
                 message says what to use instead.
         """
         effects, losses, per_run = [], [], []
         for run in tqdm(self.runs, desc=f"self-influence ({self.estimator.label})", disable=not self.progress):
             model, hooks, params, subset = self._prepare(run, None)
             named = trainable_parameters(model)
-            no_queries = torch.empty(0, sum(named[name].numel() for name in params), dtype=named[params[0]].dtype, device=self.device)
+            no_queries = torch.empty(
+                0, sum(named[name].numel() for name in params), dtype=named[params[0]].dtype, device=self.device
+            )
             context = RunContext(
-                run, self.module, model, no_queries, Subset(self.train_data, []), self.train_data, self.batch_size, self.device,
-                self.progress, self.cache_dir, params,
+                run,
+                self.module,
+                model,
+                no_queries,
+                Subset(self.train_data, []),
+                self.train_data,
+                self.batch_size,
+                self.device,
+                self.progress,
+                self.cache_dir,
+                params,
             )
             values, info = self.estimator.self_influence(context)
             if subset:
@@ -281,9 +323,14 @@ class Attributor:
             self._check_finite(run, values)
             with torch.no_grad():
                 loss = torch.cat(
-                    [hooks.train_loss(move_data_to_device(b, self.device)) for b in DataLoader(self.train_data, batch_size=self.batch_size)]
+                    [
+                        hooks.train_loss(move_data_to_device(b, self.device))
+                        for b in DataLoader(self.train_data, batch_size=self.batch_size)
+                    ]
                 )
             effects.append(values.cpu())
             losses.append(loss.cpu())
             per_run.append(info)
-        return SelfInfluence(torch.stack(effects), torch.stack(losses), [run.name for run in self.runs], self._settings(per_run))
+        return SelfInfluence(
+            torch.stack(effects), torch.stack(losses), [run.name for run in self.runs], self._settings(per_run)
+        )

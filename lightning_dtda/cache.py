@@ -1,7 +1,7 @@
 """Cache files: each artefact is named by a hash of everything it depends on, built here and nowhere else.
 
-Two artefacts are cached: a run's effects (:func:`effects_file`) and a curvature fitted at a run's
-final weights (:func:`curvature_file`). A key holds content digests (snapshots, training data,
+Two artefacts are cached: a run's effects (``effects_file``) and a curvature fitted at a run's
+final weights (``curvature_file``). A key holds content digests (snapshots, training data,
 queries) and the settings that made the artefact, so a changed input or setting is a new file and a
 stale file is never read.
 """

@@ -20,9 +20,9 @@ from lightning_dtda.runs.trajectory import Trajectory, find_runs
 
 
 class AttributionCallback(Callback):
-    """Run the :class:`~lightning_dtda.Attributor` when ``fit`` ends and log the result to the trainer's loggers.
+    """Run the ``Attributor`` when ``fit`` ends and log the result to the trainer's loggers.
 
-    It attributes the queries over every finished run in the :class:`TrajectoryRecorder`'s ``dirpath``
+    It attributes the queries over every finished run in the ``TrajectoryRecorder``'s ``dirpath``
     and the run being trained (so after the last of several seeds it reports the distribution over
     all of them), logs summary scalars, a top-k table and a histogram to every logger at the
     trainer's global step (see ``log_result``), and saves the result as ``attribution.safetensors`` (with
@@ -48,15 +48,17 @@ class AttributionCallback(Callback):
 
     Raises:
         ValueError: For an ``every_n_epochs`` that is not a positive integer.
-        TypeError: For an ``estimator`` that is not an :class:`~lightning_dtda.estimators.Estimator`.
+        TypeError: For an ``estimator`` that is not an ``Estimator``.
         RuntimeError: At fit start, if the trainer has no ``TrajectoryRecorder``, or no query data was
             given and there is no validation dataloader to take it from.
 
-    Example::
+    Example:
 
+        ```python
         trainer = Trainer(callbacks=[TrajectoryRecorder("runs/"), AttributionCallback(query_set)],
                           logger=TensorBoardLogger("logs/"))
         trainer.fit(model, train_loader)   # the influential examples are in TensorBoard
+        ```
     """
 
     def __init__(
@@ -73,7 +75,9 @@ class AttributionCallback(Callback):
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be a positive integer or None, got {every_n_epochs!r}.")
         if not isinstance(estimator, Estimator):
-            raise TypeError(f"estimator must be an Estimator such as Influence(), Unrolled() or Segmented(), got {estimator!r}.")
+            raise TypeError(
+                f"estimator must be an Estimator such as Influence(), Unrolled() or Segmented(), got {estimator!r}."
+            )
         self.query_data = query_data
         self.num_queries = num_queries
         self.estimator = estimator
@@ -83,7 +87,9 @@ class AttributionCallback(Callback):
         self.cache_dir = cache_dir
         self.progress = progress
         self.result: AttributionResult | None = None
-        self._attributed_at: int | None = None  # the global step of the last result, when its run's snapshot was current
+        self._attributed_at: int | None = (
+            None  # the global step of the last result, when its run's snapshot was current
+        )
 
     def _recorder(self, trainer: pl.Trainer) -> TrajectoryRecorder:
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
@@ -132,8 +138,14 @@ class AttributionCallback(Callback):
         runs = self._runs(recorder)
         rank_zero_info(f"AttributionCallback: attributing {len(runs)} run(s) in {recorder.dirpath}")
         attributor = Attributor(
-            pl_module, runs, trainer.train_dataloader.dataset, self.estimator, self.batch_size, pl_module.device,
-            self.progress, self.cache_dir,
+            pl_module,
+            runs,
+            trainer.train_dataloader.dataset,
+            self.estimator,
+            self.batch_size,
+            pl_module.device,
+            self.progress,
+            self.cache_dir,
         )
         self.result = attributor.attribute(self._queries(trainer))  # on a copy of the module
         log_result(self.result, trainer.loggers, k=self.top_k, step=trainer.global_step)

@@ -1,9 +1,9 @@
 """Damping: every rule that chooses it, in one place.
 
-- ``"auto"`` for the exact GGN (:func:`auto_damping`): ``1 / T + weight_decay``, ``T`` the run's
-  learning-rate time (:func:`learning_rate_time`), which under Adam needs the step scale the recorder
-  notes at every snapshot (:func:`adam_step_scale`).
-- ``"auto"`` for K-FAC and EK-FAC (:func:`fit_damping`): fitted per run on a grid around the GGN's rule.
+- ``"auto"`` for the exact GGN (``auto_damping``): ``1 / T + weight_decay``, ``T`` the run's
+  learning-rate time (``learning_rate_time``), which under Adam needs the step scale the recorder
+  notes at every snapshot (``adam_step_scale``).
+- ``"auto"`` for K-FAC and EK-FAC (``fit_damping``): fitted per run on a grid around the GGN's rule.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from lightning_dtda.runs.trajectory import Trajectory
 
 
 class Solver(Protocol):
-    """A curvature's damped solve (:class:`~lightning_dtda.curvature.base.Curvature`)."""
+    """A curvature's damped solve (``Curvature``)."""
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor: ...
 
 
 class Products(Protocol):
-    """The exact GGN's products (:class:`~lightning_dtda.curvature.ggn.KrylovGGN`)."""
+    """The exact GGN's products (``KrylovGGN``)."""
 
     def matmat(self, columns: Tensor) -> Tensor: ...
 
@@ -35,7 +35,7 @@ def auto_damping(run: Trajectory) -> float:
 
     Raises:
         ValueError: If the run has taken no step with a positive learning rate, or trained with an
-            optimizer whose learning-rate time is not modelled (see :func:`learning_rate_time`).
+            optimizer whose learning-rate time is not modelled (see ``learning_rate_time``).
     """
     time = learning_rate_time(run)
     if not time > 0:
@@ -52,7 +52,7 @@ def auto_damping(run: Trajectory) -> float:
 
 
 def learning_rate_time(run: Trajectory, first: int = 0, last: int | None = None) -> float:
-    r"""Total effective step size :math:`\sum_t \eta_t s_t` of steps ``first+1 .. last`` (default:
+    r"""Total effective step size ``\sum_t \eta_t s_t`` of steps ``first+1 .. last`` (default:
     the whole run), first parameter group.
 
     ``s_t`` is how far one unit of gradient moves the weights per unit of learning rate. SGD with
@@ -79,8 +79,11 @@ def learning_rate_time(run: Trajectory, first: int = 0, last: int | None = None)
     momentum = float(run.optimizer_groups[0].get("momentum") or 0.0)
     # A momentum schedule (recorded per step since 0.2) gives each step its own factor.
     return sum(
-        step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0]) for step in run.steps[first:last] if not step.skipped
+        step.lrs[0] / (1.0 - step.scheduled.get("momentum", (momentum,))[0])
+        for step in run.steps[first:last]
+        if not step.skipped
     )
+
 
 def _adam_scales(run: Trajectory) -> list[float]:
     """Each step's Adam step scale: that of the snapshot closing its interval."""

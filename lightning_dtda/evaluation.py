@@ -7,7 +7,7 @@ same learning rates) with per-example loss weights, many weightings at once (see
 - random subsets (the linear datamodeling score): each weighting keeps a random half of the data.
 
 Every comparison is a table ``(predicted [Q, M], actual [Q, M])`` over ``M`` weightings of a
-distributional statistic, scored by :class:`QuerySpearman`: the Spearman correlation across the
+distributional statistic, scored by ``QuerySpearman``: the Spearman correlation across the
 ``M`` columns, averaged over queries. For leave-one-out tables that is the Spearman of predicted
 versus true shifts; for subset tables it is the LDS (``"mean"``) or a distributional LDS
 (``"variance"``, ``"wasserstein"``).
@@ -93,5 +93,3 @@ def random_subset_weights(num_train: int, num_subsets: int, fraction: float = 0.
     for m in range(num_subsets):
         weights[m, torch.randperm(num_train, generator=generator)[:keep]] = 1.0
     return weights
-
-

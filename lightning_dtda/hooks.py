@@ -114,11 +114,15 @@ class Hooks:
         return self._loss_function
 
     def check_targets(self, batch: Any) -> None:
-        """What :meth:`check_loss` checks without running the model: that ``batch`` gives inputs and targets,
+        """What ``check_loss`` checks without running the model: that ``batch`` gives inputs and targets,
         that a loss function follows from them, and that float targets all in [0, 1] come with a loss hook."""
         _, targets = self.inputs_targets(batch)
         self.loss_function(batch)
-        if self._user_hook("attribution_loss_function") is None and targets.is_floating_point() and bool(((targets >= 0) & (targets <= 1)).all()):
+        if (
+            self._user_hook("attribution_loss_function") is None
+            and targets.is_floating_point()
+            and bool(((targets >= 0) & (targets <= 1)).all())
+        ):
             raise _missing(
                 self.module,
                 "attribution_loss_function",
@@ -130,7 +134,7 @@ class Hooks:
 
     def check_loss(self, batch: Any) -> None:
         """Refuse what the loss function (the default per-example loss, and the curvatures') would get silently
-        wrong on ``batch`` (call it outside ``vmap``/``grad``: one forward, no grad): what :meth:`check_targets`
+        wrong on ``batch`` (call it outside ``vmap``/``grad``: one forward, no grad): what ``check_targets``
         refuses, and outputs and targets the loss would broadcast into another value."""
         self.check_targets(batch)
         inputs, targets = self.inputs_targets(batch)

@@ -1,7 +1,7 @@
 """Converting files written by earlier versions to the current formats, run only when asked.
 
 Results and ground truths were ``torch.save`` files, and run format 2's snapshots may hold
-``torch.save`` entries; :func:`convert` rewrites them as safetensors. Cached effects and curvatures
+``torch.save`` entries; ``convert`` rewrites them as safetensors. Cached effects and curvatures
 need no conversion: they are computed again once.
 """
 
@@ -31,7 +31,9 @@ def convert(path: str | Path) -> list[Path]:
 
     path = Path(path)
     if path.is_dir():
-        folders = [path] if (path / MANIFEST).is_file() else sorted(p for p in path.iterdir() if (p / MANIFEST).is_file())
+        folders = (
+            [path] if (path / MANIFEST).is_file() else sorted(p for p in path.iterdir() if (p / MANIFEST).is_file())
+        )
         if not folders:
             raise ValueError(f"{path} holds no run folder (no {MANIFEST}).")
         return [written for folder in folders for written in _convert_run(folder)]
@@ -72,7 +74,9 @@ def _convert_torch_file(path: Path) -> Path:
         raise ValueError(f"{path} is not a file that torch.save wrote: {err}") from err
     target = path.with_suffix(".safetensors")
     if isinstance(payload, dict) and {"effects", "measurements", "runs"} <= payload.keys():
-        AttributionResult(payload["effects"], payload["measurements"], list(payload["runs"]), payload.get("settings", {})).save(target)
+        AttributionResult(
+            payload["effects"], payload["measurements"], list(payload["runs"]), payload.get("settings", {})
+        ).save(target)
     elif isinstance(payload, dict) and {"weights", "base", "retrained", "runs"} <= payload.keys():
         Retraining(payload["weights"], payload["base"], payload["retrained"], list(payload["runs"])).save(target)
     else:

@@ -12,8 +12,15 @@ from torch.utils.data import Dataset, TensorDataset
 class TinyClassifier(pl.LightningModule):
     """An MLP with (x, y) batches and mean cross-entropy: the default hooks apply."""
 
-    def __init__(self, d_in: int = 6, hidden: int = 8, classes: int = 3, lr: float = 0.1,
-                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_in: int = 6,
+        hidden: int = 8,
+        classes: int = 3,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
@@ -26,8 +33,12 @@ class TinyClassifier(pl.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-                               weight_decay=self.hparams.weight_decay)
+        return torch.optim.SGD(
+            self.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
 
 
 class ReLUClassifier(TinyClassifier):
@@ -43,13 +54,25 @@ class SmallCNN(pl.LightningModule):
     batches: the layers that compute differently in training. SGD (momentum, weight decay) or Adam, with
     a cosine schedule."""
 
-    def __init__(self, channels: int = 3, classes: int = 3, lr: float = 0.1, optimizer: str = "sgd",
-                 dropout: float = 0.3, total_steps: int = 12) -> None:
+    def __init__(
+        self,
+        channels: int = 3,
+        classes: int = 3,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        dropout: float = 0.3,
+        total_steps: int = 12,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * 9, classes),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(channels * 9, classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,8 +164,9 @@ class LinearRegression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
-def classification_data(n: int = 40, d_in: int = 6, classes: int = 3, seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> TensorDataset:
+def classification_data(
+    n: int = 40, d_in: int = 6, classes: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=g, dtype=dtype)
     w = torch.randn(d_in, classes, generator=g, dtype=dtype)
@@ -150,8 +174,9 @@ def classification_data(n: int = 40, d_in: int = 6, classes: int = 3, seed: int 
     return TensorDataset(x, y)
 
 
-def regression_data(n: int = 40, d_in: int = 4, d_out: int = 1, seed: int = 0,
-                    dtype: torch.dtype = torch.float32) -> TensorDataset:
+def regression_data(
+    n: int = 40, d_in: int = 4, d_out: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=g, dtype=dtype)
     w = torch.randn(d_in, d_out, generator=g, dtype=dtype)
@@ -160,8 +185,15 @@ def regression_data(n: int = 40, d_in: int = 4, d_out: int = 1, seed: int = 0,
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
 
@@ -174,7 +206,8 @@ def fit_weighted_cnn(tmp_path, data, recorder=True, precision="64-true", **hpara
     model = WeightedCNN(**hparams)
     callbacks = [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=3)] if recorder else []
     trainer(tmp_path, callbacks, max_epochs=2, precision=precision, gradient_clip_val=0.5).fit(
-        model, torch.utils.data.DataLoader(data, batch_size=6, shuffle=True))
+        model, torch.utils.data.DataLoader(data, batch_size=6, shuffle=True)
+    )
     return model
 
 
@@ -242,8 +275,9 @@ class LoneEmbedding(pl.LightningModule):
         return torch.optim.SGD([self.embed.weight], lr=self.hparams.lr)
 
 
-def token_regression_data(n: int = 24, length: int = 4, vocab: int = 10, outputs: int = 2, seed: int = 0,
-                          dtype: torch.dtype = torch.float32) -> TensorDataset:
+def token_regression_data(
+    n: int = 24, length: int = 4, vocab: int = 10, outputs: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> TensorDataset:
     """Token sequences and targets ``[outputs]``: a random value per token, summed, plus noise."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (n, length), generator=g)

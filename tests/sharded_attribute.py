@@ -7,13 +7,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
-from lightning_dtda import Attributor, Influence, Segmented  # noqa: E402
 from models import TinyClassifier, TokenBag, classification_data, token_regression_data  # noqa: E402
 
-CASES = {"identity": Influence(curvature="identity"), "ggn": Influence(curvature="ggn"), "kfac": Influence(curvature="kfac"),
-         "ekfac": Influence(curvature="ekfac"), "ggn-cg": Influence(curvature="ggn", solver="krylov"),
-         "segmented": Segmented(segments=2, curvature="ekfac")}
+from lightning_dtda import Attributor, Influence, Segmented  # noqa: E402
+
+CASES = {
+    "identity": Influence(curvature="identity"),
+    "ggn": Influence(curvature="ggn"),
+    "kfac": Influence(curvature="kfac"),
+    "ekfac": Influence(curvature="ekfac"),
+    "ggn-cg": Influence(curvature="ggn", solver="krylov"),
+    "segmented": Segmented(segments=2, curvature="ekfac"),
+}
 
 
 SELF_CASES = ("identity", "ggn", "ekfac")
@@ -21,18 +26,21 @@ TOKEN_CASES = ("kfac", "ekfac")  # TokenBag: embedding blocks, summed over ranks
 
 
 def self_influence(runs, case):
-    return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
-                      progress=False).self_influence()
+    return Attributor(
+        TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8, progress=False
+    ).self_influence()
 
 
 def attribute(runs, case):
-    return Attributor(TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
-                      progress=False).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
+    return Attributor(
+        TinyClassifier, runs, classification_data(n=41, dtype=torch.float64), CASES[case], batch_size=8, progress=False
+    ).attribute(classification_data(n=3, seed=1, dtype=torch.float64))
 
 
 def attribute_tokens(runs, case):
-    return Attributor(TokenBag, runs, token_regression_data(n=41, dtype=torch.float64), CASES[case], batch_size=8,
-                      progress=False).attribute(token_regression_data(n=3, seed=1, dtype=torch.float64))
+    return Attributor(
+        TokenBag, runs, token_regression_data(n=41, dtype=torch.float64), CASES[case], batch_size=8, progress=False
+    ).attribute(token_regression_data(n=3, seed=1, dtype=torch.float64))
 
 
 if __name__ == "__main__":

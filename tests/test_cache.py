@@ -7,11 +7,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from attribute_with_cache import attribute
+from models import TinyClassifier, classification_data, trainer
 from torch.utils.data import DataLoader
 
-from attribute_with_cache import attribute
 from lightning_dtda import Influence, TrajectoryRecorder
-from models import TinyClassifier, classification_data, trainer
 
 
 def test_a_killed_attribution_resumes_without_recomputing_finished_runs(tmp_path):
@@ -19,7 +19,8 @@ def test_a_killed_attribution_resumes_without_recomputing_finished_runs(tmp_path
     for seed in range(4):
         pl.seed_everything(seed)
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=25, precision="64-true").fit(
-            TinyClassifier(), DataLoader(data, batch_size=4, shuffle=True))
+            TinyClassifier(), DataLoader(data, batch_size=4, shuffle=True)
+        )
     cache = tmp_path / "cache"
     script = Path(__file__).parent / "attribute_with_cache.py"
     job = subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs"), str(cache)])
@@ -46,13 +47,26 @@ def test_the_cache_key_changes_with_the_settings_and_queries(tmp_path):
     data = classification_data(n=16, dtype=torch.float64)
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1, precision="64-true").fit(
-        TinyClassifier(), DataLoader(data, batch_size=4))
+        TinyClassifier(), DataLoader(data, batch_size=4)
+    )
     queries = classification_data(n=2, seed=1, dtype=torch.float64)
     for damping in (0.1, 0.2):
-        Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn", damping=damping), progress=False,
-                   cache_dir=tmp_path / "cache").attribute(queries)
-    Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn", damping=0.1), progress=False,
-               cache_dir=tmp_path / "cache").attribute(classification_data(n=2, seed=2, dtype=torch.float64))
+        Attributor(
+            TinyClassifier,
+            tmp_path / "runs",
+            data,
+            estimator=Influence(curvature="ggn", damping=damping),
+            progress=False,
+            cache_dir=tmp_path / "cache",
+        ).attribute(queries)
+    Attributor(
+        TinyClassifier,
+        tmp_path / "runs",
+        data,
+        estimator=Influence(curvature="ggn", damping=0.1),
+        progress=False,
+        cache_dir=tmp_path / "cache",
+    ).attribute(classification_data(n=2, seed=2, dtype=torch.float64))
     assert len(list((tmp_path / "cache").glob("seed_0-influence-ggn-*.safetensors"))) == 3
     assert len(list((tmp_path / "cache").glob("seed_0-curvature-ggn-*.safetensors"))) == 1  # shared by all three
 
@@ -66,12 +80,19 @@ def test_fitted_curvature_is_reused_for_new_queries_and_damping(tmp_path, monkey
     data = classification_data(n=16, dtype=torch.float64)
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2, precision="64-true").fit(
-        TinyClassifier(), DataLoader(data, batch_size=4))
+        TinyClassifier(), DataLoader(data, batch_size=4)
+    )
     cache = tmp_path / "cache"
 
     def attribute(queries, damping, cache_dir):
-        return Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature=curvature, damping=damping),
-                          progress=False, cache_dir=cache_dir).attribute(queries)
+        return Attributor(
+            TinyClassifier,
+            tmp_path / "runs",
+            data,
+            estimator=Influence(curvature=curvature, damping=damping),
+            progress=False,
+            cache_dir=cache_dir,
+        ).attribute(queries)
 
     attribute(classification_data(n=2, seed=1, dtype=torch.float64), 0.1, cache)
     assert len(list(cache.glob(f"seed_0-curvature-{curvature}-*.safetensors"))) == 1
@@ -92,8 +113,16 @@ def test_a_cached_dense_ggn_does_not_answer_a_krylov_request(tmp_path):
 
     data = classification_data(n=16)
     pl.seed_everything(0)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(TinyClassifier(), DataLoader(data, batch_size=8))
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+        TinyClassifier(), DataLoader(data, batch_size=8)
+    )
     for solver in ("dense", "krylov"):
-        result = Attributor(TinyClassifier, tmp_path / "runs", data, Influence(curvature="ggn", damping=0.1, solver=solver),
-                            cache_dir=tmp_path / "cache", progress=False).attribute(data)
+        result = Attributor(
+            TinyClassifier,
+            tmp_path / "runs",
+            data,
+            Influence(curvature="ggn", damping=0.1, solver=solver),
+            cache_dir=tmp_path / "cache",
+            progress=False,
+        ).attribute(data)
         assert ("cg_products" in result.settings["per_run"][0]) == (solver == "krylov")

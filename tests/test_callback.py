@@ -4,10 +4,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from models import TinyClassifier, classification_data, trainer
 from torch.utils.data import DataLoader
 
 from lightning_dtda import AttributionCallback, AttributionResult, Influence, TrajectoryRecorder, load_runs
-from models import TinyClassifier, classification_data, trainer
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,8 @@ def fitted(tmp_path_factory):
         loggers = [CSVLogger(tmp_path / "csv", version=seed), TensorBoardLogger(tmp_path / "tb", version=seed)]
         callback = AttributionCallback(queries, estimator=Influence(curvature="ggn"), top_k=2, progress=False)
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), callback], max_epochs=2, logger=loggers).fit(
-            TinyClassifier(), DataLoader(data, batch_size=8, shuffle=True))
+            TinyClassifier(), DataLoader(data, batch_size=8, shuffle=True)
+        )
     return callback.result, loggers, tmp_path
 
 
@@ -38,7 +39,9 @@ def test_callback_logs_table_histogram_and_figure(fitted):
     with open(f"{csv_logger.log_dir}/attribution_top_k.csv") as f:
         rows = list(csv.DictReader(f))
     _, indices = result.top_k(2, 2, largest=False)
-    assert [int(r["train_index"]) for r in rows if r["query"] == "2" and r["kind"] == "removal_lowers"] == indices.tolist()
+    assert [
+        int(r["train_index"]) for r in rows if r["query"] == "2" and r["kind"] == "removal_lowers"
+    ] == indices.tolist()
     with open(f"{csv_logger.log_dir}/attribution_shift_scatter.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
     events = EventAccumulator(tb_logger.log_dir, size_guidance={"histograms": 0, "images": 0, "tensors": 0}).Reload()
@@ -54,7 +57,8 @@ def test_callback_logs_table_histogram_and_figure(fitted):
 def test_callback_without_recorder_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="needs a TrajectoryRecorder"):
         trainer(tmp_path, [AttributionCallback(classification_data(n=2))], max_epochs=1).fit(
-            TinyClassifier(), DataLoader(classification_data(n=8), batch_size=4))
+            TinyClassifier(), DataLoader(classification_data(n=8), batch_size=4)
+        )
 
 
 def test_callback_every_n_epochs_logs_on_the_training_timeline(tmp_path):
@@ -62,10 +66,19 @@ def test_callback_every_n_epochs_logs_on_the_training_timeline(tmp_path):
 
     pl.seed_everything(0)
     logger = TensorBoardLogger(tmp_path / "tb")
-    callbacks = [TrajectoryRecorder(tmp_path / "runs"),
-                 AttributionCallback(classification_data(n=2, seed=1), estimator=Influence(curvature="identity"), every_n_epochs=2, progress=False)]
+    callbacks = [
+        TrajectoryRecorder(tmp_path / "runs"),
+        AttributionCallback(
+            classification_data(n=2, seed=1),
+            estimator=Influence(curvature="identity"),
+            every_n_epochs=2,
+            progress=False,
+        ),
+    ]
     model = TinyClassifier()
-    trainer(tmp_path, callbacks, max_epochs=4, logger=logger).fit(model, DataLoader(classification_data(n=16), batch_size=4))
+    trainer(tmp_path, callbacks, max_epochs=4, logger=logger).fit(
+        model, DataLoader(classification_data(n=16), batch_size=4)
+    )
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
     steps = [h.step for h in events.Histograms("attribution/mean_shift")]
     assert steps[:2] == [8, 16]  # after epochs 2 and 4 (4 steps each), then once more at the end of fit
@@ -78,7 +91,9 @@ def test_repeated_train_seeds_with_the_callback_leaves_finished_runs_untouched(t
     from lightning_dtda import train_seeds
 
     loader = DataLoader(classification_data(n=16), batch_size=4, shuffle=True)
-    kwargs = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    kwargs = dict(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
 
     def callbacks():
         return [AttributionCallback(classification_data(n=2, seed=1), Influence(curvature="identity"), progress=False)]
@@ -94,10 +109,13 @@ def test_repeated_train_seeds_with_the_callback_leaves_finished_runs_untouched(t
 def test_the_end_of_fit_result_is_logged_at_the_last_step_once(tmp_path):
     pl.seed_everything(0)
     logger = CSVLogger(tmp_path / "csv")
-    callback = AttributionCallback(classification_data(n=2, seed=1), Influence(curvature="identity"), every_n_epochs=1, progress=False)
+    callback = AttributionCallback(
+        classification_data(n=2, seed=1), Influence(curvature="identity"), every_n_epochs=1, progress=False
+    )
     # Listed before the recorder, whose interval is 2 epochs: it still attributes each epoch's weights.
-    trainer(tmp_path, [callback, TrajectoryRecorder(tmp_path / "runs", every_n_epochs=2)], max_epochs=2, logger=logger).fit(
-        TinyClassifier(), DataLoader(classification_data(n=16), batch_size=4))
+    trainer(
+        tmp_path, [callback, TrajectoryRecorder(tmp_path / "runs", every_n_epochs=2)], max_epochs=2, logger=logger
+    ).fit(TinyClassifier(), DataLoader(classification_data(n=16), batch_size=4))
     with open(f"{logger.log_dir}/metrics.csv") as f:
         steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("attribution/mean_shift_mean")]
     assert steps == [4, 8]  # epochs 1 and 2; the end of fit reuses the last epoch's result
@@ -115,11 +133,13 @@ def test_missing_query_data_is_reported_before_training(tmp_path):
 
     with pytest.raises(RuntimeError, match="no validation dataloader to take queries from; pass query_data"):
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), AttributionCallback()], max_epochs=1).fit(
-            Counts(), DataLoader(classification_data(n=8), batch_size=4))
+            Counts(), DataLoader(classification_data(n=8), batch_size=4)
+        )
     assert Counts.steps == 0
     with pytest.raises(RuntimeError, match="needs a TrajectoryRecorder among the trainer's callbacks"):
         trainer(tmp_path, [AttributionCallback(classification_data(n=2))], max_epochs=1).fit(
-            Counts(), DataLoader(classification_data(n=8), batch_size=4))
+            Counts(), DataLoader(classification_data(n=8), batch_size=4)
+        )
     assert Counts.steps == 0
 
 
@@ -129,7 +149,8 @@ def test_queries_default_to_the_validation_set_even_when_validation_is_off(tmp_p
     callback = AttributionCallback(num_queries=3, estimator=Influence(curvature="identity"), progress=False)
     model = TinyClassifier()
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), callback], max_epochs=1, limit_val_batches=0).fit(
-        model, datamodule=dm)
+        model, datamodule=dm
+    )
     assert callback.result.effects.shape == (1, 3, 16)
     x, y = classification_data(n=6, seed=1).tensors  # the first 3 validation examples, not training ones
     expected = torch.nn.functional.cross_entropy(model(x[:3]), y[:3], reduction="none").detach()

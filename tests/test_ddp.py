@@ -4,18 +4,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import TinyClassifier, classification_data
 
 from lightning_dtda import load_runs
-from lightning_dtda.replay.engine import replay
 from lightning_dtda.model.instantiate import instantiate
-from models import TinyClassifier, classification_data
+from lightning_dtda.replay.engine import replay
 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_ddp_recording_replays_on_one_process(tmp_path, workers):
     script = Path(__file__).parent / "ddp_record.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(workers)], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(workers)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     [run] = load_runs(tmp_path / "runs")
     assert run.manifest.world_size == 2

@@ -58,11 +58,14 @@ def test_spread_wideners_are_found():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(16, 1, generator=g)
     centred = base - base.mean()
-    effects = torch.stack([
-        0.8 * centred[:, 0],                 # widens the spread, mean unchanged
-        torch.full((16,), 0.8),              # moves the mean, spread unchanged
-        0.01 * torch.randn(16, generator=g), # does little
-    ], dim=-1).unsqueeze(1)
+    effects = torch.stack(
+        [
+            0.8 * centred[:, 0],  # widens the spread, mean unchanged
+            torch.full((16,), 0.8),  # moves the mean, spread unchanged
+            0.01 * torch.randn(16, generator=g),  # does little
+        ],
+        dim=-1,
+    ).unsqueeze(1)
     result = result_with(effects, base)
     assert result.mean_shift()[0, 0].abs() < 1e-6 and result.variance_shift()[0, 0] > 0
     _, indices = result.spread_wideners(query=0, k=1)

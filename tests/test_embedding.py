@@ -5,14 +5,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from models import LoneEmbedding, TokenBag, token_regression_data, trainer
+from oracles import dense_ggn_effects, relative_error
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dtda import Attributor, Influence, Segmented, TrajectoryRecorder
-from lightning_dtda.curvature.tracked import describe_tracked, tracked_parameters
 from lightning_dtda.curvature.fit import fit_curvature
-from models import LoneEmbedding, TokenBag, token_regression_data, trainer
-from oracles import dense_ggn_effects, relative_error
+from lightning_dtda.curvature.tracked import describe_tracked, tracked_parameters
+from lightning_dtda.errors import UnsupportedLayerError
 
 V, D, T, C, N = 7, 3, 4, 3, 13
 
@@ -69,24 +70,37 @@ def test_embedding_blocks_equal_curvlinops_blocks_of_the_one_hot_linear_layers(k
     # ragged: the second batch's sequences are shorter, as padded text batches are (normalised per batch)
     batches = [(x[:6], y[:6]), (x[6:, : T // 2] if ragged else x[6:], y[6:])]
     vectors = torch.randn(3, V * D + T * D + D * C + C, dtype=torch.float64)
-    curvatures = [fit_curvature(kind, model, loss_function, list(model.parameters()), batches, N) for model in (ours, twin)]
+    curvatures = [
+        fit_curvature(kind, model, loss_function, list(model.parameters()), batches, N) for model in (ours, twin)
+    ]
     solves = [curvatures[0].solve(vectors, 0.1), curvatures[1].solve(to_one_hot_layout(vectors), 0.1)]
     assert relative_error(solves[0], to_one_hot_layout(solves[1], back=True)) < 1e-10
     blocks = curvatures[0].state()["embedding_blocks"]
-    assert blocks["tokens"]["counts"].shape == (V,) and blocks["positions"]["gradient_covariance"].shape == (D, D)  # never V x V
+    assert blocks["tokens"]["counts"].shape == (V,) and blocks["positions"]["gradient_covariance"].shape == (
+        D,
+        D,
+    )  # never V x V
     assert relative_error(solves[0], vectors / 0.1) > 1e-2  # the blocks are not zero
 
 
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
 def test_kfac_of_a_lone_embedding_under_a_linear_map_is_its_exact_ggn(tmp_path, curvature):
     """One lookup per example and outputs linear in the table: its GGN is diag(counts / N) ⊗ W^T H W, K-FAC's form."""
-    data, queries = token_regression_data(n=24, length=1, dtype=torch.float64), token_regression_data(n=3, length=1, seed=1, dtype=torch.float64)
+    data, queries = (
+        token_regression_data(n=24, length=1, dtype=torch.float64),
+        token_regression_data(n=3, length=1, seed=1, dtype=torch.float64),
+    )
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2, precision="64-true").fit(
-        LoneEmbedding(), DataLoader(data, batch_size=8, shuffle=True))
-    attributor = Attributor(LoneEmbedding, tmp_path / "runs", data, estimator=Influence(curvature=curvature, damping=0.05), progress=False)
+        LoneEmbedding(), DataLoader(data, batch_size=8, shuffle=True)
+    )
+    attributor = Attributor(
+        LoneEmbedding, tmp_path / "runs", data, estimator=Influence(curvature=curvature, damping=0.05), progress=False
+    )
     result = attributor.attribute(queries)
-    expected = dense_ggn_effects(attributor.load_model(attributor.runs[0]), *data.tensors, *queries.tensors, 0.05, loss="mse")[0]
+    expected = dense_ggn_effects(
+        attributor.load_model(attributor.runs[0]), *data.tensors, *queries.tensors, 0.05, loss="mse"
+    )[0]
     assert relative_error(result.effects[0], expected) < 1e-10
 
 
@@ -96,7 +110,8 @@ def token_bag(tmp_path_factory):
     data = token_regression_data(n=24, dtype=torch.float64)
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_epochs=1)], max_epochs=3, precision="64-true").fit(
-        TokenBag(), DataLoader(data, batch_size=8, shuffle=True))
+        TokenBag(), DataLoader(data, batch_size=8, shuffle=True)
+    )
     return tmp_path / "runs", data, token_regression_data(n=3, seed=1, dtype=torch.float64)
 
 
@@ -106,7 +121,9 @@ def test_a_cached_embedding_block_gives_the_same_effects_without_a_data_pass(tok
     runs, data, queries = token_bag
 
     def attribute(cache_dir):
-        return Attributor(TokenBag, runs, data, estimator=Influence(curvature="ekfac"), progress=False, cache_dir=cache_dir).attribute(queries)
+        return Attributor(
+            TokenBag, runs, data, estimator=Influence(curvature="ekfac"), progress=False, cache_dir=cache_dir
+        ).attribute(queries)
 
     fitted = attribute(tmp_path)
     assert fitted.settings["per_run"][0]["parameters"] == ["embed.weight", "head.weight", "head.bias"]
@@ -119,7 +136,9 @@ def test_a_cached_embedding_block_gives_the_same_effects_without_a_data_pass(tok
         patch.setattr(curvature, "correct_eigenvalues", no_fitting)
         cached = attribute(tmp_path)
     assert torch.equal(cached.effects, fitted.effects)
-    assert cached.settings["per_run"][0]["damping"] == fitted.settings["per_run"][0]["damping"]  # fit_damping, through solve
+    assert (
+        cached.settings["per_run"][0]["damping"] == fitted.settings["per_run"][0]["damping"]
+    )  # fit_damping, through solve
 
 
 def test_ekfac_functions_agree_with_its_solve_and_segmented_runs_with_an_embedding(token_bag):
@@ -157,10 +176,19 @@ class Tied(nn.Module):
 def test_tied_tables_and_lookups_that_change_under_expansion_are_left_out():
     batch = (torch.randint(0, V, (5, T)), torch.randint(0, V, (5,)))
     assert tracked_parameters(Tied(), "ekfac", None, batch) == ["mix.weight", "mix.bias"]
-    assert "left out: tokens (Embedding, its weight shared with head), positions (Embedding)" in describe_tracked(Tied(), ["mix.weight", "mix.bias"])
-    assert tracked_parameters(Tied(tie=False), "ekfac", None, batch) == ["tokens.weight", "mix.weight", "mix.bias", "head.weight"]
+    assert "left out: tokens (Embedding, its weight shared with head), positions (Embedding)" in describe_tracked(
+        Tied(), ["mix.weight", "mix.bias"]
+    )
+    assert tracked_parameters(Tied(tie=False), "ekfac", None, batch) == [
+        "tokens.weight",
+        "mix.weight",
+        "mix.bias",
+        "head.weight",
+    ]
     model = Tied()
-    with pytest.raises(ValueError, match=r"curvature='kfac' has no block for the weight of \[Embedding\(7, 3\), Linear"):
+    with pytest.raises(
+        UnsupportedLayerError, match=r"curvature='kfac' has no block for the weight of \[Embedding\(7, 3\), Linear"
+    ):
         fit_curvature("kfac", model, nn.CrossEntropyLoss(), [model.tokens.weight], [batch], 5)
 
 
@@ -205,17 +233,31 @@ def test_embedding_options_attribution_cannot_go_through_are_refused_before_any_
     data = token_regression_data()
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
-        TokenBagVariant(variant), DataLoader(data, batch_size=8, shuffle=True))
-    refused = {"max_norm": "max_norm=1.0: its forward renormalises the weight in place",
-               "scale_grad_by_freq": "scale_grad_by_freq=True: its backward rescales the gradient",
-               "sparse": "sparse=True: its gradient is a sparse tensor",
-               "bag": "torch has no forward-mode or double-backward derivative"}[variant]
-    with pytest.raises(ValueError, match=rf"embed \((Embedding|EmbeddingBag)\) (has |cannot be attributed through: ){refused}"):
-        Attributor(TokenBagVariant, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False).attribute(data)
-    if variant != "max_norm":  # left out, the rest attributes; identity needs first derivatives only, which EmbeddingBag has
+        TokenBagVariant(variant), DataLoader(data, batch_size=8, shuffle=True)
+    )
+    refused = {
+        "max_norm": "max_norm=1.0: its forward renormalises the weight in place",
+        "scale_grad_by_freq": "scale_grad_by_freq=True: its backward rescales the gradient",
+        "sparse": "sparse=True: its gradient is a sparse tensor",
+        "bag": "torch has no forward-mode or double-backward derivative",
+    }[variant]
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=rf"embed \((Embedding|EmbeddingBag)\) (has |cannot be attributed through: ){refused}",
+    ):
+        Attributor(
+            TokenBagVariant, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False
+        ).attribute(data)
+    if (
+        variant != "max_norm"
+    ):  # left out, the rest attributes; identity needs first derivatives only, which EmbeddingBag has
         left_out = Influence(curvature="ggn", modules=["norm", "head"])
-        for estimator in (left_out, Influence(curvature="ekfac")) + ((Influence(curvature="identity"),) if variant == "bag" else ()):
-            result = Attributor(TokenBagVariant, tmp_path / "runs", data, estimator=estimator, progress=False).attribute(data)
+        for estimator in (left_out, Influence(curvature="ekfac")) + (
+            (Influence(curvature="identity"),) if variant == "bag" else ()
+        ):
+            result = Attributor(
+                TokenBagVariant, tmp_path / "runs", data, estimator=estimator, progress=False
+            ).attribute(data)
             assert result.effects.isfinite().all()
 
 
@@ -235,5 +277,5 @@ def test_an_embedding_weight_used_outside_its_lookups_is_refused(kind):
     torch.manual_seed(0)
     model = FunctionallyTied().double().eval()
     batch = (torch.randint(0, V, (N, T)), torch.randint(0, V, (N,)))
-    with pytest.raises(ValueError, match="is used by the forward outside its lookups"):
+    with pytest.raises(UnsupportedLayerError, match="is used by the forward outside its lookups"):
         fit_curvature(kind, model, nn.CrossEntropyLoss(), list(model.parameters()), [batch], N)

@@ -6,12 +6,22 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from models import (
+    ColumnRegression,
+    LinearRegression,
+    LogitClassifier,
+    Mapped,
+    SaysBCE,
+    TinyClassifier,
+    classification_data,
+    regression_data,
+    trainer,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dtda import Attributor, Influence, MissingHookError, Segmented, TrajectoryRecorder, load_runs
-from lightning_dtda import Unrolled
-from models import Mapped, ColumnRegression, LinearRegression, LogitClassifier, SaysBCE, TinyClassifier, classification_data, regression_data, trainer
+from lightning_dtda import Attributor, Influence, MissingHookError, Segmented, TrajectoryRecorder, Unrolled, load_runs
+from lightning_dtda.errors import CorruptFileError, DatasetMismatchError
 
 
 def DictData(data):
@@ -58,8 +68,11 @@ def test_module_without_hooks_for_its_batches(tmp_path, data):
     dict_data = DictData(data)
     runs = record(tmp_path, DictBatches(), dict_data)
     attributor = Attributor(DictBatches, runs, dict_data, estimator=Influence(curvature="identity"), progress=False)
-    with pytest.raises(MissingHookError, match=r"DictBatches needs the attribution hook `attribution_inputs_targets`"
-                                               r"(.|\n)*def attribution_inputs_targets\(self, batch\)"):
+    with pytest.raises(
+        MissingHookError,
+        match=r"DictBatches needs the attribution hook `attribution_inputs_targets`"
+        r"(.|\n)*def attribution_inputs_targets\(self, batch\)",
+    ):
         attributor.attribute(dict_data)
 
 
@@ -70,12 +83,14 @@ def test_hooks_make_such_a_module_work(tmp_path, data):
 
     dict_data = DictData(data)
     runs = record(tmp_path, WithHooks(), dict_data)
-    result = Attributor(WithHooks, runs, dict_data, estimator=Influence(curvature="ggn"), progress=False).attribute(dict_data)
+    result = Attributor(WithHooks, runs, dict_data, estimator=Influence(curvature="ggn"), progress=False).attribute(
+        dict_data
+    )
     assert result.effects.shape == (1, 16, 16) and torch.isfinite(result.effects).all()
 
 
 def test_training_data_other_than_recorded(runs, data):
-    with pytest.raises(ValueError, match="has 15 examples but run seed_0 was recorded on 16"):
+    with pytest.raises(DatasetMismatchError, match="has 15 examples but run seed_0 was recorded on 16"):
         Attributor(TinyClassifier, runs, TensorDataset(*data[:15]))
     shuffled = TensorDataset(*data[torch.randperm(16, generator=torch.Generator().manual_seed(0))])
     with pytest.raises(ValueError, match="different content or order"):
@@ -86,7 +101,7 @@ def test_truncated_snapshot_file(runs, data):
     [run] = load_runs(runs)
     path = run.path / run.snapshots[-1].file
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="step_00000002.safetensors does not match the checksum recorded for it"):
+    with pytest.raises(CorruptFileError, match="step_00000002.safetensors does not match the checksum recorded for it"):
         Attributor(TinyClassifier, runs, data, progress=False).attribute(data)
 
 
@@ -95,7 +110,9 @@ def test_non_finite_gradients_name_the_examples(runs, data):
     x = x.clone()
     x[2, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"non-finite gradients for examples \[2\]"):
-        Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(TensorDataset(x, y))
+        Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(
+            TensorDataset(x, y)
+        )
 
 
 def test_bad_arguments(runs, data):
@@ -117,16 +134,16 @@ def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
         load_runs(tmp_path / "empty")
     record(tmp_path, TinyClassifier(), data, seed=0)
     record(tmp_path, TinyClassifier(), classification_data(n=16, seed=5), seed=1)
-    with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
+    with pytest.raises(DatasetMismatchError, match="The runs mix datasets: seed_0 and seed_1"):
         load_runs(tmp_path / "runs")
     # given as trajectories, bypassing load_runs: seed_1 would be attributed with seed_0's examples
     from lightning_dtda import retrain
     from lightning_dtda.runs.trajectory import Trajectory
 
     trajectories = [Trajectory(tmp_path / "runs" / "seed_0"), Trajectory(tmp_path / "runs" / "seed_1")]
-    with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
+    with pytest.raises(DatasetMismatchError, match="The runs mix datasets: seed_0 and seed_1"):
         Attributor(TinyClassifier, trajectories, data, progress=False)
-    with pytest.raises(ValueError, match="The runs mix datasets: seed_0 and seed_1"):
+    with pytest.raises(DatasetMismatchError, match="The runs mix datasets: seed_0 and seed_1"):
         retrain(TinyClassifier, trajectories, data, data, torch.ones(1, 16))
 
 
@@ -135,8 +152,12 @@ def test_module_class_other_than_recorded(runs, data):
         Attributor(WithLayerNorm, runs, data, progress=False).attribute(data)
     # the same name in another module (code moved) is taken for it, with a warning
     moved = type("TinyClassifier", (TinyClassifier,), {"__module__": "package.moved"})
-    with pytest.warns(UserWarning, match="recorded its module class as models.TinyClassifier; taking package.moved.TinyClassifier"):
-        result = Attributor(moved, runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    with pytest.warns(
+        UserWarning, match="recorded its module class as models.TinyClassifier; taking package.moved.TinyClassifier"
+    ):
+        result = Attributor(moved, runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(
+            data
+        )
     assert result.effects.shape == (1, 16, 16)
 
 
@@ -144,33 +165,54 @@ def test_class_that_cannot_be_rebuilt_from_hparams(tmp_path, data):
     runs = record(tmp_path, NoHparams(hidden=5), data)
     with pytest.raises(TypeError, match="pass an instance instead of the class"):
         Attributor(NoHparams, runs, data, progress=False).attribute(data)
-    result = Attributor(NoHparams(hidden=5), runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(data)
+    result = Attributor(
+        NoHparams(hidden=5), runs, data, estimator=Influence(curvature="ggn"), progress=False
+    ).attribute(data)
     assert result.effects.shape == (1, 16, 16)
-    with pytest.raises(ValueError, match=r"module given does not match run seed_0's weights \(size mismatch for net.2.weight: copying a param "
-                                         r"with shape .*\)\. Pass the class"):
+    with pytest.raises(
+        ValueError,
+        match=r"module given does not match run seed_0's weights \(size mismatch for net.2.weight: copying a param "
+        r"with shape .*\)\. Pass the class",
+    ):
         Attributor(NoHparams(hidden=7), runs, data, progress=False).attribute(data)
 
 
 def test_an_instance_built_with_other_hyperparameters_is_named_in_the_error_or_a_warning(runs, data):
-    with pytest.raises(ValueError, match=r"\): run seed_0 was trained with hidden=8; the module given has hidden=6. Pass the class"):
+    with pytest.raises(
+        ValueError, match=r"\): run seed_0 was trained with hidden=8; the module given has hidden=6. Pass the class"
+    ):
         Attributor(TinyClassifier(hidden=6), runs, data, progress=False).attribute(data)
-    with pytest.warns(UserWarning, match=r"not the one trained: run seed_0 was trained with lr=0.1; the module given has lr=0.5. Effects are"):
-        result = Attributor(TinyClassifier(lr=0.5), runs, data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+    with pytest.warns(
+        UserWarning,
+        match=r"not the one trained: run seed_0 was trained with lr=0.1; the module given has lr=0.5. Effects are",
+    ):
+        result = Attributor(
+            TinyClassifier(lr=0.5), runs, data, estimator=Influence(curvature="identity"), progress=False
+        ).attribute(data)
     assert result.effects.shape == (1, 16, 16)
 
 
 def test_segmented_needs_curvature_functions_and_solvers_are_checked(runs, data, monkeypatch):
-    with pytest.raises(ValueError, match="needs functions of the curvature: use curvature='ekfac' or 'ggn', not 'kfac'"):
+    with pytest.raises(
+        ValueError, match="needs functions of the curvature: use curvature='ekfac' or 'ggn', not 'kfac'"
+    ):
         Segmented(segments=1, curvature="kfac")
-    with pytest.raises(ValueError, match="solver='krylov' chooses how curvature='ggn' is solved; curvature='ekfac' has one way"):
+    with pytest.raises(
+        ValueError, match="solver='krylov' chooses how curvature='ggn' is solved; curvature='ekfac' has one way"
+    ):
         Influence(curvature="ekfac", solver="krylov")
     with pytest.raises(ValueError, match="solver must be one of"):
         Segmented(curvature="ggn", solver="cg")
     with pytest.raises(ValueError, match="curvature_subset must be None or a positive integer, got 0"):
         Influence(curvature="ggn", curvature_subset=0)
     monkeypatch.setattr("lightning_dtda.curvature.base.DENSE_GGN_LIMIT", 10)
-    with pytest.raises(ValueError, match="solver='dense' builds a 83 x 83 GGN; above 10 parameters that is refused. Use solver='krylov'"):
-        Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn", solver="dense"), progress=False).attribute(data)
+    with pytest.raises(
+        ValueError,
+        match="solver='dense' builds a 83 x 83 GGN; above 10 parameters that is refused. Use solver='krylov'",
+    ):
+        Attributor(
+            TinyClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn", solver="dense"), progress=False
+        ).attribute(data)
 
 
 @pytest.mark.parametrize("estimator", [Influence(curvature="ggn"), Influence(curvature="ekfac"), Unrolled()])
@@ -179,13 +221,22 @@ def test_losses_and_shapes_the_defaults_would_get_wrong_are_refused(tmp_path, es
     float 0/1 targets could be BCE or MSE targets."""
     x, y = regression_data(n=16).tensors
     for cls, data, match in [
-        (ColumnRegression, TensorDataset(x, y[:, 0]),
-         r"attribution_inputs_targets`: the model's outputs have shape \(2, 1\) and the targets \(2,\), which MSELoss needs to be \(2, 1\)"),
-        (LogitClassifier, TensorDataset(x, (y > 0).float()),
-         "attribution_loss_function`: the float targets checked \\(the first 2 examples'\\) all lie between 0 and 1, which could be targets of binary cross-entropy"),
+        (
+            ColumnRegression,
+            TensorDataset(x, y[:, 0]),
+            r"attribution_inputs_targets`: the model's outputs have shape \(2, 1\) and the targets \(2,\), which MSELoss needs to be \(2, 1\)",
+        ),
+        (
+            LogitClassifier,
+            TensorDataset(x, (y > 0).float()),
+            "attribution_loss_function`: the float targets checked \\(the first 2 examples'\\) all lie between 0 and 1, which could be targets of binary cross-entropy",
+        ),
         # smoothed labels too: binary or soft cross-entropy targets, not regression ones
-        (LogitClassifier, TensorDataset(x, 0.05 + 0.9 * (y > 0).float()),
-         "attribution_loss_function`: the float targets checked .* all lie between 0 and 1, .* nn.CrossEntropyLoss\\(\\)"),
+        (
+            LogitClassifier,
+            TensorDataset(x, 0.05 + 0.9 * (y > 0).float()),
+            "attribution_loss_function`: the float targets checked .* all lie between 0 and 1, .* nn.CrossEntropyLoss\\(\\)",
+        ),
     ]:
         pl.seed_everything(0)
         runs = tmp_path / f"{cls.__name__}{len(match)}"
@@ -215,8 +266,13 @@ def test_an_iterable_dataset_and_a_missing_cuda_device_are_refused_at_constructi
 
     with pytest.raises(TypeError, match="train_data is an IterableDataset; .* needs a map-style Dataset"):
         Attributor(TinyClassifier, runs, Stream(), progress=False)
-    with pytest.raises(RuntimeError, match=r"the train DataLoader's dataset is an IterableDataset \(Stream\), .* Train on a map-style Dataset"):
-        trainer(runs.parent, [TrajectoryRecorder(runs.parent / "stream")], max_epochs=1).fit(TinyClassifier(), DataLoader(Stream(), batch_size=8))
+    with pytest.raises(
+        RuntimeError,
+        match=r"the train DataLoader's dataset is an IterableDataset \(Stream\), .* Train on a map-style Dataset",
+    ):
+        trainer(runs.parent, [TrajectoryRecorder(runs.parent / "stream")], max_epochs=1).fit(
+            TinyClassifier(), DataLoader(Stream(), batch_size=8)
+        )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device here; use device='cpu'"):
             Attributor(TinyClassifier, runs, data, device="cuda", progress=False)
@@ -262,8 +318,14 @@ def test_a_class_defined_in_the_training_script_is_found_when_imported_from_it(t
     out = subprocess.run([sys.executable, "attribute_script.py"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "effects [1, 16, 16]" in out.stdout
-    assert "warned: Run seed_0 recorded its module class as __main__.Net; taking train_script.Net, of the same name, for it." in out.stdout
-    assert "refused: Run seed_0 trained __main__.Net, not models.TinyClassifier. Pass the class the run trained" in out.stdout
+    assert (
+        "warned: Run seed_0 recorded its module class as __main__.Net; taking train_script.Net, of the same name, for it."
+        in out.stdout
+    )
+    assert (
+        "refused: Run seed_0 trained __main__.Net, not models.TinyClassifier. Pass the class the run trained"
+        in out.stdout
+    )
 
 
 def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path):
@@ -281,17 +343,24 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
         (Weighted, TensorDataset(x, labels), "curvlinops' K-FAC leaves out the loss's pos_weight"),
     ]:
         pl.seed_everything(0)
-        trainer(tmp_path, [TrajectoryRecorder(tmp_path / cls.__name__)], max_epochs=1).fit(cls(d_out=1), DataLoader(data, batch_size=8))
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / cls.__name__)], max_epochs=1).fit(
+            cls(d_out=1), DataLoader(data, batch_size=8)
+        )
         for curvature in ("kfac", "ekfac"):
             with pytest.raises(ValueError, match=f"curvature='{curvature}'.*{match}"):
-                Attributor(cls, tmp_path / cls.__name__, data, Influence(curvature=curvature), progress=False).attribute(data)
+                Attributor(
+                    cls, tmp_path / cls.__name__, data, Influence(curvature=curvature), progress=False
+                ).attribute(data)
 
     regression = TensorDataset(x, y[:, :1])
     pl.seed_everything(0)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "mse")], max_epochs=1).fit(LinearRegression(), DataLoader(regression, batch_size=8))
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "mse")], max_epochs=1).fit(
+        LinearRegression(), DataLoader(regression, batch_size=8)
+    )
     with pytest.raises(MissingHookError, match=r"outputs have shape \(2, 1\) and the targets \(2,\)"):
-        Attributor(LinearRegression, tmp_path / "mse", regression, Influence(curvature="identity"), progress=False)\
-            .attribute(TensorDataset(x[:4], y[:4, 0]))
+        Attributor(
+            LinearRegression, tmp_path / "mse", regression, Influence(curvature="identity"), progress=False
+        ).attribute(TensorDataset(x[:4], y[:4, 0]))
 
     class KeywordOnly(LinearRegression):
         def forward(self, *, features):
@@ -301,9 +370,15 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
             return F.mse_loss(self(features=batch[0]), batch[1])
 
     pl.seed_everything(0)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "keyword")], max_epochs=1).fit(KeywordOnly(), DataLoader(regression, batch_size=8))
-    with pytest.raises(MissingHookError, match=r"attribution_inputs_targets`: the model cannot be called as model\(inputs\)"):
-        Attributor(KeywordOnly, tmp_path / "keyword", regression, Influence(curvature="ggn"), progress=False).attribute(regression)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "keyword")], max_epochs=1).fit(
+        KeywordOnly(), DataLoader(regression, batch_size=8)
+    )
+    with pytest.raises(
+        MissingHookError, match=r"attribution_inputs_targets`: the model cannot be called as model\(inputs\)"
+    ):
+        Attributor(KeywordOnly, tmp_path / "keyword", regression, Influence(curvature="ggn"), progress=False).attribute(
+            regression
+        )
 
 
 def test_the_recorder_warns_at_the_first_batch_about_a_hook_attribution_will_need(tmp_path):
@@ -311,12 +386,19 @@ def test_the_recorder_warns_at_the_first_batch_about_a_hook_attribution_will_nee
     and training goes on; a module with the hook records without the warning."""
     x, y = regression_data(n=16).tensors
     data = TensorDataset(x, (y > 0).float())
-    with pytest.warns(UserWarning, match="attributing it will fail as things are: .*attribution_loss_function`: the float targets checked"):
-        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "plain")], max_epochs=1).fit(LogitClassifier(), DataLoader(data, batch_size=8))
+    with pytest.warns(
+        UserWarning,
+        match="attributing it will fail as things are: .*attribution_loss_function`: the float targets checked",
+    ):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "plain")], max_epochs=1).fit(
+            LogitClassifier(), DataLoader(data, batch_size=8)
+        )
     assert load_runs(tmp_path / "plain")[0].status == "finished"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "says")], max_epochs=1).fit(SaysBCE(), DataLoader(data, batch_size=8))
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "says")], max_epochs=1).fit(
+            SaysBCE(), DataLoader(data, batch_size=8)
+        )
     assert not [w for w in caught if "attributing it will fail" in str(w.message)]
 
 
@@ -340,10 +422,14 @@ def test_a_class_redefined_under_the_recorded_name_with_other_layers_is_named(tm
 
     assert Net.__qualname__ == trained.__qualname__ and Net.__module__ == trained.__module__
     with pytest.warns(UserWarning, match=r"is not the code that trained run \S+: its layers \(repr\)"):
-        Attributor(Net, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+        Attributor(Net, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(
+            data
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Attributor(trained, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+        Attributor(
+            trained, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False
+        ).attribute(data)
     assert not [w for w in caught if "is not the code" in str(w.message)]
 
 
@@ -360,9 +446,13 @@ def test_class_indices_of_another_integer_dtype_name_the_inputs_hook(tmp_path, d
     x, y = classification_data(n=16).tensors
     data = TensorDataset(x, y.to(dtype))
     with pytest.warns(UserWarning, match=f"attribution_inputs_targets`: the targets are {dtype} class indices"):
-        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(Casts(), DataLoader(data, batch_size=8))
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+            Casts(), DataLoader(data, batch_size=8)
+        )
     with pytest.raises(MissingHookError, match=r"return targets.long\(\) there"):
-        Attributor(Casts, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(data)
+        Attributor(Casts, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).attribute(
+            data
+        )
 
 
 def test_log_result_and_self_influence_top_k(tmp_path):
@@ -370,9 +460,34 @@ def test_log_result_and_self_influence_top_k(tmp_path):
     from lightning_dtda import log_result
 
     data = classification_data(n=16)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(TinyClassifier(), DataLoader(data, batch_size=8))
-    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False).self_influence()
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+        TinyClassifier(), DataLoader(data, batch_size=8)
+    )
+    result = Attributor(
+        TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="identity"), progress=False
+    ).self_influence()
     values, indices = result.top_k(3, largest=False)
-    assert torch.equal(indices, result.mean_shift().argsort()[:3]) and torch.equal(values, result.mean_shift().sort().values[:3])
+    assert torch.equal(indices, result.mean_shift().argsort()[:3]) and torch.equal(
+        values, result.mean_shift().sort().values[:3]
+    )
     with pytest.raises(TypeError, match="log_result logs an AttributionResult .* got SelfInfluence"):
         log_result(result, [])
+
+
+def test_error_classes_subclass_the_builtins_they_replace_and_are_public():
+    """``except ValueError`` (or ``TypeError`` for a missing hook) written before the classes keeps working."""
+    import lightning_dtda
+    from lightning_dtda import errors
+
+    assert issubclass(errors.MissingHookError, TypeError)
+    for name in (
+        "DatasetMismatchError",
+        "UnfinishedRunError",
+        "ReplayMismatchError",
+        "UnsupportedLayerError",
+        "UnsupportedTrainingError",
+        "CorruptFileError",
+    ):
+        cls = getattr(errors, name)
+        assert issubclass(cls, ValueError) and getattr(lightning_dtda, name) is cls and name in lightning_dtda.__all__
+    assert lightning_dtda.hooks.MissingHookError is errors.MissingHookError

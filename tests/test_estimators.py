@@ -8,10 +8,18 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
+from models import ReLUClassifier, TinyClassifier, classification_data, trainer
 from torch.utils.data import DataLoader
 
-from lightning_dtda import AttributionCallback, Attributor, Influence, Segmented, TrajectoryRecorder, Unrolled, load_runs
-from models import ReLUClassifier, TinyClassifier, classification_data, trainer
+from lightning_dtda import (
+    AttributionCallback,
+    Attributor,
+    Influence,
+    Segmented,
+    TrajectoryRecorder,
+    Unrolled,
+    load_runs,
+)
 
 DATA = Path(__file__).parent / "data"
 # Effects computed by release 0.1.0 (keyword form, e.g. Attributor(..., method="segmented", segments=2,
@@ -27,8 +35,11 @@ def record_pinned_run(tmp_path):
     """The recording that made data/runs_0_1, with this version's recorder."""
     data, _ = pinned_data()
     pl.seed_everything(0)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=4)], max_epochs=3, precision="64-true").fit(
-        ReLUClassifier(hidden=5, lr=0.2, momentum=0.5, weight_decay=1e-2), DataLoader(data, batch_size=6, shuffle=True))
+    trainer(
+        tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=4)], max_epochs=3, precision="64-true"
+    ).fit(
+        ReLUClassifier(hidden=5, lr=0.2, momentum=0.5, weight_decay=1e-2), DataLoader(data, batch_size=6, shuffle=True)
+    )
     return tmp_path / "runs"
 
 
@@ -44,7 +55,9 @@ def test_estimators_give_the_numbers_of_release_0_1(name, recorded_by, fresh_run
     runs = DATA / "runs_0_1" if recorded_by == "0.1.0" else fresh_runs
     estimator = eval(name, {"Influence": Influence, "Unrolled": Unrolled, "Segmented": Segmented})
     result = Attributor(ReLUClassifier, runs, data, estimator, progress=False).attribute(queries)
-    torch.testing.assert_close(result.effects[0], torch.tensor(PINNED[name]["effects"], dtype=torch.float64), rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(
+        result.effects[0], torch.tensor(PINNED[name]["effects"], dtype=torch.float64), rtol=1e-7, atol=1e-12
+    )
     torch.testing.assert_close(result.measurements[0], torch.tensor(PINNED[name]["measurements"], dtype=torch.float64))
     assert {k: result.settings[k] for k in estimator.settings()} == estimator.settings()
 
@@ -66,8 +79,16 @@ def test_settings_are_the_cache_key(tmp_path):
     runs = DATA / "runs_0_1"
     paths = {
         Attributor(ReLUClassifier, runs, data, estimator, cache_dir=tmp_path).cache_path(load_runs(runs)[0], "q")
-        for estimator in (Influence(), Influence(damping=0.1), Influence(curvature="ggn"), Segmented(), Segmented(segments=2),
-                          Unrolled(), Unrolled(relu_smoothing=0.1), Influence(curvature="ekfac", damping="auto"))
+        for estimator in (
+            Influence(),
+            Influence(damping=0.1),
+            Influence(curvature="ggn"),
+            Segmented(),
+            Segmented(segments=2),
+            Unrolled(),
+            Unrolled(relu_smoothing=0.1),
+            Influence(curvature="ekfac", damping="auto"),
+        )
     }
     assert len(paths) == 7
 
@@ -86,13 +107,28 @@ def cli_callbacks(tmp_path, estimator_yaml):
     return callback
 
 
-@pytest.mark.parametrize("estimator_yaml, expected", [
-    ("", Influence()),
-    ("estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {curvature: ggn, damping: 0.01}", Influence("ggn", 0.01)),
-    ("estimator:\n  class_path: lightning_dtda.Unrolled\n  init_args: {relu_smoothing: 0.1}", Unrolled(relu_smoothing=0.1)),
-    ("estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: ggn}", Segmented(2, "ggn")),
-    ("estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {modules: [net.0, net.2]}", Influence(modules=["net.0", "net.2"])),
-])
+@pytest.mark.parametrize(
+    "estimator_yaml, expected",
+    [
+        ("", Influence()),
+        (
+            "estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {curvature: ggn, damping: 0.01}",
+            Influence("ggn", 0.01),
+        ),
+        (
+            "estimator:\n  class_path: lightning_dtda.Unrolled\n  init_args: {relu_smoothing: 0.1}",
+            Unrolled(relu_smoothing=0.1),
+        ),
+        (
+            "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: ggn}",
+            Segmented(2, "ggn"),
+        ),
+        (
+            "estimator:\n  class_path: lightning_dtda.Influence\n  init_args: {modules: [net.0, net.2]}",
+            Influence(modules=["net.0", "net.2"]),
+        ),
+    ],
+)
 def test_every_estimator_is_configurable_from_a_lightning_cli_file(tmp_path, estimator_yaml, expected):
     callback = cli_callbacks(tmp_path, estimator_yaml)
     assert callback.estimator == expected
@@ -101,7 +137,9 @@ def test_every_estimator_is_configurable_from_a_lightning_cli_file(tmp_path, est
 
 def test_a_bad_setting_in_a_cli_file_is_refused_when_the_file_is_parsed(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cli_callbacks(tmp_path, "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: kfac}")
+        cli_callbacks(
+            tmp_path, "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: kfac}"
+        )
     assert "Expected a typing.Literal['ekfac', 'ggn']. Got value: kfac" in capsys.readouterr().err
     with pytest.raises(ValueError, match="segments must be a positive integer, got 0"):
         cli_callbacks(tmp_path, "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 0}")
@@ -109,6 +147,10 @@ def test_a_bad_setting_in_a_cli_file_is_refused_when_the_file_is_parsed(tmp_path
 
 def test_a_result_prints_its_shape_and_estimator_not_its_numbers():
     data, queries = pinned_data()
-    result = Attributor(ReLUClassifier, DATA / "runs_0_1", data, Influence("identity", 0.5), progress=False).attribute(queries)
-    assert repr(result) == ("AttributionResult(effects [seeds, queries, train] = [1, 2, 24], runs=['seed_0'], "
-                            "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5, 'solver': 'auto', 'curvature_subset': None, 'modules': None})")
+    result = Attributor(ReLUClassifier, DATA / "runs_0_1", data, Influence("identity", 0.5), progress=False).attribute(
+        queries
+    )
+    assert repr(result) == (
+        "AttributionResult(effects [seeds, queries, train] = [1, 2, 24], runs=['seed_0'], "
+        "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5, 'solver': 'auto', 'curvature_subset': None, 'modules': None})"
+    )

@@ -2,15 +2,24 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TinyClassifier, WeightedCNN, classification_data, fit_weighted_cnn, image_data, trainer
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dtda import Attributor, AttributionResult, Influence, load_runs, train_seeds
-from lightning_dtda import QuerySpearman, leave_one_out_weights, random_subset_weights, retrain
-from lightning_dtda.results.retraining import Retraining
-from lightning_dtda.replay.engine import replay
+from lightning_dtda import (
+    AttributionResult,
+    Attributor,
+    Influence,
+    QuerySpearman,
+    leave_one_out_weights,
+    load_runs,
+    random_subset_weights,
+    retrain,
+    train_seeds,
+)
 from lightning_dtda.model.instantiate import instantiate
-from models import TinyClassifier, WeightedCNN, classification_data, fit_weighted_cnn, image_data, trainer
+from lightning_dtda.replay.engine import replay
+from lightning_dtda.results.retraining import Retraining
 
 
 class WeightedClassifier(TinyClassifier):
@@ -43,7 +52,9 @@ def fit(tmp_path, make_module, data, seed, recorder=True):
     pl.seed_everything(seed)  # before building the module: the seed fixes the initialisation too
     module = make_module()
     callbacks = [TrajectoryRecorder(tmp_path / "runs")] if recorder else []
-    trainer(tmp_path, callbacks, max_epochs=3, precision="64-true").fit(module, DataLoader(data, batch_size=5, shuffle=True))
+    trainer(tmp_path, callbacks, max_epochs=3, precision="64-true").fit(
+        module, DataLoader(data, batch_size=5, shuffle=True)
+    )
     return module
 
 
@@ -58,8 +69,13 @@ def test_replay_leave_one_out_equals_lightning_retraining_with_the_same_seed(tmp
     # weight 1 everywhere is exactly the recorded run
     assert max((t[0] - final[n]).abs().max().item() for n, t in replayed.items()) < 1e-12
     for row, removed in ((1, 7), (2, 11)):
-        lightning_loo = fit(tmp_path, lambda: WeightedClassifier(removed=removed, **HPARAMS), data, seed=3,
-                                recorder=False)
+        lightning_loo = fit(
+            tmp_path,
+            lambda removed=removed: WeightedClassifier(removed=removed, **HPARAMS),
+            data,
+            seed=3,
+            recorder=False,
+        )
         expected = dict(lightning_loo.named_parameters())
         assert max((t[row] - expected[n]).abs().max().item() for n, t in replayed.items()) < 1e-12
         assert max((t[row] - final[n]).abs().max().item() for n, t in replayed.items()) > 1e-4
@@ -83,14 +99,18 @@ def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
     for seed in range(3):
         fit(tmp_path, lambda: TinyClassifier(hidden=6, lr=0.3, momentum=0.5), data, seed=seed)
     examples = [0, 3, 5, 8, 13, 21]
-    truth = retrain(TinyClassifier, tmp_path / "runs", data, queries, leave_one_out_weights(30, examples), progress=False)
+    truth = retrain(
+        TinyClassifier, tmp_path / "runs", data, queries, leave_one_out_weights(30, examples), progress=False
+    )
     assert truth.retrained.shape == (3, 4, 6) and truth.base.shape == (3, 4)
     # the base row is the recorded run: its measurement equals the final snapshot's
     for s, run in enumerate(load_runs(tmp_path / "runs")):
         model = instantiate(TinyClassifier, run)
         x, y = queries.tensors
         assert torch.allclose(truth.base[s], F.cross_entropy(model(x), y, reduction="none").detach(), atol=1e-12)
-    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False).attribute(queries)
+    result = Attributor(
+        TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False
+    ).attribute(queries)
     predicted, actual = truth.table(result, "mean")
     assert torch.allclose(predicted, result.mean_shift()[:, examples])
     assert torch.allclose(actual, truth.effects.mean(0))
@@ -146,8 +166,14 @@ def test_query_spearman_ranks_ties_like_scipy():
 
 def test_train_seeds_records_each_seed_once(tmp_path):
     loader = DataLoader(classification_data(n=16), batch_size=8, shuffle=True)
-    kwargs = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, default_root_dir=tmp_path)
+    kwargs = dict(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1], **kwargs)
     runs = load_runs(tmp_path / "runs")
     assert [r.name for r in runs] == ["seed_0", "seed_1"] and [r.seed for r in runs] == [0, 1]

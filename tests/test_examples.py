@@ -8,7 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_digits_example_runs(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "digits.py"), "--seeds", "2", "--epochs", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("most helpful") == 5 and out.stdout.count("most harmful") == 5
@@ -20,9 +23,21 @@ def test_digits_example_runs(tmp_path):
 
 def test_lightning_cli_example_runs_from_its_config(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "cli.py"), "fit", "--config", str(ROOT / "examples" / "digits_cli.yaml"),
-         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "cli.py"),
+            "fit",
+            "--config",
+            str(ROOT / "examples" / "digits_cli.yaml"),
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     from lightning_dtda import AttributionResult, load_runs
@@ -36,8 +51,20 @@ def test_lightning_cli_example_runs_from_its_config(tmp_path):
 
 def test_clean_digits_example_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "clean_digits.py"), "--seeds", "2", "--epochs", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "clean_digits.py"),
+            "--seeds",
+            "2",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "100 of 1000 labels flipped" in out.stdout and out.stdout.count("flipped") == 4
@@ -59,11 +86,16 @@ def test_clean_digits_example_runs(tmp_path):
 def test_transformer_example_tracks_embeddings_attention_and_linear_layers_with_ekfac(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "transformer.py"), "--epochs", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert ("ekfac: tracked encoder.linear1, encoder.linear2, encoder.self_attn, encoder.self_attn.out_proj, head, positions, tokens\n"
-            "ggn: tracked every parameter") in out.stdout
+    assert (
+        "ekfac: tracked encoder.linear1, encoder.linear2, encoder.self_attn, encoder.self_attn.out_proj, head, positions, tokens\n"
+        "ggn: tracked every parameter"
+    ) in out.stdout
     assert out.stdout.count("most helpful by ekfac") == 4 and out.stdout.count("most helpful by ggn") == 4
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["seed_0", "seed_1"]
     from lightning_dtda import AttributionResult
@@ -71,5 +103,13 @@ def test_transformer_example_tracks_embeddings_attention_and_linear_layers_with_
     result = AttributionResult.load(tmp_path / "result-ekfac.safetensors")
     assert result.effects.shape == (2, 4, 256)
     assert result.settings["per_run"][0]["parameters"] == [
-        "tokens.weight", "positions.weight", "encoder.self_attn.in_proj_weight", "encoder.self_attn.in_proj_bias",
-        *[f"{layer}.{p}" for layer in ("encoder.self_attn.out_proj", "encoder.linear1", "encoder.linear2", "head") for p in ("weight", "bias")]]
+        "tokens.weight",
+        "positions.weight",
+        "encoder.self_attn.in_proj_weight",
+        "encoder.self_attn.in_proj_bias",
+        *[
+            f"{layer}.{p}"
+            for layer in ("encoder.self_attn.out_proj", "encoder.linear1", "encoder.linear2", "head")
+            for p in ("weight", "bias")
+        ],
+    ]

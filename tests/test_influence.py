@@ -1,15 +1,15 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
+from oracles import dense_ggn_effects, pearson, relative_error, spearman
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from lightning_dtda.damping import DAMPING_GRID
-from lightning_dtda.curvature.ggn import NYSTROM_MAX_COLUMNS, NYSTROM_RANKS
 from lightning_dtda.curvature.fit import fit_curvature
+from lightning_dtda.curvature.ggn import NYSTROM_MAX_COLUMNS, NYSTROM_RANKS
+from lightning_dtda.damping import DAMPING_GRID
 from lightning_dtda.estimators.base import curvature_examples
-from models import LinearRegression, TinyClassifier, classification_data, regression_data, trainer
-from oracles import dense_ggn_effects, pearson, relative_error, spearman
 
 
 def record(tmp_path, model, data, seeds=(0,), epochs=5, batch_size=8, **trainer_kwargs):
@@ -28,8 +28,7 @@ def classifier_runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("classifier")
     data = classification_data(n=40, dtype=torch.float64)
     queries = classification_data(n=5, seed=1, dtype=torch.float64)
-    runs = record(tmp_path, lambda: TinyClassifier(hidden=8), data, seeds=(0, 1), epochs=20,
-                  precision="64-true")
+    runs = record(tmp_path, lambda: TinyClassifier(hidden=8), data, seeds=(0, 1), epochs=20, precision="64-true")
     return runs, data, queries
 
 
@@ -49,7 +48,9 @@ def test_ggn_equals_dense_damped_ggn_solve(classifier_runs):
 
 def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs):
     runs, data, queries = classifier_runs
-    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-2, solver="krylov"), progress=False)
+    attributor = Attributor(
+        TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-2, solver="krylov"), progress=False
+    )
     run = attributor.runs[0]
     effects, _, info = attributor.attribute_run(run, queries)
     assert relative_error(effects, oracle_for(attributor, run, data, queries)) < 1e-5
@@ -59,14 +60,19 @@ def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs):
 def test_one_query_is_solved_with_a_nystrom_preconditioner_in_fewer_products(classifier_runs):
     runs, data, queries = classifier_runs
     one = TensorDataset(*(t[:1] for t in queries.tensors))
-    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-3, solver="krylov"), progress=False)
+    attributor = Attributor(
+        TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-3, solver="krylov"), progress=False
+    )
     run = attributor.runs[0]
     effects, _, info = attributor.attribute_run(run, one)
     assert relative_error(effects, oracle_for(attributor, run, data, one)) < 1e-5
     assert info["nystrom_rank"] == NYSTROM_RANKS[0] and info["nystrom_seconds"] > 0 and info["cg_residual"] < 1e-5
     model = attributor.load_model(run)
     curvatures = [
-        fit_curvature("ggn", model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [data.tensors], 40, solver="krylov") for _ in range(2)
+        fit_curvature(
+            "ggn", model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [data.tensors], 40, solver="krylov"
+        )
+        for _ in range(2)
     ]
     curvatures[1].preconditioned = False
     vector = torch.randn(1, 83, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -74,8 +80,12 @@ def test_one_query_is_solved_with_a_nystrom_preconditioner_in_fewer_products(cla
     assert relative_error(preconditioned, plain) < 1e-5
     counts = [c.reports[-1]["cg_products"] for c in curvatures]
     assert "nystrom_rank" not in curvatures[1].reports[-1] and counts[0] < 0.7 * counts[1], counts
-    wide = fit_curvature("ggn", model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [data.tensors], 40, solver="krylov")
-    wide.solve(torch.randn(NYSTROM_MAX_COLUMNS + 1, 83, dtype=torch.float64), 1e-3)  # wide blocks find the top of the spectrum themselves
+    wide = fit_curvature(
+        "ggn", model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [data.tensors], 40, solver="krylov"
+    )
+    wide.solve(
+        torch.randn(NYSTROM_MAX_COLUMNS + 1, 83, dtype=torch.float64), 1e-3
+    )  # wide blocks find the top of the spectrum themselves
     assert "nystrom_rank" not in wide.reports[-1]
 
 
@@ -84,12 +94,18 @@ def test_dense_ggn_of_a_float32_model_is_eigendecomposed_in_float64(tmp_path):
     into the solve of the smallest (a user trial: 1e-2 relative error at damping 1e-5)."""
     data, queries = classification_data(n=60), classification_data(n=4, seed=1)
     runs = record(tmp_path, lambda: TinyClassifier(hidden=16), data, epochs=30)
-    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn", solver="dense", damping=1e-6), progress=False)
+    attributor = Attributor(
+        TinyClassifier, runs, data, estimator=Influence(curvature="ggn", solver="dense", damping=1e-6), progress=False
+    )
     run = attributor.runs[0]
     effects, _, _ = attributor.attribute_run(run, queries)
     model = attributor.load_model(run).double()
-    exact = dense_ggn_effects(model, *(t.double() if t.is_floating_point() else t for t in (*data.tensors, *queries.tensors)), 1e-6)[0]
-    assert relative_error(effects.double(), exact) < 1e-2  # the float32 GGN entries remain: 3e-3 here; a float32 eigh: 6e-2
+    exact = dense_ggn_effects(
+        model, *(t.double() if t.is_floating_point() else t for t in (*data.tensors, *queries.tensors)), 1e-6
+    )[0]
+    assert (
+        relative_error(effects.double(), exact) < 1e-2
+    )  # the float32 GGN entries remain: 3e-3 here; a float32 eigh: 6e-2
 
 
 def test_ggn_on_a_subset_of_the_training_set_uses_that_subsets_curvature(classifier_runs):
@@ -105,14 +121,20 @@ def test_ggn_on_a_subset_of_the_training_set_uses_that_subsets_curvature(classif
     x, y = data.tensors
     _, G_subset, _, _ = dense_ggn_effects(model, x[chosen], y[chosen], *queries.tensors, 1.0)
     _, _, g_train, g_query = dense_ggn_effects(model, x, y, *queries.tensors, 1.0)
-    expected = torch.linalg.solve(G_subset + 1e-2 * torch.eye(len(G_subset), dtype=G_subset.dtype), g_query.T).T @ g_train.T / 40
+    expected = (
+        torch.linalg.solve(G_subset + 1e-2 * torch.eye(len(G_subset), dtype=G_subset.dtype), g_query.T).T
+        @ g_train.T
+        / 40
+    )
     assert relative_error(effects, expected) < 1e-5
     assert relative_error(effects, oracle_for(attributor, run, data, queries)) > 1e-2  # the subset's curvature differs
 
 
 def test_identity_is_a_scaled_gradient_dot_product(classifier_runs):
     runs, data, queries = classifier_runs
-    attributor = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="identity", damping=0.5), progress=False)
+    attributor = Attributor(
+        TinyClassifier, runs, data, estimator=Influence(curvature="identity", damping=0.5), progress=False
+    )
     run = attributor.runs[0]
     effects, _, _ = attributor.attribute_run(run, queries)
     _, _, g_train, g_query = dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 1.0)
@@ -142,9 +164,18 @@ def test_kfac_is_exact_for_one_linear_layer_with_mse(tmp_path, curvature):
 
 def test_ekfac_is_at_least_as_close_to_the_ggn_as_kfac(classifier_runs):
     runs, data, queries = classifier_runs
-    exact = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(queries).effects
+    exact = (
+        Attributor(TinyClassifier, runs, data, estimator=Influence(curvature="ggn"), progress=False)
+        .attribute(queries)
+        .effects
+    )
     closeness = {
-        kind: spearman(Attributor(TinyClassifier, runs, data, estimator=Influence(curvature=kind), progress=False).attribute(queries).effects, exact)
+        kind: spearman(
+            Attributor(TinyClassifier, runs, data, estimator=Influence(curvature=kind), progress=False)
+            .attribute(queries)
+            .effects,
+            exact,
+        )
         for kind in ("kfac", "ekfac")
     }
     assert closeness["ekfac"] >= closeness["kfac"]
@@ -156,9 +187,12 @@ def test_ggn_predicts_leave_one_out_for_converged_linear_regression(tmp_path):
     n = 40
     data = regression_data(n=n, d_in=4, dtype=torch.float64)
     query = regression_data(n=1, d_in=4, seed=3, dtype=torch.float64)
-    runs = record(tmp_path, lambda: LinearRegression(d_in=4, lr=0.1), data, epochs=150, batch_size=10,
-                  precision="64-true")
-    result = Attributor(LinearRegression, runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(query)
+    runs = record(
+        tmp_path, lambda: LinearRegression(d_in=4, lr=0.1), data, epochs=150, batch_size=10, precision="64-true"
+    )
+    result = Attributor(LinearRegression, runs, data, estimator=Influence(curvature="ggn"), progress=False).attribute(
+        query
+    )
 
     x, y = data.tensors
     X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
@@ -197,13 +231,14 @@ def test_kronecker_factored_auto_damping_maximises_the_energy_cosine_to_the_exac
     def weighted_cosine(lam):
         solved = approximate.solve(g_query, lam)
         inner = (solved @ A * exact).sum(1)
-        return (inner ** 2 / (solved @ A * solved).sum(1)).sum().item()  # = sum |x*|_A^2 cos_A^2
+        return (inner**2 / (solved @ A * solved).sum(1)).sum().item()  # = sum |x*|_A^2 cos_A^2
 
     candidates = [lam_g * f for f in DAMPING_GRID]
     best = max(candidates, key=weighted_cosine)
     assert info["damping"] == pytest.approx(best)
-    fixed, _, _ = Attributor(TinyClassifier, runs, data, estimator=Influence(curvature=curvature, damping=best), progress=False)\
-        .attribute_run(run, queries)
+    fixed, _, _ = Attributor(
+        TinyClassifier, runs, data, estimator=Influence(curvature=curvature, damping=best), progress=False
+    ).attribute_run(run, queries)
     assert torch.allclose(effects, fixed)
     assert len({round(weighted_cosine(lam), 9) for lam in candidates}) > 5  # the criterion does discriminate
 
@@ -223,18 +258,24 @@ def test_adam_auto_damping_counts_adams_step_per_unit_of_gradient(tmp_path):
     data = classification_data(n=24)
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", save_optimizer_state=True)], max_epochs=3).fit(
-        AdamWClassifier(hidden=5), DataLoader(data, batch_size=8, shuffle=True))
+        AdamWClassifier(hidden=5), DataLoader(data, batch_size=8, shuffle=True)
+    )
     [run] = load_runs(tmp_path / "runs")
     assert run.snapshots[0].step_scale is None
     for i, entry in enumerate(run.snapshots[1:], start=1):
         state = run.snapshot(i).optimizer_state
         beta2, eps = state["param_groups"][0]["betas"][1], state["param_groups"][0]["eps"]
-        multipliers = torch.cat([
-            1 / ((s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten() for s in state["state"].values()
-        ])
+        multipliers = torch.cat(
+            [
+                1 / ((s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten()
+                for s in state["state"].values()
+            ]
+        )
         assert entry.step_scale == pytest.approx(multipliers.median().item(), rel=1e-6)
         assert entry.step_scale > 10  # far from SGD's 1: the reason for the rule
-    time = sum(step.lrs[0] * run.snapshots[1 + k // 3].step_scale for k, step in enumerate(run.steps))  # 3 steps an epoch
+    time = sum(
+        step.lrs[0] * run.snapshots[1 + k // 3].step_scale for k, step in enumerate(run.steps)
+    )  # 3 steps an epoch
     assert Influence(curvature="ggn").damping_for(run) == pytest.approx(1 / time + 0.05 / run.snapshots[-1].step_scale)
 
     manifest = tmp_path / "runs" / "seed_0" / "manifest.json"
@@ -243,7 +284,9 @@ def test_adam_auto_damping_counts_adams_step_per_unit_of_gradient(tmp_path):
         entry.pop("step_scale", None)
     manifest.write_text(json.dumps(recorded))
     [old] = load_runs(tmp_path / "runs")
-    with pytest.raises(ValueError, match="trained with AdamW, whose step per unit of gradient .* record it again, or give a damping"):
+    with pytest.raises(
+        ValueError, match="trained with AdamW, whose step per unit of gradient .* record it again, or give a damping"
+    ):
         Influence(curvature="ggn").damping_for(old)
 
 
@@ -255,10 +298,21 @@ def test_exact_ggn_on_a_transformer_layer(tmp_path):
     data, queries = token_data(24), token_data(3, seed=1)
     runs = record(tmp_path, lambda: TinyTransformer(dropout=0.1), data, epochs=3, precision="64-true")
     for solver in ("dense", "krylov"):
-        attributor = Attributor(TinyTransformer, runs, data, estimator=Influence(curvature="ggn", damping=0.1, solver=solver), progress=False)
+        attributor = Attributor(
+            TinyTransformer,
+            runs,
+            data,
+            estimator=Influence(curvature="ggn", damping=0.1, solver=solver),
+            progress=False,
+        )
         run = attributor.runs[0]
         effects, _, _ = attributor.attribute_run(run, queries)
-        assert relative_error(effects, dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 0.1)[0]) < 1e-5
+        assert (
+            relative_error(
+                effects, dense_ggn_effects(attributor.load_model(run), *data.tensors, *queries.tensors, 0.1)[0]
+            )
+            < 1e-5
+        )
 
 
 def test_auto_damping_reads_amsgrads_maximum_and_refuses_optimizers_it_does_not_model(tmp_path):
@@ -278,17 +332,24 @@ def test_auto_damping_reads_amsgrads_maximum_and_refuses_optimizers_it_does_not_
     for cls in (AmsgradClassifier, RMSpropClassifier):
         pl.seed_everything(0)
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / cls.__name__, save_optimizer_state=True)], max_epochs=8).fit(
-            cls(hidden=5), DataLoader(data, batch_size=8, shuffle=True))
+            cls(hidden=5), DataLoader(data, batch_size=8, shuffle=True)
+        )
     [run] = load_runs(tmp_path / "AmsgradClassifier")
     state = run.snapshot(-1).optimizer_state
     beta2, eps = state["param_groups"][0]["betas"][1], state["param_groups"][0]["eps"]
-    multipliers = torch.cat([
-        1 / ((s["max_exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten() for s in state["state"].values()
-    ])
+    multipliers = torch.cat(
+        [
+            1 / ((s["max_exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten()
+            for s in state["state"].values()
+        ]
+    )
     assert run.snapshots[-1].step_scale == pytest.approx(multipliers.median().item(), rel=1e-6)
-    plain = torch.cat([
-        1 / ((s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten() for s in state["state"].values()
-    ])
+    plain = torch.cat(
+        [
+            1 / ((s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps).flatten()
+            for s in state["state"].values()
+        ]
+    )
     assert run.snapshots[-1].step_scale != pytest.approx(plain.median().item(), rel=1e-3)  # the maximum does differ
     [rmsprop] = load_runs(tmp_path / "RMSpropClassifier")
     with pytest.raises(ValueError, match="models SGD, Adam and AdamW.* trained with RMSprop: give a damping"):
@@ -320,7 +381,8 @@ def test_adams_step_scale_leaves_out_entries_that_never_had_a_gradient(tmp_path)
     data = torch.utils.data.TensorDataset(tokens, (tokens == 3).any(1).long())
     pl.seed_everything(0)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", save_optimizer_state=True)], max_epochs=2).fit(
-        Bag(), DataLoader(data, batch_size=8, shuffle=True))
+        Bag(), DataLoader(data, batch_size=8, shuffle=True)
+    )
     [run] = load_runs(tmp_path / "runs")
     state = run.snapshot(-1).optimizer_state
     beta2, eps = state["param_groups"][0]["betas"][1], state["param_groups"][0]["eps"]

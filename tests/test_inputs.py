@@ -5,11 +5,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from models import LinearRegression, Mapped, TinyClassifier, classification_data, regression_data, trainer
+from oracles import dense_ggn_effects, relative_error
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, Segmented, TrajectoryRecorder, Unrolled
-from models import Mapped, LinearRegression, TinyClassifier, classification_data, regression_data, trainer
-from oracles import dense_ggn_effects, relative_error
 
 
 def Keywords(data):
@@ -30,8 +30,9 @@ class KeywordOnly(TinyClassifier):
 
 def record(tmp_path, name, make_model, data, epochs=3):
     pl.seed_everything(0)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / name, every_n_train_steps=4)], max_epochs=epochs, precision="64-true").fit(
-        make_model(), DataLoader(data, batch_size=6, shuffle=True))
+    trainer(
+        tmp_path, [TrajectoryRecorder(tmp_path / name, every_n_train_steps=4)], max_epochs=epochs, precision="64-true"
+    ).fit(make_model(), DataLoader(data, batch_size=6, shuffle=True))
     return tmp_path / name
 
 
@@ -39,21 +40,34 @@ def record(tmp_path, name, make_model, data, epochs=3):
 def both(tmp_path_factory):
     """The same MLP, seed and batches, trained on (x, y) pairs and on dicts through a keyword-only forward."""
     tmp_path = tmp_path_factory.mktemp("inputs")
-    data, queries = classification_data(n=18, dtype=torch.float64), classification_data(n=3, seed=1, dtype=torch.float64)
+    data, queries = (
+        classification_data(n=18, dtype=torch.float64),
+        classification_data(n=3, seed=1, dtype=torch.float64),
+    )
     positional = record(tmp_path, "positional", lambda: TinyClassifier(hidden=5), data)
     keywords = record(tmp_path, "keywords", lambda: KeywordOnly(hidden=5), Keywords(data))
     return data, queries, positional, keywords
 
 
-@pytest.mark.parametrize("estimator", [
-    Influence(curvature="ekfac"), Influence(curvature="kfac", damping=0.1), Influence(curvature="ggn", solver="dense"),
-    Influence(curvature="ggn", solver="krylov", damping=0.1), Influence(curvature="identity", damping=1.0),
-    Segmented(segments=2, curvature="ekfac"), Unrolled(),
-], ids=lambda e: e.label + ("-" + e.solver if getattr(e, "solver", "auto") != "auto" else ""))
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        Influence(curvature="ekfac"),
+        Influence(curvature="kfac", damping=0.1),
+        Influence(curvature="ggn", solver="dense"),
+        Influence(curvature="ggn", solver="krylov", damping=0.1),
+        Influence(curvature="identity", damping=1.0),
+        Segmented(segments=2, curvature="ekfac"),
+        Unrolled(),
+    ],
+    ids=lambda e: e.label + ("-" + e.solver if getattr(e, "solver", "auto") != "auto" else ""),
+)
 def test_a_keyword_only_forward_on_dict_batches_attributes_as_the_positional_model(both, estimator):
     data, queries, positional, keywords = both
     expected = Attributor(TinyClassifier, positional, data, estimator=estimator, progress=False).attribute(queries)
-    result = Attributor(KeywordOnly, keywords, Keywords(data), estimator=estimator, progress=False).attribute(Keywords(queries))
+    result = Attributor(KeywordOnly, keywords, Keywords(data), estimator=estimator, progress=False).attribute(
+        Keywords(queries)
+    )
     assert torch.allclose(result.measurements, expected.measurements, atol=1e-12)
     assert relative_error(result.effects, expected.effects) < 1e-8 and expected.effects.abs().max() > 0
 
@@ -73,7 +87,9 @@ def test_outputs_of_shape_b_work_for_every_curvature(tmp_path, curvature):
     qx, qy = regression_data(n=3, seed=1, dtype=torch.float64).tensors
     data, queries = TensorDataset(x, y[:, 0]), TensorDataset(qx, qy[:, 0])
     runs = record(tmp_path, "runs", Squeezed, data)
-    attributor = Attributor(Squeezed, runs, data, estimator=Influence(curvature=curvature, damping=0.05), progress=False)
+    attributor = Attributor(
+        Squeezed, runs, data, estimator=Influence(curvature=curvature, damping=0.05), progress=False
+    )
     result = attributor.attribute(queries)
     layer = attributor.load_model(attributor.runs[0]).linear
     expected = dense_ggn_effects(layer, x, y, qx, qy, 0.05, loss="mse")[0]
@@ -97,7 +113,11 @@ class TupleInputs(TinyClassifier):
         return batch[0], batch[1]
 
 
-@pytest.mark.parametrize("estimator", [Influence(curvature="ekfac", damping=0.1), Influence(curvature="ggn", damping=0.1)], ids=lambda e: e.curvature)
+@pytest.mark.parametrize(
+    "estimator",
+    [Influence(curvature="ekfac", damping=0.1), Influence(curvature="ggn", damping=0.1)],
+    ids=lambda e: e.curvature,
+)
 def test_nested_tuple_inputs_attribute_as_the_positional_model(both, tmp_path, estimator):
     data, queries, positional, _ = both
     runs = record(tmp_path, "tuples", lambda: TupleInputs(hidden=5), Pairs(data))

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from oracles import relative_error
 
 from lightning_dtda.curvature.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
-from oracles import relative_error
 
 
 def operator(num=120, zeros=20, seed=0):
@@ -15,7 +15,9 @@ def operator(num=120, zeros=20, seed=0):
 
 
 def phi(time):
-    return lambda c: torch.where(c * time > 1e-12, -torch.expm1(-time * c) / c.clamp(min=1e-300), torch.full_like(c, time))
+    return lambda c: torch.where(
+        c * time > 1e-12, -torch.expm1(-time * c) / c.clamp(min=1e-300), torch.full_like(c, time)
+    )
 
 
 def test_block_conjugate_gradients_solve_dependent_and_zero_columns():
@@ -45,10 +47,14 @@ def test_nystrom_sketch_recovers_a_low_rank_operator_and_its_top_eigenvalues():
     assert relative_error((u * eigenvalues) @ u.T, low) < 1e-10
     assert torch.allclose(u.T @ u, torch.eye(15, dtype=torch.float64), atol=1e-12)
     u, eigenvalues = nystrom(lambda v: 0 * v, 120, 8)  # an operator with nothing to precondition
-    assert eigenvalues.max() < 1e-100 and torch.allclose(nystrom_preconditioner(u, eigenvalues, 0.1)(low), low, rtol=1e-12, atol=0)
+    assert eigenvalues.max() < 1e-100 and torch.allclose(
+        nystrom_preconditioner(u, eigenvalues, 0.1)(low), low, rtol=1e-12, atol=0
+    )
     a, _, spectrum = operator()
     top = nystrom(lambda v: a @ v, 120, 40)[1]
-    assert torch.all(top <= spectrum.max() * (1 + 1e-12)) and top[0] > 0.9 * spectrum.max()  # a Nystrom sketch never overestimates
+    assert (
+        torch.all(top <= spectrum.max() * (1 + 1e-12)) and top[0] > 0.9 * spectrum.max()
+    )  # a Nystrom sketch never overestimates
 
 
 def test_nystrom_preconditioned_cg_takes_fewer_products_to_the_same_solution():
@@ -59,7 +65,9 @@ def test_nystrom_preconditioned_cg_takes_fewer_products_to_the_same_solution():
     exact = torch.linalg.solve(damped, rhs)
     x, plain, _ = conjugate_gradients(lambda v: damped @ v, rhs, tolerance=1e-8)
     sketch = nystrom(lambda v: a @ v, 120, 30)
-    y, preconditioned, residual = conjugate_gradients(lambda v: damped @ v, rhs, nystrom_preconditioner(*sketch, damping), tolerance=1e-8)
+    y, preconditioned, residual = conjugate_gradients(
+        lambda v: damped @ v, rhs, nystrom_preconditioner(*sketch, damping), tolerance=1e-8
+    )
     assert relative_error(y, exact) < 1e-6 and residual.max() < 1e-8
     assert preconditioned < 0.6 * plain, (preconditioned, plain)
 

@@ -5,29 +5,39 @@ from lightning_dtda.replay.optim import FunctionalOptimizer
 
 
 def group_settings(optimizer, names):
-    return (f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-            [{**{k: v for k, v in g.items() if k != "params"}, "param_names": n} for g, n in zip(optimizer.param_groups, names)])
+    return (
+        f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        [
+            {**{k: v for k, v in g.items() if k != "params"}, "param_names": n}
+            for g, n in zip(optimizer.param_groups, names)
+        ],
+    )
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: torch.optim.SGD(p, lr=0.1),
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.3),
-    lambda p: torch.optim.Adam(p, lr=0.01),
-    lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), weight_decay=1e-2),
-    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.3),
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), weight_decay=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    ],
+)
 def test_functional_step_matches_torch_optim(make):
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True),
-              torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)]
+    params = [
+        torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True),
+    ]
     # two groups with different rates, and a rate that changes between steps (a scheduler)
     optimizer = make([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.05}])
     functional = FunctionalOptimizer.from_manifest(*group_settings(optimizer, [["w"], ["b"]]), ["w", "b"])
     mine = [p.detach().clone() for p in params]
     state = functional.init(mine)
-    for step in range(6):
+    for _ in range(6):
         grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
         for group in optimizer.param_groups:
             group["lr"] *= 0.9

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from models import TinyClassifier, classification_data, trainer
 from torch.utils.data import DataLoader
 
 from lightning_dtda import TrajectoryRecorder, load_runs
+from lightning_dtda.errors import UnfinishedRunError
 from lightning_dtda.runs.trajectory import Trajectory
-from models import TinyClassifier, classification_data, trainer
 
 
 def replay_sgd(run, dataset):
@@ -45,8 +46,9 @@ def fit(tmp_path, loader, recorder, seed=0, datamodule=None, **kwargs):
 def test_replay_reproduces_final_weights(tmp_path, accumulate):
     data = classification_data(n=37)  # 37 = 4 full batches of 8 and a partial one
     loader = DataLoader(data, batch_size=8, shuffle=True)
-    model = fit(tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=3,
-                accumulate_grad_batches=accumulate)
+    model = fit(
+        tmp_path, loader, TrajectoryRecorder(tmp_path / "runs"), max_epochs=3, accumulate_grad_batches=accumulate
+    )
     [run] = load_runs(tmp_path / "runs")
     assert run.name == "seed_0" and run.seed == 0
     assert run.final_step == len(run.steps) == 3 * (5 if accumulate == 1 else 3)
@@ -76,8 +78,9 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     loader = DataLoader(data, batch_size=8, shuffle=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     pl.seed_everything(0)
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ckpt], max_epochs=2,
-            enable_checkpointing=True).fit(TinyClassifier(), loader)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ckpt], max_epochs=2, enable_checkpointing=True).fit(
+        TinyClassifier(), loader
+    )
     # the first job's process is gone (a dead pid): the resumed run must read as this process's, in progress
     manifest_path = tmp_path / "runs" / "seed_0" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -93,8 +96,12 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
 
     pl.seed_everything(1)  # a resumed job need not share the first one's random state
     model = TinyClassifier()
-    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ModelCheckpoint(dirpath=tmp_path / "ckpt2"), Status()],
-            max_epochs=4, enable_checkpointing=True).fit(model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer(
+        tmp_path,
+        [TrajectoryRecorder(tmp_path / "runs"), ModelCheckpoint(dirpath=tmp_path / "ckpt2"), Status()],
+        max_epochs=4,
+        enable_checkpointing=True,
+    ).fit(model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert statuses == ["in progress", "in progress"]
     [run] = load_runs(tmp_path / "runs")
     assert run.snapshot_steps == [0, 4, 8, 12, 16]
@@ -112,8 +119,9 @@ def test_refuses_to_overwrite_a_recorded_run(tmp_path):
 
 def test_manifest_describes_the_run(tmp_path):
     data = classification_data(n=16)
-    fit(tmp_path, DataLoader(data, batch_size=8, shuffle=True), TrajectoryRecorder(tmp_path / "r"), seed=3,
-        max_epochs=1)
+    fit(
+        tmp_path, DataLoader(data, batch_size=8, shuffle=True), TrajectoryRecorder(tmp_path / "r"), seed=3, max_epochs=1
+    )
     manifest = json.loads((tmp_path / "r" / "seed_3" / "manifest.json").read_text())
     import hashlib
     import inspect
@@ -121,11 +129,14 @@ def test_manifest_describes_the_run(tmp_path):
     from models import TinyClassifier
 
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
-    assert manifest["module"] == {"class": "models.TinyClassifier",
-                                  "hparams": {"d_in": 6, "hidden": 8, "classes": 3, "lr": 0.1,
-                                              "momentum": 0.0, "weight_decay": 0.0},
-                                  "fingerprint": {"structure": digest(repr(TinyClassifier())),
-                                                  "source": digest(inspect.getsource(TinyClassifier))}}
+    assert manifest["module"] == {
+        "class": "models.TinyClassifier",
+        "hparams": {"d_in": 6, "hidden": 8, "classes": 3, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+        "fingerprint": {
+            "structure": digest(repr(TinyClassifier())),
+            "source": digest(inspect.getsource(TinyClassifier)),
+        },
+    }
     assert manifest["dataset"]["length"] == 16
     assert manifest["optimizer"]["class"] == "torch.optim.sgd.SGD"
     assert manifest["optimizer"]["param_groups"][0]["lr"] == 0.1
@@ -165,16 +176,29 @@ def test_a_run_that_raised_is_abandoned_keeps_its_last_step_and_is_refused_with_
     model = Crashes()
     with pytest.raises(RuntimeError, match="the job dies"):
         # snapshots every 4 steps: steps 5 and 6 are kept by the snapshot the recorder takes when training raises
-        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2).fit(model, DataLoader(data, batch_size=4, shuffle=True))
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2).fit(
+            model, DataLoader(data, batch_size=4, shuffle=True)
+        )
     assert sorted(p.name for p in (tmp_path / "runs" / "seed_0" / "snapshots").iterdir()) == [
-        "step_00000000.safetensors", "step_00000004.safetensors", "step_00000006.safetensors"]
-    with pytest.raises(ValueError, match=r"seed_0: abandoned \(training stopped: RuntimeError: the job dies\), latest listed "
-                                         r"snapshot at step 6\n.*, unfinished=True\) as the Attributor's runs"):
+        "step_00000000.safetensors",
+        "step_00000004.safetensors",
+        "step_00000006.safetensors",
+    ]
+    with pytest.raises(
+        UnfinishedRunError,
+        match=r"seed_0: abandoned \(training stopped: RuntimeError: the job dies\), latest listed "
+        r"snapshot at step 6\n.*, unfinished=True\) as the Attributor's runs",
+    ):
         load_runs(tmp_path / "runs")
-    with pytest.warns(UserWarning, match=r"Pooling runs that have not finished, at their latest snapshot: seed_0 \(step 6, abandoned\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"Pooling runs that have not finished, at their latest snapshot: seed_0 \(step 6, abandoned\)",
+    ):
         [run] = load_runs(tmp_path / "runs", unfinished=True)
     assert run.status == "abandoned" and run.snapshot_steps == [0, 4, 6] and len(run.steps) == 6
-    assert max_diff(run.state_dict(), model.state_dict()) == 0 and max_diff(replay_sgd(run, data), run.state_dict()) < 1e-6
+    assert (
+        max_diff(run.state_dict(), model.state_dict()) == 0 and max_diff(replay_sgd(run, data), run.state_dict()) < 1e-6
+    )
 
 
 def test_a_from_datasets_datamodule_fitted_twice_records_two_runs(tmp_path):
@@ -190,9 +214,21 @@ def test_train_seeds_with_a_datamodule(tmp_path):
     from lightning_dtda import train_seeds
 
     dm = pl.LightningDataModule.from_datasets(train_dataset=classification_data(n=16), batch_size=4)
-    train_seeds(TinyClassifier, dm, tmp_path / "runs", seeds=[0, 1], max_epochs=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False)
-    assert [(run.name, run.status) for run in load_runs(tmp_path / "runs")] == [("seed_0", "finished"), ("seed_1", "finished")]
+    train_seeds(
+        TinyClassifier,
+        dm,
+        tmp_path / "runs",
+        seeds=[0, 1],
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    assert [(run.name, run.status) for run in load_runs(tmp_path / "runs")] == [
+        ("seed_0", "finished"),
+        ("seed_1", "finished"),
+    ]
 
 
 def test_state_dict_writes_nothing_and_two_recorders_keep_their_own_state(tmp_path):
@@ -215,22 +251,30 @@ def test_state_dict_writes_nothing_and_two_recorders_keep_their_own_state(tmp_pa
     assert recorders[0].state_key != recorders[1].state_key
     [a], [b] = load_runs(tmp_path / "a"), load_runs(tmp_path / "b")
     assert a.snapshot_steps == [0, 4, 8] and b.snapshot_steps == [0, 2, 4, 6, 8]
-    assert [m.tolist() for s in a.steps for m in s.micro_batches] == [m.tolist() for s in b.steps for m in s.micro_batches]
+    assert [m.tolist() for s in a.steps for m in s.micro_batches] == [
+        m.tolist() for s in b.steps for m in s.micro_batches
+    ]
     # Resuming restores each recorder's own state: both runs continue to step 16.
     model = TinyClassifier()
     resumed = [TrajectoryRecorder(tmp_path / "a"), TrajectoryRecorder(tmp_path / "b", every_n_train_steps=2)]
-    trainer(tmp_path, [*resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=4, enable_checkpointing=True).fit(
-        model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer(
+        tmp_path, [*resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=4, enable_checkpointing=True
+    ).fit(model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     [a], [b] = load_runs(tmp_path / "a"), load_runs(tmp_path / "b")
     assert a.snapshot_steps == [0, 4, 8, 12, 16] and b.snapshot_steps == [0, 2, 4, 6, 8, 10, 12, 14, 16]
-    assert max_diff(replay_sgd(a, data), model.state_dict()) < 1e-6 and max_diff(b.state_dict(), model.state_dict()) == 0
+    assert (
+        max_diff(replay_sgd(a, data), model.state_dict()) < 1e-6 and max_diff(b.state_dict(), model.state_dict()) == 0
+    )
 
 
 def test_a_run_in_progress_is_never_pooled_silently(tmp_path):
     class Loads(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.callbacks[0].write_manifest()
-            with pytest.raises(ValueError, match=r"seed_1: in progress \(recorded by process \d+ on .*\), latest listed snapshot at step 4"):
+            with pytest.raises(
+                UnfinishedRunError,
+                match=r"seed_1: in progress \(recorded by process \d+ on .*\), latest listed snapshot at step 4",
+            ):
                 load_runs(tmp_path / "runs")
             self.pooled = [(run.name, run.status) for run in load_runs(tmp_path / "runs", unfinished=True)]
 

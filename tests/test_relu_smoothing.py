@@ -3,13 +3,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from models import ReLUClassifier, TinyClassifier, classification_data
+from test_unrolled import record
 from torch import nn
 from torch.func import grad, vmap
 
 from lightning_dtda import Attributor, Unrolled
 from lightning_dtda.replay.relu import ReLUSmoothing
-from test_unrolled import record
-from models import ReLUClassifier, TinyClassifier, classification_data
 
 RELU_CALLS = {
     "module": lambda z: nn.ReLU()(z),
@@ -38,7 +38,9 @@ def test_relu_smoothing_adds_the_blurred_kink_to_second_derivatives(relu):
 
     def hvp(smoothing: ReLUSmoothing | None) -> torch.Tensor:
         # reverse over reverse, as the unrolled adjoint runs; the kink term is symmetric in D and E
-        return vmap(grad(lambda w, d: (grad(lambda v: loss(v, smoothing))(w) * d).sum()), in_dims=(None, 0))(W, directions)
+        return vmap(grad(lambda w, d: (grad(lambda v: loss(v, smoothing))(w) * d).sum()), in_dims=(None, 0))(
+            W, directions
+        )
 
     smoothing = ReLUSmoothing(sigma)
     smoothed = hvp(smoothing)
@@ -59,10 +61,15 @@ def test_unrolled_relu_smoothing_keeps_the_replay_and_changes_only_second_order(
     queries = classification_data(n=3, seed=1, dtype=torch.float64)
     runs = record(tmp_path, ReLUClassifier, data, hidden=5, lr=0.2, momentum=0.9)
     exact = Attributor(ReLUClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries)
-    smoothed = Attributor(ReLUClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.5), progress=False).attribute(queries)
+    smoothed = Attributor(ReLUClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.5), progress=False).attribute(
+        queries
+    )
     torch.testing.assert_close(smoothed.measurements, exact.measurements)
     assert smoothed.settings["relu_smoothing"] == 0.5
-    assert (Unrolled().label, Unrolled(relu_smoothing=0.5).label) == ("unrolled", "unrolled-relu0.5")  # told apart in messages and files
+    assert (Unrolled().label, Unrolled(relu_smoothing=0.5).label) == (
+        "unrolled",
+        "unrolled-relu0.5",
+    )  # told apart in messages and files
     # An example's last step enters its effect through its gradient alone; the kinks act on later steps.
     assert 0.01 < (smoothed.effects - exact.effects).norm() / exact.effects.norm() < 1.0
 
@@ -84,6 +91,15 @@ class AdamReLUClassifier(ReLUClassifier):
 def test_relu_smoothing_is_refused_for_adam_runs_where_it_diverges(tmp_path):
     data = classification_data(n=20, dtype=torch.float64)
     runs = record(tmp_path, AdamReLUClassifier, data, hidden=5)
-    with pytest.raises(ValueError, match=r"relu_smoothing=...\) is for SGD runs; seed_0 used torch.optim.adam.Adam.*Use Unrolled\(\)"):
-        Attributor(AdamReLUClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.1), progress=False).attribute(data)
-    assert Attributor(AdamReLUClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(data).effects.isfinite().all()
+    with pytest.raises(
+        ValueError, match=r"relu_smoothing=...\) is for SGD runs; seed_0 used torch.optim.adam.Adam.*Use Unrolled\(\)"
+    ):
+        Attributor(AdamReLUClassifier, runs, data, estimator=Unrolled(relu_smoothing=0.1), progress=False).attribute(
+            data
+        )
+    assert (
+        Attributor(AdamReLUClassifier, runs, data, estimator=Unrolled(), progress=False)
+        .attribute(data)
+        .effects.isfinite()
+        .all()
+    )

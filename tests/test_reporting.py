@@ -4,10 +4,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from models import TinyClassifier, classification_data, trainer
 from torch.utils.data import DataLoader
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from models import TinyClassifier, classification_data, trainer
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,9 @@ def logged(tmp_path_factory):
     loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
     fit_trainer = trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2, logger=loggers)
     fit_trainer.fit(TinyClassifier(), DataLoader(data, batch_size=8, shuffle=True))
-    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False).attribute(
-        classification_data(n=2, seed=1), loggers=fit_trainer, top_k=3)
+    result = Attributor(
+        TinyClassifier, tmp_path / "runs", data, estimator=Influence(curvature="ggn"), progress=False
+    ).attribute(classification_data(n=2, seed=1), loggers=fit_trainer, top_k=3)
     return result, loggers
 
 
@@ -37,7 +38,8 @@ def test_csv_logger_gets_table_histogram_and_scalars(logged):
     with open(f"{csv_logger.log_dir}/metrics.csv") as f:
         logged_rows = [r for r in csv.DictReader(f) if r.get("attribution/mean_shift_abs_max")]
     assert float(logged_rows[-1]["attribution/mean_shift_abs_max"]) == pytest.approx(
-        result.mean_shift().abs().max().item())
+        result.mean_shift().abs().max().item()
+    )
 
 
 def test_tensorboard_logger_gets_text_and_histogram(logged):
@@ -53,7 +55,8 @@ def test_tensorboard_logger_gets_text_and_histogram(logged):
     _, indices = result.top_k(0, 3, largest=False)
     assert f"| 0 | removal_lowers | 1 | {indices[0].item()} |" in table
     assert [s.value for s in events.Scalars("attribution/mean_shift_abs_max")] == pytest.approx(
-        [result.mean_shift().abs().max().item()])
+        [result.mean_shift().abs().max().item()]
+    )
 
 
 def test_mlflow_logger_gets_table_histogram_and_figure(tmp_path, monkeypatch):
@@ -72,7 +75,11 @@ def test_mlflow_logger_gets_table_histogram_and_figure(tmp_path, monkeypatch):
     [artifacts] = list((tmp_path / "mlruns").glob(f"*/{logger.run_id}/artifacts"))
     table = json.loads((artifacts / "attribution_top_k.json").read_text())
     _, indices = result.top_k(1, 2)
-    helpful = [i for q, kind, i in zip(table["query"], table["kind"], table["train_index"]) if q == 1 and kind == "removal_raises"]
+    helpful = [
+        i
+        for q, kind, i in zip(table["query"], table["kind"], table["train_index"])
+        if q == 1 and kind == "removal_raises"
+    ]
     assert helpful == indices.tolist()
     assert sum(b["count"] for b in json.loads((artifacts / "attribution_histogram.json").read_text())) == 14
     for name in ("shift_scatter", "spread_wideners"):

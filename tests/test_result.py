@@ -2,12 +2,17 @@ import pytest
 import torch
 
 from lightning_dtda import AttributionResult
+from lightning_dtda.errors import CorruptFileError
 
 
 def make_result():
     g = torch.Generator().manual_seed(0)
-    return AttributionResult(torch.randn(3, 2, 10, generator=g), torch.randn(3, 2, generator=g),
-                             ["seed_0", "seed_1", "seed_2"], {"curvature": "ggn", "damping": "auto"})
+    return AttributionResult(
+        torch.randn(3, 2, 10, generator=g),
+        torch.randn(3, 2, generator=g),
+        ["seed_0", "seed_1", "seed_2"],
+        {"curvature": "ggn", "damping": "auto"},
+    )
 
 
 def test_mean_shift_and_top_k():
@@ -39,7 +44,14 @@ def test_truncated_result_file_is_refused(tmp_path):
     make_result().save(tmp_path / "result.safetensors")
     path = tmp_path / "result.safetensors"
     data = path.read_bytes()
-    for damaged in (data[:200], data[:-4], data[:8] + b"[" + data[9:]):  # cut in the header, cut in the tensors, garbled header
+    for damaged in (
+        data[:200],
+        data[:-4],
+        data[:8] + b"[" + data[9:],
+    ):  # cut in the header, cut in the tensors, garbled header
         path.write_bytes(damaged)
-        with pytest.raises(ValueError, match="result.safetensors is not a readable lightning-dtda file \\(truncated or corrupt\\)"):
+        with pytest.raises(
+            CorruptFileError,
+            match="result.safetensors is not a readable lightning-dtda file \\(truncated or corrupt\\)",
+        ):
             AttributionResult.load(path)

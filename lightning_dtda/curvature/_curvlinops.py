@@ -61,7 +61,9 @@ class KFACInverse(KFACInverseLinearOperator):
     1M-parameter CNN of benchmarks/speed.py), and a damping that can be changed after construction
     (the eigendecompositions it caches do not depend on it)."""
 
-    def __init__(self, operator: KFACLinearOperator, eigh: Callable[[Tensor], tuple[Tensor, Tensor]], damping: float) -> None:
+    def __init__(
+        self, operator: KFACLinearOperator, eigh: Callable[[Tensor], tuple[Tensor, Tensor]], damping: float
+    ) -> None:
         self._eigh = eigh
         super().__init__(operator, damping=damping, use_exact_damping=True)
 
@@ -86,7 +88,7 @@ def sum_factors(operator: KFACLinearOperator) -> None:
 
 def eigendecompose_factors(operator: EKFACLinearOperator, eigh: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
     """What curvlinops' EK-FAC does before its eigenvalue correction, with ``eigh`` (float64, see
-    :class:`KFACInverse`) in place of its own float32 one: each factor is replaced by its eigenvectors."""
+    ``KFACInverse``) in place of its own float32 one: each factor is replaced by its eigenvectors."""
     for name in operator._mapping:
         for source, destination in (
             (operator._input_covariances, operator._input_covariances_eigenvectors),

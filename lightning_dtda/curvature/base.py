@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-CURVATURES = ("ekfac", "kfac", "ggn", "identity")
-SOLVERS = ("auto", "dense", "krylov")
+# The curvatures and GGN solvers, defined once: estimators' fields are typed with these (a LightningCLI
+# file is checked against them when parsed) and the tuples validate values given in code.
+CurvatureKind = Literal["ekfac", "kfac", "ggn", "identity"]
+SpectralKind = Literal["ekfac", "ggn"]  # those with an eigenbasis or Krylov functions (see SpectralCurvature)
+SolverKind = Literal["auto", "dense", "krylov"]
+CURVATURES: tuple[str, ...] = get_args(CurvatureKind)
+SPECTRAL: tuple[str, ...] = get_args(SpectralKind)
+SOLVERS: tuple[str, ...] = get_args(SolverKind)
 
 # solver="auto": below this many parameters the GGN is built and eigendecomposed (seconds on a CPU);
 # above, Krylov methods use matrix products only.
@@ -46,7 +52,7 @@ class Curvature:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any] | None:
-        """What :func:`fit_curvature` needs to rebuild this curvature without the data (``None``: nothing
+        """What ``fit_curvature`` needs to rebuild this curvature without the data (``None``: nothing
         worth keeping)."""
         return None
 
@@ -90,7 +96,9 @@ def factor_eigh(factor: Tensor) -> tuple[Tensor, Tensor]:
         return torch.linalg.eigh(matrix)
     except torch.linalg.LinAlgError:
         scale = 1e-14 * matrix.diagonal().abs().max()
-        jitter = torch.rand(len(matrix), generator=torch.Generator().manual_seed(0), dtype=matrix.dtype).to(matrix.device)
+        jitter = torch.rand(len(matrix), generator=torch.Generator().manual_seed(0), dtype=matrix.dtype).to(
+            matrix.device
+        )
         return torch.linalg.eigh(matrix + torch.diag(scale * jitter))
 
 
@@ -99,7 +107,9 @@ def check_solver(kind: str, solver: str, subset: int | None) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
     if solver != "auto" and kind != "ggn":
-        raise ValueError(f"solver={solver!r} chooses how curvature='ggn' is solved; curvature={kind!r} has one way. Leave solver='auto'.")
+        raise ValueError(
+            f"solver={solver!r} chooses how curvature='ggn' is solved; curvature={kind!r} has one way. Leave solver='auto'."
+        )
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
         raise ValueError(f"curvature_subset must be None or a positive integer, got {subset!r}.")
 
@@ -121,11 +131,13 @@ def dense_ggn(solver: str, num_params: int) -> bool:
 
 
 def check_spectral(kind: str) -> None:
-    """Refuse a backend without an eigenbasis or Krylov functions: :func:`fit_curvature` gives a
-    :class:`SpectralCurvature` for ``"ekfac"`` and ``"ggn"``.
+    """Refuse a backend without an eigenbasis or Krylov functions: ``fit_curvature`` gives a
+    ``SpectralCurvature`` for ``"ekfac"`` and ``"ggn"``.
 
     Raises:
         ValueError: For another backend.
     """
-    if kind not in ("ekfac", "ggn"):
-        raise ValueError(f"This estimator needs functions of the curvature: use curvature='ekfac' or 'ggn', not {kind!r}.")
+    if kind not in SPECTRAL:
+        raise ValueError(
+            f"This estimator needs functions of the curvature: use curvature='ekfac' or 'ggn', not {kind!r}."
+        )

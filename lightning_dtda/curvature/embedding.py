@@ -51,7 +51,9 @@ def _batch_size(inputs: Any) -> int:
 
 
 @contextmanager
-def _recording(layers: Iterable[nn.Embedding], expand: dict[nn.Embedding, int] | None = None) -> Iterator[dict[nn.Embedding, list[tuple[Tensor, Tensor]]]]:
+def _recording(
+    layers: Iterable[nn.Embedding], expand: dict[nn.Embedding, int] | None = None
+) -> Iterator[dict[nn.Embedding, list[tuple[Tensor, Tensor]]]]:
     """Record every lookup's ``(indices, output)``; with ``expand``, a layer's outputs (and indices) gain a
     leading batch dimension of that size, and that is what the forward goes on with."""
     calls: dict[nn.Embedding, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
@@ -71,7 +73,9 @@ def _recording(layers: Iterable[nn.Embedding], expand: dict[nn.Embedding, int] |
             handle.remove()
 
 
-def lookup_kinds(model: nn.Module, inputs: Any, call: Callable[[nn.Module, Any], Tensor] = call_model) -> dict[nn.Embedding, str]:
+def lookup_kinds(
+    model: nn.Module, inputs: Any, call: Callable[[nn.Module, Any], Tensor] = call_model
+) -> dict[nn.Embedding, str]:
     """The ``nn.Embedding`` layers of ``model`` whose weights can have a block, and how the forward on
     ``inputs`` looks them up: ``PER_EXAMPLE`` or ``SHARED`` (see the module docstring).
 
@@ -81,7 +85,11 @@ def lookup_kinds(model: nn.Module, inputs: Any, call: Callable[[nn.Module, Any],
     ``sparse`` is left out; shared ones are all left out if expanding them changes the model's outputs.
     ``call(model, inputs)`` runs the forward (curvlinops' form of the model takes ``model(inputs)``).
     """
-    layers = [m for m in model.modules() if type(m) is nn.Embedding and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse]
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Embedding and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
+    ]
     more = tree_map(lambda t: torch.cat([t, t[:1]]) if isinstance(t, Tensor) else t, inputs)
     size = _batch_size(inputs)
     with torch.no_grad():
@@ -154,13 +162,17 @@ def _lookups(
         shared = {layer: size for layer, kind in kinds.items() if kind == SHARED}
         with torch.enable_grad(), _recording(kinds, expand=shared) as calls:
             outputs = model(inputs)
-        root = torch.stack([loss_hessian_matrix_sqrt(o.detach(), t, loss_function) for o, t in zip(outputs.split(1), targets.split(1))])
+        root = torch.stack(
+            [loss_hessian_matrix_sqrt(o.detach(), t, loss_function) for o, t in zip(outputs.split(1), targets.split(1))]
+        )
         found = [(layer, i, o) for layer, pairs in calls.items() for i, o in pairs]
         for column in range(root.shape[-1]):
             # Once, the weights' own gradients too, to check that the lookups are their only use.
             weights = [] if checked else [layer.weight for layer in kinds]
             grads = torch.autograd.grad(
-                (outputs * root[:, :, column]).sum(), [o for *_, o in found] + weights, retain_graph=column < root.shape[-1] - 1,
+                (outputs * root[:, :, column]).sum(),
+                [o for *_, o in found] + weights,
+                retain_graph=column < root.shape[-1] - 1,
                 allow_unused=True,
             )
             if weights:
@@ -168,12 +180,23 @@ def _lookups(
                 checked, grads = True, grads[: len(found)]
             for layer in kinds:
                 # A lookup the outputs do not depend on has gradient zero (autograd says None).
-                mine = [(i, torch.zeros_like(o) if g is None else g) for (owner, i, o), g in zip(found, grads) if owner is layer]
+                mine = [
+                    (i, torch.zeros_like(o) if g is None else g)
+                    for (owner, i, o), g in zip(found, grads)
+                    if owner is layer
+                ]
                 if mine:
-                    yield column, layer, torch.cat([i.reshape(size, -1) for i, _ in mine], 1), torch.cat([g.reshape(size, -1, g.shape[-1]) for _, g in mine], 1)
+                    yield (
+                        column,
+                        layer,
+                        torch.cat([i.reshape(size, -1) for i, _ in mine], 1),
+                        torch.cat([g.reshape(size, -1, g.shape[-1]) for _, g in mine], 1),
+                    )
 
 
-def _check_only_lookups(kinds: Iterable[nn.Embedding], found: list[tuple[nn.Embedding, Tensor, Tensor]], lookup_grads, weight_grads) -> None:
+def _check_only_lookups(
+    kinds: Iterable[nn.Embedding], found: list[tuple[nn.Embedding, Tensor, Tensor]], lookup_grads, weight_grads
+) -> None:
     """Refuse a weight whose gradient is not the sum of its lookups' output gradients: the forward uses
     it elsewhere too (a head written as ``h @ emb.weight.T``), which its block would not see (a review
     measured 39% off on such a model)."""
@@ -198,9 +221,13 @@ def _scale(loss_function: nn.Module, num_data: int) -> float:
 
 
 def fit_blocks(
-    model: nn.Module, loss_function: nn.Module, kinds: dict[nn.Embedding, str], data: Iterable[tuple[Any, Tensor]], num_data: int
+    model: nn.Module,
+    loss_function: nn.Module,
+    kinds: dict[nn.Embedding, str],
+    data: Iterable[tuple[Any, Tensor]],
+    num_data: int,
 ) -> dict[nn.Embedding, EmbeddingBlock]:
-    """K-FAC blocks of the layers ``kinds`` (from :func:`lookup_kinds`), from one pass over ``data`` (a
+    """K-FAC blocks of the layers ``kinds`` (from ``lookup_kinds``), from one pass over ``data`` (a
     rank's shard: the sums are over this shard, divided by the full ``num_data``)."""
     counts: dict[nn.Embedding, Tensor] = {}
     grams: dict[nn.Embedding, Tensor] = {}
@@ -216,16 +243,25 @@ def fit_blocks(
             found = torch.bincount(indices.flatten(), minlength=layer.num_embeddings).double() / lookups
             counts[layer] = counts.get(layer, 0) + found
     scale = _scale(loss_function, num_data)
-    return {layer: EmbeddingBlock((counts[layer] / num_data).to(layer.weight.dtype), grams[layer] * scale) for layer in kinds}
+    return {
+        layer: EmbeddingBlock((counts[layer] / num_data).to(layer.weight.dtype), grams[layer] * scale)
+        for layer in kinds
+    }
 
 
 def correct_eigenvalues(
-    model: nn.Module, loss_function: nn.Module, kinds: dict[nn.Embedding, str], blocks: dict[nn.Embedding, EmbeddingBlock],
-    data: Iterable[tuple[Any, Tensor]], num_data: int,
+    model: nn.Module,
+    loss_function: nn.Module,
+    kinds: dict[nn.Embedding, str],
+    blocks: dict[nn.Embedding, EmbeddingBlock],
+    data: Iterable[tuple[Any, Tensor]],
+    num_data: int,
 ) -> None:
     """EK-FAC's corrected eigenvalues of ``blocks`` (their ``basis`` set), from one pass over ``data``."""
     for block in blocks.values():
-        block.corrected = torch.zeros(len(block.counts), len(block.eigenvectors), dtype=block.counts.dtype, device=block.counts.device)
+        block.corrected = torch.zeros(
+            len(block.counts), len(block.eigenvectors), dtype=block.counts.dtype, device=block.counts.device
+        )
     for _, layer, indices, g in _lookups(model, loss_function, kinds, data):
         block = blocks[layer]
         rotated = g @ block.eigenvectors
@@ -237,7 +273,9 @@ def correct_eigenvalues(
             kept = indices.flatten() != layer.padding_idx
             keys, rotated = keys[kept], rotated[kept]
         unique, position = keys.unique(return_inverse=True)
-        summed = torch.zeros(len(unique), rotated.shape[-1], dtype=rotated.dtype, device=rotated.device).index_add_(0, position, rotated)
+        summed = torch.zeros(len(unique), rotated.shape[-1], dtype=rotated.dtype, device=rotated.device).index_add_(
+            0, position, rotated
+        )
         block.corrected.index_add_(0, unique % rows, summed.square())
     scale = _scale(loss_function, num_data)
     for block in blocks.values():
@@ -274,8 +312,10 @@ def check_embeddings(model: nn.Module, tracked: Iterable[str], first_derivatives
         why = (
             "scale_grad_by_freq=True: its backward rescales the gradient, which is then not the loss's derivative"
             if layer.scale_grad_by_freq
-            else "sparse=True: its gradient is a sparse tensor" if layer.sparse
-            else "torch has no forward-mode or double-backward derivative for it" if kind == "EmbeddingBag" and not first_derivatives_only
+            else "sparse=True: its gradient is a sparse tensor"
+            if layer.sparse
+            else "torch has no forward-mode or double-backward derivative for it"
+            if kind == "EmbeddingBag" and not first_derivatives_only
             else None
         )
         if why:

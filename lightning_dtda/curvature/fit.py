@@ -49,10 +49,10 @@ def fit_curvature(
         data: Re-iterable ``(X, y)`` batches covering the whole training set once.
         num_data: Number of training examples ``N``.
         progress: Show curvlinops' progress bars for the K-FAC factor passes.
-        state: A fitted curvature's :meth:`Curvature.state` (cached on disk): rebuild from it, with no
+        state: A fitted curvature's ``Curvature.state`` (cached on disk): rebuild from it, with no
             pass over the data.
         solver: For ``"ggn"``: ``"dense"`` (build and eigendecompose), ``"krylov"`` (matrix products
-            only: :class:`KrylovGGN`) or ``"auto"`` (dense up to ``DENSE_GGN_MAX_PARAMS`` parameters).
+            only: ``KrylovGGN``) or ``"auto"`` (dense up to ``DENSE_GGN_MAX_PARAMS`` parameters).
     """
     if kind == "identity":
         return IdentityCurvature()
@@ -88,7 +88,7 @@ class _Called(nn.Module):
 
 
 class _ColumnTargets:
-    """Re-iterable ``(X, y)`` batches with ``y`` made ``[B, 1]``, to go with :class:`_Called`'s outputs."""
+    """Re-iterable ``(X, y)`` batches with ``y`` made ``[B, 1]``, to go with ``_Called``'s outputs."""
 
     def __init__(self, data: Iterable[tuple[Any, Tensor]]) -> None:
         self.data = data

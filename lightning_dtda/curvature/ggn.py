@@ -33,7 +33,9 @@ class DenseGGN(SpectralCurvature):
         num_params = operator.shape[0]
         eye = torch.eye(num_params, dtype=operator.dtype, device=operator.device)
         with forward_differentiable_kernels():
-            ggn = torch.cat([operator @ eye[:, i : i + _DENSE_COLUMNS] for i in range(0, num_params, _DENSE_COLUMNS)], dim=1)
+            ggn = torch.cat(
+                [operator @ eye[:, i : i + _DENSE_COLUMNS] for i in range(0, num_params, _DENSE_COLUMNS)], dim=1
+            )
         all_reduce_sum(ggn)  # each rank summed its shard of the data
         # In float64 whatever the model's precision: a float32 eigenbasis is orthogonal to about 1e-7,
         # which leaks the largest curvatures into the damped solve of the smallest (a user trial: 1e-2
@@ -68,7 +70,7 @@ class KrylovGGN(SpectralCurvature):
     seconds (Lanczos).
 
     Preconditioning: a block of at most 8 columns (a few queries, or ``reduce="mean"``) is solved with
-    a randomized Nystrom sketch of ``G`` as CG's preconditioner (:func:`~lightning_dtda.krylov.nystrom`;
+    a randomized Nystrom sketch of ``G`` as CG's preconditioner (``nystrom``;
     rank 16: one product of 16 columns, made once and reused by later solves). It inverts the top of the
     spectrum, which a narrow block's Krylov space takes many products to find: one query on the
     1M-parameter CNN of benchmarks/speed.py (GGN on 200 images, auto damping) took 90 products in 29 s
@@ -87,7 +89,11 @@ class KrylovGGN(SpectralCurvature):
     """
 
     def __init__(
-        self, operator: PyTorchLinearOperator, tolerance: float = 1e-5, max_iterations: int = 500, progress: bool = False,
+        self,
+        operator: PyTorchLinearOperator,
+        tolerance: float = 1e-5,
+        max_iterations: int = 500,
+        progress: bool = False,
         preconditioned: bool | None = None,
     ) -> None:
         self.operator = SummedOverRanks(operator)
@@ -113,7 +119,9 @@ class KrylovGGN(SpectralCurvature):
             if self._sketch is None:  # one product, about one CG iteration's cost, reused by later solves
                 start = time.perf_counter()
                 low, high = NYSTROM_RANKS
-                self._sketch = nystrom(self.matmat, self.operator.shape[0], min(max(len(vectors), low), high), device=vectors.device)
+                self._sketch = nystrom(
+                    self.matmat, self.operator.shape[0], min(max(len(vectors), low), high), device=vectors.device
+                )
                 report["nystrom_seconds"] = round(time.perf_counter() - start, 3)
             report["nystrom_rank"] = self._sketch[0].shape[1]
             precondition = nystrom_preconditioner(*self._sketch, damping)
@@ -128,7 +136,12 @@ class KrylovGGN(SpectralCurvature):
             desc="GGN block conjugate gradients",
         )
         self.reports.append(
-            {"cg_products": iterations, "cg_residual": residual.max().item(), "cg_seconds": round(time.perf_counter() - start, 3), **report}
+            {
+                "cg_products": iterations,
+                "cg_residual": residual.max().item(),
+                "cg_seconds": round(time.perf_counter() - start, 3),
+                **report,
+            }
         )
         x = x.to(vectors.dtype)
         if residual.max() > 10 * self.tolerance:
@@ -146,10 +159,10 @@ class KrylovGGN(SpectralCurvature):
         )
         self.reports.append({"lanczos_products": products, "lanczos_seconds": round(time.perf_counter() - start, 3)})
         if products >= 2 * self.max_iterations - 1:
-            rank_zero_warn(f"GGN Lanczos stopped after {self.max_iterations} iterations before converging; raise max_iterations.")
+            rank_zero_warn(
+                f"GGN Lanczos stopped after {self.max_iterations} iterations before converging; raise max_iterations."
+            )
         return [r.T.to(vectors.dtype) for r in results]
 
     def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         return self.apply_functions([fn], vectors)[0]
-
-

@@ -40,11 +40,18 @@ class KFAC(Curvature):
 
     corrected = False  # EK-FAC's eigenvalues, or K-FAC's products of the factors' eigenvalues
 
-    def __init__(self, operator: KFACLinearOperator | None, sizes: Sequence[int], blocks: dict[int, tuple[str, EmbeddingBlock]]) -> None:
+    def __init__(
+        self, operator: KFACLinearOperator | None, sizes: Sequence[int], blocks: dict[int, tuple[str, EmbeddingBlock]]
+    ) -> None:
         self.operator, self.sizes, self.blocks = operator, list(sizes), blocks
         self._inverse: KFACInverse | None = None
 
-    def _blockwise(self, vectors: Tensor, by_operator: Callable[[Tensor], Tensor], by_block: Callable[[EmbeddingBlock, Tensor], Tensor]) -> Tensor:
+    def _blockwise(
+        self,
+        vectors: Tensor,
+        by_operator: Callable[[Tensor], Tensor],
+        by_block: Callable[[EmbeddingBlock, Tensor], Tensor],
+    ) -> Tensor:
         """``vectors [K, P]`` mapped block by block: the operator's parameters together, each embedding alone."""
         pieces = list(vectors.split(self.sizes, dim=1))
         rest = [i for i in range(len(pieces)) if i not in self.blocks]
@@ -58,7 +65,9 @@ class KFAC(Curvature):
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         return self._blockwise(
-            vectors, lambda v: self._operator_solve(v, damping), lambda block, v: block.apply(lambda e: 1.0 / (e + damping), v, self.corrected)
+            vectors,
+            lambda v: self._operator_solve(v, damping),
+            lambda block, v: block.apply(lambda e: 1.0 / (e + damping), v, self.corrected),
         )
 
     def _operator_solve(self, vectors: Tensor, damping: float) -> Tensor:
@@ -72,7 +81,11 @@ class KFAC(Curvature):
 
     def state(self) -> dict[str, Any]:
         # Enum settings as their string values: the cache stores non-tensor settings as JSON.
-        state = {} if self.operator is None else {k: v.value if isinstance(v, Enum) else v for k, v in self.operator.state_dict().items()}
+        state = (
+            {}
+            if self.operator is None
+            else {k: v.value if isinstance(v, Enum) else v for k, v in self.operator.state_dict().items()}
+        )
         if self.blocks:
             state[_EMBEDDING_BLOCKS] = {name: block.state() for name, block in self.blocks.values()}
         return state
@@ -89,7 +102,9 @@ class EKFAC(KFAC, SpectralCurvature):
     solve = KFAC.solve
 
     def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
-        return self._blockwise(vectors, lambda v: self._operator_apply(fn, v), lambda block, v: block.apply(fn, v, corrected=True))
+        return self._blockwise(
+            vectors, lambda v: self._operator_apply(fn, v), lambda block, v: block.apply(fn, v, corrected=True)
+        )
 
     def _operator_apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         with with_eigenvalue_function(self.operator, fn):
@@ -108,7 +123,9 @@ def _fit_kfac(
 ) -> KFAC:
     _check_kfac_loss(model, loss_function, data, kind)
     holders = {key: list(found.values()) for key, found in parameter_holders(model).items()}
-    tables = {i: holders[id(p)] for i, p in enumerate(params) if any(type(h) is nn.Embedding for h in holders.get(id(p), ()))}
+    tables = {
+        i: holders[id(p)] for i, p in enumerate(params) if any(type(h) is nn.Embedding for h in holders.get(id(p), ()))
+    }
     kinds = lookup_kinds(model, next(iter(data))[0], lambda m, x: m(x)) if tables else {}
     wrong = [layers for layers in tables.values() if len(layers) > 1 or layers[0] not in kinds]
     if wrong:
@@ -126,8 +143,15 @@ def _fit_kfac(
         # type-2 is the exact GGN's factorisation (curvlinops defaults to a one-sample Monte Carlo
         # Fisher); weight and bias share one factor, which makes K-FAC exact for a single linear layer.
         operator = cls(
-            model, loss_function, others, data, fisher_type="type-2", separate_weight_and_bias=False, progressbar=progress,
-            num_per_example_loss_terms=_loss_terms_per_example(loss_function, data), **common,
+            model,
+            loss_function,
+            others,
+            data,
+            fisher_type="type-2",
+            separate_weight_and_bias=False,
+            progressbar=progress,
+            num_per_example_loss_terms=_loss_terms_per_example(loss_function, data),
+            **common,
         )
     embedding_kinds = {layer: kinds[layer] for layer in layers.values()}
     wrap = EKFAC if kind == "ekfac" else KFAC
@@ -158,10 +182,14 @@ def _fit_kfac(
             correct_eigenvalues(model, loss_function, embedding_kinds, blocks, data, common["num_data"])
             for block in blocks.values():
                 all_reduce_sum(block.corrected)
-    return wrap(operator, [p.numel() for p in params], {i: (names[layer], blocks[layer]) for i, layer in layers.items()})
+    return wrap(
+        operator, [p.numel() for p in params], {i: (names[layer], blocks[layer]) for i, layer in layers.items()}
+    )
 
 
-def _check_kfac_loss(model: nn.Module, loss_function: nn.Module, data: Iterable[tuple[Tensor, Tensor]], kind: str) -> None:
+def _check_kfac_loss(
+    model: nn.Module, loss_function: nn.Module, data: Iterable[tuple[Tensor, Tensor]], kind: str
+) -> None:
     """Refuse what curvlinops' K-FAC would get wrong without a word: it builds the loss's Hessian from the
     softmax or sigmoid alone (class weights, pos_weight and label smoothing are left out), and its
     factors need outputs ``[B, C]``."""

@@ -76,7 +76,12 @@ def conjugate_gradients(
 
 
 def nystrom(
-    matmat: MatMat, size: int, rank: int, dtype: torch.dtype = torch.float64, seed: int = 0, device: torch.device | str = "cpu"
+    matmat: MatMat,
+    size: int,
+    rank: int,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """A randomized Nystrom approximation ``U diag(lam) U^T`` of a PSD operator from one product with a
     ``[size, rank]`` block: orthonormal ``U [size, rank]`` and ``lam [rank]`` (descending, >= 0).
@@ -99,14 +104,16 @@ def nystrom(
             break
         nu *= 1e3
     else:
-        raise torch.linalg.LinAlgError("the Nystrom sketch's core matrix is not positive definite; is the operator PSD?")
+        raise torch.linalg.LinAlgError(
+            "the Nystrom sketch's core matrix is not positive definite; is the operator PSD?"
+        )
     u, singular, _ = torch.linalg.svd(torch.linalg.solve_triangular(lower, y.T, upper=False).T, full_matrices=False)
     return u, (singular**2 - nu).clamp(min=0.0)
 
 
 def nystrom_preconditioner(u: Tensor, eigenvalues: Tensor, damping: float) -> MatMat:
     """``R -> M R`` with ``M = (lam_r + damping) U (diag(lam) + damping I)^-1 U^T + (I - U U^T)``, which
-    approximates ``(A + damping I)^-1`` up to scale from :func:`nystrom`'s ``U, lam``: the top ``r``
+    approximates ``(A + damping I)^-1`` up to scale from ``nystrom``'s ``U, lam``: the top ``r``
     directions are inverted exactly and the rest scaled as the smallest of them, so the preconditioned
     system's condition number is about ``(lam_r + damping) / damping`` instead of ``(lam_1 + damping) / damping``."""
     scale = (eigenvalues[-1] + damping) / (eigenvalues + damping)
@@ -181,7 +188,9 @@ def lanczos_functions(
                 coefficients = _coefficients(alphas, betas, norms, functions)
                 if previous is not None:
                     change = max(
-                        ((c - F.pad(p, (0, c.shape[1] - p.shape[1]))).norm(dim=1) / c.norm(dim=1).clamp(min=1e-300)).max().item()
+                        ((c - F.pad(p, (0, c.shape[1] - p.shape[1]))).norm(dim=1) / c.norm(dim=1).clamp(min=1e-300))
+                        .max()
+                        .item()
                         for c, p in zip(coefficients, previous)
                     )
                     bar.set_postfix(change=f"{change:.1e}")
@@ -209,7 +218,9 @@ def _next(av: Tensor, v: Tensor, v_prev: Tensor, beta: Tensor | None, alpha: Ten
     return w if alpha is None else w - alpha * v
 
 
-def _coefficients(alphas: list[Tensor], betas: list[Tensor], norms: Tensor, functions: Sequence[Callable[[Tensor], Tensor]]) -> list[Tensor]:
+def _coefficients(
+    alphas: list[Tensor], betas: list[Tensor], norms: Tensor, functions: Sequence[Callable[[Tensor], Tensor]]
+) -> list[Tensor]:
     """``|v| f(T_m) e_1`` for each function, ``[K, m]`` each, from the recurrence so far (float64)."""
     m = len(alphas)
     a = torch.stack(alphas, 1).double()  # [K, m]

@@ -23,7 +23,9 @@ def check_modules(modules: Sequence[str] | None) -> tuple[str, ...] | None:
     if modules is None:
         return None
     if isinstance(modules, str) or not all(isinstance(m, str) for m in modules) or not modules:
-        raise ValueError(f"modules must be None or a non-empty list of submodule names (as in model.named_modules()), got {modules!r}.")
+        raise ValueError(
+            f"modules must be None or a non-empty list of submodule names (as in model.named_modules()), got {modules!r}."
+        )
     return tuple(modules)
 
 
@@ -65,7 +67,11 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
         called: list[nn.Module] = []
         inputs = Hooks(model).inputs_targets(batch)[0]
         with factorable_attention(model):
-            handles = [layer.register_forward_hook(lambda layer, *_: called.append(layer)) for layer in model.modules() if isinstance(layer, KFAC_LAYERS)]
+            handles = [
+                layer.register_forward_hook(lambda layer, *_: called.append(layer))
+                for layer in model.modules()
+                if isinstance(layer, KFAC_LAYERS)
+            ]
             try:
                 with torch.no_grad(), forward_differentiable_kernels():  # the fused fast path calls no submodule
                     call_model(model, inputs)
@@ -79,15 +85,23 @@ def tracked_parameters(model: nn.Module, kind: str, modules: Sequence[str] | Non
         # factored if that embedding alone holds it.
         holders = {key: list(found.values()) for key, found in parameter_holders(model).items()}
         factored = {
-            id(p) for layer in called for p in layer.parameters(recurse=False)
+            id(p)
+            for layer in called
+            for p in layer.parameters(recurse=False)
             if all(isinstance(holder, (*KFAC_LAYERS, nn.MultiheadAttention)) for holder in holders[id(p)])
         }
-        factored |= {id(layer.weight) for layer in tables if layer.weight.requires_grad and holders[id(layer.weight)] == [layer]}
+        factored |= {
+            id(layer.weight) for layer in tables if layer.weight.requires_grad and holders[id(layer.weight)] == [layer]
+        }
         named = dict(model.named_parameters())
         inside = {root: [n for n in names if id(named[n]) in factored] for root, names in inside.items()}
     empty = [root for root, names in inside.items() if not names]
     if modules is not None and empty:
-        layers = "nn.Linear, nn.Conv2d, nn.Embedding or self-attention layers the forward calls" if kind in ("kfac", "ekfac") else "trainable parameters"
+        layers = (
+            "nn.Linear, nn.Conv2d, nn.Embedding or self-attention layers the forward calls"
+            if kind in ("kfac", "ekfac")
+            else "trainable parameters"
+        )
         hint = "name others, or use curvature='ggn' (any layer)" if kind in ("kfac", "ekfac") else "name others"
         raise UnsupportedLayerError(
             f"curvature={kind!r}: modules {empty} hold no {layers}; {hint}. (A weight two modules share, such as a head tied to "
@@ -114,7 +128,9 @@ def describe_tracked(model: nn.Module, names: Sequence[str]) -> str:
         for owner in dict.fromkeys(n.rpartition(".")[0] for n in of):
             if owner:
                 # A weight other modules hold too (a head tied to an embedding) is named after its first holder.
-                shared = sorted({h for n in of if n.rpartition(".")[0] == owner for h in holders[id(params[n])]} - {owner})
+                shared = sorted(
+                    {h for n in of if n.rpartition(".")[0] == owner for h in holders[id(params[n])]} - {owner}
+                )
                 tied = f", its weight shared with {', '.join(shared)}" if shared else ""
                 parts.append(f"{owner} ({type(model.get_submodule(owner)).__name__}{tied})")
             else:  # parameters of the model itself (a learned positional table, say): named one by one

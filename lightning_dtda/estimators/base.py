@@ -2,7 +2,7 @@
 
 An estimator is a small frozen dataclass holding only its own settings. ``estimate(context)``
 returns one run's removal effects ``[Q, N]`` and a dict of what it chose for that run (the damping,
-say). Its :meth:`Estimator.settings` are both the cache key of its results and what a saved
+say). Its ``Estimator.settings`` are both the cache key of its results and what a saved
 ``AttributionResult`` records, so a result says exactly how it was made.
 """
 
@@ -31,10 +31,10 @@ from lightning_dtda.sharding import gather_columns, rank_and_world, shard
 
 
 class Estimator:
-    """Base class of the estimators (:class:`Influence`, :class:`Unrolled`, :class:`Segmented`).
+    """Base class of the estimators (``Influence``, ``Unrolled``, ``Segmented``).
 
     Subclasses are frozen dataclasses that validate their settings in ``__post_init__`` and implement
-    :meth:`estimate`.
+    ``estimate``.
     """
 
     def estimate(self, context: "RunContext") -> tuple[Tensor, dict[str, Any]]:
@@ -44,7 +44,7 @@ class Estimator:
 
     def self_influence(self, context: "RunContext") -> tuple[Tensor, dict[str, Any]]:
         """Each training example's removal effect on its own training loss, ``[train]``, for ``context.run``
-        (same sign as :meth:`estimate`), and what was chosen for this run (JSON-able).
+        (same sign as ``estimate``), and what was chosen for this run (JSON-able).
 
         Raises:
             ValueError: Unless the estimator gets it without one estimate per example (the default).
@@ -141,7 +141,15 @@ class RunContext:
         part = self.train_shard()
         first = part.indices[0] if len(part) else 0
         return stream_gradients(
-            model, Hooks(model).train_loss, part, self.batch_size, self.device, self.progress, "train gradients", first, self.params
+            model,
+            Hooks(model).train_loss,
+            part,
+            self.batch_size,
+            self.device,
+            self.progress,
+            "train gradients",
+            first,
+            self.params,
         )
 
     def contract(self, model: nn.Module, vectors: Tensor) -> Tensor:
@@ -153,7 +161,7 @@ class RunContext:
 
     def self_contract(self, model: nn.Module, transform: Callable[[Tensor], Tensor]) -> Tensor:
         """``(G * transform(G)).sum(1)`` for the per-example training gradients ``G [N, P]`` at ``model``'s
-        weights, streamed in chunks of ``batch_size`` rows and sharded like :meth:`contract`: ``[N]``."""
+        weights, streamed in chunks of ``batch_size`` rows and sharded like ``contract``: ``[N]``."""
         local = torch.empty(len(self.train_shard()), dtype=next(model.parameters()).dtype, device=self.device)
         for rows, grads in self.train_gradients(model):
             local[rows] = (grads * transform(grads)).sum(1)
@@ -174,7 +182,7 @@ class RunContext:
         or the damping.
 
         Args:
-            solver: How ``"ggn"`` is solved (see :func:`~lightning_dtda.curvature.fit_curvature`).
+            solver: How ``"ggn"`` is solved (see ``fit_curvature``).
             subset: Fit on this many training examples drawn at random (a fixed draw per run size)
                 instead of all of them.
         """
@@ -187,15 +195,24 @@ class RunContext:
                 hooks.check_loss(first)
         path = None
         if cache and self.cache_dir is not None:
-            tracked = self.params if self.params is not None and self.params != list(trainable_parameters(model)) else None
+            tracked = (
+                self.params if self.params is not None and self.params != list(trainable_parameters(model)) else None
+            )
             path = curvature_file(self.cache_dir, self.run, kind, solver, subset, tracked)
         state = load_tree(path) if path is not None and path.is_file() else None
         examples = curvature_examples(len(self.train_data), subset)  # type: ignore[arg-type]
-        data = _InputsTargets(Subset(self.train_data, [examples[i] for i in shard(len(examples))]), hooks, self.batch_size, self.device)
+        data = _InputsTargets(
+            Subset(self.train_data, [examples[i] for i in shard(len(examples))]), hooks, self.batch_size, self.device
+        )
         named = trainable_parameters(model)
         params = [named[name] for name in (self.params or named)]
         curvature = fit_curvature(kind, model, loss_function, params, data, len(examples), self.progress, state, solver)
-        if path is not None and state is None and rank_and_world()[0] == 0 and (fitted := curvature.state()) is not None:
+        if (
+            path is not None
+            and state is None
+            and rank_and_world()[0] == 0
+            and (fitted := curvature.state()) is not None
+        ):
             save_tree(fitted, path)
         return curvature
 
@@ -225,5 +242,3 @@ def curvature_examples(num_train: int, subset: int | None) -> list[int]:
     if subset is None or subset >= num_train:
         return list(range(num_train))
     return sorted(torch.randperm(num_train, generator=torch.Generator().manual_seed(0))[:subset].tolist())
-
-

@@ -9,7 +9,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from lightning_dtda.curvature.base import CURVATURES, DENSE_GGN_LIMIT, Curvature, check_solver, dense_ggn
+from lightning_dtda.curvature.base import (
+    CURVATURES,
+    DENSE_GGN_LIMIT,
+    Curvature,
+    CurvatureKind,
+    SolverKind,
+    check_solver,
+    dense_ggn,
+)
 from lightning_dtda.curvature.ggn import KrylovGGN
 from lightning_dtda.curvature.tracked import check_modules, tracked_parameters
 from lightning_dtda.damping import auto_damping, fit_damping
@@ -28,7 +36,6 @@ DAMPING_PROBES = 16
 class Influence(Estimator):
     r"""The influence-function estimate at each run's final snapshot.
 
-    .. math::
         \Delta m_{q,n} = \nabla m_q^\top (C + \lambda I)^{-1} \nabla \ell_n / N,
 
     where ``C`` is the curvature of the mean training loss, ``N`` the training set size, ``m_q``
@@ -50,7 +57,7 @@ class Influence(Estimator):
     cross-layer blocks), and their ``"auto"`` damping is fitted per run instead: among ``lam_G * 10^(k/2)``,
     ``k = -4 .. 8`` (``lam_G`` the rule above), the one whose damped solves of the first 16 query
     gradients point most nearly the way of the exact damped-GGN solves, measured in the exact system's
-    energy norm (see :func:`~lightning_dtda.damping.fit_damping`): 13 GGN products of 16 columns.
+    energy norm (see ``fit_damping``): 13 GGN products of 16 columns.
 
     Tracked parameters: ``"ekfac"`` and ``"kfac"`` attribute through the parameters of the ``nn.Linear``,
     ``nn.Conv2d`` and ``nn.Embedding`` layers the forward calls and of ``nn.MultiheadAttention``
@@ -81,15 +88,17 @@ class Influence(Estimator):
             a damping that is not positive or a subset that is not a positive integer; at attribution,
             for a module name the model lacks or one without parameters the curvature can track.
 
-    Example::
+    Example:
 
+        ```python
         Attributor(MyModule, "runs/", train_set, estimator=Influence(curvature="ggn", damping=1e-3))
+        ```
     """
 
     # Literal types let a LightningCLI file be checked when it is parsed, before anything trains.
-    curvature: Literal["ekfac", "kfac", "ggn", "identity"] = "ekfac"
+    curvature: CurvatureKind = "ekfac"
     damping: Literal["auto"] | float = "auto"
-    solver: Literal["auto", "dense", "krylov"] = "auto"
+    solver: SolverKind = "auto"
     curvature_subset: int | None = None
     modules: tuple[str, ...] | None = None
 
@@ -98,7 +107,9 @@ class Influence(Estimator):
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}.")
         check_solver(self.curvature, self.solver, self.curvature_subset)
         object.__setattr__(self, "modules", check_modules(self.modules))
-        if self.damping != "auto" and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0):
+        if self.damping != "auto" and (
+            isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0
+        ):
             raise ValueError(f"damping must be 'auto' or a positive number, got {self.damping!r}.")
 
     def damping_for(self, run: Trajectory) -> float:
@@ -138,7 +149,7 @@ class Influence(Estimator):
 
     def self_influence(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
         r"""``g_n^T (C + \lambda I)^{-1} g_n / N`` for every training example ``n``, ``[train]``: the diagonal of
-        :meth:`estimate` with the training set as queries and the training loss as measurement, without the
+        ``estimate`` with the training set as queries and the training loss as measurement, without the
         ``[N, N]`` matrix. Each chunk of ``batch_size`` training gradients is solved and dotted with itself.
 
         K-FAC/EK-FAC "auto" damping is fitted as for queries, on the training gradients of
@@ -160,11 +171,25 @@ class Influence(Estimator):
             )
         hooks = Hooks(context.model)
         probe_examples = Subset(context.train_data, curvature_examples(context.num_train, DAMPING_PROBES))
-        probes = torch.cat(
-            [g for _, g in stream_gradients(
-                context.model, hooks.train_loss, probe_examples, context.batch_size, context.device, False, "probes", wrt=context.params
-            )]
-        ) if self.damping == "auto" and self.curvature in ("kfac", "ekfac") else None
+        probes = (
+            torch.cat(
+                [
+                    g
+                    for _, g in stream_gradients(
+                        context.model,
+                        hooks.train_loss,
+                        probe_examples,
+                        context.batch_size,
+                        context.device,
+                        False,
+                        "probes",
+                        wrt=context.params,
+                    )
+                ]
+            )
+            if self.damping == "auto" and self.curvature in ("kfac", "ekfac")
+            else None
+        )
         curvature, damping, report = self._fit(context, probes)
         values = context.self_contract(context.model, lambda grads: curvature.solve(grads, damping)) / context.num_train
         return values, {"damping": damping, **report}

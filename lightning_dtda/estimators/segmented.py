@@ -4,7 +4,6 @@ Within segment ``l`` (``K_l`` optimizer steps of mean effective step size ``eta_
 ``C_l`` and example gradient ``g_l`` averaged over the segment's snapshots), continuous-time SGD
 on a quadratic carries the response ``r = dtheta/d(removal weight)`` through
 
-.. math::
     r \mapsto S_l r + (I - S_l) C_l^{-1} \bar g_{l,n} / N, \qquad S_l = \exp(-\eta_l K_l C_l),
 
 so the final response sums each segment's contribution propagated through the later segments.
@@ -18,13 +17,13 @@ training. ``C_l`` includes the weight decay; SGD momentum ``beta`` scales ``eta`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_dtda.curvature.base import SpectralCurvature, check_solver, check_spectral
+from lightning_dtda.curvature.base import SolverKind, SpectralCurvature, SpectralKind, check_solver, check_spectral
 from lightning_dtda.curvature.ggn import KrylovGGN
 from lightning_dtda.curvature.tracked import check_modules, tracked_parameters
 from lightning_dtda.damping import learning_rate_time
@@ -67,20 +66,22 @@ class Segmented(Estimator):
             settings) or ``"auto"`` (dense up to 4,096 parameters).
         curvature_subset: Fit each segment's curvature on this many training examples drawn at random.
         modules: Names of submodules to attribute through (``None``: the whole model); ``"ekfac"`` tracks
-            only the layers among them that K-FAC factors, as :class:`Influence` does.
+            only the layers among them that K-FAC factors, as ``Influence`` does.
 
     Raises:
         ValueError: For fewer than one segment, a curvature without functions or an unknown solver; at
             attribution, for a run with fewer snapshots than segments or an optimizer other than SGD.
 
-    Example::
+    Example:
 
+        ```python
         Attributor(MyModule, "runs/", train_set, estimator=Segmented(segments=4, curvature="ekfac"))
+        ```
     """
 
     segments: int = 4
-    curvature: Literal["ekfac", "ggn"] = "ekfac"
-    solver: Literal["auto", "dense", "krylov"] = "auto"
+    curvature: SpectralKind = "ekfac"
+    solver: SolverKind = "auto"
     curvature_subset: int | None = None
     modules: tuple[str, ...] | None = None
 
@@ -95,7 +96,9 @@ class Segmented(Estimator):
         return tracked_parameters(model, self.curvature, self.modules, batch)
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
-        effects, products = segmented_effects(context, self.segments, self.curvature, self.solver, self.curvature_subset)
+        effects, products = segmented_effects(
+            context, self.segments, self.curvature, self.solver, self.curvature_subset
+        )
         return effects, {"lanczos_products": products} if products else {}
 
 
@@ -122,7 +125,9 @@ def segmented_effects(
         first, last = steps[group[0] - 1], steps[group[-1]]
         time = learning_rate_time(run, first, last)  # eta_l * K_l
         models = [context.load_model(index) for index in group]
-        curvature = context.fit_curvature(kind, models[-1], solver=solver, subset=subset)  # at the segment's last weights
+        curvature = context.fit_curvature(
+            kind, models[-1], solver=solver, subset=subset
+        )  # at the segment's last weights
         assert isinstance(curvature, SpectralCurvature)
 
         def contribution(e: Tensor, time: float = time) -> Tensor:

@@ -49,9 +49,11 @@ class Unrolled(Estimator):
         ValueError: For a ``relu_smoothing`` that is not ``None`` or positive; at attribution, for
             ``relu_smoothing`` on a run not trained with SGD.
 
-    Example::
+    Example:
 
+        ```python
         Attributor(MyModule, "runs/", train_set, estimator=Unrolled(relu_smoothing=0.1))
+        ```
     """
 
     relu_smoothing: float | None = None
@@ -81,11 +83,23 @@ class Unrolled(Estimator):
         if names:  # the final measurement (eval mode) also depends on the running statistics the replay carries
             with differentiable_running_statistics(context.model):
                 buffer_grads = measurement_gradients(
-                    context.model, context.query_data, context.batch_size, context.device, context.progress, context.reduce, names,
+                    context.model,
+                    context.query_data,
+                    context.batch_size,
+                    context.device,
+                    context.progress,
+                    context.reduce,
+                    names,
                     "query gradients (running statistics)",
                 )
         effects = unrolled_effects(
-            context.model, context.run, context.train_data, context.query_grads, buffer_grads, context.progress, self.relu_smoothing
+            context.model,
+            context.run,
+            context.train_data,
+            context.query_grads,
+            buffer_grads,
+            context.progress,
+            self.relu_smoothing,
         )
         return effects, {}
 
@@ -132,7 +146,9 @@ def unrolled_effects(
     # Adjoints: one row per query for each parameter and each state tensor. The optimizer's final
     # state does not enter the measurement; the running statistics do.
     sizes = [p[0].numel() for p in params]
-    adjoint = [g.reshape(len(query_grads), *p.shape[1:]) for g, p in zip(query_grads.to(dtype).split(sizes, dim=1), params)]
+    adjoint = [
+        g.reshape(len(query_grads), *p.shape[1:]) for g, p in zip(query_grads.to(dtype).split(sizes, dim=1), params)
+    ]
     final_state_adjoint = {
         k: [None if t is None else torch.zeros(len(query_grads), *t.shape[1:], dtype=dtype, device=device) for t in v]
         for k, v in state.items()
@@ -141,12 +157,15 @@ def unrolled_effects(
     if query_buffer_grads is not None:
         buffer_sizes = [b[0].numel() for b in state["running_stats"]]
         final_state_adjoint["running_stats"] = [
-            g.reshape(len(query_grads), *b.shape[1:]) for g, b in zip(query_buffer_grads.to(dtype).split(buffer_sizes, dim=1), state["running_stats"])
+            g.reshape(len(query_grads), *b.shape[1:])
+            for g, b in zip(query_buffer_grads.to(dtype).split(buffer_sizes, dim=1), state["running_stats"])
         ]
     state_adjoint = _state_tensors(final_state_adjoint)
     dm_dw = torch.zeros(len(query_grads), num_train, dtype=dtype, device=device)
     segments = list(zip(bounds[:-1], bounds[1:], checkpoints))
-    for a, b, (p_start, s_start) in tqdm(segments[::-1], desc=f"unrolling {run.name}", disable=not progress, leave=False):
+    for a, b, (p_start, s_start) in tqdm(
+        segments[::-1], desc=f"unrolling {run.name}", disable=not progress, leave=False
+    ):
         p_in = [p.detach().requires_grad_() for p in p_start]
         s_in = [t.detach().requires_grad_() for t in _state_tensors(s_start)]
         w = ones.clone().requires_grad_()
@@ -158,7 +177,10 @@ def unrolled_effects(
         grad_outputs += [g.unsqueeze(1) for g in state_adjoint]
         inputs = p_in + s_in + [w]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, allow_unused=True)
-        grads = [torch.zeros(len(query_grads), *x.shape, dtype=dtype, device=device) if g is None else g for g, x in zip(grads, inputs)]
+        grads = [
+            torch.zeros(len(query_grads), *x.shape, dtype=dtype, device=device) if g is None else g
+            for g, x in zip(grads, inputs)
+        ]
         adjoint = [g.squeeze(1) for g in grads[: len(p_in)]]
         state_adjoint = [g.squeeze(1) for g in grads[len(p_in) : -1]]
         dm_dw += grads[-1].squeeze(1)

@@ -39,7 +39,9 @@ def flatten(tensors: dict[str, Tensor] | list[Tensor], batch_dims: int = 0) -> T
     return torch.cat([t.reshape(*t.shape[:batch_dims], -1) for t in values], dim=-1)
 
 
-def per_example_gradients(module: nn.Module, fn: Callable[[Any], Tensor], batch: Any, wrt: Sequence[str] | None = None) -> Tensor:
+def per_example_gradients(
+    module: nn.Module, fn: Callable[[Any], Tensor], batch: Any, wrt: Sequence[str] | None = None
+) -> Tensor:
     """Gradients of ``fn(batch)[b]`` with respect to the trainable parameters (or the parameters and
     buffers named ``wrt``), shape ``[B, P]``.
 
@@ -75,7 +77,7 @@ def stream_gradients(
     """Yield ``(slice of positions in data, gradients [chunk, P])`` in order.
 
     ``first_index`` is the dataset index of ``data[0]`` (a shard's offset), for error messages; ``wrt``
-    is as for :func:`per_example_gradients`.
+    is as for ``per_example_gradients``.
 
     Raises:
         FloatingPointError: If an example's gradient is not finite; the message names its index.

@@ -17,7 +17,7 @@ def same_class(cls: type, recorded: str) -> bool:
 
     The module part is not compared: a class defined in the script that trained is recorded as
     ``__main__.Net`` and imported elsewhere as ``train.Net``, and code moves between modules. The
-    hyperparameters and weights then decide (see :func:`instantiate`).
+    hyperparameters and weights then decide (see ``instantiate``).
     """
     return recorded.endswith("." + cls.__qualname__)
 
@@ -38,7 +38,7 @@ def instantiate(
 
     Warns: when a class of the same qualified name in another module is taken for the recorded one (a
     class defined in the training script is recorded as ``__main__.Net`` and imported elsewhere as
-    ``train.Net``; see :func:`same_class`), and when an instance has other hyperparameters than the
+    ``train.Net``; see ``same_class``), and when an instance has other hyperparameters than the
     run's but fits its weights.
     """
     if isinstance(module, nn.Module):
@@ -54,7 +54,10 @@ def instantiate(
             "instance of it."
         )
     if path != run.module_class:
-        warnings.warn(f"Run {run.name} recorded its module class as {run.module_class}; taking {path}, of the same name, for it.", stacklevel=2)
+        warnings.warn(
+            f"Run {run.name} recorded its module class as {run.module_class}; taking {path}, of the same name, for it.",
+            stacklevel=2,
+        )
     if model is None:
         try:
             model = cls(**run.manifest.hparams)
@@ -64,7 +67,11 @@ def instantiate(
                 "`self.save_hyperparameters()` in its __init__, or pass an instance instead of the class."
             ) from err
     # Only plain values compare: others were recorded as their repr, which may hold an address.
-    given = {k: v for k, v in dict(getattr(model, "hparams", {})).items() if v is None or isinstance(v, (bool, int, float, str))}
+    given = {
+        k: v
+        for k, v in dict(getattr(model, "hparams", {})).items()
+        if v is None or isinstance(v, (bool, int, float, str))
+    }
     differ = [k for k, v in run.manifest.hparams.items() if k in given and jsonable(given[k]) != v]
     differences = (
         f"run {run.name} was trained with {', '.join(f'{k}={run.manifest.hparams[k]!r}' for k in differ)}; the module given "
@@ -84,10 +91,16 @@ def instantiate(
             "instance built with the run's."
         ) from None
     if differ:
-        warnings.warn(f"The module given is not the one trained: {differences}. Effects are the given module's.", stacklevel=2)
+        warnings.warn(
+            f"The module given is not the one trained: {differences}. Effects are the given module's.", stacklevel=2
+        )
     recorded, now = run.manifest.module_fingerprint or {}, module_fingerprint(model)
     # Other hyperparameters (warned about above) change the structure's repr by themselves.
-    changed = [w for w in ("source",) + (() if differ else ("structure",)) if w in recorded and w in now and recorded[w] != now[w]]
+    changed = [
+        w
+        for w in ("source",) + (() if differ else ("structure",))
+        if w in recorded and w in now and recorded[w] != now[w]
+    ]
     if changed:
         what = {"structure": "its layers (repr)", "source": "its class's source code"}
         warnings.warn(

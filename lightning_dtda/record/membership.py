@@ -67,7 +67,7 @@ class RecordingSampler(Sampler[int]):
 
 
 def wrap_loader(loader: Any) -> DataLoader:
-    """Put a :class:`RecordingSampler` into ``loader``'s batch sampler (once: a wrapped loader is kept)."""
+    """Put a ``RecordingSampler`` into ``loader``'s batch sampler (once: a wrapped loader is kept)."""
     if not isinstance(loader, DataLoader):
         raise RuntimeError(
             "TrajectoryRecorder needs a single torch DataLoader for training, got "
@@ -103,9 +103,9 @@ def _recorded(make_loader: Any) -> Any:
 class BatchMembership:
     """Collects, step by step, the dataset indices of each micro-batch of a Lightning run.
 
-    Call :meth:`install` at ``setup`` (before Lightning first iterates the loader), :meth:`attach` at
-    ``on_train_start``, :meth:`on_batch_start` before every micro-batch and :meth:`take_step` when an
-    optimizer step is done; :meth:`uninstall` at ``teardown`` puts back what :meth:`install` changed.
+    Call ``install`` at ``setup`` (before Lightning first iterates the loader), ``attach`` at
+    ``on_train_start``, ``on_batch_start`` before every micro-batch and ``take_step`` when an
+    optimizer step is done; ``uninstall`` at ``teardown`` puts back what ``install`` changed.
     """
 
     def __init__(self) -> None:

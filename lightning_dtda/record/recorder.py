@@ -1,7 +1,7 @@
 """``TrajectoryRecorder``: a Lightning callback that records what attribution needs from a run.
 
-It wires two parts to Lightning's hooks: :class:`~lightning_dtda.membership.BatchMembership` (which
-examples each step trained on) and :class:`~lightning_dtda.run_writer.RunWriter` (the run's files).
+It wires two parts to Lightning's hooks: ``BatchMembership`` (which
+examples each step trained on) and ``RunWriter`` (the run's files).
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
         dataset_fingerprint=fingerprint_dataset(loader.dataset),
         optimizer_class=_class_path(optimizer),
         param_groups=[
-            jsonable({**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[id(p)] for p in g["params"]]})
+            jsonable(
+                {**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[id(p)] for p in g["params"]]}
+            )
             for g in optimizer.param_groups
         ],
         schedulers=[
@@ -73,7 +75,9 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
         max_steps=trainer.max_steps,
         gradient_clipping={
             "value": trainer.gradient_clip_val,
-            "algorithm": str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"),
+            "algorithm": str(
+                getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
+            ),
             "custom": is_overridden("configure_gradient_clipping", pl_module),
         },
         writer=RecordingProcess.this_process(),
@@ -149,8 +153,9 @@ class TrajectoryRecorder(Callback):
         RuntimeError: At fit start, if the run folder already holds a recorded run, if the train
             DataLoader has no ``BatchSampler`` to record from, or if there are several optimizers.
 
-    Example::
+    Example:
 
+        ```python
         from lightning import Trainer, seed_everything
         from lightning_dtda import TrajectoryRecorder
 
@@ -158,6 +163,7 @@ class TrajectoryRecorder(Callback):
             seed_everything(seed)
             trainer = Trainer(max_epochs=10, callbacks=[TrajectoryRecorder("runs/")])
             trainer.fit(MyModule(), train_loader)
+        ```
     """
 
     def __init__(
@@ -233,7 +239,9 @@ class TrajectoryRecorder(Callback):
         rank_zero_info(f"TrajectoryRecorder: recording to {self.run_dir}")
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # Schedulers step after the optimizer step, so the rate (and momentum) read before any
         # micro-batch of a step is the one that step uses.
         self._step_settings = [{"lr": g["lr"], **scheduled_settings(g)} for g in trainer.optimizers[0].param_groups]
@@ -291,7 +299,9 @@ class TrajectoryRecorder(Callback):
         self.writer.flush()
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # The checkpoint will resume from here, so the manifest must list the snapshots it knows of.
         self.writer.flush()
 

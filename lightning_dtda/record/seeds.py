@@ -26,7 +26,7 @@ def train_seeds(
     """Train one run per seed, one after another, each recorded into ``dirpath/seed_<seed>``.
 
     For each seed: ``seed_everything(seed)``, a fresh module from ``make_module()``, a fresh
-    ``Trainer(**trainer_kwargs)`` with a :class:`TrajectoryRecorder` added, and ``fit``. A seed whose
+    ``Trainer(**trainer_kwargs)`` with a ``TrajectoryRecorder`` added, and ``fit``. A seed whose
     run has finished is skipped and its files are left untouched, so an interrupted call can simply be
     repeated; an abandoned one (a killed job) is recorded again from scratch; one still in progress
     in another process is refused.
@@ -36,7 +36,7 @@ def train_seeds(
         data: A ``LightningDataModule`` or a train ``DataLoader`` (reused for every seed).
         dirpath: The folder of runs, as given to the Attributor afterwards.
         seeds: The seeds to train.
-        recorder: Keyword arguments for :class:`TrajectoryRecorder` (not ``dirpath``, ``run_name``, ``seed``).
+        recorder: Keyword arguments for ``TrajectoryRecorder`` (not ``dirpath``, ``run_name``, ``seed``).
         trainer_kwargs: Keyword arguments for ``lightning.pytorch.Trainer``; ``callbacks`` are kept
             and the recorder appended.
 

@@ -45,7 +45,7 @@ class RunWriter:
         self.run_dir: Path | None = None
         self.manifest: Manifest | None = None
         self.snapshots: list[SnapshotEntry] = []
-        # Steps since the last snapshot (see run_format.StepRecord).
+        # Steps since the last snapshot.
         self.steps: list[StepRecord] = []
         self.last_snapshot_step = -1
         self.complete = False
@@ -53,7 +53,7 @@ class RunWriter:
 
     @property
     def next_step(self) -> int:
-        """The optimizer step the next :meth:`add_step` records."""
+        """The optimizer step the next ``add_step`` records."""
         return self.last_snapshot_step + len(self.steps) + 1
 
     def _choose_run_dir(self, seed: int | None) -> Path | str:
@@ -86,7 +86,7 @@ class RunWriter:
         self.flush()
 
     def resume(self, trainer: pl.Trainer) -> None:
-        """Continue the run restored by :meth:`load_state_dict` at ``trainer.global_step``."""
+        """Continue the run restored by ``load_state_dict`` at ``trainer.global_step``."""
         assert self.run_dir is not None
         if self.next_step - 1 != trainer.global_step:
             raise RuntimeError(
@@ -95,7 +95,11 @@ class RunWriter:
             )
         # A run recorded in an earlier format goes on in this one; readers tell each snapshot's by its bytes.
         # This process records it now: with the crashed one's id, readers would take it for abandoned.
-        self.manifest = replace(Manifest.from_json(load_json(self.run_dir / MANIFEST)), format=FORMAT, writer=RecordingProcess.this_process())
+        self.manifest = replace(
+            Manifest.from_json(load_json(self.run_dir / MANIFEST)),
+            format=FORMAT,
+            writer=RecordingProcess.this_process(),
+        )
         self.complete, self.stopped = False, None
         if trainer.is_global_zero:
             self.flush()
@@ -105,9 +109,15 @@ class RunWriter:
                 if f"snapshots/{path.name}" not in kept:
                     path.unlink()
 
-    def add_step(self, micro_batches: list[list[int]], settings: list[dict[str, float]], rng: list[dict[str, Tensor]], skipped: bool) -> None:
-        """Record one optimizer step (see ``run_format.StepRecord``)."""
-        self.steps.append((micro_batches, settings, rng, skipped))
+    def add_step(
+        self,
+        micro_batches: list[list[int]],
+        settings: list[dict[str, float]],
+        rng: list[dict[str, Tensor]],
+        skipped: bool,
+    ) -> None:
+        """Record one optimizer step (see ``StepRecord``)."""
+        self.steps.append(StepRecord(micro_batches, settings, rng, skipped))
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the module's weights at the current step, with the steps since the last snapshot."""
@@ -159,7 +169,10 @@ class RunWriter:
         return {
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "last_snapshot_step": self.last_snapshot_step,
-            "steps": [{"micro_batches": m, "settings": settings, "rng": rng, "skipped": skipped} for m, settings, rng, skipped in self.steps],
+            "steps": [
+                {"micro_batches": m, "settings": settings, "rng": rng, "skipped": skipped}
+                for m, settings, rng, skipped in self.steps
+            ],
             "snapshots": [s.to_json() for s in self.snapshots],
         }
 

@@ -56,14 +56,20 @@ def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) ->
     has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
     steps = run.steps
     if has_dropout and steps and steps[0].rng is None:
-        problems.append("it has dropout, and the run was recorded by a version that did not record random states (record it again)")
+        problems.append(
+            "it has dropout, and the run was recorded by a version that did not record random states (record it again)"
+        )
     drew = {generator for step in steps for states in (step.rng or ()) for generator in states}
     if drew and run.manifest.world_size > 1:
         problems.append("its training step drew random numbers on several processes, whose states are not recorded")
     if "cuda" in drew and device.type != "cuda":
-        problems.append("its training step drew random numbers on CUDA, which only a CUDA replay reproduces (use device='cuda')")
+        problems.append(
+            "its training step drew random numbers on CUDA, which only a CUDA replay reproduces (use device='cuda')"
+        )
     if problems:
-        raise UnsupportedTrainingError(f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". Use Influence() or Segmented() for it.")
+        raise UnsupportedTrainingError(
+            f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". Use Influence() or Segmented() for it."
+        )
 
 
 def _restore_random_states(step: Step, micro_batch: int, device: torch.device) -> None:
@@ -98,11 +104,13 @@ class Replay:
             derivatives (see ``relu``); values and gradients are unchanged.
 
     Raises:
-        ValueError: For a run it cannot reproduce (see :func:`check_replayable`), a scheduler that changed
+        ValueError: For a run it cannot reproduce (see ``check_replayable``), a scheduler that changed
             the momentum of a run recorded before 0.2, or custom gradient clipping.
     """
 
-    def __init__(self, model: nn.Module, run: Trajectory, train_data: Dataset, relu_smoothing: float | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, run: Trajectory, train_data: Dataset, relu_smoothing: float | None = None
+    ) -> None:
         self.run = run
         self.train_data = train_data
         self.model = model
@@ -119,14 +127,18 @@ class Replay:
                     "by a version that did not record momentum per step. Record it again with this version."
                 )
         # Only CPU dropout needs its masks drawn as outside vmap (see _EagerDropoutMasks).
-        self.eager_masks = self.device.type == "cpu" and any(states for step in run.steps for states in (step.rng or ()))
+        self.eager_masks = self.device.type == "cpu" and any(
+            states for step in run.steps for states in (step.rng or ())
+        )
         self.clipping = run.manifest.gradient_clipping or {}
         if self.clipping.get("custom"):
             raise UnsupportedTrainingError(
                 f"Run {run.name}'s module overrides configure_gradient_clipping; the replay applies only Lightning's "
                 "own clipping (gradient_clip_val with the 'norm' or 'value' algorithm)."
             )
-        self.optimizer = FunctionalOptimizer.from_manifest(run.manifest.optimizer_class, run.manifest.param_groups, self.names)
+        self.optimizer = FunctionalOptimizer.from_manifest(
+            run.manifest.optimizer_class, run.manifest.param_groups, self.names
+        )
         # Lightning divides each micro-batch's loss by the accumulation count and DDP averages over ranks.
         normaliser = run.manifest.accumulate_grad_batches * run.manifest.world_size
         call = HookCall(model, Hooks(model).train_loss)
@@ -138,11 +150,15 @@ class Replay:
         loss_context = self.smoothing or contextlib.nullcontext()
         self._collected: dict[str, tuple[Tensor, Tensor]] = {}
 
-        def weighted_loss(params: list[Tensor], buffers: list[Tensor], w: Tensor, batch: Any) -> tuple[Tensor, list[Tensor]]:
+        def weighted_loss(
+            params: list[Tensor], buffers: list[Tensor], w: Tensor, batch: Any
+        ) -> tuple[Tensor, list[Tensor]]:
             self._collected.clear()
             with loss_context:
                 losses = functional_call(call, {**dict(zip(keys, params)), **dict(zip(buffer_keys, buffers))}, (batch,))
-            return (losses * w).mean() / normaliser, [self._updated(n, b, m) for n, b, m in zip(self.buffer_names, buffers, momenta)]
+            return (losses * w).mean() / normaliser, [
+                self._updated(n, b, m) for n, b, m in zip(self.buffer_names, buffers, momenta)
+            ]
 
         # Every weighting draws the same random numbers (dropout masks): those of the recorded run.
         self._batched_grad = vmap(grad(weighted_loss, has_aux=True), in_dims=(0, 0, 0, None), randomness="same")
@@ -240,6 +256,9 @@ def measure(model: nn.Module, replayed: dict[str, Tensor], query_data: Dataset, 
 
     with torch.no_grad():
         return torch.cat(
-            [vmap(one, in_dims=(0, None))(params, move_data_to_device(b, device)) for b in DataLoader(query_data, batch_size=batch_size)],
+            [
+                vmap(one, in_dims=(0, None))(params, move_data_to_device(b, device))
+                for b in DataLoader(query_data, batch_size=batch_size)
+            ],
             dim=1,
         )

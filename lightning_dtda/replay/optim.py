@@ -49,7 +49,9 @@ class FunctionalOptimizer:
     decoupled: bool = False
 
     @classmethod
-    def from_manifest(cls, name: str, param_groups: list[dict[str, Any]], param_names: list[str]) -> "FunctionalOptimizer":
+    def from_manifest(
+        cls, name: str, param_groups: list[dict[str, Any]], param_names: list[str]
+    ) -> "FunctionalOptimizer":
         """Build from a manifest's optimizer class path and parameter groups, for the trainable
         parameters ``param_names``.
 
@@ -82,7 +84,11 @@ class FunctionalOptimizer:
         """The optimizer state before its first step."""
         if self.kind == "sgd":
             return {"momentum_buffer": [None] * len(params)}
-        return {"step": 0, "exp_avg": [p.new_zeros(p.shape) for p in params], "exp_avg_sq": [p.new_zeros(p.shape) for p in params]}
+        return {
+            "step": 0,
+            "exp_avg": [p.new_zeros(p.shape) for p in params],
+            "exp_avg_sq": [p.new_zeros(p.shape) for p in params],
+        }
 
     def step(
         self,
@@ -96,7 +102,8 @@ class FunctionalOptimizer:
         values of the other scheduled settings (``{"momentum": ...}``, ``{"beta1": ..., "beta2": ...}``,
         see ``run_format.SCHEDULED``); returns new params and state."""
         groups = [
-            {**group, **{name: values[k] for name, values in (scheduled or {}).items()}} for k, group in enumerate(self.groups)
+            {**group, **{name: values[k] for name, values in (scheduled or {}).items()}}
+            for k, group in enumerate(self.groups)
         ]
         if self.kind == "sgd":
             return self._sgd(params, grads, state, lrs, groups)

@@ -5,7 +5,7 @@ A ReLU network's training step is discontinuous in the weights: the gradient car
 exact derivative of a training run therefore describes removals so small that no pre-activation
 crosses zero (on the digits benchmark, finite differences follow it up to a weight change of 1e-5
 and no further). Removing a whole example crosses many kinks, and their expected effect is first
-order in the removal. :class:`ReLUSmoothing` stands a Gaussian density of width ``sigma`` in for
+order in the removal. ``ReLUSmoothing`` stands a Gaussian density of width ``sigma`` in for
 that delta: the derivative of training with each kink blurred over ``sigma`` of pre-activation.
 Forward values and first derivatives stay exact, so a replay still lands on the recorded weights.
 Only ReLU is blurred; other kinks (max-pooling, LeakyReLU, clamps) stay exact.

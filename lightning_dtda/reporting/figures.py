@@ -38,8 +38,15 @@ def plot_distributions(result: AttributionResult, query: int, examples: Sequence
             ax.plot([0, 1], [b, p], color="0.75", lw=0.8, zorder=1)
         for x, values, colour in ((0, base, "tab:blue"), (1, pushed, "tab:orange")):
             ax.scatter([x] * len(values), values.tolist(), color=colour, s=14, zorder=2)
-            ax.errorbar(x + 0.12, values.mean().item(), yerr=values.std().item() if len(values) > 1 else 0,
-                        fmt="o", color="black", capsize=3, zorder=3)
+            ax.errorbar(
+                x + 0.12,
+                values.mean().item(),
+                yerr=values.std().item() if len(values) > 1 else 0,
+                fmt="o",
+                color="black",
+                capsize=3,
+                zorder=3,
+            )
         ax.set_xticks([0, 1], ["base", "removed"])
         ax.set_xlim(-0.4, 1.5)
         ax.set_title(f"example {n}\nΔmean {mean[n]:+.2g}, Δstd {std[n]:+.2g}", fontsize=8)
@@ -65,7 +72,9 @@ def plot_shift_scatter(result: AttributionResult, query: int | None = None) -> "
     ax.axvline(0, color="0.6", lw=0.8)
     ax.set_xlabel("mean shift on removal")
     ax.set_ylabel("std shift on removal")
-    ax.set_title(f"{'query ' + str(query) if query is not None else 'all queries'}, {result.num_seeds} seeds", fontsize=9)
+    ax.set_title(
+        f"{'query ' + str(query) if query is not None else 'all queries'}, {result.num_seeds} seeds", fontsize=9
+    )
     fig.tight_layout()
     return fig
 
@@ -91,7 +100,9 @@ def plot_image_grid(
         ax.set_title(title, fontsize=7, color=colour)
         ax.axis("off")
 
-    fig, axes = plt.subplots(result.num_queries, 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.5 * result.num_queries), squeeze=False)
+    fig, axes = plt.subplots(
+        result.num_queries, 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.5 * result.num_queries), squeeze=False
+    )
     for q, row in enumerate(axes):
         show(row[0], query_images[q], f"query {q}", "black")
         cells = 1

@@ -53,7 +53,11 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -
 def _markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in TABLE_COLUMNS) + " |")
+        lines.append(
+            "| "
+            + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in TABLE_COLUMNS)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -66,11 +70,18 @@ def _figures(result: AttributionResult) -> dict[str, Any]:
     except ImportError:
         return {}
     _, wideners = result.spread_wideners(query=0, k=3)
-    return {"shift_scatter": plot_shift_scatter(result), "spread_wideners": plot_distributions(result, 0, wideners.tolist())}
+    return {
+        "shift_scatter": plot_shift_scatter(result),
+        "spread_wideners": plot_distributions(result, 0, wideners.tolist()),
+    }
 
 
 def log_result(
-    result: AttributionResult, loggers: Sequence[Logger], k: int = 5, prefix: str = "attribution", step: int | None = None
+    result: AttributionResult,
+    loggers: Sequence[Logger],
+    k: int = 5,
+    prefix: str = "attribution",
+    step: int | None = None,
 ) -> None:
     """Log summary scalars, a top-``k`` table per query and a histogram of mean shifts to each logger.
 
@@ -101,7 +112,9 @@ def log_result(
     shift = result.mean_shift().flatten().double()
     counts = torch.histc(shift, bins=_HISTOGRAM_BINS, min=shift.min().item(), max=shift.max().item())
     edges = torch.linspace(shift.min().item(), shift.max().item(), _HISTOGRAM_BINS + 1)
-    histogram = [{"left": edges[i].item(), "right": edges[i + 1].item(), "count": int(c)} for i, c in enumerate(counts.tolist())]
+    histogram = [
+        {"left": edges[i].item(), "right": edges[i + 1].item(), "count": int(c)} for i, c in enumerate(counts.tolist())
+    ]
     figures = _figures(result)
     metrics = summary_metrics(result, prefix)
     for logger in loggers:
@@ -127,7 +140,11 @@ def log_result(
         elif isinstance(logger, WandbLogger):
             import wandb
 
-            logger.log_table(key=f"{prefix}/top_k", columns=list(TABLE_COLUMNS), data=[[row[c] for c in TABLE_COLUMNS] for row in rows])
+            logger.log_table(
+                key=f"{prefix}/top_k",
+                columns=list(TABLE_COLUMNS),
+                data=[[row[c] for c in TABLE_COLUMNS] for row in rows],
+            )
             logger.experiment.log({f"{prefix}/mean_shift": wandb.Histogram(shift.numpy())})
             for name, figure in figures.items():
                 logger.log_image(key=f"{prefix}/{name}", images=[figure])

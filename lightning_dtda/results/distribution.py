@@ -83,7 +83,10 @@ def bootstrap_interval(
     generator = torch.Generator().manual_seed(seed)
     draws = torch.randint(num_seeds, (num_resamples, num_seeds), generator=generator)
     values = torch.cat(
-        [torch.vmap(lambda i: fn(base[i], effects[i]))(draws[j : j + chunk].to(base.device)) for j in range(0, num_resamples, chunk)]
+        [
+            torch.vmap(lambda i: fn(base[i], effects[i]))(draws[j : j + chunk].to(base.device))
+            for j in range(0, num_resamples, chunk)
+        ]
     )
     alpha = (1 - level) / 2
     ordered = values.sort(0).values

@@ -89,7 +89,9 @@ class AttributionResult:
         (``"mean"``, ``"variance"``, ``"std"``, ``"wasserstein"``), ``[queries, train]``."""
         return distribution.statistic(name)(self.measurements, self.effects)
 
-    def interval(self, statistic: str = "mean", level: float = 0.9, num_resamples: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    def interval(
+        self, statistic: str = "mean", level: float = 0.9, num_resamples: int = 1000, seed: int = 0
+    ) -> tuple[Tensor, Tensor]:
         """Percentile bootstrap interval over seeds of a statistic, ``(low [queries, train], high [queries, train])``.
 
         Seeds are resampled in pairs (base measurement with its effects). Needs at least two seeds;
@@ -142,11 +144,13 @@ class AttributionResult:
             "settings": self.settings,
         }
         save_tree(payload, path)
-        save_json({"runs": list(self.runs), "shape": list(self.effects.shape), **self.settings}, path.with_suffix(".json"))
+        save_json(
+            {"runs": list(self.runs), "shape": list(self.effects.shape), **self.settings}, path.with_suffix(".json")
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributionResult":
-        """Read a result written by :meth:`save`.
+        """Read a result written by ``save``.
 
         Raises:
             ValueError: If the file is truncated, foreign, or a ``torch.save`` file of an earlier version
@@ -207,10 +211,12 @@ class SelfInfluence:
 
     def statistic(self, name: str) -> Tensor:
         """How removal moves each example's own-loss distribution over seeds, ``[train]``: ``"mean"``,
-        ``"variance"``, ``"std"`` or ``"wasserstein"`` (see :class:`AttributionResult`)."""
+        ``"variance"``, ``"std"`` or ``"wasserstein"`` (see ``AttributionResult``)."""
         return distribution.statistic(name)(self.losses, self.effects.unsqueeze(-1)).squeeze(-1)
 
-    def interval(self, statistic: str = "mean", level: float = 0.9, num_resamples: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    def interval(
+        self, statistic: str = "mean", level: float = 0.9, num_resamples: int = 1000, seed: int = 0
+    ) -> tuple[Tensor, Tensor]:
         """Percentile bootstrap interval over seeds of a statistic, ``(low [train], high [train])``; needs two seeds."""
         low, high = distribution.bootstrap_interval(
             distribution.statistic(statistic), self.losses, self.effects.unsqueeze(-1), level, num_resamples, seed

@@ -53,27 +53,38 @@ class Retraining:
         return result.effects @ removed.T
 
     def table(self, result: AttributionResult, statistic: str) -> tuple[Tensor, Tensor]:
-        """``(predicted [Q, M], actual [Q, M])`` of ``statistic``, ready for :class:`QuerySpearman`."""
+        """``(predicted [Q, M], actual [Q, M])`` of ``statistic``, ready for ``QuerySpearman``."""
         fn = distribution.statistic(statistic)
         return fn(result.measurements, self.predicted_effects(result)), self.statistic(statistic)
 
     def split_half(self, statistic: str) -> float:
         """Agreement of the statistic between the first and second half of the seeds (the ceiling
-        any estimator can reach against this ground truth), as a :class:`QuerySpearman`."""
+        any estimator can reach against this ground truth), as a ``QuerySpearman``."""
         half = len(self.runs) // 2
         fn = distribution.statistic(statistic)
         metric = QuerySpearman()
-        metric.update(fn(self.base[:half], self.effects[:half]), fn(self.base[half : 2 * half], self.effects[half : 2 * half]))
+        metric.update(
+            fn(self.base[:half], self.effects[:half]), fn(self.base[half : 2 * half], self.effects[half : 2 * half])
+        )
         return metric.compute().item()
 
     def save(self, path: str | Path) -> None:
         """Write atomically, as a safetensors file (tensors ``weights``, ``base``, ``retrained``; the run
         names in its metadata entry ``"lightning_dtda"``)."""
-        save_tree({"format": _RETRAINING_FORMAT, "weights": self.weights, "base": self.base, "retrained": self.retrained, "runs": self.runs}, path)
+        save_tree(
+            {
+                "format": _RETRAINING_FORMAT,
+                "weights": self.weights,
+                "base": self.base,
+                "retrained": self.retrained,
+                "runs": self.runs,
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "Retraining":
-        """Read a file written by :meth:`save`; a truncated or foreign file raises ``ValueError``."""
+        """Read a file written by ``save``; a truncated or foreign file raises ``ValueError``."""
         payload = load_tree(path)
         if payload.get("format") != _RETRAINING_FORMAT:
             raise ValueError(f"{path} is not a Retraining file (format {_RETRAINING_FORMAT}).")
@@ -99,7 +110,9 @@ class QuerySpearman(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         if preds.shape != target.shape or preds.ndim != 2:
-            raise ValueError(f"preds and target must both be [queries, columns], got {tuple(preds.shape)} and {tuple(target.shape)}.")
+            raise ValueError(
+                f"preds and target must both be [queries, columns], got {tuple(preds.shape)} and {tuple(target.shape)}."
+            )
         preds, target = preds.to(torch.float64), target.to(torch.float64)
         valid = (preds.std(-1) > 0) & (target.std(-1) > 0)
         if valid.any():
@@ -110,4 +123,3 @@ class QuerySpearman(Metric):
 
     def compute(self) -> Tensor:
         return self.total / self.count
-

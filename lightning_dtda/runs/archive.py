@@ -1,7 +1,7 @@
 """The reader of run format 2's snapshot files, so runs recorded before safetensors load unchanged.
 
 Format 2 keeps snapshots as flat archives (a magic line, a JSON header and raw tensor bytes). The one
-thing in them :func:`decode_archive` does not read by default is an entry written with ``torch.save``
+thing in them ``decode_archive`` does not read by default is an entry written with ``torch.save``
 (a snapshot's optimizer state, kept only with ``save_optimizer_state=True``): unpickling is done by
 ``lightning_dtda.convert`` (``migrate``) alone, when asked.
 """
@@ -48,12 +48,12 @@ def decode_archive(data: bytes, allow_pickle: bool = False) -> dict[str, Any]:
             return torch.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
         if "__saved__" in value:
             if not allow_pickle:
-                raise PickledEntryError(f"its entry {key!r} was written with torch.save (pickle), which is read only when converting")
+                raise PickledEntryError(
+                    f"its entry {key!r} was written with torch.save (pickle), which is read only when converting"
+                )
             offset, size = value["__saved__"]
             region(offset, size)
             return torch.load(io.BytesIO(bytes(body[offset : offset + size])), map_location="cpu", weights_only=True)
         return {k: decode(v, k) for k, v in value.items()}
 
     return decode(tree, "")
-
-

@@ -1,9 +1,10 @@
 """The on-disk format of a recorded run: typed records for ``manifest.json``, its snapshot entries and
 the per-step block inside each snapshot. This module is the only place that knows the JSON keys and
-the block's tensor layout; the recorder writes through it and every reader reads through it.
+the block's tensor layout; the recorder writes through it and every reader reads through it. It is
+one file, over 400 lines, on purpose: one owner for the format, so that a change to it is seen whole.
 
-A run folder holds ``manifest.json`` (a :class:`Manifest`) and ``snapshots/step_XXXXXXXX.safetensors``
-files whose content is a :class:`SnapshotContent` (see :meth:`SnapshotContent.to_tree` for the layout).
+A run folder holds ``manifest.json`` (a ``Manifest``) and ``snapshots/step_XXXXXXXX.safetensors``
+files whose content is a ``SnapshotContent`` (see ``SnapshotContent.to_tree`` for the layout).
 Runs of format 2 (``.snapshot`` flat archives, see ``runs.archive``) read unchanged.
 """
 
@@ -118,7 +119,7 @@ class Manifest:
     Attributes:
         module_class: The LightningModule's import path, ``module.QualName``.
         hparams: Its hyperparameters (``self.hparams``), JSON-able.
-        module_fingerprint: Digests of its structure and class source (see :func:`module_fingerprint`;
+        module_fingerprint: Digests of its structure and class source (see ``module_fingerprint``;
             ``None`` for runs recorded before 0.3).
         seed: The run's seed, or ``None``.
         dataset_length: Training set size ``N``.
@@ -132,7 +133,7 @@ class Manifest:
         complete: Whether training ended and the final snapshot is listed.
         stopped: Why training stopped early (the exception), if the recorder saw it stop.
         writer: The recording process (``None`` for runs recorded before 0.2).
-        format: The run format the manifest was written in (see :data:`FORMAT`).
+        format: The run format the manifest was written in (see ``FORMAT``).
     """
 
     versions: dict[str, str]
@@ -160,12 +161,14 @@ class Manifest:
     format: int = field(default=FORMAT)
     module_fingerprint: dict[str, str] | None = None
 
-    def with_snapshots(self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None) -> "Manifest":
+    def with_snapshots(
+        self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None
+    ) -> "Manifest":
         return replace(self, snapshots=tuple(snapshots), complete=complete, stopped=stopped)
 
     @property
     def optimizer(self) -> str | None:
-        """``"SGD"``, ``"Adam"`` or ``"AdamW"`` for exactly those torch optimizers (see :data:`OPTIMIZERS`), else ``None``."""
+        """``"SGD"``, ``"Adam"`` or ``"AdamW"`` for exactly those torch optimizers (see ``OPTIMIZERS``), else ``None``."""
         return OPTIMIZERS.get(self.optimizer_class)
 
     @property
@@ -236,7 +239,9 @@ class Manifest:
                 module_fingerprint=data["module"].get("fingerprint"),
             )
         except (KeyError, TypeError) as err:
-            raise ValueError(f"the manifest lacks or garbles the entry {err}; it was not written by TrajectoryRecorder.") from err
+            raise ValueError(
+                f"the manifest lacks or garbles the entry {err}; it was not written by TrajectoryRecorder."
+            ) from err
 
 
 # Optimizer settings that schedulers change besides the learning rate (OneCycleLR's cycle_momentum,
@@ -245,7 +250,7 @@ SCHEDULED = ("momentum", "beta1", "beta2")
 
 
 def scheduled_settings(group: Mapping[str, Any]) -> dict[str, float]:
-    """The :data:`SCHEDULED` settings an optimizer parameter group has (``betas`` split in two)."""
+    """The ``SCHEDULED`` settings an optimizer parameter group has (``betas`` split in two)."""
     found = {"momentum": group["momentum"]} if "momentum" in group else {}
     if "betas" in group:
         found["beta1"], found["beta2"] = group["betas"]
@@ -263,7 +268,7 @@ class Step:
     """One optimizer step: the dataset indices of each of its micro-batches, its learning rates, the
     other scheduled settings it used (``{"momentum": per group}`` or ``{"beta1": ..., "beta2": ...}``;
     empty for runs recorded before 0.2), and per micro-batch the state, at its start, of each generator
-    (see :data:`GENERATORS`) its training step drew random numbers from (``None`` for runs recorded
+    (see ``GENERATORS``) its training step drew random numbers from (``None`` for runs recorded
     before 0.3, which did not record them). ``skipped``: the optimizer step did not happen (a 16-mixed
     run's gradient scaler found inf/NaN gradients); the forward did (batch norm statistics, random draws).
 
@@ -279,23 +284,36 @@ class Step:
     skipped: bool = False
 
 
-# Per step: its micro-batches' indices, per parameter group {"lr": ..., and its SCHEDULED settings},
-# per micro-batch {generator: state at its start} for the generators it drew from, and whether the
-# optimizer step was skipped.
-StepRecord = tuple[Sequence[Sequence[int]], Sequence[Mapping[str, float]], Sequence[Mapping[str, Tensor]], bool]
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as the recorder collects it, before ``encode_steps`` packs a snapshot's steps.
+
+    Attributes:
+        micro_batches: Each micro-batch's dataset indices.
+        groups: Per parameter group, ``{"lr": ..., **its SCHEDULED settings}``.
+        rng: Per micro-batch, ``{generator: its state at the micro-batch's start}`` for the generators it drew from.
+        skipped: The optimizer step did not happen (16-mixed's gradient scaler found inf/NaN gradients).
+    """
+
+    micro_batches: Sequence[Sequence[int]]
+    groups: Sequence[Mapping[str, float]]
+    rng: Sequence[Mapping[str, Tensor]]
+    skipped: bool
 
 
 def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> dict[str, Any]:
-    """The per-step block of a snapshot: steps ``first, first + 1, ...`` (see :data:`StepRecord`), as
+    """The per-step block of a snapshot: steps ``first, first + 1, ...`` (see ``StepRecord``), as
     flat tensors. Random states are kept only for the micro-batches that drew random numbers
     (``rng[generator]``: their positions among the block's micro-batches and their states)."""
-    micro = [m for batches, *_ in steps for m in batches]
-    micro_rng = [r for _, _, states, _ in steps for r in states]
+    micro = [m for step in steps for m in step.micro_batches]
+    micro_rng = [r for step in steps for r in step.rng]
 
     def table(name: str) -> Tensor:
-        return torch.tensor([[g[name] for g in groups] for _, groups, *_ in steps], dtype=torch.float64).reshape(len(steps), num_groups)
+        return torch.tensor([[g[name] for g in step.groups] for step in steps], dtype=torch.float64).reshape(
+            len(steps), num_groups
+        )
 
-    names = [n for n in SCHEDULED if steps and n in steps[0][1][0]]
+    names = [n for n in SCHEDULED if steps and n in steps[0].groups[0]]
     rng = {}
     for generator in GENERATORS:
         positions = [k for k, r in enumerate(micro_rng) if generator in r]
@@ -308,8 +326,8 @@ def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> di
         "first": first,
         "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
         "micro_batch_sizes": torch.tensor([len(m) for m in micro], dtype=torch.long),
-        "micro_batches_per_step": torch.tensor([len(batches) for batches, *_ in steps], dtype=torch.long),
-        "skipped": torch.tensor([k for k, (*_, skipped) in enumerate(steps) if skipped], dtype=torch.long),
+        "micro_batches_per_step": torch.tensor([len(step.micro_batches) for step in steps], dtype=torch.long),
+        "skipped": torch.tensor([k for k, step in enumerate(steps) if step.skipped], dtype=torch.long),
         "lrs": table("lr"),
         "scheduled": {name: table(name) for name in names},
         # A marker as well as the states: runs recorded before 0.3 have no "rng" entry at all.
@@ -318,7 +336,7 @@ def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> di
 
 
 def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
-    """Invert :func:`encode_steps`: ``(first step number, steps)``."""
+    """Invert ``encode_steps``: ``(first step number, steps)``."""
     # A copy: views would keep the snapshot's whole buffer, weights included, alive as long as the
     # trajectory caches its steps (decoded tensors are views of the bytes read; see _io).
     micro = torch.split(block["indices"].clone(), block["micro_batch_sizes"].tolist())
@@ -335,7 +353,9 @@ def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
     for k, count in enumerate(block["micro_batches_per_step"].tolist()):
         scheduled = {name: tuple(values[k].tolist()) for name, values in block.get("scheduled", {}).items()}
         rng = None if micro_rng is None else tuple(micro_rng[start : start + count])
-        steps.append(Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled, rng, k in skipped))
+        steps.append(
+            Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled, rng, k in skipped)
+        )
         start += count
     return int(block["first"]), steps
 
@@ -355,7 +375,7 @@ class SnapshotContent:
         epoch: The epoch it was taken in.
         state_dict: The module's ``state_dict`` (CPU tensors).
         lrs: The learning rate of every parameter group at that moment.
-        steps: The per-step block (see :func:`encode_steps`) for the steps since the previous snapshot.
+        steps: The per-step block (see ``encode_steps``) for the steps since the previous snapshot.
         optimizer_state: The optimizer's ``state_dict``, if the recorder was asked to keep it (its
             tuples, such as Adam's ``betas``, read back as lists).
     """
@@ -368,14 +388,23 @@ class SnapshotContent:
     optimizer_state: dict[str, Any] | None = None
 
     def to_tree(self) -> dict[str, Any]:
-        tree = {"format": FORMAT, "step": self.step, "epoch": self.epoch, "state_dict": self.state_dict, "lrs": self.lrs, "steps": self.steps}
+        tree = {
+            "format": FORMAT,
+            "step": self.step,
+            "epoch": self.epoch,
+            "state_dict": self.state_dict,
+            "lrs": self.lrs,
+            "steps": self.steps,
+        }
         if self.optimizer_state is not None:
             tree["optimizer_state"] = self.optimizer_state
         return tree
 
     @classmethod
     def from_tree(cls, tree: Mapping[str, Any]) -> "SnapshotContent":
-        return cls(tree["step"], tree["epoch"], tree["state_dict"], tree["lrs"], tree["steps"], tree.get("optimizer_state"))
+        return cls(
+            tree["step"], tree["epoch"], tree["state_dict"], tree["lrs"], tree["steps"], tree.get("optimizer_state")
+        )
 
     def save(self, path: Path) -> str:
         """Write the snapshot to ``path`` atomically and return the SHA-256 of its bytes."""
@@ -396,8 +425,8 @@ class SnapshotContent:
             return cls.from_tree(decode_archive(data))
         except PickledEntryError as err:
             raise ValueError(
-                f"{path}: {err}. Convert the run once with `python -c \"from lightning_dtda import convert; "
-                f"convert({str(path.parent.parent)!r})\"` (it reads that entry with torch.load(weights_only=True))."
+                f'{path}: {err}. Convert the run once with `python -c "from lightning_dtda import convert; '
+                f'convert({str(path.parent.parent)!r})"` (it reads that entry with torch.load(weights_only=True)).'
             ) from err
         except Exception as err:  # the checksum matched, so this is a file some other program wrote
             raise CorruptFileError(f"{path} is not a readable snapshot file: {err}") from err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -14,15 +14,18 @@ from lightning_dtda.errors import DatasetMismatchError, UnfinishedRunError
 from lightning_dtda.runs.fingerprint import fingerprint_dataset
 from lightning_dtda.runs.format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step
 
+# What a run folder says of its training (see Trajectory.status).
+RunStatus = Literal["finished", "in progress", "abandoned", "unfinished"]
+
 
 class Trajectory:
     """One recorded run: its manifest, snapshots and optimizer steps.
 
     Args:
-        path: The run's folder, as written by :class:`~lightning_dtda.TrajectoryRecorder`.
+        path: The run's folder, as written by ``TrajectoryRecorder``.
 
     Attributes:
-        manifest: What the run's ``manifest.json`` says (see :class:`~lightning_dtda.run_format.Manifest`).
+        manifest: What the run's ``manifest.json`` says (see ``Manifest``).
 
     Raises:
         FileNotFoundError: If the folder has no ``manifest.json``.
@@ -44,7 +47,7 @@ class Trajectory:
         return f"Trajectory({str(self.path)!r}, status={self.status!r}, steps={self.snapshot_steps[-1:]})"
 
     @property
-    def status(self) -> str:
+    def status(self) -> RunStatus:
         """``"finished"`` (training ended), ``"in progress"`` (its recording process still runs),
         ``"abandoned"`` (training raised, or the process is gone: killed or crashed) or ``"unfinished"``
         (recorded on another host, or by a version that did not note its process: either of the last two)."""
@@ -64,7 +67,11 @@ class Trajectory:
         where = "" if writer is None else f" (recorded by process {writer.pid} on {writer.host})"
         if self.manifest.stopped is not None:
             where = f" (training stopped: {self.manifest.stopped})"
-        listed = f"latest listed snapshot at step {self.snapshot_steps[-1]}" if self.manifest.snapshots else "no snapshot listed yet"
+        listed = (
+            f"latest listed snapshot at step {self.snapshot_steps[-1]}"
+            if self.manifest.snapshots
+            else "no snapshot listed yet"
+        )
         return f"{self.name}: {self.status}{where}, {listed}"
 
     @property
@@ -128,11 +135,13 @@ class Trajectory:
                 )
             steps.extend(block)
         if len(steps) != self.final_step:
-            raise ValueError(f"{self.path}: recorded {len(steps)} optimizer steps but the final snapshot is at step {self.final_step}.")
+            raise ValueError(
+                f"{self.path}: recorded {len(steps)} optimizer steps but the final snapshot is at step {self.final_step}."
+            )
         return steps
 
     def check_dataset(self, data: Any) -> None:
-        """Raise :class:`DatasetMismatchError` unless ``data`` has the recorded length and fingerprint."""
+        """Raise ``DatasetMismatchError`` unless ``data`` has the recorded length and fingerprint."""
         n = len(data)
         if n != self.dataset_length:
             raise DatasetMismatchError(
@@ -156,13 +165,12 @@ class Trajectory:
         return float(self.optimizer_groups[0].get("weight_decay") or 0.0)
 
 
-
 def load_runs(path: str | Path, unfinished: bool = False) -> list[Trajectory]:
     """Load one run folder, or every run folder directly under ``path`` (an ensemble), sorted by name.
 
     Args:
         path: A run folder or a folder of them (a ``TrajectoryRecorder``'s ``dirpath``).
-        unfinished: Also load runs that have not finished (see :attr:`Trajectory.status`): their latest
+        unfinished: Also load runs that have not finished (see ``Trajectory.status``): their latest
             listed snapshot then stands in for the final weights. By default they are refused, so a
             run still training, or one that was killed, is never pooled with finished runs by mistake.
 
@@ -214,11 +222,13 @@ def find_runs(path: Path) -> list[Trajectory]:
 
 
 def check_poolable(runs: list[Trajectory]) -> None:
-    """Raise ``ValueError`` unless the runs trained one module class on one dataset (:class:`DatasetMismatchError`
+    """Raise ``ValueError`` unless the runs trained one module class on one dataset (``DatasetMismatchError``
     for datasets)."""
     first = runs[0]
     for run in runs[1:]:
         if run.module_class != first.module_class:
             raise ValueError(f"The runs mix {first.module_class} ({first.name}) and {run.module_class} ({run.name}).")
         if run.dataset_fingerprint != first.dataset_fingerprint:
-            raise DatasetMismatchError(f"The runs mix datasets: {first.name} and {run.name} have different fingerprints.")
+            raise DatasetMismatchError(
+                f"The runs mix datasets: {first.name} and {run.name} have different fingerprints."
+            )
