@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.model.instantiate import instantiate
+from lightning_dtda.replay.check import replay_checked
 from lightning_dtda.replay.engine import Replay, measure
 from lightning_dtda.results.retraining import Retraining
 from lightning_dtda.runs.trajectory import Trajectory, check_poolable, load_runs
@@ -52,6 +53,12 @@ def retrain(
         models_per_pass: How many weightings one vectorised replay trains at once.
         device: Where to train.
         progress: Show progress bars.
+
+    Raises:
+        ReplayMismatchError: If a run's replay does not land on its recorded weights (the same check as
+            ``Unrolled``'s: after the first snapshot interval, before the long pass).
+        UnsupportedTrainingError: For a run the replay cannot reproduce (see ``Unrolled``).
+        DatasetMismatchError: If ``train_data`` is not what the runs were recorded on.
     """
     runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
     check_poolable(runs)
@@ -66,12 +73,15 @@ def retrain(
         if hooks.default_train_loss:
             hooks.check_loss(move_data_to_device(next(iter(DataLoader(train_data, batch_size=2))), device))
         replayer = Replay(model, run, train_data)  # one per run: it checks the run and reads snapshot 0
-        measured = torch.cat(
-            [
-                measure(model, replayer.final(rows[i : i + models_per_pass], progress), query_data)
-                for i in range(0, len(rows), models_per_pass)
-            ]
-        ).cpu()
+        chunks = []
+        for i in range(0, len(rows), models_per_pass):
+            if i == 0:  # row 0 is the recorded run: the replay is checked against its snapshots, as unrolling's is
+                params, state, _ = replay_checked(replayer, rows[:models_per_pass], progress)
+                replayed = replayer.named(params, state)
+            else:
+                replayed = replayer.final(rows[i : i + models_per_pass], progress)
+            chunks.append(measure(model, replayed, query_data))
+        measured = torch.cat(chunks).cpu()
         base.append(measured[0])
         retrained.append(measured[1:].T)
     return Retraining(weights.cpu(), torch.stack(base), torch.stack(retrained), [run.name for run in runs])

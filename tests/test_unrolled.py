@@ -490,6 +490,11 @@ def test_a_replay_that_misses_is_refused_after_the_first_interval_naming_the_cau
         r"a training loss other than the attribution_train_loss hook's",
     ):
         Attributor(ExtraLoss, runs, data, estimator=Unrolled(), progress=False).attribute(data)
+    # The ground truth replays through the same check: it refuses rather than retrain another run.
+    with pytest.raises(
+        ReplayMismatchError, match=r"Replaying seed_0 to step 5 lands .* away from its recorded weights"
+    ):
+        retrain(ExtraLoss, runs, data, data, leave_one_out_weights(len(data), [0, 1]), progress=False)
 
 
 def test_a_bf16_mixed_run_replays_within_the_documented_bound(tmp_path):

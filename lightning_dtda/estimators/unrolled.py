@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from lightning_dtda.errors import UnsupportedTrainingError
 from lightning_dtda.estimators.base import Estimator, RunContext, measurement_gradients
-from lightning_dtda.replay.check import _state_tensors, _with_state_tensors, check_replay
-from lightning_dtda.replay.engine import Replay
+from lightning_dtda.replay.check import replay_checked
+from lightning_dtda.replay.engine import Replay, state_tensors, with_state_tensors
 from lightning_dtda.replay.layers import differentiable_running_statistics, running_statistics
 from lightning_dtda.runs.trajectory import Trajectory
 
@@ -129,19 +129,10 @@ def unrolled_effects(
     steps = run.steps
     bounds = run.snapshot_steps
     num_train = run.dataset_length
-    params, state = replay.initial(1)
-    dtype, device = params[0].dtype, params[0].device
-    ones = torch.ones(1, num_train, dtype=dtype, device=device)
-
-    checkpoints = []
-    with torch.no_grad():
-        for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
-            checkpoints.append((params, state))
-            params, state = replay.steps(params, state, ones, steps[a:b])
-            if index == 1:  # refuse before the long pass, not after it
-                check_replay(run, replay, params, state, index)
-    if len(bounds) > 2:
-        check_replay(run, replay, params, state, len(bounds) - 1)
+    dtype = replay.start[0].dtype
+    ones = torch.ones(1, num_train, dtype=dtype, device=replay.device)
+    params, state, checkpoints = replay_checked(replay, ones, keep_checkpoints=True)
+    device = params[0].device
 
     # Adjoints: one row per query for each parameter and each state tensor. The optimizer's final
     # state does not enter the measurement; the running statistics do.
@@ -160,18 +151,18 @@ def unrolled_effects(
             g.reshape(len(query_grads), *b.shape[1:])
             for g, b in zip(query_buffer_grads.to(dtype).split(buffer_sizes, dim=1), state["running_stats"])
         ]
-    state_adjoint = _state_tensors(final_state_adjoint)
+    state_adjoint = state_tensors(final_state_adjoint)
     dm_dw = torch.zeros(len(query_grads), num_train, dtype=dtype, device=device)
     segments = list(zip(bounds[:-1], bounds[1:], checkpoints))
     for a, b, (p_start, s_start) in tqdm(
         segments[::-1], desc=f"unrolling {run.name}", disable=not progress, leave=False
     ):
         p_in = [p.detach().requires_grad_() for p in p_start]
-        s_in = [t.detach().requires_grad_() for t in _state_tensors(s_start)]
+        s_in = [t.detach().requires_grad_() for t in state_tensors(s_start)]
         w = ones.clone().requires_grad_()
         with torch.enable_grad():
-            p_out, s_out = replay.steps(p_in, _with_state_tensors(s_start, s_in), w, steps[a:b])
-        outputs = p_out + _state_tensors(s_out)
+            p_out, s_out = replay.steps(p_in, with_state_tensors(s_start, s_in), w, steps[a:b])
+        outputs = p_out + state_tensors(s_out)
         # Parameters carry a model dimension of 1; each query's adjoint fills it.
         grad_outputs = [g.unsqueeze(1) for g in adjoint]
         grad_outputs += [g.unsqueeze(1) for g in state_adjoint]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -19,18 +20,6 @@ _REPLAY_TOLERANCE = 1e-4
 # reproduced by the vmapped replay (replaying under the same autocast landed further away, 6e-3
 # against 4e-3 relative, on a bf16-mixed MLP), so the replay differentiates the run without it.
 _MIXED_PRECISION_TOLERANCE = 2e-2
-
-
-def _state_tensors(state: dict[str, Any]) -> list[Tensor]:
-    return [t for key in sorted(state) if isinstance(state[key], list) for t in state[key] if t is not None]
-
-
-def _with_state_tensors(state: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
-    rebuilt, it = dict(state), iter(tensors)
-    for key in sorted(state):
-        if isinstance(state[key], list):
-            rebuilt[key] = [None if t is None else next(it) for t in state[key]]
-    return rebuilt
 
 
 def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int) -> None:
@@ -61,3 +50,34 @@ def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: d
         rank_zero_warn(message + " Unrolled effects describe the replay.")
     else:
         raise ReplayMismatchError(message)
+
+
+def replay_checked(
+    replay: Replay, weights: Tensor, progress: bool = False, keep_checkpoints: bool = False
+) -> tuple[list[Tensor], dict[str, Any], list[tuple[list[Tensor], dict[str, Any]]]]:
+    """The whole run replayed once per row of ``weights [M, N]`` (no gradients), snapshot interval by
+    interval, with row 0, which must be the recorded run (all ones), checked against the recorded
+    weights by :func:`check_replay`: after the first interval (raising before the long pass) and at
+    the end.
+
+    Returns:
+        The final parameters and state (as ``Replay.steps``), and with ``keep_checkpoints`` the parameters
+        and state at the start of every interval (what unrolling's reverse pass restarts from).
+    """
+    if not bool((weights[0] == 1).all()):
+        raise ValueError("replay_checked needs row 0 of the weights to be the recorded run (all ones).")
+    run = replay.run
+    params, state = replay.initial(len(weights))
+    weights = weights.to(device=params[0].device, dtype=params[0].dtype)
+    bounds = run.snapshot_steps
+    checkpoints = []
+    with torch.no_grad():
+        for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+            if keep_checkpoints:
+                checkpoints.append((params, state))
+            params, state = replay.steps(params, state, weights, run.steps[a:b], progress)
+            if index == 1:  # refuse before the long pass, not after it
+                check_replay(run, replay, params, state, index)
+    if len(bounds) > 2:
+        check_replay(run, replay, params, state, len(bounds) - 1)
+    return params, state, checkpoints

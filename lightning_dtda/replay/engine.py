@@ -232,6 +232,20 @@ class Replay:
         return {**dict(zip(self.names, params)), **dict(zip(self.buffer_names, state["running_stats"]))}
 
 
+def state_tensors(state: dict[str, Any]) -> list[Tensor]:
+    """The tensors of a replay state (optimizer state and running statistics), flattened in a fixed order."""
+    return [t for key in sorted(state) if isinstance(state[key], list) for t in state[key] if t is not None]
+
+
+def with_state_tensors(state: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
+    """Invert :func:`state_tensors`: ``state`` with its tensors replaced by ``tensors``."""
+    rebuilt, it = dict(state), iter(tensors)
+    for key in sorted(state):
+        if isinstance(state[key], list):
+            rebuilt[key] = [None if t is None else next(it) for t in state[key]]
+    return rebuilt
+
+
 def replay(
     model: nn.Module,
     run: Trajectory,
