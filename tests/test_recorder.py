@@ -285,3 +285,25 @@ def test_a_run_in_progress_is_never_pooled_silently(tmp_path):
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), probe], max_epochs=1).fit(TinyClassifier(), loader)
     assert probe.pooled == [("seed_0", "finished"), ("seed_1", "in progress")]
     assert [run.status for run in load_runs(tmp_path / "runs")] == ["finished", "finished"]
+
+
+def test_steps_not_yet_in_a_snapshot_survive_a_checkpoint(tmp_path):
+    """The writer's state (in every Lightning checkpoint) keeps the steps since the last snapshot, and a
+    resumed writer encodes them as the original would."""
+    from lightning_dtda.record.writer import RunWriter
+    from lightning_dtda.runs.format import decode_steps, encode_steps
+
+    writer = RunWriter(tmp_path, "run", save_optimizer_state=False)
+    writer.run_dir = tmp_path / "run"
+    state = torch.get_rng_state()
+    writer.add_step([[0, 3], [5]], [{"lr": 0.1, "momentum": 0.9}], [{"cpu": state}, {}], False)
+    writer.add_step([[1, 2]], [{"lr": 0.05, "momentum": 0.8}], [{}], True)
+    resumed = RunWriter(tmp_path, "run", save_optimizer_state=False)
+    assert resumed.load_state_dict(writer.state_dict())
+    assert resumed.next_step == writer.next_step == 2
+    (first, original), (_, restored) = (decode_steps(encode_steps(0, w.pending_steps, 1)) for w in (writer, resumed))
+    assert first == 0 and [s.skipped for s in restored] == [False, True]
+    for a, b in zip(original, restored):
+        assert a.lrs == b.lrs and a.scheduled == b.scheduled
+        assert all(torch.equal(x, y) for x, y in zip(a.micro_batches, b.micro_batches))
+    assert torch.equal(restored[0].rng[0]["cpu"], state)

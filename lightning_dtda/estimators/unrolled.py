@@ -161,7 +161,7 @@ def unrolled_effects(
         s_in = [t.detach().requires_grad_() for t in state_tensors(s_start)]
         w = ones.clone().requires_grad_()
         with torch.enable_grad():
-            p_out, s_out = replay.steps(p_in, with_state_tensors(s_start, s_in), w, steps[a:b])
+            p_out, s_out = replay.advance(p_in, with_state_tensors(s_start, s_in), w, steps[a:b])
         outputs = p_out + state_tensors(s_out)
         # Parameters carry a model dimension of 1; each query's adjoint fills it.
         grad_outputs = [g.unsqueeze(1) for g in adjoint]

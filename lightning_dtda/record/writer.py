@@ -46,7 +46,7 @@ class RunWriter:
         self.manifest: Manifest | None = None
         self.snapshots: list[SnapshotEntry] = []
         # Steps since the last snapshot.
-        self.steps: list[StepRecord] = []
+        self.pending_steps: list[StepRecord] = []
         self.last_snapshot_step = -1
         self.complete = False
         self.stopped: str | None = None
@@ -54,7 +54,7 @@ class RunWriter:
     @property
     def next_step(self) -> int:
         """The optimizer step the next ``add_step`` records."""
-        return self.last_snapshot_step + len(self.steps) + 1
+        return self.last_snapshot_step + len(self.pending_steps) + 1
 
     def _choose_run_dir(self, seed: int | None) -> Path | str:
         if self.run_name is not None:
@@ -82,7 +82,7 @@ class RunWriter:
             raise RuntimeError(choice)
         self.run_dir = Path(choice)
         self.manifest = manifest
-        self.snapshots, self.steps, self.complete, self.stopped = [], [], False, None
+        self.snapshots, self.pending_steps, self.complete, self.stopped = [], [], False, None
         self.flush()
 
     def resume(self, trainer: pl.Trainer) -> None:
@@ -117,7 +117,7 @@ class RunWriter:
         skipped: bool,
     ) -> None:
         """Record one optimizer step (see ``StepRecord``)."""
-        self.steps.append(StepRecord(micro_batches, settings, rng, skipped))
+        self.pending_steps.append(StepRecord(micro_batches, settings, rng, skipped))
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the module's weights at the current step, with the steps since the last snapshot."""
@@ -132,7 +132,7 @@ class RunWriter:
                 epoch=trainer.current_epoch,
                 state_dict={k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
                 lrs=[float(g["lr"]) for g in optimizer.param_groups],
-                steps=encode_steps(self.last_snapshot_step + 1, self.steps, len(optimizer.param_groups)),
+                step_block=encode_steps(self.last_snapshot_step + 1, self.pending_steps, len(optimizer.param_groups)),
                 optimizer_state=optimizer.state_dict() if self.save_optimizer_state else None,
             )
             name = snapshot_file(step)
@@ -140,7 +140,7 @@ class RunWriter:
             # The manifest is rewritten at checkpoints and at the end rather than here: one file write
             # per snapshot instead of two (file writes are a large share of the recorder's cost).
             self.snapshots.append(SnapshotEntry(name, step, trainer.current_epoch, sha256, adam_step_scale(optimizer)))
-        self.steps = []
+        self.pending_steps = []
         self.last_snapshot_step = step
 
     def finish(self) -> None:
@@ -170,8 +170,8 @@ class RunWriter:
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "last_snapshot_step": self.last_snapshot_step,
             "steps": [
-                {"micro_batches": m, "settings": settings, "rng": rng, "skipped": skipped}
-                for m, settings, rng, skipped in self.steps
+                {"micro_batches": s.micro_batches, "settings": s.groups, "rng": s.rng, "skipped": s.skipped}
+                for s in self.pending_steps
             ],
             "snapshots": [s.to_json() for s in self.snapshots],
         }
@@ -182,8 +182,8 @@ class RunWriter:
             return False
         self.run_dir = Path(state["run_dir"])
         self.last_snapshot_step = state["last_snapshot_step"]
-        self.steps = [
-            (
+        self.pending_steps = [
+            StepRecord(
                 s["micro_batches"],
                 s["settings"] if "settings" in s else [{"lr": lr} for lr in s["lrs"]],
                 s.get("rng", [{} for _ in s["micro_batches"]]),

@@ -61,7 +61,7 @@ def replay_checked(
     the end.
 
     Returns:
-        The final parameters and state (as ``Replay.steps``), and with ``keep_checkpoints`` the parameters
+        The final parameters and state (as ``Replay.advance``), and with ``keep_checkpoints`` the parameters
         and state at the start of every interval (what unrolling's reverse pass restarts from).
     """
     if not bool((weights[0] == 1).all()):
@@ -75,7 +75,7 @@ def replay_checked(
         for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
             if keep_checkpoints:
                 checkpoints.append((params, state))
-            params, state = replay.steps(params, state, weights, run.steps[a:b], progress)
+            params, state = replay.advance(params, state, weights, run.steps[a:b], progress)
             if index == 1:  # refuse before the long pass, not after it
                 check_replay(run, replay, params, state, index)
     if len(bounds) > 2:

@@ -170,7 +170,7 @@ class Replay:
         buffers = [b.unsqueeze(0).expand(num_models, *b.shape).clone() for b in self.start_buffers]
         return params, {**self.optimizer.init(params), "running_stats": buffers}
 
-    def steps(
+    def advance(
         self,
         params: list[Tensor],
         state: dict[str, Any],
@@ -224,7 +224,7 @@ class Replay:
         params, state = self.initial(len(weights))
         weights = weights.to(device=params[0].device, dtype=params[0].dtype)
         with torch.no_grad():
-            params, state = self.steps(params, state, weights, self.run.steps, progress)
+            params, state = self.advance(params, state, weights, self.run.steps, progress)
         return self.named(params, state)
 
     def named(self, params: list[Tensor], state: dict[str, Any]) -> dict[str, Tensor]:

@@ -375,7 +375,7 @@ class SnapshotContent:
         epoch: The epoch it was taken in.
         state_dict: The module's ``state_dict`` (CPU tensors).
         lrs: The learning rate of every parameter group at that moment.
-        steps: The per-step block (see ``encode_steps``) for the steps since the previous snapshot.
+        step_block: The per-step block (see ``encode_steps``) for the steps since the previous snapshot.
         optimizer_state: The optimizer's ``state_dict``, if the recorder was asked to keep it (its
             tuples, such as Adam's ``betas``, read back as lists).
     """
@@ -384,7 +384,7 @@ class SnapshotContent:
     epoch: int
     state_dict: dict[str, Tensor]
     lrs: list[float]
-    steps: dict[str, Any]
+    step_block: dict[str, Any]
     optimizer_state: dict[str, Any] | None = None
 
     def to_tree(self) -> dict[str, Any]:
@@ -394,7 +394,7 @@ class SnapshotContent:
             "epoch": self.epoch,
             "state_dict": self.state_dict,
             "lrs": self.lrs,
-            "steps": self.steps,
+            "steps": self.step_block,
         }
         if self.optimizer_state is not None:
             tree["optimizer_state"] = self.optimizer_state
@@ -432,7 +432,7 @@ class SnapshotContent:
             raise CorruptFileError(f"{path} is not a readable snapshot file: {err}") from err
 
     def decoded_steps(self) -> tuple[int, list[Step]]:
-        return decode_steps(self.steps)
+        return decode_steps(self.step_block)
 
 
 def snapshot_file(step: int) -> str:
