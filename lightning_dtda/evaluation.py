@@ -56,7 +56,8 @@ def retrain(
 
     Raises:
         ReplayMismatchError: If a run's replay does not land on its recorded weights (the same check as
-            ``Unrolled``'s: after the first snapshot interval, before the long pass).
+            ``Unrolled``'s, after the first snapshot interval, before the long pass, and at the end, where
+            ``Unrolled`` only warns: a ground truth must be right or absent).
         UnsupportedTrainingError: For a run the replay cannot reproduce (see ``Unrolled``).
         DatasetMismatchError: If ``train_data`` is not what the runs were recorded on.
     """
@@ -76,7 +77,7 @@ def retrain(
         chunks = []
         for i in range(0, len(rows), models_per_pass):
             if i == 0:  # row 0 is the recorded run: the replay is checked against its snapshots, as unrolling's is
-                params, state, _ = replay_checked(replayer, rows[:models_per_pass], progress)
+                params, state, _ = replay_checked(replayer, rows[:models_per_pass], progress, strict=True)
                 replayed = replayer.named(params, state)
             else:
                 replayed = replayer.final(rows[i : i + models_per_pass], progress)

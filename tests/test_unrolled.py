@@ -497,6 +497,23 @@ def test_a_replay_that_misses_is_refused_after_the_first_interval_naming_the_cau
         retrain(ExtraLoss, runs, data, data, leave_one_out_weights(len(data), [0, 1]), progress=False)
 
 
+def test_a_replay_that_misses_only_at_the_end_is_refused_by_retrain_and_warned_by_unrolled(tmp_path):
+    class LateExtraLoss(TinyClassifier):
+        def training_step(self, batch, batch_idx):  # after the first snapshot interval (steps 1-5) only
+            loss = super().training_step(batch, batch_idx)
+            return loss + (0.1 * sum(p.square().sum() for p in self.parameters()) if self.global_step >= 5 else 0.0)
+
+    data = classification_data(n=12, dtype=torch.float64)
+    runs = record(tmp_path, LateExtraLoss, data, lr=0.2)
+    assert load_runs(runs)[0].snapshot_steps == [0, 5, 6]
+    with pytest.warns(UserWarning, match=r"Replaying seed_0 to step 6 lands .* Unrolled effects describe the replay"):
+        Attributor(LateExtraLoss, runs, data, estimator=Unrolled(), progress=False).attribute(data)
+    with pytest.raises(
+        ReplayMismatchError, match=r"Replaying seed_0 to step 6 lands .* away from its recorded weights"
+    ):
+        retrain(LateExtraLoss, runs, data, data, leave_one_out_weights(len(data), [0]), progress=False)
+
+
 def test_a_bf16_mixed_run_replays_within_the_documented_bound(tmp_path):
     data = classification_data(n=24)
     pl.seed_everything(0)

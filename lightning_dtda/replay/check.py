@@ -22,9 +22,12 @@ _REPLAY_TOLERANCE = 1e-4
 _MIXED_PRECISION_TOLERANCE = 2e-2
 
 
-def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int) -> None:
-    """Raise (after the first snapshot interval: before the long pass) or warn (at the end) if the
-    replay does not reproduce the weights and running statistics recorded at ``snapshot``."""
+def check_replay(
+    run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int, strict: bool = False
+) -> None:
+    """Raise if the replay (row 0 of ``params`` and ``state``) does not reproduce the weights and running
+    statistics recorded at ``snapshot``; at the last snapshot of a run with several intervals it only
+    warns, unless ``strict`` (a ground truth must be right or absent; unrolled effects describe the replay)."""
     recorded = run.state_dict(snapshot)
     gaps = {
         n: ((t[0] - recorded[n].to(t)).abs().max() / recorded[n].abs().max().clamp(min=1e-12)).item()
@@ -46,19 +49,19 @@ def check_replay(run: Trajectory, replay: Replay, params: list[Tensor], state: d
         "before a batch norm, or attention's key bias (in_proj_bias; softmax ignores it) in nn.MultiheadAttention and "
         "nn.TransformerEncoderLayer (use bias=False there, or freeze it)."
     )
-    if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1:
+    if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1 and not strict:
         rank_zero_warn(message + " Unrolled effects describe the replay.")
     else:
         raise ReplayMismatchError(message)
 
 
 def replay_checked(
-    replay: Replay, weights: Tensor, progress: bool = False, keep_checkpoints: bool = False
+    replay: Replay, weights: Tensor, progress: bool = False, keep_checkpoints: bool = False, strict: bool = False
 ) -> tuple[list[Tensor], dict[str, Any], list[tuple[list[Tensor], dict[str, Any]]]]:
     """The whole run replayed once per row of ``weights [M, N]`` (no gradients), snapshot interval by
     interval, with row 0, which must be the recorded run (all ones), checked against the recorded
     weights by :func:`check_replay`: after the first interval (raising before the long pass) and at
-    the end.
+    the end (where only ``strict`` raises; see :func:`check_replay`).
 
     Returns:
         The final parameters and state (as ``Replay.advance``), and with ``keep_checkpoints`` the parameters
@@ -79,5 +82,5 @@ def replay_checked(
             if index == 1:  # refuse before the long pass, not after it
                 check_replay(run, replay, params, state, index)
     if len(bounds) > 2:
-        check_replay(run, replay, params, state, len(bounds) - 1)
+        check_replay(run, replay, params, state, len(bounds) - 1, strict)
     return params, state, checkpoints
