@@ -26,7 +26,7 @@ from lightning_dtda.model.gradients import trainable_parameters
 from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult, SelfInfluence
-from lightning_dtda.runs.fingerprint import fingerprint_dataset
+from lightning_dtda.runs.fingerprint import SeededDataset, fingerprint_dataset
 from lightning_dtda.runs.trajectory import Trajectory, check_poolable, load_runs
 from lightning_dtda.sharding import rank_and_world
 
@@ -111,7 +111,8 @@ class Attributor:
             )
         self.module = module
         self.runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
-        self.train_data = train_data
+        # Every read of a training example draws the same random numbers (one fixed view of an augmented example).
+        self.train_data = SeededDataset(train_data)
         self.estimator = estimator
         self.batch_size = batch_size
         self.progress = progress

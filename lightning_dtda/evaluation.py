@@ -29,6 +29,7 @@ from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.replay.check import replay_checked
 from lightning_dtda.replay.engine import Replay, measure
 from lightning_dtda.results.retraining import Retraining
+from lightning_dtda.runs.fingerprint import SeededDataset
 from lightning_dtda.runs.trajectory import Trajectory, check_poolable, load_runs
 
 
@@ -64,6 +65,7 @@ def retrain(
     runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
     check_poolable(runs)
     runs[0].check_dataset(train_data)
+    train_data = SeededDataset(train_data)  # read as the Attributor reads it
     if weights.ndim != 2 or weights.shape[1] != runs[0].dataset_length:
         raise ValueError(f"weights must be [M, {runs[0].dataset_length}], got {tuple(weights.shape)}.")
     rows = torch.cat([torch.ones(1, weights.shape[1], dtype=weights.dtype), weights])  # row 0: the base run

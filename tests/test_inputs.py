@@ -124,3 +124,42 @@ def test_nested_tuple_inputs_attribute_as_the_positional_model(both, tmp_path, e
     expected = Attributor(TinyClassifier, positional, data, estimator=estimator, progress=False).attribute(queries)
     result = Attributor(TupleInputs, runs, Pairs(data), estimator=estimator, progress=False).attribute(Pairs(queries))
     assert relative_error(result.effects, expected.effects) < 1e-8
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A random flip and shift of every example, drawn from torch's global generator in ``__getitem__``, as
+    torchvision's transforms draw them."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x + 0.1 * torch.randn((), dtype=x.dtype), y
+
+
+def test_runs_recorded_on_randomly_augmented_data_load_and_attribute_with_every_influence_curvature(tmp_path):
+    from lightning_dtda import ReplayMismatchError, load_runs
+
+    data, queries = Augmented(classification_data(n=24, dtype=torch.float64)), classification_data(n=3, seed=1)
+    for seed in (0, 1):
+        pl.seed_everything(seed)
+        trainer(
+            tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=4)], max_epochs=2, precision="64-true"
+        ).fit(TinyClassifier(), DataLoader(data, batch_size=6, shuffle=True))
+    runs = load_runs(tmp_path / "runs")  # the fingerprint is the dataset's, not one random draw of it
+    assert len(runs) == 2 and runs[0].dataset_fingerprint == runs[1].dataset_fingerprint
+    queries = TensorDataset(*(t.double() if t.is_floating_point() else t for t in queries.tensors))
+    for curvature in ("identity", "ggn", "kfac", "ekfac"):
+        attributor = Attributor(TinyClassifier, runs, data, Influence(curvature, damping=0.1), progress=False)
+        first, again = attributor.attribute(queries), attributor.attribute(queries)
+        # One fixed augmented view per example: the same effects every time.
+        assert torch.isfinite(first.effects).all() and torch.equal(first.effects, again.effects)
+    # The replay cannot see the random views training drew: refused after the first interval, naming augmentation.
+    with pytest.raises(ReplayMismatchError, match="random data augmentation"):
+        Attributor(TinyClassifier, runs, data, Unrolled(), progress=False).attribute(queries)

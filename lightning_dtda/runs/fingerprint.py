@@ -1,9 +1,17 @@
-"""Identifying a training set, so that attribution refuses data other than what was trained on."""
+"""Identifying a training set, so that attribution refuses data other than what was trained on.
+
+A dataset may draw random numbers in ``__getitem__`` (data augmentation, as torchvision's transforms
+do with torch's generator). Its items are then read with every global generator (torch's, NumPy's,
+Python's) seeded by the item's index and restored afterwards (:func:`seeded_item`): the fingerprint is
+the dataset's, not one random draw of it, and attribution sees one fixed augmented view per example.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,11 +44,46 @@ def _update(h: "hashlib._Hash", item: Any) -> None:
         h.update(f"V{item!r}".encode())
 
 
+@contextlib.contextmanager
+def _seeded(index: int) -> Iterator[None]:
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(index)
+        random.seed(index)
+        np.random.seed(index % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+def seeded_item(dataset: Dataset, index: int) -> Any:
+    """``dataset[index]`` read with the global generators seeded by ``index`` (the caller's draws resume
+    afterwards): the same item every time, also from a dataset that augments at random."""
+    with _seeded(index):
+        return dataset[index]
+
+
+class SeededDataset(Dataset):
+    """``dataset`` whose items are read by :func:`seeded_item`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return seeded_item(self.dataset, int(index))
+
+
 def fingerprint_dataset(dataset: Dataset) -> str:
-    """SHA-256 over the length and up to 64 evenly spaced examples of a map-style dataset."""
+    """SHA-256 over the length and up to 64 evenly spaced examples of a map-style dataset, each read by
+    :func:`seeded_item`."""
     n = len(dataset)  # type: ignore[arg-type]
     h = hashlib.sha256(f"N{n}".encode())
     for i in np.unique(np.linspace(0, n - 1, num=min(n, _FINGERPRINT_EXAMPLES)).round().astype(int)):
         h.update(f"I{i}".encode())
-        _update(h, dataset[int(i)])
+        _update(h, seeded_item(dataset, int(i)))
     return h.hexdigest()
