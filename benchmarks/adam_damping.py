@@ -12,25 +12,17 @@ with the rule that scales each step by Adam's recorded per-entry multiplier ("au
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from docs_tables import write_table
+from models import AdamMLP, benchmark_data
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsMLP  # noqa: E402
-from digits_dtda import benchmark_data  # noqa: E402
-
-from lightning_dtda import Attributor, Influence, TrajectoryRecorder, Unrolled, load_runs  # noqa: E402
-
-
-class AdamMLP(DigitsMLP):
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3, weight_decay=self.hparams.weight_decay)
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder, Unrolled, load_runs
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,23 +33,50 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--write-docs", action="store_true", help="rewrite the table in docs/benchmarks/adam_damping.md"
+    )
+    args = parser.parse_args()
     train, queries = benchmark_data()
     queries = Subset(queries, range(20))
     root = Path(tempfile.mkdtemp()) / "runs"
     pl.seed_everything(0)
-    pl.Trainer(max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[TrajectoryRecorder(root)]).fit(AdamMLP(), DataLoader(train, batch_size=32, shuffle=True))
+    pl.Trainer(
+        max_epochs=20,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TrajectoryRecorder(root)],
+    ).fit(AdamMLP(), DataLoader(train, batch_size=32, shuffle=True))
     [run] = load_runs(root)
-    print("Adam's median step multiplier 1/(sqrt(v_hat)+eps) at the snapshots:",
-          ", ".join(f"{e.step_scale:.0f}" for e in run.snapshots[1:]))
+    multiplier = ", ".join(f"{e.step_scale:.0f}" for e in run.snapshots[1:])
+    print("Adam's median step multiplier 1/(sqrt(v_hat)+eps) at the snapshots:", multiplier)
     plain = 1 / sum(step.lrs[0] for step in run.steps) + run.weight_decay
     auto = Influence(curvature="ggn").damping_for(run)
     unrolled = Attributor(AdamMLP, root, train, Unrolled(), progress=False).attribute(queries).effects[0]
-    print("| damping | Spearman with unrolled | |\n|---|---|---|")
+    lines = ["| damping | Spearman with unrolled | |", "|---|---|---|"]
+    print("\n".join(lines))
     for damping in sorted({plain, *(auto * 10**k for k in range(-2, 5))}):
-        effects = Attributor(AdamMLP, root, train, Influence(curvature="ggn", damping=damping), progress=False).attribute(queries).effects[0]
-        tag = "auto (Adam's step scale)" if damping == auto else "1 / sum(lr) + weight_decay" if damping == plain else ""
-        print(f"| {damping:.2e} | {spearman(effects, unrolled):.3f} | {tag} |")
+        effects = (
+            Attributor(AdamMLP, root, train, Influence(curvature="ggn", damping=damping), progress=False)
+            .attribute(queries)
+            .effects[0]
+        )
+        tag = (
+            "auto (Adam's step scale)" if damping == auto else "1 / sum(lr) + weight_decay" if damping == plain else ""
+        )
+        lines.append(f"| {damping:.2e} | {spearman(effects, unrolled):.3f} | {tag} |")
+        print(lines[-1])
+    if args.write_docs:
+        write_table(
+            "adam_damping",
+            "main",
+            f"Adam's median per-entry step multiplier 1/(sqrt(v_hat)+eps) at the snapshots: {multiplier}.\n\n"
+            + "\n".join(lines),
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ giving true mean, variance and W2 shifts; 100 random half-subsets x 4 seeds give
 Estimators use the first 8 seeds. The ceiling row is the ground truth's split-half reliability
 (16 seeds against the other 16). Everything expensive is cached under --out.
 
-``--model cnn``: the same data and protocol with ``digits_cnn.DigitsCNN`` (Conv-BatchNorm-ReLU-max-pool,
+``--model cnn``: the same data and protocol with ``models.DigitsCNN`` (Conv-BatchNorm-ReLU-max-pool,
 Dropout 0.2, Linear; SGD with momentum, a cosine schedule, ``gradient_clip_val=1``), the layers
 that compute differently in training; ground truth by the same coupled replay (same dropout masks).
 
@@ -30,24 +30,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from docs_tables import invocation, scientific, write_table
+from models import AdamMLP, DigitsCNN, DigitsMLP, benchmark_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsMLP  # noqa: E402
-from digits_cnn import DigitsCNN  # noqa: E402
-
-from lightning_dtda import AttributionResult, Attributor, Influence, Segmented, Unrolled, load_runs, train_seeds
-from lightning_dtda.results import distribution  # noqa: E402
-from lightning_dtda.evaluation import QuerySpearman, leave_one_out_weights, random_subset_weights, retrain  # noqa: E402
-from lightning_dtda.results.retraining import Retraining
+from lightning_dtda import (
+    AttributionResult,
+    Attributor,
+    Influence,
+    QuerySpearman,
+    Retraining,
+    Segmented,
+    Unrolled,
+    figures,
+    leave_one_out_weights,
+    load_runs,
+    random_subset_weights,
+    retrain,
+    train_seeds,
+)
 
 STATISTICS = ("mean", "variance", "wasserstein")
 METHODS = {
@@ -61,13 +69,6 @@ METHODS = {
     "unrolled": Unrolled(),
     "unrolled (ReLU smoothing 0.1)": Unrolled(relu_smoothing=0.1),
 }
-
-
-class AdamMLP(DigitsMLP):
-    """The benchmark MLP trained with Adam (lr 1e-3) instead of SGD."""
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3, weight_decay=self.hparams.weight_decay)
 
 
 class DiabetesMLP(pl.LightningModule):
@@ -100,16 +101,6 @@ def diabetes_data() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:392], y[:392]), TensorDataset(x[392:], y[392:])
 
 
-def benchmark_data() -> tuple[TensorDataset, TensorDataset]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x = torch.tensor(x, dtype=torch.float32)[order] / 16.0
-    y = torch.tensor(y)[order]
-    return TensorDataset(x[:500], y[:500]), TensorDataset(x[500:550], y[500:550])
-
-
 def cached(path: Path, compute):
     if path.is_file():
         return Retraining.load(path)
@@ -125,23 +116,122 @@ def score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 def damping_grid(module, runs, train, queries, loo: Retraining) -> dict[str, dict[str, float]]:
-    """Mean- and variance-shift Spearman of ggn, kfac and ekfac at fixed dampings around the GGN's rule, and at "auto"."""
+    """Mean- and variance-shift Spearman of ggn, kfac and ekfac at fixed dampings around the GGN's rule, and at "auto",
+    by ``"{curvature} auto"`` and ``"{curvature} {damping:.2e}"`` (the dampings in increasing order, the rule fifth)."""
     rule = Influence(curvature="ggn").damping_for(runs[0])
     grid = [rule * 10 ** (k / 2) for k in range(-4, 5)]
-    lines = [f"\nFixed dampings around the exact GGN's rule ({rule:.2e}, first seed):", "",
-             "| curvature | damping | Spearman mean shift | Spearman variance shift | |", "|---|---|---|---|---|"]
+    lines = [
+        f"\nFixed dampings around the exact GGN's rule ({rule:.2e}, first seed):",
+        "",
+        "| curvature | damping | Spearman mean shift | Spearman variance shift | |",
+        "|---|---|---|---|---|",
+    ]
     scores = {}
     for curvature in ("ggn", "kfac", "ekfac"):
         for damping in ["auto", *grid]:
-            result = Attributor(module, runs, train, Influence(curvature=curvature, damping=damping), progress=False).attribute(queries)
+            result = Attributor(
+                module, runs, train, Influence(curvature=curvature, damping=damping), progress=False
+            ).attribute(queries)
             mean, variance = (score(*loo.table(result, statistic)) for statistic in ("mean", "variance"))
             label = damping if damping == "auto" else f"{damping:.2e}"
             scores[f"{curvature} {label}"] = {"mean": mean, "variance": variance}
-            fitted = [run["damping"] for run in result.settings["per_run"]] if damping == "auto" and curvature != "ggn" else []
-            tag = "the GGN's rule" if damping == rule else ("fitted: " + ", ".join(f"{d:.1e}" for d in sorted(set(fitted)))) if fitted else ""
+            fitted = (
+                [run["damping"] for run in result.settings["per_run"]]
+                if damping == "auto" and curvature != "ggn"
+                else []
+            )
+            tag = (
+                "the GGN's rule"
+                if damping == rule
+                else ("fitted: " + ", ".join(f"{d:.1e}" for d in sorted(set(fitted))))
+                if fitted
+                else ""
+            )
             lines.append(f"| {curvature} | {label} | {mean:.3f} | {variance:.3f} | {tag} |")
     print("\n".join(lines))
     return scores
+
+
+# The tables of docs/benchmarks/digits_dtda.md, by --model, and their first column's header.
+DOCS_TABLES = {"mlp": "main", "cnn": "cnn", "adam": "adam", "regression": "regression"}
+FIRST_COLUMN = {"mlp": "method", "cnn": "method", "adam": "Adam", "regression": "regression"}
+# The README's headline table: its rows, by this script's method names, as the README writes the estimators.
+HEADLINE = {
+    "identity": '`Influence("identity")`',
+    "kfac": '`Influence("kfac")`',
+    "ekfac": '`Influence("ekfac")` (default)',
+    "ggn": '`Influence("ggn")`',
+    "segmented (ekfac, 4 segments)": '`Segmented(curvature="ekfac")`',
+    "segmented (ggn, 4 segments)": '`Segmented(curvature="ggn")`',
+    "unrolled": "`Unrolled()`",
+    "unrolled (ReLU smoothing 0.1)": "`Unrolled(relu_smoothing=0.1)`",
+}
+# The damping table's rows: --model and its label (the CNN has no row).
+DAMPING_TASKS = {"mlp": "SGD MLP", "adam": "Adam MLP", "regression": "regression"}
+
+
+def write_headline(record: dict[str, dict], seeds: int) -> None:
+    """The README's "which estimator" table, from the SGD MLP's scores (skipped unless every row was measured)."""
+    missing = [name for name in HEADLINE if name not in record]
+    if missing:
+        print(f"README.md's headline table not written: {', '.join(missing)} not measured")
+        return
+    lines = [
+        "| estimator | Spearman mean shift | Spearman variance shift | LDS | cost per seed, x training one seed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, label in HEADLINE.items():
+        c = record[name]
+        lines.append(f"| {label} | {c['mean']:.3f} | {c['variance']:.3f} | {c['lds']:.3f} | {c['cost']:.2f} |")
+    exact = record[f"exact retraining, first {seeds} seeds"]
+    lines.append(
+        f"| exact retraining on the same {seeds} seeds | {exact['mean']:.3f} | {exact['variance']:.3f} | — | — |"
+    )
+    write_table("digits_dtda", "headline", "\n".join(lines), command=invocation())
+
+
+def write_damping_grid(out: Path, model: str, grid: dict[str, dict[str, float]]) -> None:
+    """The damping table, one row per task of ``DAMPING_TASKS``: this run's grid for ``model``, the others' from
+    the ``table.json`` of their runs next to ``out`` (skipped, saying which, until all three have a grid)."""
+    grids = {}
+    for task in DAMPING_TASKS:
+        if task == model:
+            grids[task] = grid
+            continue
+        path = out.parent / ("digits_dtda" + ("" if task == "mlp" else f"_{task}")) / "table.json"
+        if path.is_file() and "damping grid" in (saved := json.loads(path.read_text())):
+            grids[task] = saved["damping grid"]
+    missing = [task for task in DAMPING_TASKS if task not in grids]
+    if missing:
+        print(f"the damping table not written: no --damping-grid run of --model {', '.join(missing)} next to {out}")
+        return
+
+    def pair(scores: dict[str, float]) -> str:
+        return f"{scores['mean']:.3f} / {scores['variance']:.3f}"
+
+    lines = [
+        '| task | ggn `"auto"` | ggn, best fixed | kfac `"auto"` (fitted) | kfac at `λ_G` | kfac, best fixed | ekfac `"auto"` | '
+        "ekfac at `λ_G` | ekfac, best fixed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, label in DAMPING_TASKS.items():
+        scores = grids[task]
+        fixed = [key.split(" ", 1)[1] for key in scores if key.startswith("ggn ") and key != "ggn auto"]
+        rule = fixed[len(fixed) // 2]  # the grid is rule * 10^(k/2), k = -4 ... 4
+        cells = []
+        for curvature in ("ggn", "kfac", "ekfac"):
+            grid_scores = [scores[f"{curvature} {d}"] for d in fixed]
+            best = {s: max(g[s] for g in grid_scores) for s in ("mean", "variance")}
+            cells += [pair(scores[f"{curvature} auto"])] + (
+                [] if curvature == "ggn" else [pair(scores[f"{curvature} {rule}"])]
+            )
+            cells.append(pair(best))
+        lines.append(f"| {label} (`λ_G` {scientific(float(rule), 2)}) | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Rows from the `--damping-grid` runs of `--model mlp`, `--model adam` and `--model regression` (each one's `table.json`).",
+    ]
+    write_table("digits_dtda", "damping_grid", "\n".join(lines), command=invocation())
 
 
 def main() -> None:
@@ -156,6 +246,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: 40 for regression, else 20")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--damping-grid", action="store_true")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help=(
+            "rewrite this model's table in docs/benchmarks/digits_dtda.md (--model mlp: also the headline table in README.md; "
+            "--damping-grid: also the damping table, once the mlp, adam and regression runs all have their grid)"
+        ),
+    )
     args = parser.parse_args()
     args.out = args.out or Path("benchmarks/output/digits_dtda" + ("" if args.model == "mlp" else f"_{args.model}"))
     args.epochs = args.epochs or (40 if args.model == "regression" else 20)
@@ -174,9 +272,17 @@ def main() -> None:
         "regression": (DiabetesMLP, DiabetesMLP, {}),
     }[args.model]
     train_seeds(
-        make_module, DataLoader(train, batch_size=32, shuffle=True), runs_dir, range(args.truth_seeds),
-        max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+        make_module,
+        DataLoader(train, batch_size=32, shuffle=True),
+        runs_dir,
+        range(args.truth_seeds),
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
     )
     trained = args.truth_seeds - already
     timing_path = args.out / "training_seconds.json"
@@ -186,11 +292,20 @@ def main() -> None:
     runs = load_runs(runs_dir)[: args.truth_seeds]
 
     examples = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.examples]
-    loo = cached(args.out / f"loo_{args.truth_seeds}x{args.examples}.safetensors",
-                 lambda: retrain(Module, runs, train, queries, leave_one_out_weights(len(train), examples)))
-    lds = cached(args.out / f"lds_{args.subset_seeds}x{args.subsets}.safetensors",
-                 lambda: retrain(Module, runs[: args.subset_seeds], train, queries,
-                                 random_subset_weights(len(train), args.subsets, 0.5, seed=2)))
+    loo = cached(
+        args.out / f"loo_{args.truth_seeds}x{args.examples}.safetensors",
+        lambda: retrain(Module, runs, train, queries, leave_one_out_weights(len(train), examples)),
+    )
+    lds = cached(
+        args.out / f"lds_{args.subset_seeds}x{args.subsets}.safetensors",
+        lambda: retrain(
+            Module,
+            runs[: args.subset_seeds],
+            train,
+            queries,
+            random_subset_weights(len(train), args.subsets, 0.5, seed=2),
+        ),
+    )
 
     rows, refused = [], []
     for method in args.methods:
@@ -209,7 +324,8 @@ def main() -> None:
             rows.append(("ekfac (1 seed)", single, seconds / args.estimator_seeds))
 
     lines = [
-        "| method | Spearman mean shift | Spearman variance shift | Spearman W2 | LDS | seconds (all seeds) | per seed, x training one seed |",
+        f"| {FIRST_COLUMN[args.model]} | Spearman mean shift | Spearman variance shift | Spearman W2 | LDS | seconds (all seeds) | "
+        "per seed, x training one seed |",
         "|---|---|---|---|---|---|---|",
     ]
     record = {}
@@ -222,44 +338,60 @@ def main() -> None:
             cells[statistic] = score(*loo.table(result, statistic))
         cells["lds"] = score(*lds.table(result, "mean"))
         cells["seconds"] = seconds
+        cells["cost"] = seconds / result.num_seeds / seconds_per_seed
         record[name] = cells
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt(cells['mean'])} | {fmt(cells['variance'])} | {fmt(cells['wasserstein'])} | "
-                     f"{fmt(cells['lds'])} | {seconds:.1f} | {seconds / result.num_seeds / seconds_per_seed:.2f} |")
+        lines.append(
+            f"| {name} | {fmt(cells['mean'])} | {fmt(cells['variance'])} | {fmt(cells['wasserstein'])} | "
+            f"{fmt(cells['lds'])} | {seconds:.1f} | {cells['cost']:.2f} |"
+        )
     lines += [f"| {method} | refused | — | — | — | — | — |" for method in refused]
     # What an estimator that got every one of its 8 seeds exactly right would score.
     k = args.estimator_seeds
-    exact = {stat: score(distribution.statistic(stat)(loo.base[:k], loo.effects[:k]), loo.statistic(stat)) for stat in STATISTICS}
+    retrained = AttributionResult(loo.effects[:k], loo.base[:k], loo.runs[:k])  # exact effects, as a result
+    exact = {stat: score(retrained.statistic(stat), loo.statistic(stat)) for stat in STATISTICS}
     record[f"exact retraining, first {k} seeds"] = exact
-    lines.append(f"| exact retraining on the estimators' {k} seeds | {exact['mean']:.3f} | {exact['variance']:.3f} | "
-                 f"{exact['wasserstein']:.3f} | — | — | — |")
+    lines.append(
+        f"| exact retraining on the estimators' {k} seeds | {exact['mean']:.3f} | {exact['variance']:.3f} | "
+        f"{exact['wasserstein']:.3f} | — | — | — |"
+    )
     ceiling = {s: loo.split_half(s) for s in STATISTICS}
     record["ground truth split-half"] = ceiling
-    lines.append(f"| ground truth, split-half ({args.truth_seeds // 2} vs {args.truth_seeds // 2} seeds) | "
-                 f"{ceiling['mean']:.3f} | {ceiling['variance']:.3f} | {ceiling['wasserstein']:.3f} | — | — | — |")
+    lines.append(
+        f"| ground truth, split-half ({args.truth_seeds // 2} vs {args.truth_seeds // 2} seeds) | "
+        f"{ceiling['mean']:.3f} | {ceiling['variance']:.3f} | {ceiling['wasserstein']:.3f} | — | — | — |"
+    )
     table = "\n".join(lines)
     print(table)
     found = {name: result for name, result, _ in rows}
     if "ggn" in found and "ggn (dense)" in found:
-        print(f"\nggn by block CG against the dense solve: Spearman of the mean shifts {score(found['ggn'].mean_shift(), found['ggn (dense)'].mean_shift()):.4f}, "
-              f"of the per-seed effects {score(found['ggn'].effects.flatten(0, 1), found['ggn (dense)'].effects.flatten(0, 1)):.4f}")
-    print(f"\ntraining one seed with Lightning + recorder: {seconds_per_seed:.2f} s; "
-          f"estimators pooled over {args.estimator_seeds} seeds; ground truth {args.truth_seeds} seeds x "
-          f"{args.examples} removed examples, LDS {args.subsets} subsets x {args.subset_seeds} seeds")
+        print(
+            f"\nggn by block CG against the dense solve: Spearman of the mean shifts {score(found['ggn'].mean_shift(), found['ggn (dense)'].mean_shift()):.4f}, "
+            f"of the per-seed effects {score(found['ggn'].effects.flatten(0, 1), found['ggn (dense)'].effects.flatten(0, 1)):.4f}"
+        )
+    print(
+        f"\ntraining one seed with Lightning + recorder: {seconds_per_seed:.2f} s; "
+        f"estimators pooled over {args.estimator_seeds} seeds; ground truth {args.truth_seeds} seeds x "
+        f"{args.examples} removed examples, LDS {args.subsets} subsets x {args.subset_seeds} seeds"
+    )
     (args.out / "table.md").write_text(table + "\n")
     if args.damping_grid:
         record["damping grid"] = damping_grid(Module, runs[: args.estimator_seeds], train, queries, loo)
+    if args.write_docs:
+        write_table("digits_dtda", DOCS_TABLES[args.model], table, command=invocation())
+        if args.model == "mlp":
+            write_headline(record, k)
+        if args.damping_grid and args.model in DAMPING_TASKS:
+            write_damping_grid(args.out, args.model, record["damping grid"])
 
     # The headline case: the example whose removal moves the spread most relative to the mean.
-    from lightning_dtda.reporting.figures import plot_distributions
-
     name, result, _ = next(r for r in rows if r[0] == "ggn") if "ggn" in args.methods else rows[0]
     spread, shift = result.std_shift().abs(), result.mean_shift().abs()
     scores = torch.where(shift < 0.25 * spread, spread, torch.zeros_like(spread))  # spread moves 4x the mean
     query = int(scores.max(1).values.argmax())
     widener = int(scores[query].argmax())
     mover = int(result.mean_shift()[query].abs().argmax())
-    figure = plot_distributions(result, query, [widener, mover])
+    figure = figures.plot_distributions(result, query, [widener, mover])
     figure.savefig(args.out / "spread_widener.png", dpi=120)
     print(f"spread_widener.png ({name}): query {query}, widener #{widener}, largest mean shift #{mover}")
     (args.out / "table.json").write_text(json.dumps(record, indent=2))

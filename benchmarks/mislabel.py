@@ -25,23 +25,21 @@ random order ~0.5).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from docs_tables import invocation, write_table
+from models import DigitsMLP, final_model
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsMLP  # noqa: E402
-
-from lightning_dtda import Attributor, Influence, load_runs, train_seeds
-from lightning_dtda.results import distribution  # noqa: E402
-from lightning_dtda.model.instantiate import instantiate  # noqa: E402
+from lightning_dtda import AttributionResult, Attributor, Influence, load_runs, train_seeds
 
 FLIP_FRACTION = 0.1
 BUDGETS = (0.05, 0.10, 0.20)
+# (seeds, epochs, hidden, weight decay, lr) -> the table of docs/benchmarks/mislabel.md that shows it
+DOCS_TABLES = {(8, 20, 32, 1e-4, 0.03): "main", (8, 100, 64, 0.0, 0.1): "memorised"}
 
 
 def mislabelled_digits(n_train: int = 1000, seed: int = 0) -> tuple[TensorDataset, torch.Tensor]:
@@ -55,7 +53,9 @@ def mislabelled_digits(n_train: int = 1000, seed: int = 0) -> tuple[TensorDatase
     generator = torch.Generator().manual_seed(seed)
     flipped = torch.randperm(n_train, generator=generator)[: round(FLIP_FRACTION * n_train)].sort().values
     noisy = y.clone()
-    noisy[flipped] = (y[flipped] + torch.randint(1, 10, (len(flipped),), generator=generator)) % 10  # never the true class
+    noisy[flipped] = (
+        y[flipped] + torch.randint(1, 10, (len(flipped),), generator=generator)
+    ) % 10  # never the true class
     return TensorDataset(x, noisy), flipped
 
 
@@ -73,7 +73,7 @@ def training_losses(runs, train: TensorDataset) -> torch.Tensor:
     """``[seeds, N]`` each example's training loss at each run's final weights."""
     x, y = train.tensors
     with torch.no_grad():
-        return torch.stack([F.cross_entropy(instantiate(DigitsMLP, run)(x), y, reduction="none") for run in runs])
+        return torch.stack([F.cross_entropy(final_model(DigitsMLP, run)(x), y, reduction="none") for run in runs])
 
 
 def kronfluence_self_scores(runs, train: TensorDataset, out: Path) -> torch.Tensor:
@@ -98,12 +98,25 @@ def kronfluence_self_scores(runs, train: TensorDataset, out: Path) -> torch.Tens
     torch.manual_seed(0)  # kronfluence's factors draw labels from the model (the true Fisher): make its rows repeatable
     scores = []
     for run in runs:
-        model = prepare_model(instantiate(DigitsMLP, run), Classification())
-        analyzer = Analyzer(f"mislabel_{run.name}", model, Classification(), cpu=True, disable_tqdm=True, output_dir=str(out))
-        analyzer.fit_all_factors("ekfac", train, per_device_batch_size=128, factor_args=FactorArguments(strategy="ekfac"),
-                                 overwrite_output_dir=True)
-        analyzer.compute_self_scores("self", "ekfac", train, per_device_train_batch_size=128,
-                                     score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
+        model = prepare_model(final_model(DigitsMLP, run), Classification())
+        analyzer = Analyzer(
+            f"mislabel_{run.name}", model, Classification(), cpu=True, disable_tqdm=True, output_dir=str(out)
+        )
+        analyzer.fit_all_factors(
+            "ekfac",
+            train,
+            per_device_batch_size=128,
+            factor_args=FactorArguments(strategy="ekfac"),
+            overwrite_output_dir=True,
+        )
+        analyzer.compute_self_scores(
+            "self",
+            "ekfac",
+            train,
+            per_device_train_batch_size=128,
+            score_args=ScoreArguments(damping_factor=None),
+            overwrite_output_dir=True,
+        )
         scores.append(analyzer.load_self_scores("self")["all_modules"].flatten())
     return torch.stack(scores)
 
@@ -116,16 +129,34 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32, help="hidden units (32: 2,410 parameters)")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--curvatures", nargs="+", default=["ekfac", "ggn"], choices=["ekfac", "kfac", "ggn", "identity"])
+    parser.add_argument(
+        "--curvatures", nargs="+", default=["ekfac", "ggn"], choices=["ekfac", "kfac", "ggn", "identity"]
+    )
+    parser.add_argument(
+        "--write-docs", action="store_true", help="rewrite the table of this setting in docs/benchmarks/mislabel.md"
+    )
     args = parser.parse_args()
+    docs_table = DOCS_TABLES.get((args.seeds, args.epochs, args.hidden, args.weight_decay, args.lr))
+    if args.write_docs and (docs_table is None or args.curvatures != ["ekfac", "ggn"]):
+        parser.error(
+            "--write-docs: the docs have tables for the default setting and for "
+            "--epochs 100 --hidden 64 --weight-decay 0 --lr 0.1 only (8 seeds, curvatures ekfac and ggn)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
 
     train, flipped = mislabelled_digits()
     setting = f"{args.epochs}_epochs_{args.hidden}_hidden_wd_{args.weight_decay:g}_lr_{args.lr:g}"
     runs_dir = args.out / f"runs_{setting}"
     train_seeds(
-        lambda: DigitsMLP(hidden=args.hidden, weight_decay=args.weight_decay, lr=args.lr), DataLoader(train, batch_size=32, shuffle=True), runs_dir, range(args.seeds),
-        max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        lambda: DigitsMLP(hidden=args.hidden, weight_decay=args.weight_decay, lr=args.lr),
+        DataLoader(train, batch_size=32, shuffle=True),
+        runs_dir,
+        range(args.seeds),
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     runs = load_runs(runs_dir)[: args.seeds]
@@ -135,8 +166,9 @@ def main() -> None:
     losses = training_losses(runs, train)
     rankings["training loss, 1 seed"] = losses[0]
     rankings[f"training loss, mean of {args.seeds} seeds"] = losses.mean(0)
-    # The same pooling as self-influence's interval row, for a fair baseline.
-    low, _ = distribution.bootstrap_interval(distribution.mean_shift, torch.zeros(len(losses), 1), losses.unsqueeze(1))
+    # The same pooling as self-influence's interval row, for a fair baseline: the losses as one query's "effects".
+    pooled = AttributionResult(losses.unsqueeze(1), torch.zeros(len(losses), 1), [run.name for run in runs])
+    low, _ = pooled.interval("mean")
     rankings[f"training loss, {args.seeds} seeds (90% interval, low end)"] = low[0]
     for curvature in args.curvatures:
         # The exact GGN built densely (the Krylov solver would run CG per chunk: refused for self-influence).
@@ -144,7 +176,9 @@ def main() -> None:
         result = Attributor(DigitsMLP, runs, train, estimator, progress=False, cache_dir=cache).self_influence()
         rankings[f"self-influence ({curvature}), 1 seed"] = result.effects[0]
         rankings[f"self-influence ({curvature}), {args.seeds} seeds pooled (mean)"] = result.mean_shift()
-        rankings[f"self-influence ({curvature}), {args.seeds} seeds pooled (90% interval, low end)"] = result.interval("mean")[0]
+        rankings[f"self-influence ({curvature}), {args.seeds} seeds pooled (90% interval, low end)"] = result.interval(
+            "mean"
+        )[0]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             kron = kronfluence_self_scores(runs, train, Path(tmp))
@@ -153,7 +187,9 @@ def main() -> None:
     except ImportError:
         print('kronfluence is not installed (pip install -e ".[bench]"): its rows are left out.')
 
-    accuracy = (torch.stack([instantiate(DigitsMLP, run)(train.tensors[0]).argmax(1) for run in runs]) == train.tensors[1]).float()
+    accuracy = (
+        torch.stack([final_model(DigitsMLP, run)(train.tensors[0]).argmax(1) for run in runs]) == train.tensors[1]
+    ).float()
     clean = torch.ones(len(train), dtype=torch.bool)
     clean[flipped] = False
     lines = [
@@ -170,6 +206,12 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     (args.out / f"table_{setting}.md").write_text(table + "\n")
+    if args.write_docs and not any(name.startswith("kronfluence") for name in rankings):
+        print(
+            "--write-docs: the docs' table has kronfluence's rows; install it (pip install -e \".[bench]\") and rerun"
+        )
+    elif args.write_docs:
+        write_table("mislabel", docs_table, "\n".join(lines[2:]), command=invocation())
 
 
 if __name__ == "__main__":

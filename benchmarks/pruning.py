@@ -15,7 +15,7 @@ choices of ``k`` examples to remove (``--estimation-seeds n`` estimates on n see
   validation loss across seeds most);
 - (c) random: three draws of ``k`` examples (their statistics averaged).
 
-Each choice is retrained with ``evaluation.retrain`` (coupled replay: same initialisation and batch
+Each choice is retrained with ``retrain`` (coupled replay: same initialisation and batch
 order, the chosen examples' loss weight 0) on 24 *held-out* seeds, never used to choose, and on the
 8 estimation seeds (to tell an estimator's error from a choice that does not carry to new seeds).
 Reported: the mean and standard deviation over seeds of the validation loss, the standard deviation
@@ -26,18 +26,14 @@ the first-order prediction on the estimation seeds.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+from docs_tables import invocation, write_table
+from models import DigitsMLP
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsMLP  # noqa: E402
-
-from lightning_dtda import Attributor, AttributionResult, Unrolled, load_runs, train_seeds  # noqa: E402
-from lightning_dtda.results.retraining import Retraining
-from lightning_dtda.evaluation import retrain  # noqa: E402
+from lightning_dtda import AttributionResult, Attributor, Retraining, Unrolled, load_runs, retrain, train_seeds
 
 HELD_OUT_SEEDS = range(100, 124)
 KS = (10, 25, 50, 100)
@@ -82,7 +78,9 @@ def cached(path: Path, weights: torch.Tensor, compute) -> Retraining:
     return value
 
 
-def std_ratio_interval(base: torch.Tensor, retrained: torch.Tensor, level: float = 0.9, resamples: int = 2000) -> tuple[float, float]:
+def std_ratio_interval(
+    base: torch.Tensor, retrained: torch.Tensor, level: float = 0.9, resamples: int = 2000
+) -> tuple[float, float]:
     """Bootstrap interval over seeds (paired) of ``std(retrained) / std(base)``; ``base`` and ``retrained`` are ``[S]``."""
     draws = torch.randint(len(base), (resamples, len(base)), generator=torch.Generator().manual_seed(0))
     ratios = (retrained[draws].std(1) / base[draws].std(1)).sort().values
@@ -94,15 +92,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/output/pruning"))
     parser.add_argument("--estimation-seeds", type=int, default=8, help="seeds 0..n-1 choose what to remove")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="rewrite the tables in docs/benchmarks/pruning.md (8 estimation seeds: both; 16: the claim's)",
+    )
     args = parser.parse_args()
+    if args.write_docs and args.estimation_seeds not in (8, 16):
+        parser.error("--write-docs: the docs have tables for 8 and for 16 estimation seeds only")
     estimation_seeds = range(args.estimation_seeds)
     args.out.mkdir(parents=True, exist_ok=True)
 
     train, val = pruning_data()
     runs_dir = args.out / "runs"
     train_seeds(
-        DigitsMLP, DataLoader(train, batch_size=32, shuffle=True), runs_dir, [*estimation_seeds, *HELD_OUT_SEEDS], max_epochs=20,
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        DigitsMLP,
+        DataLoader(train, batch_size=32, shuffle=True),
+        runs_dir,
+        [*estimation_seeds, *HELD_OUT_SEEDS],
+        max_epochs=20,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     by_seed = {run.seed: run for run in load_runs(runs_dir)}
     estimation = [by_seed[s] for s in estimation_seeds]
@@ -112,7 +125,9 @@ def main() -> None:
     if result_path.is_file():
         result = AttributionResult.load(result_path)
     else:
-        result = Attributor(DigitsMLP, estimation, train, Unrolled(relu_smoothing=0.1), progress=False).attribute(val, reduce="mean")
+        result = Attributor(DigitsMLP, estimation, train, Unrolled(relu_smoothing=0.1), progress=False).attribute(
+            val, reduce="mean"
+        )
         result.save(result_path)
 
     chosen = choices(result, len(train))
@@ -120,15 +135,23 @@ def main() -> None:
     sets = [s for name in names for s in chosen[name]]
     weights = removal_weights(sets, len(train))
     truth = {
-        "held-out": cached(args.out / f"held_out_{len(held_out)}x{len(sets)}.safetensors", weights,
-                           lambda: retrain(DigitsMLP, held_out, train, val, weights, progress=False)),
-        "estimation": cached(args.out / f"estimation_{len(estimation)}x{len(sets)}.safetensors", weights,
-                             lambda: retrain(DigitsMLP, estimation, train, val, weights, progress=False)),
+        "held-out": cached(
+            args.out / f"held_out_{len(held_out)}x{len(sets)}.safetensors",
+            weights,
+            lambda: retrain(DigitsMLP, held_out, train, val, weights, progress=False),
+        ),
+        "estimation": cached(
+            args.out / f"estimation_{len(estimation)}x{len(sets)}.safetensors",
+            weights,
+            lambda: retrain(DigitsMLP, estimation, train, val, weights, progress=False),
+        ),
     }
     # Mean validation loss per seed: [S] kept everything, [S, M] under each removal set.
     base = {k: t.base.mean(1) for k, t in truth.items()}
     after = {k: t.retrained.mean(1) for k, t in truth.items()}
-    predicted = result.measurements[:, 0:1] + result.effects[:, 0] @ (1 - weights.T.to(result.effects.dtype))  # first order, [8, M]
+    predicted = result.measurements[:, 0:1] + result.effects[:, 0] @ (
+        1 - weights.T.to(result.effects.dtype)
+    )  # first order, [8, M]
 
     lines = [
         f"validation loss (mean over 300 examples) across {len(held_out)} held-out seeds, keeping everything: "
@@ -160,11 +183,22 @@ def main() -> None:
     for k in KS:
         for name in names:
             c = record[f"{name}, k={k}"]
-            lines.append(f"| {k} | {name} | {c['mean']:.4f} | {c['std']:.4f} | {c['ratio']:.2f} ({c['ratio_low']:.2f}-{c['ratio_high']:.2f}) | "
-                         f"{c['estimation_std']:.4f} | {c['predicted_std']:.4f} |")
+            lines.append(
+                f"| {k} | {name} | {c['mean']:.4f} | {c['std']:.4f} | {c['ratio']:.2f} ({c['ratio_low']:.2f}-{c['ratio_high']:.2f}) | "
+                f"{c['estimation_std']:.4f} | {c['predicted_std']:.4f} |"
+            )
     # The claim, paired on the held-out seeds: (b)'s spread against (a)'s and against each random draw's.
-    lines += ["", "| k removed | std (b) / std (a), held-out seeds (90% interval) | std (b) / std (c), mean over draws |", "|---|---|---|"]
-    starts = {name: sum(len(KS) * (RANDOM_DRAWS if n == "(c) random" else 1) for n in names[: names.index(name)]) for name in names}
+    main_table = lines[2:]
+    claim_start = len(lines) + 1
+    lines += [
+        "",
+        "| k removed | std (b) / std (a), held-out seeds (90% interval) | std (b) / std (c), mean over draws |",
+        "|---|---|---|",
+    ]
+    starts = {
+        name: sum(len(KS) * (RANDOM_DRAWS if n == "(c) random" else 1) for n in names[: names.index(name)])
+        for name in names
+    }
     for i, k in enumerate(KS):
         b = after["held-out"][:, starts["(b) variance shift"] + i]
         a = after["held-out"][:, starts["(a) mean shift"] + i]
@@ -172,11 +206,18 @@ def main() -> None:
         vs_a = std_ratio_interval(a, b)
         vs_c = [std_ratio_interval(c, b) for c in draws]
         ratio_c = sum(b.std() / c.std() for c in draws).item() / RANDOM_DRAWS
-        lines.append(f"| {k} | {b.std() / a.std():.2f} ({vs_a[0]:.2f}-{vs_a[1]:.2f}) | {ratio_c:.2f} "
-                     f"({sum(lo for lo, _ in vs_c) / RANDOM_DRAWS:.2f}-{sum(hi for _, hi in vs_c) / RANDOM_DRAWS:.2f}) |")
+        lines.append(
+            f"| {k} | {b.std() / a.std():.2f} ({vs_a[0]:.2f}-{vs_a[1]:.2f}) | {ratio_c:.2f} "
+            f"({sum(lo for lo, _ in vs_c) / RANDOM_DRAWS:.2f}-{sum(hi for _, hi in vs_c) / RANDOM_DRAWS:.2f}) |"
+        )
     table = "\n".join(lines)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
+    if args.write_docs and args.estimation_seeds == 8:
+        write_table("pruning", "main", "\n".join(main_table), command=invocation())
+        write_table("pruning", "claim", "\n".join(lines[claim_start:]), command=invocation())
+    elif args.write_docs:
+        write_table("pruning", "claim16", "\n".join(lines[claim_start:]), command=invocation())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ of 32 examples per snapshot), takes its last snapshot, and writes and reads that
 formats, interleaved, 2,000 times each. Prints the median time per snapshot of: encode + atomic write
 + SHA-256 (what the recorder pays per snapshot), and checked read + decode (what a replay pays per
 snapshot), and the ratio new / old. Format 2's encoder is no longer in the package; the few lines
-below rebuild it from ``legacy.decode_archive``, which reads what it writes (checked here).
+below rebuild it from ``runs.archive.decode_archive``, which reads what it writes (checked here).
 
 Then the recorder's overhead in the protocol of benchmarks/speed.py, but format against format: the
 digits example (20 epochs, a snapshot every epoch) trained with the recorder writing safetensors and
@@ -17,11 +17,11 @@ warm-up pair; printed: the quartiles of the paired ratios (safetensors / format 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import statistics
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +29,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from docs_tables import write_table
+from models import DigitsMLP, speed_data
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import DigitsMLP, datasets  # noqa: E402
+from lightning_dtda import TrajectoryRecorder, load_runs
 
-from lightning_dtda import TrajectoryRecorder, load_runs  # noqa: E402
-from lightning_dtda._io import atomic_write_bytes, read_checked, save_tree  # noqa: E402
-from lightning_dtda.runs.archive import ARCHIVE_MAGIC, decode_archive  # noqa: E402
-from lightning_dtda.runs.format import SnapshotContent  # noqa: E402
+# Internal on purpose: this benchmark times the snapshot file format itself (the writer, the checked reader,
+# format 2's archive codec) and swaps the recorder's writer, none of which the public API exposes.
+from lightning_dtda._io import atomic_write_bytes, read_checked, save_tree
+from lightning_dtda.runs.archive import ARCHIVE_MAGIC, decode_archive
+from lightning_dtda.runs.format import SnapshotContent
 
 REPEATS = 2000
 
@@ -74,7 +76,7 @@ def recorder_format_ratio(repeats: int = 41) -> tuple[float, float, float]:
     """Quartiles of the training time with safetensors snapshots over that with format-2 archives."""
     import lightning_dtda.runs.format as run_format
 
-    train_set = datasets("mlp")[0]
+    train_set = speed_data("mlp")[0]
     writers = {"new": run_format.save_tree, "old": write_archive}
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,25 +85,45 @@ def recorder_format_ratio(repeats: int = 41) -> tuple[float, float, float]:
             for kind in ("new", "old") if repeat % 2 else ("old", "new"):
                 run_format.save_tree = writers[kind]
                 pl.seed_everything(repeat, verbose=False)
-                trainer = pl.Trainer(max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                     enable_model_summary=False, callbacks=[TrajectoryRecorder(Path(tmp) / f"{kind}{repeat}")])
+                trainer = pl.Trainer(
+                    max_epochs=20,
+                    accelerator="cpu",
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    callbacks=[TrajectoryRecorder(Path(tmp) / f"{kind}{repeat}")],
+                )
                 start = time.perf_counter()
                 trainer.fit(DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True))
                 seconds[kind] = time.perf_counter() - start
             if repeat > 0:
                 ratios.append(seconds["new"] / seconds["old"])
     run_format.save_tree = writers["new"]
-    return tuple(torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist())
+    return tuple(
+        torch.tensor(ratios, dtype=torch.float64)
+        .quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        .tolist()
+    )
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/benchmarks/snapshot_io.md")
+    args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pl.seed_everything(0, verbose=False)
-        pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, callbacks=[TrajectoryRecorder(root / "run")])\
-            .fit(DigitsMLP(), DataLoader(datasets("mlp")[0], batch_size=32, shuffle=True))
+        pl.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[TrajectoryRecorder(root / "run")],
+        ).fit(DigitsMLP(), DataLoader(speed_data("mlp")[0], batch_size=32, shuffle=True))
         [run] = load_runs(root / "run")
         entry = run.snapshots[-1]
         tree = SnapshotContent.load(run.path / entry.file, entry.sha256).to_tree()
@@ -125,18 +147,24 @@ def main() -> None:
                 operation()
                 seconds[key].append(time.perf_counter() - start)
 
-    print(f"digits MLP snapshot: {size} bytes "
-          f"({sum(t.numel() for t in tree['state_dict'].values())} parameters, {len(tree['steps']['micro_batch_sizes'])} steps)")
-    print("| per snapshot | run format 2 (ms) | safetensors (ms) | ratio |")
-    print("|---|---|---|---|")
+    print(
+        f"digits MLP snapshot: {size} bytes "
+        f"({sum(t.numel() for t in tree['state_dict'].values())} parameters, {len(tree['steps']['micro_batch_sizes'])} steps)"
+    )
+    lines = ["| per snapshot | run format 2 (ms) | safetensors (ms) | ratio |", "|---|---|---|---|"]
     labels = {"write": "encode + atomic write + SHA-256", "read": "checked read + decode"}
     for operation, label in labels.items():
         old = statistics.median(seconds[(operation, "old")]) * 1e3
         new = statistics.median(seconds[(operation, "new")]) * 1e3
-        print(f"| {label} | {old:.3f} | {new:.3f} | {new / old:.2f} |")
+        lines.append(f"| {label} | {old:.3f} | {new:.3f} | {new / old:.2f} |")
+    print("\n".join(lines))
+    if args.write_docs:
+        write_table("snapshot_io", "main", "\n".join(lines))
     q1, median, q3 = recorder_format_ratio()
-    print(f"\nrecorder, digits example (20 epochs, a snapshot each): training time writing safetensors / writing format 2, "
-          f"median of 41 pairs {median:.3f} (quartiles {q1:.3f}-{q3:.3f})")
+    print(
+        f"\nrecorder, digits example (20 epochs, a snapshot each): training time writing safetensors / writing format 2, "
+        f"median of 41 pairs {median:.3f} (quartiles {q1:.3f}-{q3:.3f})"
+    )
 
 
 if __name__ == "__main__":

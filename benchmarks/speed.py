@@ -17,6 +17,7 @@ example: 20 epochs, a snapshot every epoch), alternated and repeated in one proc
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -28,79 +29,26 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from docs_tables import write_table
+from models import GGN_SUBSET, SPEED_SETTINGS, DigitsMLP, final_model, record_speed_run, speed_data
+from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsMLP  # noqa: E402
-
-from lightning_dtda import Attributor, Influence, TrajectoryRecorder, load_runs  # noqa: E402
-from lightning_dtda.model.instantiate import instantiate  # noqa: E402
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder, load_runs
 
 BATCH = 128
-# Training images the CNN's GGN products run on: each block-CG iteration is one pass over them with all
-# 50 queries as columns, so its cost is linear in this number.
-GGN_SUBSET = 200
-
-
-class DigitsCNN(pl.LightningModule):
-    """Two conv layers and a 4096x256 linear layer: about 1.07M parameters on 32x32 inputs."""
-
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-
-
-def datasets(setting: str) -> tuple[TensorDataset, TensorDataset]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x = torch.tensor(x, dtype=torch.float32)[order] / 16.0
-    y = torch.tensor(y)[order]
-    if setting == "mlp":
-        return TensorDataset(x[:1000], y[:1000]), TensorDataset(x[1000:1050], y[1000:1050])
-    images = F.interpolate(x.reshape(-1, 1, 8, 8), size=32, mode="bilinear", align_corners=False)
-    index = torch.arange(3000) % 1500  # 3,000 examples from the first 1,500 digits, flipped on the second pass
-    train = torch.where((torch.arange(3000) >= 1500)[:, None, None, None], images[index].flip(-1), images[index])
-    return TensorDataset(train, y[index]), TensorDataset(images[1500:1550], y[1500:1550])
-
-
-MODULES = {"mlp": (DigitsMLP, 20), "cnn": (DigitsCNN, 2)}
-
-
-def train(setting: str, root: Path) -> Path:
-    cls, epochs = MODULES[setting]
-    runs = root / setting
-    if not runs.exists():
-        pl.seed_everything(0)
-        pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[TrajectoryRecorder(runs)]).fit(cls(), DataLoader(datasets(setting)[0], batch_size=32, shuffle=True))
-    return runs
 
 
 def run_ours(setting: str, runs: Path, damping: float, curvature: str = "ekfac") -> tuple[torch.Tensor, dict]:
-    cls, _ = MODULES[setting]
-    train_set, queries = datasets(setting)
-    estimator = Influence(curvature="ekfac", damping=damping) if curvature == "ekfac" else \
-        Influence(curvature="ggn", damping=damping, solver="krylov", curvature_subset=GGN_SUBSET)
-    result = Attributor(cls, runs, train_set, estimator=estimator, batch_size=BATCH, device="cpu", progress=False).attribute(queries)
+    cls, _ = SPEED_SETTINGS[setting]
+    train_set, queries = speed_data(setting)
+    estimator = (
+        Influence(curvature="ekfac", damping=damping)
+        if curvature == "ekfac"
+        else Influence(curvature="ggn", damping=damping, solver="krylov", curvature_subset=GGN_SUBSET)
+    )
+    result = Attributor(
+        cls, runs, train_set, estimator=estimator, batch_size=BATCH, device="cpu", progress=False
+    ).attribute(queries)
     return result.effects[0], result.settings["per_run"][0]
 
 
@@ -122,16 +70,28 @@ def run_kronfluence(setting: str, runs: Path, damping: float, out: Path) -> torc
             x, y = batch
             return F.cross_entropy(model(x), y, reduction="sum")
 
-    cls, _ = MODULES[setting]
+    cls, _ = SPEED_SETTINGS[setting]
     [run] = load_runs(runs)
-    model = prepare_model(instantiate(cls, run), Classification())
-    train_set, queries = datasets(setting)
+    model = prepare_model(final_model(cls, run), Classification())
+    train_set, queries = speed_data(setting)
     analyzer = Analyzer(f"speed_{setting}", model, Classification(), cpu=True, disable_tqdm=True, output_dir=str(out))
-    analyzer.fit_all_factors("ekfac", train_set, per_device_batch_size=BATCH, factor_args=FactorArguments(strategy="ekfac"),
-                             overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores("scores", "ekfac", queries, train_set, per_device_query_batch_size=len(queries),
-                                     per_device_train_batch_size=BATCH, score_args=ScoreArguments(damping_factor=damping),
-                                     overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        "ekfac",
+        train_set,
+        per_device_batch_size=BATCH,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
+    analyzer.compute_pairwise_scores(
+        "scores",
+        "ekfac",
+        queries,
+        train_set,
+        per_device_query_batch_size=len(queries),
+        per_device_train_batch_size=BATCH,
+        score_args=ScoreArguments(damping_factor=damping),
+        overwrite_output_dir=True,
+    )
     # kronfluence scores g_q^T (F + damping)^-1 g_n with summed losses; ours divide by N
     return analyzer.load_pairwise_scores("scores")["all_modules"] / len(train_set)
 
@@ -142,10 +102,13 @@ def child(tool: str, setting: str, runs: Path, damping: float, out: Path) -> Non
     start = time.perf_counter()
     report: dict = {}
     if tool.startswith("ggn"):  # with and without the Nystrom preconditioner (by default: without, for 50 queries)
+        # Internal on purpose: forcing the preconditioner on or off, which the public API leaves to the default.
         from lightning_dtda.curvature.ggn import KrylovGGN
 
         init = KrylovGGN.__init__
-        KrylovGGN.__init__ = lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "preconditioned": tool == "ggn"})
+        KrylovGGN.__init__ = lambda self, *args, **kwargs: init(
+            self, *args, **{**kwargs, "preconditioned": tool == "ggn"}
+        )
     if tool == "kronfluence":
         effects = run_kronfluence(setting, runs, damping, out)
     else:
@@ -164,7 +127,7 @@ def recorder_overhead(repeats: int = 41) -> tuple[float, float, float, float]:
     pair's ratio cancels the slow drifts of a shared machine that make single timings vary by 20%, and
     the fastest runs are the least disturbed (interference only ever slows a run down).
     """
-    train_set, _ = datasets("mlp")
+    train_set, _ = speed_data("mlp")
     ratios, fastest = [], {True: float("inf"), False: float("inf")}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):
@@ -172,15 +135,26 @@ def recorder_overhead(repeats: int = 41) -> tuple[float, float, float, float]:
             for record in (False, True) if repeat % 2 else (True, False):
                 pl.seed_everything(repeat, verbose=False)
                 callbacks = [TrajectoryRecorder(Path(tmp) / f"r{repeat}")] if record else []
-                trainer = pl.Trainer(max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                trainer = pl.Trainer(
+                    max_epochs=20,
+                    accelerator="cpu",
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    callbacks=callbacks,
+                )
                 start = time.perf_counter()
                 trainer.fit(DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True))
                 seconds[record] = time.perf_counter() - start
             if repeat > 0:
                 ratios.append(seconds[True] / seconds[False])
                 fastest = {k: min(fastest[k], seconds[k]) for k in fastest}
-    q1, median, q3 = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    q1, median, q3 = (
+        torch.tensor(ratios, dtype=torch.float64)
+        .quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        .tolist()
+    )
     return q1, median, q3, fastest[True] / fastest[False]
 
 
@@ -193,39 +167,66 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], sys.argv[3], Path(sys.argv[4]), float(sys.argv[5]), Path(sys.argv[6]))
         return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/benchmarks/speed.md")
+    args = parser.parse_args()
     root = Path("benchmarks/output/speed")
     root.mkdir(parents=True, exist_ok=True)
-    print("| setting | parameters | ours (s) | kronfluence (s) | time ratio | ours peak (MiB) | kronfluence peak (MiB) | Pearson of scores |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [
+        "| setting | parameters | ours (s) | kronfluence (s) | time ratio | ours peak (MiB) | kronfluence peak (MiB) | Pearson of scores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines))
     measured: dict[tuple[str, str], dict] = {}
     for setting in ("mlp", "cnn"):
-        runs = train(setting, root)
+        runs = record_speed_run(setting, root)
         [run] = load_runs(runs)
-        damping = 1.0 / run.learning_rate_time()  # the "auto" rule (no weight decay here)
+        # 1 / the learning-rate time: the exact GGN's "auto" rule less its weight-decay term (the MLP's 1e-4),
+        # the damping these measurements have always used.
+        damping = Influence(curvature="ggn").damping_for(run) - run.weight_decay
         for tool in ("ours", "kronfluence", "ggn", "ggn-plain") if setting == "cnn" else ("ours", "kronfluence"):
-            out = subprocess.run([sys.executable, __file__, "--child", tool, setting, str(runs), str(damping), str(root)],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", tool, setting, str(runs), str(damping), str(root)],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 raise RuntimeError(out.stderr[-3000:])
             measured[tool, setting] = json.loads(out.stdout.strip().splitlines()[-1])
-        params = sum(p.numel() for p in MODULES[setting][0]().parameters())
+        params = sum(p.numel() for p in SPEED_SETTINGS[setting][0]().parameters())
         o, k = measured["ours", setting], measured["kronfluence", setting]
-        print(f"| {setting} | {params:,} | {o['seconds']:.1f} | {k['seconds']:.1f} | {o['seconds'] / k['seconds']:.2f} | "
-              f"{o['peak_mib']:.0f} | {k['peak_mib']:.0f} | {pearson(root, 'ours', 'kronfluence', setting):.3f} |")
+        lines.append(
+            f"| {setting} | {params:,} | {o['seconds']:.1f} | {k['seconds']:.1f} | {o['seconds'] / k['seconds']:.2f} | "
+            f"{o['peak_mib']:.0f} | {k['peak_mib']:.0f} | {pearson(root, 'ours', 'kronfluence', setting):.3f} |"
+        )
+        print(lines[-1])
+    if args.write_docs:
+        write_table("speed", "main", "\n".join(lines))
     o, k = measured["ours", "cnn"], measured["kronfluence", "cnn"]
-    for tool, label in (("ggn", "preconditioned by a Nystrom sketch"), ("ggn-plain", "without a preconditioner (the default for 50 queries)")):
+    for tool, label in (
+        ("ggn", "preconditioned by a Nystrom sketch"),
+        ("ggn-plain", "without a preconditioner (the default for 50 queries)"),
+    ):
         g = measured[tool, "cnn"]
-        print(f"\nCNN, exact GGN by block CG {label} (50 queries, GGN products on {GGN_SUBSET} of 3,000 images): "
-              f"{g['seconds']:.1f} s, {g['seconds'] / o['seconds']:.2f}x our EK-FAC, {g['seconds'] / k['seconds']:.2f}x kronfluence's; "
-              f"peak {g['peak_mib']:.0f} MiB")
-        sketch = f" after a rank-{g['nystrom_rank']} sketch ({g['nystrom_seconds']:.1f} s)" if "nystrom_rank" in g else ""
-        print(f"    {g['cg_products']} GGN products of [P, 50]{sketch} to relative residual {g['cg_residual']:.1e}, "
-              f"{g['cg_seconds']:.1f} s in CG ({g['cg_seconds'] / g['cg_products']:.1f} s a product), "
-              f"{g['seconds'] - g['cg_seconds']:.1f} s for the query and training gradients; "
-              f"Pearson with our EK-FAC {pearson(root, tool, 'ours', 'cnn'):.3f}")
+        print(
+            f"\nCNN, exact GGN by block CG {label} (50 queries, GGN products on {GGN_SUBSET} of 3,000 images): "
+            f"{g['seconds']:.1f} s, {g['seconds'] / o['seconds']:.2f}x our EK-FAC, {g['seconds'] / k['seconds']:.2f}x kronfluence's; "
+            f"peak {g['peak_mib']:.0f} MiB"
+        )
+        sketch = (
+            f" after a rank-{g['nystrom_rank']} sketch ({g['nystrom_seconds']:.1f} s)" if "nystrom_rank" in g else ""
+        )
+        print(
+            f"    {g['cg_products']} GGN products of [P, 50]{sketch} to relative residual {g['cg_residual']:.1e}, "
+            f"{g['cg_seconds']:.1f} s in CG ({g['cg_seconds'] / g['cg_products']:.1f} s a product), "
+            f"{g['seconds'] - g['cg_seconds']:.1f} s for the query and training gradients; "
+            f"Pearson with our EK-FAC {pearson(root, tool, 'ours', 'cnn'):.3f}"
+        )
     q1, median, q3, fastest = recorder_overhead()
-    print(f"\nrecorder overhead on the digits example (with / without, median of 41 pairs): {median:.3f}x "
-          f"(quartiles {q1:.3f}-{q3:.3f}); fastest with / fastest without: {fastest:.3f}x")
+    print(
+        f"\nrecorder overhead on the digits example (with / without, median of 41 pairs): {median:.3f}x "
+        f"(quartiles {q1:.3f}-{q3:.3f}); fastest with / fastest without: {fastest:.3f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -12,22 +12,20 @@ forward replay that keeps the snapshot-interval checkpoints, the backward pass f
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from docs_tables import write_table
+from models import DigitsCNN, DigitsMLP, benchmark_data, final_model
 from torch.utils.data import DataLoader, Subset, default_collate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsMLP  # noqa: E402
-from digits_cnn import DigitsCNN  # noqa: E402
-from digits_dtda import benchmark_data  # noqa: E402
+from lightning_dtda import Attributor, Unrolled, load_runs, train_seeds
 
-from lightning_dtda import Attributor, Unrolled, load_runs, train_seeds  # noqa: E402
-from lightning_dtda.replay.engine import replay  # noqa: E402
-from lightning_dtda.model.instantiate import instantiate  # noqa: E402
+# Internal on purpose: the breakdown times the forward replay alone, a stage inside Unrolled.
+from lightning_dtda.replay.engine import replay
 
 QUERIES = 50
 
@@ -38,30 +36,53 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+def measure(name: str, cls, make, trainer_kwargs: dict, train, queries) -> str:
+    """One seed of ``make()`` trained (after an untimed warm-up), then unrolled: its row of the table."""
+    loader = DataLoader(train, batch_size=32, shuffle=True)
+    quiet = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    quiet |= {"enable_model_summary": False, **trainer_kwargs}
+    with tempfile.TemporaryDirectory() as folder:
+        train_seeds(make, loader, folder, [0], max_epochs=1, **quiet)  # warm-up, not timed
+        runs = Path(folder) / "runs"
+        training = seconds(
+            lambda: train_seeds(make, DataLoader(train, batch_size=32, shuffle=True), runs, [0], max_epochs=20, **quiet)
+        )
+        [run] = load_runs(runs)
+        collate = seconds(
+            lambda: [default_collate([train[i] for i in m.tolist()]) for s in run.steps for m in s.micro_batches]
+        )
+        forward = seconds(lambda: replay(final_model(cls, run, 0), run, train, torch.ones(1, len(train))))
+        one = seconds(lambda: Attributor(cls, runs, train, Unrolled(), progress=False).attribute(Subset(queries, [0])))
+        many = seconds(
+            lambda: Attributor(cls, runs, train, Unrolled(), progress=False).attribute(Subset(queries, range(QUERIES)))
+        )
+    return (
+        f"| {name} | {training:.2f} | {one:.2f} | {many:.2f} | {many / training:.1f} | {collate:.2f} | "
+        f"{forward:.2f} | {one - forward:.2f} | {(many - one) / (QUERIES - 1):.3f} |"
+    )
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--write-docs", action="store_true", help="rewrite the table in docs/benchmarks/unrolled_speed.md"
+    )
+    args = parser.parse_args()
     train, queries = benchmark_data()
-    print(f"| model | training s | unrolled s, 1 query | unrolled s, {QUERIES} queries | x training ({QUERIES} queries) | "
-          "collating batches s | forward replay s | backward, 1st query s | each further query s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = [
+        f"| model | training s | unrolled s, 1 query | unrolled s, {QUERIES} queries | x training ({QUERIES} queries) | "
+        "collating batches s | forward replay s | backward, 1st query s | each further query s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines))
     for name, cls, make, trainer_kwargs in (
         ("MLP 64-64-10", DigitsMLP, DigitsMLP, {}),
         ("CNN (BatchNorm, dropout)", DigitsCNN, lambda: DigitsCNN(total_steps=320), {"gradient_clip_val": 1.0}),
     ):
-        with tempfile.TemporaryDirectory() as folder:
-            train_seeds(make, DataLoader(train, batch_size=32, shuffle=True), folder, [0], max_epochs=1, accelerator="cpu",
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        **trainer_kwargs)  # warm-up, not timed
-            runs = Path(folder) / "runs"
-            training = seconds(lambda: train_seeds(
-                make, DataLoader(train, batch_size=32, shuffle=True), runs, [0], max_epochs=20, accelerator="cpu",
-                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs))
-            [run] = load_runs(runs)
-            collate = seconds(lambda: [default_collate([train[i] for i in m.tolist()]) for s in run.steps for m in s.micro_batches])
-            forward = seconds(lambda: replay(instantiate(cls, run, 0), run, train, torch.ones(1, len(train))))
-            one = seconds(lambda: Attributor(cls, runs, train, Unrolled(), progress=False).attribute(Subset(queries, [0])))
-            many = seconds(lambda: Attributor(cls, runs, train, Unrolled(), progress=False).attribute(Subset(queries, range(QUERIES))))
-            print(f"| {name} | {training:.2f} | {one:.2f} | {many:.2f} | {many / training:.1f} | {collate:.2f} | {forward:.2f} | "
-                  f"{one - forward:.2f} | {(many - one) / (QUERIES - 1):.3f} |", flush=True)
+        lines.append(measure(name, cls, make, trainer_kwargs, train, queries))
+        print(lines[-1], flush=True)
+    if args.write_docs:
+        write_table("unrolled_speed", "main", "\n".join(lines))
 
 
 if __name__ == "__main__":

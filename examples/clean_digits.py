@@ -25,10 +25,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from digits import DigitsMLP, digits
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from digits import DigitsMLP, digits
 from lightning_dtda import Attributor, Influence, SelfInfluence, TrajectoryRecorder
 
 
@@ -52,7 +52,9 @@ def image_grid(images: torch.Tensor, titles: list[str], colours: list[str], colu
     for ax, image, title, colour in zip(axes.flat, images, titles, colours):
         ax.imshow(image.numpy(), cmap="gray_r")
         ax.set_title(title, fontsize=7, color=colour)
-    figure.suptitle("most self-influential training digits: #index (label), mean self-influence; red: label flipped", fontsize=9)
+    figure.suptitle(
+        "most self-influential training digits: #index (label), mean self-influence; red: label flipped", fontsize=9
+    )
     figure.tight_layout()
     return figure
 
@@ -88,12 +90,19 @@ def main() -> None:
     for seed in range(args.seeds):
         pl.seed_everything(seed)
         trainer = pl.Trainer(
-            max_epochs=args.epochs, accelerator="cpu", callbacks=[TrajectoryRecorder(args.out / "runs")], logger=logger,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            max_epochs=args.epochs,
+            accelerator="cpu",
+            callbacks=[TrajectoryRecorder(args.out / "runs")],
+            logger=logger,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
         trainer.fit(DigitsMLP(), DataLoader(train, batch_size=32, shuffle=True))
 
-    result: SelfInfluence = Attributor(DigitsMLP, args.out / "runs", train, Influence(curvature="ekfac")).self_influence()
+    result: SelfInfluence = Attributor(
+        DigitsMLP, args.out / "runs", train, Influence(curvature="ekfac")
+    ).self_influence()
     score = result.mean_shift()
     low, high = result.interval("mean")
     order = score.argsort(descending=True)
@@ -101,9 +110,16 @@ def main() -> None:
     is_flipped[flipped] = True
     labels = train.tensors[1]
     rows = [
-        {"rank": rank, "train_index": i, "label": labels[i].item(), "self_influence_mean": score[i].item(),
-         "interval_low": low[i].item(), "interval_high": high[i].item(), "train_loss_mean": result.losses[:, i].mean().item(),
-         "flipped": bool(is_flipped[i])}
+        {
+            "rank": rank,
+            "train_index": i,
+            "label": labels[i].item(),
+            "self_influence_mean": score[i].item(),
+            "interval_low": low[i].item(),
+            "interval_high": high[i].item(),
+            "train_loss_mean": result.losses[:, i].mean().item(),
+            "flipped": bool(is_flipped[i]),
+        }
         for rank, i in enumerate(order.tolist(), start=1)
     ]
     top = order[:24]
@@ -116,7 +132,9 @@ def main() -> None:
     log_ranking(trainer.loggers, rows, found, figure)
     figure.savefig(args.out / "suspicious_digits.png", dpi=110)
 
-    print(f"{len(flipped)} of {len(train)} labels flipped; ranked by self-influence pooled over {result.num_seeds} seeds:")
+    print(
+        f"{len(flipped)} of {len(train)} labels flipped; ranked by self-influence pooled over {result.num_seeds} seeds:"
+    )
     for k in (25, 50, 100):
         print(f"  top {k}: {found[f'self_influence/flipped_in_top_{k}']:.0%} flipped")
     print(f"wrote {Path(logger.log_dir) / 'self_influence.csv'} and {args.out / 'suspicious_digits.png'}")

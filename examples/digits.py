@@ -22,8 +22,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dtda import Attributor, Influence, TrajectoryRecorder
-from lightning_dtda.reporting.figures import plot_image_grid
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder, figures
 
 
 class DigitsMLP(pl.LightningModule):
@@ -109,10 +108,13 @@ def main() -> None:
         print(f"query {q} (label {label}): base loss over seeds {result.measurements[:, q].mean():.3f}")
         for kind, largest in (("helpful", True), ("harmful", False)):
             values, indices = result.top_k(q, 3, largest=largest)
-            listed = ", ".join(f"#{i} (label {train.tensors[1][i].item()}, {v:+.3g})" for v, i in zip(values.tolist(), indices.tolist()))
+            listed = ", ".join(
+                f"#{i} (label {train.tensors[1][i].item()}, {v:+.3g})"
+                for v, i in zip(values.tolist(), indices.tolist())
+            )
             print(f"  most {kind}: {listed}")
     images = lambda data: data.tensors[0].reshape(-1, 8, 8)  # noqa: E731
-    figure = plot_image_grid(result, images(train), images(queries), k=4, labels=train.tensors[1])
+    figure = figures.plot_image_grid(result, images(train), images(queries), k=4, labels=train.tensors[1])
     figure.savefig(args.out / "influential_digits.png", dpi=110)
     print(f"wrote {args.out / 'influential_digits.png'}")
 

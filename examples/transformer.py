@@ -79,8 +79,13 @@ def main() -> None:
     for seed in range(args.seeds):
         pl.seed_everything(seed)
         trainer = pl.Trainer(
-            max_epochs=args.epochs, accelerator="cpu", callbacks=[TrajectoryRecorder(args.out / "runs")], logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            max_epochs=args.epochs,
+            accelerator="cpu",
+            callbacks=[TrajectoryRecorder(args.out / "runs")],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
         trainer.fit(SequenceClassifier(), DataLoader(train, batch_size=32, shuffle=True))
         with torch.no_grad():
@@ -88,8 +93,13 @@ def main() -> None:
         print(f"seed {seed}: test accuracy {accuracy:.2f}")
 
     results = {}
-    for name, estimator in (("ekfac", Influence(curvature="ekfac")), ("ggn", Influence(curvature="ggn", solver="krylov"))):
-        results[name] = Attributor(SequenceClassifier, args.out / "runs", train, estimator, progress=False).attribute(queries)
+    for name, estimator in (
+        ("ekfac", Influence(curvature="ekfac")),
+        ("ggn", Influence(curvature="ggn", solver="krylov")),
+    ):
+        results[name] = Attributor(SequenceClassifier, args.out / "runs", train, estimator, progress=False).attribute(
+            queries
+        )
         results[name].save(args.out / f"result-{name}.safetensors")
         tracked = results[name].settings["per_run"][0].get("parameters")
         layers = sorted({p.rpartition(".")[0] for p in tracked}) if tracked else ["every parameter"]
@@ -97,10 +107,15 @@ def main() -> None:
 
     for q in range(len(queries)):
         tokens, label = queries[q]
-        print(f"query {q} {tokens.tolist()} (label {label.item()}): base loss over seeds {results['ggn'].measurements[:, q].mean():.3f}")
+        print(
+            f"query {q} {tokens.tolist()} (label {label.item()}): base loss over seeds {results['ggn'].measurements[:, q].mean():.3f}"
+        )
         for name, result in results.items():
             values, indices = result.top_k(q, 3)
-            listed = ", ".join(f"#{i} (label {train.tensors[1][i].item()}, {v:+.2g})" for v, i in zip(values.tolist(), indices.tolist()))
+            listed = ", ".join(
+                f"#{i} (label {train.tensors[1][i].item()}, {v:+.2g})"
+                for v, i in zip(values.tolist(), indices.tolist())
+            )
             print(f"  most helpful by {name}: {listed}")
     agreement = spearman(results["ekfac"].mean_shift(), results["ggn"].mean_shift())
     print(f"Spearman of EK-FAC (tracked layers) against the exact GGN (all parameters), mean shifts: {agreement:.2f}")
