@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,29 @@ class WeightedCNN(SmallCNN):
         x, y, index = batch
         weights = torch.where(index == self.hparams.removed, self.hparams.weight, 1.0).to(x.dtype)
         return (F.cross_entropy(self(x), y, reduction="none") * weights).mean()
+
+
+class RecipeCNN(WeightedCNN):
+    """The recipe users train: a bias-free convolution, BatchNorm, dropout; AdamW with a per-step warm-up
+    and cosine LambdaLR; a validation loss for EarlyStopping. Example ``removed``'s loss is weighted by
+    ``weight`` (Lightning's own reweighted retraining)."""
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        self.net[0] = nn.Conv2d(1, self.hparams.channels, 3, padding=1, bias=False)  # bias-free before a batch norm
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-2)
+
+        def warmup_cosine(step: int) -> float:
+            return (step + 1) / 3 if step < 3 else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 3) / 12)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
 
 
 def image_data(n: int = 24, classes: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:

@@ -2,7 +2,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from models import TinyClassifier, WeightedCNN, classification_data, fit_weighted_cnn, image_data, trainer
+from models import RecipeCNN, TinyClassifier, WeightedCNN, classification_data, fit_weighted_cnn, image_data, trainer
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,6 +91,42 @@ def test_retraining_a_cnn_with_dropout_batch_norm_and_clipping_equals_lightning_
             expected = F.cross_entropy(lightning(queries.tensors[0]), queries.tensors[1], reduction="none")
         assert (truth.retrained[0, :, column] - expected).abs().max() < 1e-12
         assert (truth.effects[0, :, column]).abs().max() > 1e-3  # removing the example did change the queries
+
+
+def test_the_ground_truth_of_the_recipe_users_train_equals_lightning_retraining(tmp_path):
+    """AdamW with a per-step warm-up cosine schedule, clipping, accumulation 2 (a ragged last batch),
+    BatchNorm, dropout and EarlyStopping, in float32: retrain's base is the run, and its leave-one-out
+    effects are Lightning's own retraining with the example's loss weight 0."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lightning_dtda import TrajectoryRecorder
+
+    data, queries = image_data(26), image_data(6, seed=1)
+
+    def fit_recipe(recorder: bool, **hparams):
+        pl.seed_everything(0)
+        model = RecipeCNN(lr=0.05, dropout=0.2, **hparams)
+        callbacks = [EarlyStopping("val_loss", patience=0, min_delta=10.0)]  # stops after the second epoch
+        callbacks += [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=2)] if recorder else []
+        trainer(tmp_path, callbacks, max_epochs=5, gradient_clip_val=1.0, accumulate_grad_batches=2).fit(
+            model, DataLoader(data, batch_size=4, shuffle=True), DataLoader(queries, batch_size=6)
+        )
+        return model.eval()
+
+    def losses(model):
+        with torch.no_grad():
+            return F.cross_entropy(model(queries.tensors[0]), queries.tensors[1], reduction="none")
+
+    recorded = fit_recipe(recorder=True)
+    [run] = load_runs(tmp_path / "runs")
+    assert run.final_step == 8  # two epochs of 7 batches, accumulated in pairs (the last alone)
+    truth = retrain(RecipeCNN, tmp_path / "runs", data, queries, leave_one_out_weights(26, [4, 17]), progress=False)
+    base = losses(recorded)
+    assert ((truth.base[0] - base).abs() / base.abs()).max() < 1e-5
+    for column, removed in enumerate((4, 17)):
+        effect = losses(fit_recipe(recorder=False, removed=removed, weight=0.0)) - base
+        assert effect.abs().max() > 1e-3  # removing the example changed the queries
+        assert (truth.effects[0, :, column] - effect).abs().max() / effect.abs().max() < 1e-3
 
 
 def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
