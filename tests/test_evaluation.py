@@ -129,6 +129,35 @@ def test_the_ground_truth_of_the_recipe_users_train_equals_lightning_retraining(
         assert (truth.effects[0, :, column] - effect).abs().max() / effect.abs().max() < 1e-3
 
 
+def test_unrolled_is_the_derivative_of_the_recipes_ground_truth(tmp_path):
+    """On the same recipe (in float64), Unrolled's effects are retrain's at a small reweighting, per unit of
+    weight: the estimator and the ground truth differentiate and evaluate one replay."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lightning_dtda import TrajectoryRecorder, Unrolled
+
+    data, queries = image_data(26, dtype=torch.float64), image_data(6, seed=1, dtype=torch.float64)
+    pl.seed_everything(0)
+    callbacks = [
+        EarlyStopping("val_loss", patience=0, min_delta=10.0),
+        TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=2),
+    ]
+    trainer(
+        tmp_path, callbacks, max_epochs=5, gradient_clip_val=1.0, accumulate_grad_batches=2, precision="64-true"
+    ).fit(
+        RecipeCNN(lr=0.05, dropout=0.2), DataLoader(data, batch_size=4, shuffle=True), DataLoader(queries, batch_size=6)
+    )
+    examples, eps = [4, 17], 1e-6
+    unrolled = Attributor(RecipeCNN, tmp_path / "runs", data, Unrolled(), progress=False).attribute(queries)
+    weights = torch.ones(2, 26, dtype=torch.float64)
+    weights[0, 4] = weights[1, 17] = 1 - eps
+    truth = retrain(RecipeCNN, tmp_path / "runs", data, queries, weights, progress=False)
+    predicted = unrolled.effects[0][:, examples]  # removing: weight 1 -> 0
+    finite = truth.effects[0] / eps  # per unit of weight removed
+    assert predicted.abs().max() > 1e-3
+    assert (predicted - finite).abs().max() / predicted.abs().max() < 1e-3
+
+
 def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
     data = classification_data(n=30, dtype=torch.float64)
     queries = classification_data(n=4, seed=1, dtype=torch.float64)
