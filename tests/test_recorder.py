@@ -307,3 +307,4 @@ def test_steps_not_yet_in_a_snapshot_survive_a_checkpoint(tmp_path):
         assert a.lrs == b.lrs and a.scheduled == b.scheduled
         assert all(torch.equal(x, y) for x, y in zip(a.micro_batches, b.micro_batches))
     assert torch.equal(restored[0].rng[0]["cpu"], state)
+

@@ -487,7 +487,8 @@ def test_a_replay_that_misses_is_refused_after_the_first_interval_naming_the_cau
     with pytest.raises(
         ReplayMismatchError,
         match=r"Replaying seed_0 to step 5 lands .* away from its recorded weights.*"
-        r"a training loss other than the attribution_train_loss hook's",
+        r"Its first training loss already differs \(step 1, micro-batch 1: the run's loss [\d.]+, the replay's [\d.]+\), "
+        r"before any update: the loss training_step returns is not the attribution_train_loss hook's",
     ):
         Attributor(ExtraLoss, runs, data, estimator=Unrolled(), progress=False).attribute(data)
     # The ground truth replays through the same check: it refuses rather than retrain another run.
@@ -506,12 +507,39 @@ def test_a_replay_that_misses_only_at_the_end_is_refused_by_retrain_and_warned_b
     data = classification_data(n=12, dtype=torch.float64)
     runs = record(tmp_path, LateExtraLoss, data, lr=0.2)
     assert load_runs(runs)[0].snapshot_steps == [0, 5, 6]
-    with pytest.warns(UserWarning, match=r"Replaying seed_0 to step 6 lands .* Unrolled effects describe the replay"):
+    # The losses show where: the run's loss at step 6 has the extra term, the replay's has not.
+    late = r"losses match the run's up to step 5 and the first after that step's update differs \(step 6, micro-batch 1"
+    with pytest.warns(
+        UserWarning, match=rf"Replaying seed_0 to step 6 lands .*{late}.* Unrolled effects describe the replay"
+    ):
         Attributor(LateExtraLoss, runs, data, estimator=Unrolled(), progress=False).attribute(data)
     with pytest.raises(
         ReplayMismatchError, match=r"Replaying seed_0 to step 6 lands .* away from its recorded weights"
     ):
         retrain(LateExtraLoss, runs, data, data, leave_one_out_weights(len(data), [0]), progress=False)
+
+
+def test_a_replay_that_leaves_the_run_inside_an_accumulated_step_is_diagnosed_there(tmp_path):
+    class OddBatchesExtraLoss(TinyClassifier):
+        def training_step(self, batch, batch_idx):  # the second micro-batch of every step adds a term
+            loss = super().training_step(batch, batch_idx)
+            return loss + (0.1 * sum(p.square().sum() for p in self.parameters()) if batch_idx % 2 else 0.0)
+
+    data = classification_data(n=12, dtype=torch.float64)
+    pl.seed_everything(0)
+    trainer(
+        tmp_path,
+        [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=2)],
+        max_epochs=2,
+        precision="64-true",
+        accumulate_grad_batches=2,
+    ).fit(OddBatchesExtraLoss(lr=0.2), DataLoader(data, batch_size=3, shuffle=True))
+    with pytest.raises(
+        ReplayMismatchError,
+        match=r"The first loss that differs \(step 1, micro-batch 2: .*\) follows the step's earlier micro-batches, "
+        r"which match, with no update between",
+    ):
+        Attributor(OddBatchesExtraLoss, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(data)
 
 
 def test_a_bf16_mixed_run_replays_within_the_documented_bound(tmp_path):

@@ -6,7 +6,9 @@ examples each step trained on) and ``RunWriter`` (the run's files).
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,16 @@ def _warn_missing_hooks(pl_module: pl.LightningModule, batch: Any) -> None:
         hooks.check_targets(batch)
     except Exception as err:  # whatever it is, attribution would meet it too; training goes on
         rank_zero_warn(f"TrajectoryRecorder records this run, but attributing it will fail as things are: {err}")
+
+
+def _training_loss(outputs: Any, accumulation: int) -> Tensor | float:
+    """The loss ``training_step`` returned, from the outputs Lightning hands ``on_train_batch_end`` (which
+    divided it by the accumulation count), or NaN when it returned none. A tensor, read when the snapshot
+    is written: reading it here would wait for the device at every micro-batch."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        return math.nan
+    return loss.detach().reshape(()) * accumulation
 
 
 def _rng_states(device: torch.device) -> dict[str, Tensor]:
@@ -196,6 +208,7 @@ class TrajectoryRecorder(Callback):
         self._step_settings: list[dict[str, float]] | None = None
         self._rng_at_start: dict[str, Tensor] = {}
         self._step_rng: list[dict[str, Tensor]] = []
+        self._step_losses: list[Tensor | float] = []
         self._scale_before_step: float | None = None
         self._hooks_checked = False
 
@@ -265,6 +278,7 @@ class TrajectoryRecorder(Callback):
         # Keep a generator's state only if this micro-batch drew from it (~5 KB for the CPU's, 16 bytes for CUDA's).
         now = _rng_states(pl_module.device)
         self._step_rng.append({k: v for k, v in self._rng_at_start.items() if not torch.equal(v, now[k])})
+        self._step_losses.append(_training_loss(outputs, trainer.accumulate_grad_batches))
         step = self.writer.next_step
         if trainer.global_step == step - 1:  # accumulating: no optimizer step yet
             return
@@ -272,8 +286,10 @@ class TrajectoryRecorder(Callback):
             raise RuntimeError(f"TrajectoryRecorder lost track of optimizer steps at step {trainer.global_step}.")
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         skipped = self._scale_before_step is not None and scaler.get_scale() < self._scale_before_step
-        self.writer.add_step(self.membership.take_step(), self._step_settings, self._step_rng, skipped)
-        self._step_settings, self._step_rng, self._scale_before_step = None, [], None
+        # Under DDP each rank has its own losses; the replay's comparison is for one process.
+        losses = self._step_losses if trainer.world_size == 1 and pl_module.automatic_optimization else None
+        self.writer.add_step(self.membership.take_step(), self._step_settings, self._step_rng, skipped, losses)
+        self._step_settings, self._step_rng, self._step_losses, self._scale_before_step = None, [], [], None
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.writer.snapshot(trainer, pl_module)
 

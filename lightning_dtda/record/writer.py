@@ -115,9 +115,10 @@ class RunWriter:
         settings: list[dict[str, float]],
         rng: list[dict[str, Tensor]],
         skipped: bool,
+        losses: list[Tensor | float] | None = None,
     ) -> None:
         """Record one optimizer step (see ``StepRecord``)."""
-        self.pending_steps.append(StepRecord(micro_batches, settings, rng, skipped))
+        self.pending_steps.append(StepRecord(micro_batches, settings, rng, skipped, losses or ()))
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the module's weights at the current step, with the steps since the last snapshot."""
@@ -139,7 +140,8 @@ class RunWriter:
             sha256 = content.save(self.run_dir / name)
             # The manifest is rewritten at checkpoints and at the end rather than here: one file write
             # per snapshot instead of two (file writes are a large share of the recorder's cost).
-            self.snapshots.append(SnapshotEntry(name, step, trainer.current_epoch, sha256, adam_step_scale(optimizer)))
+            entry = SnapshotEntry(name, step, trainer.current_epoch, sha256, adam_step_scale(optimizer))
+            self.snapshots.append(entry)
         self.pending_steps = []
         self.last_snapshot_step = step
 
@@ -170,7 +172,13 @@ class RunWriter:
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "last_snapshot_step": self.last_snapshot_step,
             "steps": [
-                {"micro_batches": s.micro_batches, "settings": s.groups, "rng": s.rng, "skipped": s.skipped}
+                {
+                    "micro_batches": s.micro_batches,
+                    "settings": s.groups,
+                    "rng": s.rng,
+                    "skipped": s.skipped,
+                    "losses": [float(loss) for loss in s.losses],
+                }
                 for s in self.pending_steps
             ],
             "snapshots": [s.to_json() for s in self.snapshots],
@@ -188,6 +196,7 @@ class RunWriter:
                 s["settings"] if "settings" in s else [{"lr": lr} for lr in s["lrs"]],
                 s.get("rng", [{} for _ in s["micro_batches"]]),
                 s.get("skipped", False),
+                s.get("losses", ()),
             )
             for s in state["steps"]
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,6 +23,69 @@ _REPLAY_TOLERANCE = 1e-4
 _MIXED_PRECISION_TOLERANCE = 2e-2
 
 
+_UPDATES = (
+    "an optimizer step changed by a callback or closure, weights changed outside training_step, parameters trained "
+    "but not trainable in the module given, or, under Adam, a parameter whose gradient is only rounding noise, which "
+    "Adam turns into full steps: a bias just before a batch norm, or attention's key bias (in_proj_bias; softmax "
+    "ignores it) in nn.MultiheadAttention and nn.TransformerEncoderLayer (use bias=False there, or freeze it)"
+)
+
+
+def diagnose(run: Trajectory, replayed: list[float] | None, last: int) -> str:
+    """Where a replay leaves its run, from the training loss of every micro-batch (recorded by the
+    recorder, and traced by the replay for the recorded weighting) of steps 1 to ``last``: the first
+    micro-batch whose losses differ, and what can differ there."""
+    steps = run.steps[:last]
+    if replayed is None or any(step.losses is None for step in steps):
+        return (
+            "Where the replay leaves the run is unknown: the run did not record its training losses (recorded before "
+            "0.3, under DDP or with manual optimization). Possible causes: training_step's loss is not the "
+            "attribution_train_loss hook's (a term added to it), random data augmentation, dropout inside a fused "
+            f"kernel (scaled_dot_product_attention with dropout_p > 0), mixed precision (this run: "
+            f"{run.manifest.precision}), {_UPDATES}."
+        )
+    tolerance = _MIXED_PRECISION_TOLERANCE if "mixed" in run.manifest.precision else _REPLAY_TOLERANCE
+    position = 0
+    for t, step in enumerate(steps, start=1):
+        for k, recorded in enumerate(step.losses or ()):
+            ours, position = replayed[position], position + 1
+            if math.isnan(recorded) or abs(ours - recorded) <= tolerance * max(abs(recorded), 1e-6):
+                continue
+            evidence = f"(step {t}, micro-batch {k + 1}: the run's loss {recorded:.6g}, the replay's {ours:.6g})"
+            if t == 1 and k == 0:
+                return (
+                    f"Its first training loss already differs {evidence}, before any update: the loss training_step "
+                    "returns is not the attribution_train_loss hook's (a term added to it, another reduction), or "
+                    "the replay reads other inputs than training did (random data augmentation)."
+                )
+            if k > 0:
+                drew = (
+                    "it drew random numbers, which the replay restores" if step.rng and step.rng[k] else "it drew none"
+                )
+                return (
+                    f"The first loss that differs {evidence} follows the step's earlier micro-batches, which match, "
+                    f"with no update between: that micro-batch's forward is not the run's ({drew}): other inputs "
+                    "(random data augmentation), or a loss that changes from one micro-batch to the next."
+                )
+            previous = steps[t - 2]
+            clipping = run.manifest.gradient_clipping or {}
+            features = [f"learning rates {list(previous.lrs)}", f"{len(previous.micro_batches)} micro-batch(es)"]
+            if clipping.get("value"):
+                features.append(f"gradient clipping at {clipping['value']} ({clipping.get('algorithm')})")
+            if previous.skipped:
+                features.append("skipped by the gradient scaler")
+            return (
+                f"Its losses match the run's up to step {t - 1} and the first after that step's update differs "
+                f"{evidence}: step {t - 1}'s update is not the run's ({', '.join(features)}; {run.manifest.optimizer_name}), "
+                f"or from step {t} on training_step's loss is not the attribution_train_loss hook's. An update differs "
+                f"through {_UPDATES}."
+            )
+    return (
+        f"Every training loss up to step {last} equals the run's, so the replay computes the run's losses and its "
+        f"updates differ: {_UPDATES}."
+    )
+
+
 def check_replay(
     run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int, strict: bool = False
 ) -> None:
@@ -38,16 +102,11 @@ def check_replay(
     mixed = "mixed" in run.manifest.precision
     if gap <= (_MIXED_PRECISION_TOLERANCE if mixed else _REPLAY_TOLERANCE):
         return
+    last = run.snapshot_steps[snapshot]
+    traced = None if replay.traced_losses is None else [float(loss) for loss in replay.traced_losses]
     message = (
-        f"Replaying {run.name} to step {run.snapshot_steps[snapshot]} lands {gap:.1e} (relative) away from its recorded "
-        f"weights (most in {worst!r}), so the replay is not the run. Possible causes: a training loss other than the attribution_train_loss "
-        "hook's (or a training_step that adds terms to it); random data augmentation (the replay reads train_data as it is); "
-        "dropout inside a fused kernel (scaled_dot_product_attention with dropout_p > 0); "
-        "manual optimization or an optimizer step changed by a callback or closure; parameters trained but not "
-        f"trainable in the module given to the Attributor; mixed precision (this run: {run.manifest.precision}); "
-        "under Adam, a parameter whose gradient is only rounding noise, which Adam turns into full steps: a bias just "
-        "before a batch norm, or attention's key bias (in_proj_bias; softmax ignores it) in nn.MultiheadAttention and "
-        "nn.TransformerEncoderLayer (use bias=False there, or freeze it)."
+        f"Replaying {run.name} to step {last} lands {gap:.1e} (relative) away from its recorded weights (most in "
+        f"{worst!r}), so the replay is not the run. {diagnose(run, traced, last)}"
     )
     if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1 and not strict:
         rank_zero_warn(message + " Unrolled effects describe the replay.")
@@ -74,13 +133,17 @@ def replay_checked(
     weights = weights.to(device=params[0].device, dtype=params[0].dtype)
     bounds = run.snapshot_steps
     checkpoints = []
-    with torch.no_grad():
-        for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
-            if keep_checkpoints:
-                checkpoints.append((params, state))
-            params, state = replay.advance(params, state, weights, run.steps[a:b], progress)
-            if index == 1:  # refuse before the long pass, not after it
-                check_replay(run, replay, params, state, index)
-    if len(bounds) > 2:
-        check_replay(run, replay, params, state, len(bounds) - 1, strict)
+    replay.traced_losses = []  # the recorded weighting's losses, for diagnose()
+    try:
+        with torch.no_grad():
+            for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+                if keep_checkpoints:
+                    checkpoints.append((params, state))
+                params, state = replay.advance(params, state, weights, run.steps[a:b], progress)
+                if index == 1:  # refuse before the long pass, not after it
+                    check_replay(run, replay, params, state, index)
+        if len(bounds) > 2:
+            check_replay(run, replay, params, state, len(bounds) - 1, strict)
+    finally:
+        replay.traced_losses = None
     return params, state, checkpoints

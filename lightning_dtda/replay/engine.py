@@ -149,16 +149,22 @@ class Replay:
         self.smoothing = ReLUSmoothing(relu_smoothing) if relu_smoothing is not None else None
         loss_context = self.smoothing or contextlib.nullcontext()
         self._collected: dict[str, tuple[Tensor, Tensor]] = {}
+        # When a list, advance() appends each micro-batch's loss of the first weighting (see replay_checked).
+        self.traced_losses: list[Tensor] | None = None
 
         def weighted_loss(
             params: list[Tensor], buffers: list[Tensor], w: Tensor, batch: Any
-        ) -> tuple[Tensor, list[Tensor]]:
+        ) -> tuple[Tensor, tuple[list[Tensor], Tensor]]:
             self._collected.clear()
             with loss_context:
                 losses = functional_call(call, {**dict(zip(keys, params)), **dict(zip(buffer_keys, buffers))}, (batch,))
-            return (losses * w).mean() / normaliser, [
-                self._updated(n, b, m) for n, b, m in zip(self.buffer_names, buffers, momenta)
-            ]
+            loss = (losses * w).mean()
+            # Besides the running statistics, the micro-batch's loss as training_step returned it (compared
+            # with the recorded one by the replay check).
+            return loss / normaliser, (
+                [self._updated(n, b, m) for n, b, m in zip(self.buffer_names, buffers, momenta)],
+                loss.detach(),
+            )
 
         # Every weighting draws the same random numbers (dropout masks): those of the recorded run.
         self._batched_grad = vmap(grad(weighted_loss, has_aux=True), in_dims=(0, 0, 0, None), randomness="same")
@@ -190,7 +196,9 @@ class Replay:
                 for k, indices in enumerate(step.micro_batches):
                     batch = move_data_to_device(default_collate([self.train_data[i] for i in indices.tolist()]), device)
                     _restore_random_states(step, k, device)
-                    g, buffers = self._batched_grad(params, buffers, weights[:, indices], batch)
+                    g, (buffers, loss) = self._batched_grad(params, buffers, weights[:, indices], batch)
+                    if self.traced_losses is not None:
+                        self.traced_losses.append(loss[0].detach())
                     grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
                 assert grads is not None
                 if step.skipped:  # the gradient scaler skipped it; the forwards above still updated batch norms

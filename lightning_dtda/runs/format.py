@@ -271,6 +271,9 @@ class Step:
     (see ``GENERATORS``) its training step drew random numbers from (``None`` for runs recorded
     before 0.3, which did not record them). ``skipped``: the optimizer step did not happen (a 16-mixed
     run's gradient scaler found inf/NaN gradients); the forward did (batch norm statistics, random draws).
+    ``losses``: each micro-batch's training loss as ``training_step`` returned it (not divided by the
+    accumulation), which a replay compares with its own to find where it leaves the run (``None`` for
+    runs recorded before 0.3, under DDP or with manual optimization; NaN where no loss was returned).
 
     With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
     micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
@@ -282,6 +285,7 @@ class Step:
     scheduled: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     rng: tuple[Mapping[str, Tensor], ...] | None = None
     skipped: bool = False
+    losses: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -293,12 +297,14 @@ class StepRecord:
         groups: Per parameter group, ``{"lr": ..., **its SCHEDULED settings}``.
         rng: Per micro-batch, ``{generator: its state at the micro-batch's start}`` for the generators it drew from.
         skipped: The optimizer step did not happen (16-mixed's gradient scaler found inf/NaN gradients).
+        losses: Per micro-batch, its training loss (see ``Step``; a float or a scalar tensor); empty when not recorded.
     """
 
     micro_batches: Sequence[Sequence[int]]
     groups: Sequence[Mapping[str, float]]
     rng: Sequence[Mapping[str, Tensor]]
     skipped: bool
+    losses: Sequence[float | Tensor] = ()
 
 
 def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> dict[str, Any]:
@@ -322,6 +328,9 @@ def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> di
                 "positions": torch.tensor(positions, dtype=torch.long),
                 "states": torch.stack([micro_rng[k][generator] for k in positions]),
             }
+    block: dict[str, Any] = {}
+    if steps and all(len(step.losses) == len(step.micro_batches) for step in steps):
+        block["losses"] = torch.tensor([float(loss) for step in steps for loss in step.losses], dtype=torch.float64)
     return {
         "first": first,
         "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
@@ -332,6 +341,7 @@ def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> di
         "scheduled": {name: table(name) for name in names},
         # A marker as well as the states: runs recorded before 0.3 have no "rng" entry at all.
         "rng": {"recorded": True, **rng},
+        **block,
     }
 
 
@@ -349,13 +359,14 @@ def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
                     # A copy: the generators' setters crash on a view into the archive's buffer.
                     micro_rng[k][generator] = state.clone()
     skipped = set(block["skipped"].tolist()) if "skipped" in block else set()
+    losses = block["losses"].tolist() if "losses" in block else None
     steps, start = [], 0
     for k, count in enumerate(block["micro_batches_per_step"].tolist()):
         scheduled = {name: tuple(values[k].tolist()) for name, values in block.get("scheduled", {}).items()}
         rng = None if micro_rng is None else tuple(micro_rng[start : start + count])
-        steps.append(
-            Step(tuple(micro[start : start + count]), tuple(block["lrs"][k].tolist()), scheduled, rng, k in skipped)
-        )
+        step_losses = None if losses is None else tuple(losses[start : start + count])
+        lrs = tuple(block["lrs"][k].tolist())
+        steps.append(Step(tuple(micro[start : start + count]), lrs, scheduled, rng, k in skipped, step_losses))
         start += count
     return int(block["first"]), steps
 
