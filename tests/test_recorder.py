@@ -308,3 +308,58 @@ def test_steps_not_yet_in_a_snapshot_survive_a_checkpoint(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.micro_batches, b.micro_batches))
     assert torch.equal(restored[0].rng[0]["cpu"], state)
 
+
+def test_a_failing_disk_stops_recording_but_never_training(tmp_path, monkeypatch):
+    """Writing the run is an add-on: an OSError (a full disk) at a snapshot warns once, stops recording and
+    marks the run stopped; training runs to its end."""
+    import errno
+
+    import lightning_dtda.runs.format as run_format
+    from lightning_dtda import load_runs
+
+    save_tree, calls = run_format.save_tree, []
+
+    def disk_fills(tree, path):
+        calls.append(path)
+        if len(calls) > 2:  # the step-0 snapshot and one more fit
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save_tree(tree, path)
+
+    monkeypatch.setattr(run_format, "save_tree", disk_fills)
+    model = TinyClassifier()
+    with pytest.warns(
+        UserWarning, match=r"TrajectoryRecorder stopped recording .*No space left on device.*Training goes on"
+    ):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=2)], max_epochs=4).fit(
+            model, DataLoader(classification_data(n=16), batch_size=4)
+        )
+    assert model.trainer.current_epoch == 4 and model.trainer.global_step == 16  # training was not cut short
+    assert len(calls) == 3  # recording stopped at the first failure
+    with pytest.raises(
+        UnfinishedRunError, match=r"training stopped: recording failed: OSError: \[Errno 28\] No space left"
+    ):
+        load_runs(tmp_path / "runs")
+    [run] = load_runs(tmp_path / "runs", unfinished=True)
+    assert run.status == "abandoned" and run.snapshot_steps == [0, 2]
+
+
+def test_a_disk_that_fills_up_stops_recording_but_never_training(tmp_path):
+    """The same on a real full disk: a 96 KiB tmpfs (skipped where mounting one is not allowed)."""
+    from lightning_dtda import load_runs
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        model = TinyClassifier()
+        with pytest.warns(UserWarning, match=r"TrajectoryRecorder stopped recording .*No space left on device"):
+            trainer(tmp_path, [TrajectoryRecorder(disk / "runs", every_n_train_steps=1)], max_epochs=6).fit(
+                model, DataLoader(classification_data(n=40), batch_size=2)
+            )
+        assert model.trainer.global_step == 120  # every step of every epoch
+        # The disk had no room left for the manifest to say so either; the run is still never taken for finished.
+        with pytest.raises(UnfinishedRunError, match="holds runs that have not finished"):
+            load_runs(disk / "runs")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -6,12 +6,14 @@ called on every rank.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from lightning_dtda._io import load_json, save_json
@@ -27,6 +29,8 @@ from lightning_dtda.runs.format import (
     encode_steps,
     snapshot_file,
 )
+
+T = TypeVar("T")
 
 
 class RunWriter:
@@ -50,6 +54,8 @@ class RunWriter:
         self.last_snapshot_step = -1
         self.complete = False
         self.stopped: str | None = None
+        # Set when a file could not be written: recording stops, training goes on.
+        self.failed: str | None = None
 
     @property
     def next_step(self) -> int:
@@ -125,7 +131,7 @@ class RunWriter:
         step = trainer.global_step
         if step == self.last_snapshot_step:
             return
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.failed is None:
             assert self.run_dir is not None
             optimizer = trainer.optimizers[0]
             content = SnapshotContent(
@@ -137,11 +143,12 @@ class RunWriter:
                 optimizer_state=optimizer.state_dict() if self.save_optimizer_state else None,
             )
             name = snapshot_file(step)
-            sha256 = content.save(self.run_dir / name)
+            sha256 = self._write(lambda: content.save(self.run_dir / name))
             # The manifest is rewritten at checkpoints and at the end rather than here: one file write
             # per snapshot instead of two (file writes are a large share of the recorder's cost).
-            entry = SnapshotEntry(name, step, trainer.current_epoch, sha256, adam_step_scale(optimizer))
-            self.snapshots.append(entry)
+            if sha256 is not None:
+                entry = SnapshotEntry(name, step, trainer.current_epoch, sha256, adam_step_scale(optimizer))
+                self.snapshots.append(entry)
         self.pending_steps = []
         self.last_snapshot_step = step
 
@@ -162,10 +169,32 @@ class RunWriter:
 
     def flush(self) -> None:
         """Bring the manifest up to date with the snapshots written so far (rank zero writes)."""
-        if self.manifest is None or self.run_dir is None or rank_zero_only.rank != 0:
+        if self.manifest is None or self.run_dir is None or rank_zero_only.rank != 0 or self.failed is not None:
             return
         manifest = self.manifest.with_snapshots(self.snapshots, self.complete, self.stopped)
-        save_json(manifest.to_json(), self.run_dir / MANIFEST)
+        self._write(lambda: save_json(manifest.to_json(), self.run_dir / MANIFEST))
+
+    def _write(self, write: Callable[[], T]) -> T | None:
+        """``write()``, or ``None`` once a file could not be written: attribution is an add-on, and a full
+        disk, a quota, a lost permission or a vanished folder must not cost the user the training it
+        records. The first failure warns, stops recording and marks the run stopped if the manifest can
+        still be written, so it is never taken for finished."""
+        if self.failed is not None:
+            return None
+        try:
+            return write()
+        except OSError as err:
+            self.failed = f"recording failed: {type(err).__name__}: {err}"[:300]
+            rank_zero_warn(
+                f"TrajectoryRecorder stopped recording {self.run_dir}: a file could not be written ({self.failed}). "
+                "Training goes on without it; the run is marked stopped where its manifest can still be written, "
+                "so it is not attributed as finished. Free the space (or fix the folder) and record the run again."
+            )
+            if self.manifest is not None and self.run_dir is not None:
+                manifest = self.manifest.with_snapshots(self.snapshots, False, self.failed)
+                with contextlib.suppress(OSError):
+                    save_json(manifest.to_json(), self.run_dir / MANIFEST)
+            return None
 
     def state_dict(self) -> dict[str, Any]:
         return {
