@@ -154,3 +154,25 @@ def test_a_result_prints_its_shape_and_estimator_not_its_numbers():
         "AttributionResult(effects [seeds, queries, train] = [1, 2, 24], runs=['seed_0'], "
         "{'estimator': 'Influence', 'curvature': 'identity', 'damping': 0.5, 'solver': 'auto', 'curvature_subset': None, 'modules': None})"
     )
+
+
+def test_a_run_trained_through_lightning_cli_is_attributed_with_the_class(tmp_path):
+    """LightningCLI adds ``_instantiator`` to a module's saved hyperparameters; the class is still built from them."""
+    from lightning_dtda import TrajectoryRecorder
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  hidden: 7\n  lr: 0.2\ntrainer:\n  max_epochs: 2\n  logger: false\n  enable_checkpointing: false\n"
+        "  enable_progress_bar: false\n  callbacks:\n"
+        f"    - class_path: lightning_dtda.TrajectoryRecorder\n      init_args: {{dirpath: {tmp_path / 'runs'}}}\n"
+    )
+    cli = LightningCLI(TinyClassifier, run=False, args=["--config", str(config)], save_config_callback=None)
+    data, queries = classification_data(n=12), classification_data(n=3, seed=1)
+    assert any(isinstance(c, TrajectoryRecorder) for c in cli.trainer.callbacks)
+    cli.trainer.fit(cli.model, DataLoader(data, batch_size=4))
+    [run] = load_runs(tmp_path / "runs")
+    assert "_instantiator" in run.manifest.hparams and run.manifest.hparams["hidden"] == 7
+    result = Attributor(TinyClassifier, run.path.parent, data, Influence(damping=0.1), progress=False).attribute(
+        queries
+    )
+    assert result.effects.shape == (1, 3, 12) and torch.isfinite(result.effects).all()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +22,14 @@ def same_class(cls: type, recorded: str) -> bool:
     hyperparameters and weights then decide (see ``instantiate``).
     """
     return recorded.endswith("." + cls.__qualname__)
+
+
+def _init_arguments(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The recorded hyperparameters ``cls`` is built from: without the keys Lightning adds to them itself
+    (LightningCLI's ``_instantiator``, a ``_class_path``), which start with an underscore and are no
+    argument of ``__init__``."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in hparams.items() if not k.startswith("_") or k in accepted}
 
 
 def instantiate(
@@ -60,7 +70,7 @@ def instantiate(
         )
     if model is None:
         try:
-            model = cls(**run.manifest.hparams)
+            model = cls(**_init_arguments(cls, run.manifest.hparams))
         except TypeError as err:
             raise TypeError(
                 f"Could not build {path} from the recorded hyperparameters ({err}). Call "
