@@ -28,3 +28,20 @@ def test_ddp_recording_replays_on_one_process(tmp_path, workers):
     final = replay(model, run, classification_data(n=36), torch.ones(1, 36))
     recorded = run.state_dict()
     assert max((t[0] - recorded[n]).abs().max().item() for n, t in final.items()) < 1e-6
+
+
+def test_attributing_right_after_a_ddp_fit_on_every_rank_reads_the_finished_run(tmp_path):
+    """Rank one used to read the run before rank zero had marked it finished (rank zero is made late in the
+    script, so that would happen every time); the recorder now holds every rank in fit until it has. The
+    sharded attribution equals one process's."""
+    from lightning_dtda import AttributionResult, Attributor, Influence
+
+    script, out = Path(__file__).parent / "ddp_attribute_after_fit.py", tmp_path
+    done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = AttributionResult.load(out / "result.safetensors")
+    data = classification_data(n=36, dtype=torch.float64)
+    alone = Attributor(TinyClassifier, out / "runs", data, Influence("ggn", damping=0.1), progress=False).attribute(
+        classification_data(n=3, seed=1, dtype=torch.float64)
+    )
+    assert (result.effects - alone.effects).abs().max() <= 1e-9 * alone.effects.abs().max()

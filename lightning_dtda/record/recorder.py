@@ -302,6 +302,9 @@ class TrajectoryRecorder(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.writer.snapshot(trainer, pl_module)
         self.writer.finish()
+        # Under DDP, no rank leaves fit before rank zero has marked the run finished: code after fit
+        # (the README's attribution lines) would otherwise read a run still in progress.
+        trainer.strategy.barrier("TrajectoryRecorder.on_train_end")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
