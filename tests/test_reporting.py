@@ -110,3 +110,24 @@ def test_wandb_offline_logger_gets_table_and_figure(tmp_path, monkeypatch):
         [image] = list((tmp_path / "wandb").glob(f"offline-run-*/files/media/images/attribution/{name}_*.png"))
         assert image.read_bytes().startswith(b"\x89PNG")
     assert files.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_is_one_bar_per_stage_of_ours_and_none_when_silenced(tmp_path, capfd, progress):
+    """curvlinops' internal bars ("KFAC matrices", "Eigenvalue correction") never show; ``progress=False``
+    silences every bar."""
+    from lightning_dtda import Attributor, Influence, TrajectoryRecorder
+
+    data = classification_data(n=24)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+        TinyClassifier(), DataLoader(data, batch_size=8)
+    )
+    capfd.readouterr()
+    Attributor(TinyClassifier, tmp_path / "runs", data, Influence("ekfac", damping=0.1), progress=progress).attribute(
+        classification_data(n=2, seed=1)
+    )
+    err = capfd.readouterr().err
+    assert "matrices" not in err and "Eigenvalue correction" not in err
+    assert ("ekfac data pass" in err and "attributing (influence-ekfac)" in err) == progress
+    assert ("it/s" in err or "s/it" in err) == progress

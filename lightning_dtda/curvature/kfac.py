@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from typing import Any
 
@@ -12,6 +12,7 @@ from curvlinops import (
     KFACLinearOperator,
 )
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from lightning_dtda.curvature._curvlinops import (
     KFACInverse,
@@ -111,6 +112,17 @@ class EKFAC(KFAC, SpectralCurvature):
             return (self.operator @ vectors.T).T
 
 
+class _DataPasses:
+    """Re-iterable ``data`` whose every pass shows one progress bar of ours."""
+
+    def __init__(self, data: Iterable[tuple[Any, Tensor]], desc: str, progress: bool) -> None:
+        self.data, self.desc, self.progress = data, desc, progress
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        total = len(self.data) if hasattr(self.data, "__len__") else None  # type: ignore[arg-type]
+        return iter(tqdm(self.data, desc=self.desc, total=total, disable=not self.progress, leave=False))
+
+
 def _fit_kfac(
     kind: str,
     model: nn.Module,
@@ -146,10 +158,11 @@ def _fit_kfac(
             model,
             loss_function,
             others,
-            data,
+            _DataPasses(data, f"{kind} data pass", progress),
             fisher_type="type-2",
             separate_weight_and_bias=False,
-            progressbar=progress,
+            # curvlinops' own bars would nest inside ours, one per internal stage: ours counts the passes.
+            progressbar=False,
             num_per_example_loss_terms=_loss_terms_per_example(loss_function, data),
             **common,
         )

@@ -84,6 +84,9 @@ class _InputsTargets:
         self.hooks = hooks
         self.device = device
 
+    def __len__(self) -> int:
+        return len(self.loader)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.loader:
             yield self.hooks.inputs_targets(move_data_to_device(batch, self.device))
