@@ -282,6 +282,7 @@ def test_adam_auto_damping_counts_adams_step_per_unit_of_gradient(tmp_path):
     recorded = json.loads(manifest.read_text())
     for entry in recorded["snapshots"]:
         entry.pop("step_scale", None)
+    recorded.pop("sha256")  # as a run recorded before 0.3: without step scales or a checksum
     manifest.write_text(json.dumps(recorded))
     [old] = load_runs(tmp_path / "runs")
     with pytest.raises(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import math
 import os
 import socket
@@ -112,6 +113,12 @@ def module_fingerprint(module: Any) -> dict[str, str]:
     return fingerprint
 
 
+def _json_digest(data: Mapping[str, Any]) -> str:
+    """SHA-256 of ``data`` as canonical JSON (sorted keys, no spaces): the same for the same content however
+    the file is laid out."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a run folder's ``manifest.json`` says about the run.
@@ -177,8 +184,9 @@ class Manifest:
         return self.optimizer_class.rpartition(".")[2]
 
     def to_json(self) -> dict[str, Any]:
-        # The layout of format 2 as the first recorder wrote it, so earlier runs read unchanged.
-        return {
+        # The layout of format 2 as the first recorder wrote it, so earlier runs read unchanged, and a
+        # checksum of the rest (since 0.3), so an altered manifest is refused rather than believed.
+        data = {
             "format": self.format,
             "versions": self.versions,
             "module": {"class": self.module_class, "hparams": self.hparams}
@@ -201,10 +209,16 @@ class Manifest:
             "stopped": self.stopped,
             "writer": None if self.writer is None else {"host": self.writer.host, "pid": self.writer.pid},
         }
+        return {**data, "sha256": _json_digest(data)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Manifest":
-        """Read a manifest; raises ``ValueError`` for another format or a missing key."""
+        """Read a manifest; raises ``ValueError`` for another format, a missing key, or content that does
+        not match its checksum (manifests written before 0.3 have none)."""
+        if "sha256" in data:
+            data = dict(data)
+            if data.pop("sha256") != _json_digest(data):
+                raise ValueError("its content does not match its checksum: it was altered after it was written")
         if data.get("format") not in READABLE_FORMATS:
             raise ValueError(
                 f"format {data.get('format')!r}, but this version of lightning-dtda reads formats {READABLE_FORMATS}. "
@@ -419,7 +433,7 @@ class SnapshotContent:
 
     def save(self, path: Path) -> str:
         """Write the snapshot to ``path`` atomically and return the SHA-256 of its bytes."""
-        return save_tree(self.to_tree(), path)
+        return save_tree(self.to_tree(), path, checksum=False)  # the manifest holds its checksum
 
     @classmethod
     def load(cls, path: Path, sha256: str) -> "SnapshotContent":
