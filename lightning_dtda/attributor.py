@@ -45,7 +45,7 @@ class Attributor:
     r"""Predict, for every recorded seed, how removing each training example changes each query's measurement.
 
     The Attributor coordinates; the ``estimator`` computes. For each run it loads the module at the
-    final snapshot, computes the query gradients and base measurements, hands them to the estimator
+    final snapshot (or the one ``snapshot`` names), computes the query gradients and base measurements, hands them to the estimator
     (``Influence``, ``Unrolled`` or
     ``Segmented``), caches what it returns, and pools the runs into an
     ``AttributionResult`` of effects ``[seeds, queries, train]``. Sign: an effect is the
@@ -67,6 +67,10 @@ class Attributor:
             repeated call (after a crash, say) loads finished runs instead of recomputing them. Fitted
             curvatures at the final snapshot (dense GGN eigendecompositions, K-FAC/EK-FAC factors) are
             cached there too: new queries or another damping reuse them.
+        snapshot: Which weights of each run are attributed: ``"final"`` (the end of training, the default),
+            ``"best"`` (``ModelCheckpoint``'s best checkpoint, which the recorder snapshots with every
+            checkpoint it sees saved) or a snapshot's step. Estimators see the run as if it had ended
+            there: ``Influence`` at those weights, ``Unrolled`` and ``Segmented`` up to that step.
 
     Raises:
         TypeError: If ``estimator`` is not an ``Estimator``, or
@@ -93,6 +97,7 @@ class Attributor:
         device: str | torch.device | None = None,
         progress: bool = True,
         cache_dir: str | Path | None = None,
+        snapshot: Literal["final", "best"] | int = "final",
     ) -> None:
         estimator = Influence() if estimator is None else estimator
         if not isinstance(estimator, Estimator):
@@ -110,7 +115,8 @@ class Attributor:
                 f"device={device!r}, but torch finds no CUDA device here; use device='cpu' or leave device=None."
             )
         self.module = module
-        self.runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+        runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+        self.runs = [run.upto(snapshot) for run in runs]
         # Every read of a training example draws the same random numbers (one fixed view of an augmented example).
         self.train_data = SeededDataset(train_data)
         self.estimator = estimator

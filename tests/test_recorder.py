@@ -364,3 +364,48 @@ def test_a_disk_that_fills_up_stops_recording_but_never_training(tmp_path):
             load_runs(disk / "runs")
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_the_checkpoint_a_user_keeps_is_snapshotted_and_attributed(tmp_path):
+    """Every checkpoint ModelCheckpoint saves is snapshotted and its best is noted; Attributor(snapshot="best")
+    attributes those weights (against the dense-GGN oracle at the checkpoint's own weights)."""
+    from oracles import dense_ggn_effects
+
+    from lightning_dtda import Attributor, Influence, Unrolled, load_runs
+
+    class Validated(TinyClassifier):
+        def validation_step(self, batch, batch_idx):  # a score that makes epoch 1 the best, whatever the losses
+            self.log("score", float(self.current_epoch == 1))
+
+    data, queries = (
+        classification_data(n=24, dtype=torch.float64),
+        classification_data(n=3, seed=1, dtype=torch.float64),
+    )
+    checkpoint = ModelCheckpoint(tmp_path / "checkpoints", monitor="score", mode="max", save_top_k=1)
+    pl.seed_everything(0)
+    recorder = TrajectoryRecorder(tmp_path / "runs", every_n_epochs=100)  # snapshots at checkpoints only
+    trainer(tmp_path, [recorder, checkpoint], max_epochs=4, precision="64-true", enable_checkpointing=True).fit(
+        Validated(lr=0.3),
+        DataLoader(data, batch_size=6),
+        DataLoader(classification_data(n=8, seed=2, dtype=torch.float64)),
+    )
+    kept = torch.load(checkpoint.best_model_path, weights_only=True)
+    [run] = load_runs(tmp_path / "runs")
+    # step 0, the checkpoints saved (epochs 0 and 1; later epochs do not improve, so none is saved), the end
+    assert run.snapshot_steps == [0, 4, 8, 16]
+    assert run.manifest.best_step == kept["global_step"] == 8  # the end of epoch 1, not the final weights
+    best = run.snapshot_steps.index(run.manifest.best_step)
+    assert all(torch.equal(v, kept["state_dict"][k]) for k, v in run.state_dict(best).items())
+    result = Attributor(
+        Validated, run.path.parent, data, Influence("ggn", damping=0.1), progress=False, snapshot="best"
+    )
+    effects = result.attribute(queries).effects[0]
+    model = Validated(lr=0.3).double()
+    model.load_state_dict(kept["state_dict"])
+    expected = dense_ggn_effects(model, *data.tensors, *queries.tensors, 0.1)[0]
+    assert (effects - expected).abs().max() < 1e-6 * expected.abs().max()
+    # Unrolled replays the run up to the kept weights, and the result says which snapshots it used.
+    unrolled = Attributor(Validated, run.path.parent, data, Unrolled(), progress=False, snapshot=8).attribute(queries)
+    assert unrolled.settings["snapshot_steps"] == [8] and torch.isfinite(unrolled.effects).all()
+    with pytest.raises(ValueError, match=r"no snapshot at step 5; its snapshots are at steps \[0, 4, 8, 16\]"):
+        Attributor(Validated, run.path.parent, data, snapshot=5)

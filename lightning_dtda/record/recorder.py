@@ -209,6 +209,7 @@ class TrajectoryRecorder(Callback):
         self._rng_at_start: dict[str, Tensor] = {}
         self._step_rng: list[dict[str, Tensor]] = []
         self._step_losses: list[Tensor | float] = []
+        self._best_path = ""  # ModelCheckpoint's best checkpoint when last seen
         self._scale_before_step: float | None = None
         self._hooks_checked = False
 
@@ -321,13 +322,24 @@ class TrajectoryRecorder(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # The checkpoint will resume from here, so the manifest must list the snapshots it knows of.
+        # The weights a checkpoint keeps can be attributed (Attributor(snapshot="best" or its step)): they
+        # are snapshotted, and ModelCheckpoint's best is noted (its path is updated before it saves).
+        self.writer.snapshot(trainer, pl_module)
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if best and best != self._best_path:
+            self._best_path = best
+            self.writer.mark_best(trainer.global_step)
+        # The checkpoint will resume from here, so the manifest must list the snapshots it knows of, and the
+        # checkpoint must hold the state after this snapshot (Lightning collected it before this hook).
         self.writer.flush()
+        if "callbacks" in checkpoint:
+            checkpoint["callbacks"][self.state_key] = self.state_dict()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.writer.state_dict()
+        return {**self.writer.state_dict(), "best_path": self._best_path}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resuming = self.writer.load_state_dict(state_dict)
+        self._best_path = state_dict.get("best_path", "")

@@ -152,6 +152,11 @@ class RunWriter:
         self.pending_steps = []
         self.last_snapshot_step = step
 
+    def mark_best(self, step: int) -> None:
+        """Note that the snapshot at ``step`` holds ModelCheckpoint's best checkpoint (written with the manifest)."""
+        if self.manifest is not None:
+            self.manifest = replace(self.manifest, best_step=step)
+
     def finish(self) -> None:
         """Mark the run complete. Nothing un-marks it afterwards."""
         self.complete = True

@@ -139,6 +139,8 @@ class Manifest:
         snapshots: The snapshots written so far, in step order.
         complete: Whether training ended and the final snapshot is listed.
         stopped: Why training stopped early (the exception), if the recorder saw it stop.
+        best_step: The step of the snapshot holding ``ModelCheckpoint``'s best checkpoint (``None``: no
+            checkpoint was saved, or the run was recorded before 0.3).
         writer: The recording process (``None`` for runs recorded before 0.2).
         format: The run format the manifest was written in (see ``FORMAT``).
     """
@@ -167,6 +169,7 @@ class Manifest:
     writer: RecordingProcess | None = None
     format: int = field(default=FORMAT)
     module_fingerprint: dict[str, str] | None = None
+    best_step: int | None = None
 
     def with_snapshots(
         self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None
@@ -209,6 +212,8 @@ class Manifest:
             "stopped": self.stopped,
             "writer": None if self.writer is None else {"host": self.writer.host, "pid": self.writer.pid},
         }
+        if self.best_step is not None:
+            data["best_step"] = self.best_step
         return {**data, "sha256": _json_digest(data)}
 
     @classmethod
@@ -248,6 +253,7 @@ class Manifest:
                 snapshots=tuple(SnapshotEntry.from_json(s) for s in data["snapshots"]),
                 complete=bool(data["complete"]),
                 stopped=data.get("stopped"),
+                best_step=data.get("best_step"),
                 writer=None if writer is None else RecordingProcess(writer["host"], int(writer["pid"])),
                 format=int(data["format"]),
                 module_fingerprint=data["module"].get("fingerprint"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -139,6 +141,41 @@ class Trajectory:
                 f"{self.path}: recorded {len(steps)} optimizer steps but the final snapshot is at step {self.final_step}."
             )
         return steps
+
+    def upto(self, snapshot: int | str) -> Trajectory:
+        """This run as if it had ended at a snapshot: ``"final"`` (itself), ``"best"`` (the snapshot of
+        ``ModelCheckpoint``'s best checkpoint) or a snapshot's step. Every estimator then attributes the
+        weights there (``Unrolled`` replays the run up to that step).
+
+        Raises:
+            ValueError: For a step without a snapshot (the message lists them), or ``"best"`` for a run
+                without a recorded best checkpoint.
+        """
+        if snapshot == "final":
+            return self
+        if snapshot == "best":
+            step = self.manifest.best_step
+            if step is None:
+                raise ValueError(
+                    f"Run {self.name} recorded no best checkpoint: it was trained without a ModelCheckpoint that saved, "
+                    "or recorded before 0.3. Give a snapshot's step instead, one of "
+                    f"{self.snapshot_steps}."
+                )
+        elif isinstance(snapshot, int) and not isinstance(snapshot, bool):
+            step = snapshot
+        else:
+            raise ValueError(f"snapshot must be 'final', 'best' or a snapshot's step, got {snapshot!r}.")
+        if step not in self.snapshot_steps:
+            raise ValueError(
+                f"Run {self.name} has no snapshot at step {step}; its snapshots are at steps {self.snapshot_steps}. "
+                "Record with every_n_train_steps or every_n_epochs to have more, or with a ModelCheckpoint (every "
+                "checkpoint saved is snapshotted)."
+            )
+        cut = copy.copy(self)
+        kept = tuple(entry for entry in self.manifest.snapshots if entry.step <= step)
+        cut.manifest = replace(self.manifest, snapshots=kept)
+        cut.__dict__.pop("steps", None)  # the cached steps of the whole run
+        return cut
 
     def check_dataset(self, data: Any) -> None:
         """Raise ``DatasetMismatchError`` unless ``data`` has the recorded length and fingerprint."""
