@@ -119,8 +119,8 @@ def replay_checked(
 ) -> tuple[list[Tensor], dict[str, Any], list[tuple[list[Tensor], dict[str, Any]]]]:
     """The whole run replayed once per row of ``weights [M, N]`` (no gradients), snapshot interval by
     interval, with row 0, which must be the recorded run (all ones), checked against the recorded
-    weights by :func:`check_replay`: after the first interval (raising before the long pass) and at
-    the end (where only ``strict`` raises; see :func:`check_replay`).
+    weights by ``check_replay``: after the first interval (raising before the long pass) and at
+    the end (where only ``strict`` raises; see ``check_replay``).
 
     Returns:
         The final parameters and state (as ``Replay.advance``), and with ``keep_checkpoints`` the parameters

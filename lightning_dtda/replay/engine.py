@@ -246,7 +246,7 @@ def state_tensors(state: dict[str, Any]) -> list[Tensor]:
 
 
 def with_state_tensors(state: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
-    """Invert :func:`state_tensors`: ``state`` with its tensors replaced by ``tensors``."""
+    """Invert ``state_tensors``: ``state`` with its tensors replaced by ``tensors``."""
     rebuilt, it = dict(state), iter(tensors)
     for key in sorted(state):
         if isinstance(state[key], list):
