@@ -144,7 +144,7 @@ class Augmented(torch.utils.data.Dataset):
 
 
 def test_runs_recorded_on_randomly_augmented_data_load_and_attribute_with_every_influence_curvature(tmp_path):
-    from lightning_dtda import ReplayMismatchError, load_runs
+    from lightning_dtda import UnsupportedTrainingError, load_runs
 
     data, queries = Augmented(classification_data(n=24, dtype=torch.float64)), classification_data(n=3, seed=1)
     for seed in (0, 1):
@@ -160,6 +160,6 @@ def test_runs_recorded_on_randomly_augmented_data_load_and_attribute_with_every_
         first, again = attributor.attribute(queries), attributor.attribute(queries)
         # One fixed augmented view per example: the same effects every time.
         assert torch.isfinite(first.effects).all() and torch.equal(first.effects, again.effects)
-    # The replay cannot see the random views training drew: refused after the first interval, naming augmentation.
-    with pytest.raises(ReplayMismatchError, match="random data augmentation"):
+    # The replay cannot see the random views training drew: refused before any work, naming augmentation.
+    with pytest.raises(UnsupportedTrainingError, match="draws random numbers when its items are read"):
         Attributor(TinyClassifier, runs, data, Unrolled(), progress=False).attribute(queries)

@@ -324,11 +324,15 @@ class TrajectoryRecorder(Callback):
     ) -> None:
         # The weights a checkpoint keeps can be attributed (Attributor(snapshot="best" or its step)): they
         # are snapshotted, and ModelCheckpoint's best is noted (its path is updated before it saves).
-        self.writer.snapshot(trainer, pl_module)
+        # Not in the middle of an accumulated step: batch norm statistics would already hold forwards of a
+        # step the snapshot's steps do not (a replay to that step could not reproduce them).
+        between_steps = not self._step_rng
+        if between_steps:
+            self.writer.snapshot(trainer, pl_module)
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best and best != self._best_path:
             self._best_path = best
-            self.writer.mark_best(trainer.global_step)
+            self.writer.mark_best(trainer.global_step if between_steps else None)
         # The checkpoint will resume from here, so the manifest must list the snapshots it knows of, and the
         # checkpoint must hold the state after this snapshot (Lightning collected it before this hook).
         self.writer.flush()

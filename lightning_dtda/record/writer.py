@@ -152,8 +152,9 @@ class RunWriter:
         self.pending_steps = []
         self.last_snapshot_step = step
 
-    def mark_best(self, step: int) -> None:
-        """Note that the snapshot at ``step`` holds ModelCheckpoint's best checkpoint (written with the manifest)."""
+    def mark_best(self, step: int | None) -> None:
+        """Note that the snapshot at ``step`` holds ModelCheckpoint's best checkpoint (written with the
+        manifest); ``None``: the best checkpoint has no snapshot (it was saved inside an accumulated step)."""
         if self.manifest is not None:
             self.manifest = replace(self.manifest, best_step=step)
 

@@ -34,6 +34,7 @@ from lightning_dtda.model.gradients import HookCall, trainable_parameters
 from lightning_dtda.replay.layers import _BATCH_NORMS, _train_mode, running_statistics
 from lightning_dtda.replay.optim import FunctionalOptimizer
 from lightning_dtda.replay.relu import ReLUSmoothing
+from lightning_dtda.runs.fingerprint import SeededDataset, draws_random_numbers
 from lightning_dtda.runs.format import Step
 from lightning_dtda.runs.trajectory import Trajectory
 
@@ -116,6 +117,13 @@ class Replay:
         self.model = model
         self.device = next(model.parameters()).device
         check_replayable(model, run, self.device)
+        random = train_data.random if isinstance(train_data, SeededDataset) else draws_random_numbers(train_data)
+        if random:
+            raise UnsupportedTrainingError(
+                f"train_data draws random numbers when its items are read (random data augmentation), so the replay "
+                f"of {run.name} cannot see the views training drew. Influence attributes such runs; to replay, train on "
+                "a dataset whose items are the same at every read."
+            )
         self.names = list(trainable_parameters(model))
         self.buffer_names = running_statistics(model)
         self.start, self.start_buffers = initial_state(model, run, self.names, self.buffer_names)

@@ -158,7 +158,9 @@ class Trajectory:
             if step is None:
                 raise ValueError(
                     f"Run {self.name} recorded no best checkpoint: it was trained without a ModelCheckpoint that saved, "
-                    "or recorded before 0.3. Give a snapshot's step instead, one of "
+                    "its best checkpoint was saved inside an accumulated step (validation after a number of batches "
+                    "that accumulate_grad_batches does not divide: no snapshot can hold it), or it was recorded "
+                    "before 0.3. Give a snapshot's step instead, one of "
                     f"{self.snapshot_steps}."
                 )
         elif isinstance(snapshot, int) and not isinstance(snapshot, bool):
