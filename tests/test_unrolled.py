@@ -543,6 +543,35 @@ def test_a_replay_that_leaves_the_run_inside_an_accumulated_step_is_diagnosed_th
         Attributor(OddBatchesExtraLoss, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(data)
 
 
+def test_a_replay_that_leaves_the_run_between_snapshots_is_refused_at_the_next_one(tmp_path):
+    """Every snapshot is checked, not only the first and the last: weights changed by a callback at step 3
+    (of 12, snapshots every 2 steps) are refused at step 4, before unrolling's reverse pass."""
+
+    class ShrinkOnce(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3 and batch_idx == 2:
+                with torch.no_grad():
+                    for p in pl_module.parameters():
+                        p.mul_(0.9)
+
+    data = classification_data(n=12, dtype=torch.float64)
+    pl.seed_everything(0)
+    trainer(
+        tmp_path,
+        [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=2), ShrinkOnce()],
+        max_epochs=4,
+        precision="64-true",
+    ).fit(TinyClassifier(lr=0.2), DataLoader(data, batch_size=4))
+    with pytest.raises(
+        ReplayMismatchError, match=r"Replaying seed_0 to step 4 lands .* step 3's update is not the run's"
+    ):
+        Attributor(TinyClassifier, tmp_path / "runs", data, Unrolled(), progress=False).attribute(data)
+    # A run that replays exactly records how close it landed.
+    clean = record(tmp_path / "clean", TinyClassifier, data, lr=0.2)
+    result = Attributor(TinyClassifier, clean, data, Unrolled(), progress=False).attribute(data)
+    assert result.settings["per_run"][0]["replay_gap"] < 1e-10
+
+
 def test_a_bf16_mixed_run_replays_within_the_documented_bound(tmp_path):
     data = classification_data(n=24)
     pl.seed_everything(0)

@@ -92,7 +92,7 @@ class Unrolled(Estimator):
                     names,
                     "query gradients (running statistics)",
                 )
-        effects = unrolled_effects(
+        effects, gap = unrolled_effects(
             context.model,
             context.run,
             context.train_data,
@@ -101,7 +101,9 @@ class Unrolled(Estimator):
             context.progress,
             self.relu_smoothing,
         )
-        return effects, {}
+        # The replay's distance from the recorded final weights: effects describe the replay (a warning said so
+        # if it is beyond the check's tolerance), and a saved result keeps how far that was.
+        return effects, {"replay_gap": gap}
 
 
 def unrolled_effects(
@@ -112,8 +114,9 @@ def unrolled_effects(
     query_buffer_grads: Tensor | None = None,
     progress: bool = False,
     relu_smoothing: float | None = None,
-) -> Tensor:
-    """Removal effects ``[Q, N]`` of every training example on each query, by reverse-mode unrolling.
+) -> tuple[Tensor, float]:
+    """Removal effects ``[Q, N]`` of every training example on each query, by reverse-mode unrolling, and
+    the replay's relative distance from the recorded final weights.
 
     Args:
         model: The run's module.
@@ -177,4 +180,4 @@ def unrolled_effects(
         dm_dw += grads[-1].squeeze(1)
     if replay.smoothing is not None and not replay.smoothing.used:
         rank_zero_warn(f"relu_smoothing had no effect on {run.name}: its training loss calls no ReLU.")
-    return -dm_dw
+    return -dm_dw, replay.gap

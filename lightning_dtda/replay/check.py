@@ -88,7 +88,7 @@ def diagnose(run: Trajectory, replayed: list[float] | None, last: int) -> str:
 
 def check_replay(
     run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int, strict: bool = False
-) -> None:
+) -> float:
     """Raise if the replay (row 0 of ``params`` and ``state``) does not reproduce the weights and running
     statistics recorded at ``snapshot``; at the last snapshot of a run with several intervals it only
     warns, unless ``strict`` (a ground truth must be right or absent; unrolled effects describe the replay)."""
@@ -101,7 +101,7 @@ def check_replay(
     gap = gaps[worst]
     mixed = "mixed" in run.manifest.precision
     if gap <= (_MIXED_PRECISION_TOLERANCE if mixed else _REPLAY_TOLERANCE):
-        return
+        return gap
     last = run.snapshot_steps[snapshot]
     traced = None if replay.traced_losses is None else [float(loss) for loss in replay.traced_losses]
     message = (
@@ -109,9 +109,11 @@ def check_replay(
         f"{worst!r}), so the replay is not the run. {diagnose(run, traced, last)}"
     )
     if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1 and not strict:
-        rank_zero_warn(message + " Unrolled effects describe the replay.")
-    else:
-        raise ReplayMismatchError(message)
+        rank_zero_warn(
+            message + " Unrolled effects describe the replay; the run's settings record the gap (replay_gap)."
+        )
+        return gap
+    raise ReplayMismatchError(message)
 
 
 def replay_checked(
@@ -119,8 +121,8 @@ def replay_checked(
 ) -> tuple[list[Tensor], dict[str, Any], list[tuple[list[Tensor], dict[str, Any]]]]:
     """The whole run replayed once per row of ``weights [M, N]`` (no gradients), snapshot interval by
     interval, with row 0, which must be the recorded run (all ones), checked against the recorded
-    weights by ``check_replay``: after the first interval (raising before the long pass) and at
-    the end (where only ``strict`` raises; see ``check_replay``).
+    weights by ``check_replay`` at every snapshot: raising before unrolling's long pass, except at the
+    last snapshot, where only ``strict`` raises (see ``check_replay``); ``replay.gap`` is then the last gap.
 
     Returns:
         The final parameters and state (as ``Replay.advance``), and with ``keep_checkpoints`` the parameters
@@ -140,10 +142,9 @@ def replay_checked(
                 if keep_checkpoints:
                     checkpoints.append((params, state))
                 params, state = replay.advance(params, state, weights, run.steps[a:b], progress)
-                if index == 1:  # refuse before the long pass, not after it
-                    check_replay(run, replay, params, state, index)
-        if len(bounds) > 2:
-            check_replay(run, replay, params, state, len(bounds) - 1, strict)
+                # Every snapshot: one that misses raises before unrolling's long reverse pass, and the
+                # last one only warns unless strict (see check_replay).
+                replay.gap = check_replay(run, replay, params, state, index, strict)
     finally:
         replay.traced_losses = None
     return params, state, checkpoints

@@ -159,6 +159,8 @@ class Replay:
         self._collected: dict[str, tuple[Tensor, Tensor]] = {}
         # When a list, advance() appends each micro-batch's loss of the first weighting (see replay_checked).
         self.traced_losses: list[Tensor] | None = None
+        # The relative distance from the recorded weights at the last snapshot checked (see replay_checked).
+        self.gap: float | None = None
 
         def weighted_loss(
             params: list[Tensor], buffers: list[Tensor], w: Tensor, batch: Any
