@@ -74,7 +74,7 @@ class Attributor:
 
     Raises:
         TypeError: If ``estimator`` is not an ``Estimator``, or
-            ``train_data`` is an ``IterableDataset``.
+            ``train_data`` is a ``DataLoader`` or an ``IterableDataset``.
         ValueError: If the training data is not the data the runs were recorded on, or ``device`` names
             CUDA on a machine without it.
 
@@ -104,6 +104,11 @@ class Attributor:
             raise TypeError(
                 f"estimator must be an Estimator such as Influence(), Unrolled() or Segmented(), got {estimator!r}."
             )
+        if isinstance(train_data, DataLoader):
+            raise TypeError(
+                "train_data is a DataLoader; pass its dataset (train_loader.dataset), in the order the runs were "
+                "recorded on: attribution indexes training examples by their position."
+            )
         if isinstance(train_data, IterableDataset):
             raise TypeError(
                 "train_data is an IterableDataset; attribution indexes training examples by their position, so it needs "
@@ -117,6 +122,7 @@ class Attributor:
         self.module = module
         runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
         self.runs = [run.upto(snapshot) for run in runs]
+        self.snapshot = snapshot
         # Every read of a training example draws the same random numbers (one fixed view of an augmented example).
         self.train_data = SeededDataset(train_data)
         self.estimator = estimator
@@ -248,8 +254,8 @@ class Attributor:
 
         Returns:
             An ``AttributionResult`` with ``effects [seeds, queries, train]``; its ``settings``
-            hold the estimator's settings, what it chose per run, and each run's seed, final step and status
-            (and ``reduce``, when given).
+            hold the estimator's settings, what it chose per run, each run's seed, attributed step
+            (``snapshot_steps``; ``snapshot``: which was asked for) and status (and ``reduce``, when given).
         """
         if len(query_data) == 0:  # type: ignore[arg-type]
             raise ValueError("query_data is empty; pass at least one query example.")
@@ -279,6 +285,7 @@ class Attributor:
             **self.estimator.settings(),
             "per_run": per_run,
             "seeds": [run.seed for run in self.runs],
+            "snapshot": self.snapshot,
             "snapshot_steps": [run.final_step for run in self.runs],
             "run_status": [run.status for run in self.runs],
             "module": self.runs[0].module_class,

@@ -399,7 +399,9 @@ def test_the_checkpoint_a_user_keeps_is_snapshotted_and_attributed(tmp_path):
     result = Attributor(
         Validated, run.path.parent, data, Influence("ggn", damping=0.1), progress=False, snapshot="best"
     )
-    effects = result.attribute(queries).effects[0]
+    attributed = result.attribute(queries)
+    assert attributed.settings["snapshot"] == "best" and attributed.settings["snapshot_steps"] == [8]
+    effects = attributed.effects[0]
     model = Validated(lr=0.3).double()
     model.load_state_dict(kept["state_dict"])
     expected = dense_ggn_effects(model, *data.tensors, *queries.tensors, 0.1)[0]
@@ -434,3 +436,15 @@ def test_a_checkpoint_saved_inside_an_accumulated_step_is_not_snapshotted(tmp_pa
     assert run.snapshot_steps == [0, 5, 10]  # the checkpoints at steps 2.5 and 7.5 have no snapshot
     result = Attributor(FeatureModule, tmp_path / "runs", data, Unrolled(), progress=False).attribute(images(2, 2))
     assert torch.isfinite(result.effects).all()
+
+
+def test_a_dataloader_given_as_train_data_says_to_pass_its_dataset(tmp_path):
+    from lightning_dtda import Attributor
+
+    data = classification_data(n=8)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+        TinyClassifier(), DataLoader(data, batch_size=4)
+    )
+    with pytest.raises(TypeError, match=r"train_data is a DataLoader; pass its dataset \(train_loader.dataset\)"):
+        Attributor(TinyClassifier, tmp_path / "runs", DataLoader(data, batch_size=4))

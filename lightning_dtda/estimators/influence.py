@@ -34,7 +34,7 @@ DAMPING_PROBES = 16
 
 @dataclass(frozen=True)
 class Influence(Estimator):
-    r"""The influence-function estimate at each run's final snapshot.
+    r"""The influence-function estimate at each run's final snapshot (or the one the Attributor's ``snapshot`` names).
 
         \Delta m_{q,n} = \nabla m_q^\top (C + \lambda I)^{-1} \nabla \ell_n / N,
 

@@ -16,7 +16,16 @@ _RESULT_FORMAT = 2  # 2: a safetensors file; 1: torch.save (see migrate.convert)
 
 
 # What Attributor.attribute adds to the estimator's settings: per run, and about the runs.
-_RUN_SETTINGS = ("per_run", "seeds", "snapshot_steps", "run_status", "module", "dataset_fingerprint", "versions")
+_RUN_SETTINGS = (
+    "per_run",
+    "seeds",
+    "snapshot",
+    "snapshot_steps",
+    "run_status",
+    "module",
+    "dataset_fingerprint",
+    "versions",
+)
 
 
 @dataclass
