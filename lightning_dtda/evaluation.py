@@ -103,15 +103,32 @@ def retrain(
 
 
 def leave_one_out_weights(num_train: int, examples: Sequence[int] | Tensor) -> Tensor:
-    """``[K, N]`` weightings that each remove one of ``examples``."""
+    """``[K, N]`` weightings that each remove one of ``examples``.
+
+    Raises:
+        ValueError: Unless ``examples`` are integers in ``[0, num_train)``, at least one.
+    """
     examples = torch.as_tensor(examples)
+    if examples.ndim != 1 or not len(examples) or examples.is_floating_point() or examples.dtype == torch.bool:
+        raise ValueError(f"examples must be a non-empty list of training-set indices, got {examples.tolist()!r}.")
+    if bool((examples < 0).any() or (examples >= num_train).any()):
+        raise ValueError(f"examples must be indices in [0, {num_train}), got {examples.tolist()!r}.")
     weights = torch.ones(len(examples), num_train, dtype=torch.float64)
     weights[torch.arange(len(examples)), examples] = 0.0
     return weights
 
 
 def random_subset_weights(num_train: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
-    """``[M, N]`` weightings that each keep a random ``fraction`` of the training set (weights 0 or 1)."""
+    """``[M, N]`` weightings that each keep a random ``fraction`` of the training set (weights 0 or 1).
+
+    Raises:
+        ValueError: Unless ``0 < fraction < 1`` and ``num_subsets`` is positive.
+    """
+    if not 0 < fraction < 1 or num_subsets < 1:
+        raise ValueError(
+            f"random_subset_weights needs 0 < fraction < 1 and num_subsets >= 1, got fraction={fraction!r}, "
+            f"num_subsets={num_subsets!r}."
+        )
     generator = torch.Generator().manual_seed(seed)
     keep = round(fraction * num_train)
     weights = torch.zeros(num_subsets, num_train, dtype=torch.float64)

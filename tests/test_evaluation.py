@@ -257,3 +257,20 @@ def test_train_seeds_records_each_seed_once(tmp_path):
     with pytest.raises(RuntimeError, match=r"seed_2: unfinished .* wait for it or stop that process first"):
         train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[2], **kwargs)
     assert path.is_file()
+
+
+@pytest.mark.parametrize(
+    "call, why",
+    [
+        (lambda: leave_one_out_weights(5, [-1]), r"indices in \[0, 5\), got \[-1\]"),
+        (lambda: leave_one_out_weights(5, [5]), r"indices in \[0, 5\)"),
+        (lambda: leave_one_out_weights(5, []), "non-empty list of training-set indices"),
+        (lambda: leave_one_out_weights(5, [1.7]), "non-empty list of training-set indices"),
+        (lambda: random_subset_weights(10, 2, fraction=1.5), "0 < fraction < 1"),
+        (lambda: random_subset_weights(10, 2, fraction=0.0), "0 < fraction < 1"),
+        (lambda: random_subset_weights(10, 0), "num_subsets >= 1"),
+    ],
+)
+def test_weightings_refuse_what_would_silently_remove_other_examples(call, why):
+    with pytest.raises(ValueError, match=why):
+        call()
