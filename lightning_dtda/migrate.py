@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from lightning_dtda._io import load_tree
+from lightning_dtda.results.result import AttributionResult
+from lightning_dtda.results.retraining import Retraining
 from lightning_dtda.runs.archive import ARCHIVE_MAGIC, decode_archive
 
 
@@ -65,9 +68,13 @@ def _convert_run(run_dir: Path) -> list[Path]:
 
 
 def _convert_torch_file(path: Path) -> Path:
-    from lightning_dtda.results.result import AttributionResult
-    from lightning_dtda.results.retraining import Retraining
-
+    if path.is_file() and path.read_bytes()[:4] != b"PK\x03\x04":  # not torch.save's zip archive
+        try:
+            load_tree(path)
+        except (ValueError, OSError):
+            pass  # neither: torch.load below says what it is not
+        else:
+            raise ValueError(f"{path} is already in this version's format: there is nothing to convert.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for what is not its zip archive

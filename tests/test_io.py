@@ -327,3 +327,13 @@ def test_a_run_of_format_2_reads_unchanged_and_converts(tmp_path):
         load_file(run_dir / new.snapshots[-1].file)["optimizer_state.state.0.momentum_buffer"],
         momentum["state"][0]["momentum_buffer"],
     )
+
+
+def test_converting_a_current_result_says_there_is_nothing_to_convert(tmp_path):
+    from lightning_dtda import convert
+
+    AttributionResult(torch.zeros(1, 1, 2), torch.zeros(1, 1), ["seed_0"], {}).save(tmp_path / "r.safetensors")
+    with pytest.raises(
+        ValueError, match=r"r.safetensors is already in this version's format: there is nothing to convert"
+    ):
+        convert(tmp_path / "r.safetensors")
