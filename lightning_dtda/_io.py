@@ -83,16 +83,25 @@ _CHECKED = "__checked__"
 _ZEROS = "0" * 64
 
 
-def _self_digest(data: bytes | bytearray, digest: str) -> str:
-    """The SHA-256 of ``data`` with the 64 digits of its checksum (now ``digest``) zeroed."""
+def _checksum_at(data: bytes | bytearray, digest: str) -> int:
+    """Where the 64 digits of the checksum (now ``digest``) start in ``data``, in its header after their key."""
     (length,) = struct.unpack_from("<Q", data)
     header = bytes(data[8 : 8 + length])
     key = header.find(_CHECKSUM.encode())
     where = header.find(digest.encode(), key)
     if key < 0 or where < 0 or where - key > 16:  # the digits follow the key (quotes escaped in the header)
         raise ValueError("its checksum entry is malformed")
-    start = 8 + where
-    return hashlib.sha256(bytes(data[:start]) + _ZEROS.encode() + bytes(data[start + 64 :])).hexdigest()
+    return 8 + where
+
+
+def _self_digest(data: bytes | bytearray, start: int) -> str:
+    """The SHA-256 of ``data`` with the 64 digits at ``start`` zeroed, hashed in place (a dense-GGN cache
+    can be gigabytes: no copy of it)."""
+    view = memoryview(data)
+    digest = hashlib.sha256(view[:start])
+    digest.update(_ZEROS.encode())
+    digest.update(view[start + 64 :])
+    return digest.hexdigest()
 
 
 def encode_tree(tree: Mapping[str, Any], checksum: bool = True) -> bytes:
@@ -158,9 +167,8 @@ def encode_tree(tree: Mapping[str, Any], checksum: bool = True) -> bytes:
     data = serialize(specs, metadata)
     if not checksum:
         return data
-    digest = _self_digest(data, _ZEROS)
-    start = data.find(_ZEROS.encode(), data.find(_CHECKSUM.encode(), 8))  # in the header, after its key
-    return data[:start] + digest.encode() + data[start + 64 :]
+    start = _checksum_at(data, _ZEROS)
+    return data[:start] + _self_digest(data, start).encode() + data[start + 64 :]
 
 
 # safetensors' dtype names (its format specification) and the torch dtypes they hold.
@@ -259,7 +267,7 @@ def decode_tree(data: bytes | bytearray) -> dict[str, Any]:
             checked is not True
             or not isinstance(digest, str)
             or len(digest) != 64
-            or _self_digest(data, digest) != digest
+            or _self_digest(data, _checksum_at(data, digest)) != digest
         ):
             raise ValueError("its bytes do not match the checksum it was written with: it was altered or cut short")
 
