@@ -29,6 +29,7 @@ from lightning_dtda.reporting import figures
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult, SelfInfluence
 from lightning_dtda.results.retraining import QuerySpearman, Retraining
+from lightning_dtda.runs.augmentation import ReplayableAugmentation
 from lightning_dtda.runs.format import Step
 from lightning_dtda.runs.trajectory import Trajectory, load_runs
 
@@ -45,6 +46,7 @@ __all__ = [
     "MissingHookError",
     "QuerySpearman",
     "ReplayMismatchError",
+    "ReplayableAugmentation",
     "Retraining",
     "Segmented",
     "SelfInfluence",

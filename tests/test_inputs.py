@@ -161,5 +161,5 @@ def test_runs_recorded_on_randomly_augmented_data_load_and_attribute_with_every_
         # One fixed augmented view per example: the same effects every time.
         assert torch.isfinite(first.effects).all() and torch.equal(first.effects, again.effects)
     # The replay cannot see the random views training drew: refused before any work, naming augmentation.
-    with pytest.raises(UnsupportedTrainingError, match="draws random numbers when its items are read"):
+    with pytest.raises(UnsupportedTrainingError, match="drew random numbers when its items were read"):
         Attributor(TinyClassifier, runs, data, Unrolled(), progress=False).attribute(queries)

@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler, SequentialSampler
 
+from lightning_dtda.runs.augmentation import KeyedIndex, ReplayableAugmentation, find_augmentation, pass_key
+
 
 class RecordingSampler(Sampler[int]):
     """Passes a sampler's indices through unchanged and remembers those of the current pass.
@@ -23,22 +25,29 @@ class RecordingSampler(Sampler[int]):
     The sampler runs in the main process even when the DataLoader has workers, and batches reach
     ``training_step`` in sampler order, so the k-th batch of a pass holds the k-th chunk of
     ``batch_size`` indices drawn in that pass, however far the loader has prefetched. Several
-    recorders of one Trainer share one instance.
+    recorders of one Trainer share one instance. ``keyed``: the dataset is a ``ReplayableAugmentation``,
+    and each index goes out as a ``KeyedIndex`` with the pass's augmentation ``key``.
     """
 
-    def __init__(self, sampler: Sampler[int]) -> None:
+    def __init__(self, sampler: Sampler[int], keyed: bool = False) -> None:
         self.sampler = sampler
+        self.keyed = keyed
         self.drawn: list[int] = []
         self.passes = 0
+        self.key: int | None = None
 
     def __iter__(self) -> Iterator[int]:
         self.drawn = []
         self.passes += 1
+        self.key = key = pass_key(self.passes) if self.keyed else None
         # Chunks, not one index at a time: a Python step per index cost the recorder 2% of training.
         indices = iter(self.sampler)
         while chunk := list(itertools.islice(indices, 256)):
             self.drawn.extend(chunk)
-            yield from chunk
+            if key is None:
+                yield from chunk
+            else:
+                yield from (KeyedIndex(i, key) for i in chunk)
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
@@ -58,6 +67,7 @@ class RecordingSampler(Sampler[int]):
             )
         self.drawn = list(self.sampler)
         self.passes = 1
+        self.key = None  # drawn without keys: a ReplayableAugmentation gave its fixed views
 
     def __getattr__(self, name: str) -> Any:
         # ``set_epoch`` and friends of the wrapped sampler stay reachable.
@@ -87,8 +97,16 @@ def wrap_loader(loader: Any) -> DataLoader:
             "`DataLoader(dataset, batch_size=..., shuffle=...)` or `sampler=...` (any sampler of "
             "dataset indices) instead of a custom batch_sampler."
         )
+    keyed = isinstance(loader.dataset, ReplayableAugmentation)
+    if not keyed and find_augmentation(loader.dataset) is not None:
+        raise RuntimeError(
+            f"The train DataLoader's dataset ({type(loader.dataset).__name__}) holds a ReplayableAugmentation inside, "
+            "which then receives that dataset's indices without their augmentation keys. Make the "
+            "ReplayableAugmentation the DataLoader's dataset itself: wrap the outermost dataset."
+        )
     if not isinstance(batch_sampler.sampler, RecordingSampler):
         batch_sampler.sampler = RecordingSampler(batch_sampler.sampler)
+    batch_sampler.sampler.keyed = keyed
     return loader
 
 
@@ -115,6 +133,7 @@ class BatchMembership:
         self._pass = 0
         self._position = 0
         self._micro_batches: list[list[int]] = []
+        self._keys: list[int | None] = []
 
     def install(self, trainer: pl.Trainer) -> None:
         """Make the train loader record from its first iteration on (single process)."""
@@ -160,7 +179,7 @@ class BatchMembership:
         self.batch_size = loader.batch_sampler.batch_size
         self._pass = sampler.passes
         self._position = 0
-        self._micro_batches = []
+        self._micro_batches, self._keys = [], []
 
     def on_batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int, device: torch.device) -> None:
         """Note the indices of the micro-batch about to be trained on (every rank's, in rank order)."""
@@ -180,13 +199,18 @@ class BatchMembership:
             # Ranks draw equal-sized batches; all_gather is a collective, so every rank calls it.
             gathered = trainer.strategy.all_gather(torch.tensor([int(i) for i in indices], device=device))
             self._micro_batches.extend(gathered.reshape(trainer.world_size, -1).tolist())
+            # Every rank's sampler derives its keys from the same seed (seed_everything's).
+            self._keys.extend([sampler.key] * trainer.world_size)
         else:
             self._micro_batches.append(indices)
+            self._keys.append(sampler.key)
 
-    def take_step(self) -> list[list[int]]:
-        """The micro-batches since the last call: those of the optimizer step that just ended."""
-        micro_batches, self._micro_batches = self._micro_batches, []
-        return micro_batches
+    def take_step(self) -> tuple[list[list[int]], list[int | None]]:
+        """The micro-batches since the last call (those of the optimizer step that just ended) and each
+        one's augmentation key (``None``: read without one)."""
+        taken = self._micro_batches, self._keys
+        self._micro_batches, self._keys = [], []
+        return taken
 
 
 def _check_batch_size(batch: Any, batch_idx: int, drawn: int) -> None:

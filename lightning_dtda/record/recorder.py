@@ -24,7 +24,8 @@ from lightning_dtda._version import __version__
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.record.membership import BatchMembership
 from lightning_dtda.record.writer import RunWriter
-from lightning_dtda.runs.fingerprint import fingerprint_dataset
+from lightning_dtda.runs.augmentation import ReplayableAugmentation
+from lightning_dtda.runs.fingerprint import draws_random_numbers, fingerprint_dataset
 from lightning_dtda.runs.format import Manifest, RecordingProcess, jsonable, module_fingerprint, scheduled_settings
 
 
@@ -51,6 +52,9 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
         seed=seed,
         dataset_length=len(loader.dataset),
         dataset_fingerprint=fingerprint_dataset(loader.dataset),
+        augmentation="replayable"
+        if isinstance(loader.dataset, ReplayableAugmentation)
+        else ("random" if draws_random_numbers(loader.dataset) else None),
         optimizer_class=_class_path(optimizer),
         param_groups=[
             jsonable(
@@ -289,7 +293,8 @@ class TrajectoryRecorder(Callback):
         skipped = self._scale_before_step is not None and scaler.get_scale() < self._scale_before_step
         # Under DDP each rank has its own losses; the replay's comparison is for one process.
         losses = self._step_losses if trainer.world_size == 1 and pl_module.automatic_optimization else None
-        self.writer.add_step(self.membership.take_step(), self._step_settings, self._step_rng, skipped, losses)
+        micro_batches, keys = self.membership.take_step()
+        self.writer.add_step(micro_batches, self._step_settings, self._step_rng, skipped, losses, keys)
         self._step_settings, self._step_rng, self._step_losses, self._scale_before_step = None, [], [], None
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.writer.snapshot(trainer, pl_module)

@@ -122,9 +122,10 @@ class RunWriter:
         rng: list[dict[str, Tensor]],
         skipped: bool,
         losses: list[Tensor | float] | None = None,
+        augmentation: list[int | None] | None = None,
     ) -> None:
         """Record one optimizer step (see ``StepRecord``)."""
-        self.pending_steps.append(StepRecord(micro_batches, settings, rng, skipped, losses or ()))
+        self.pending_steps.append(StepRecord(micro_batches, settings, rng, skipped, losses or (), augmentation or ()))
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the module's weights at the current step, with the steps since the last snapshot."""
@@ -213,6 +214,7 @@ class RunWriter:
                     "rng": s.rng,
                     "skipped": s.skipped,
                     "losses": [float(loss) for loss in s.losses],
+                    "augmentation": list(s.augmentation),
                 }
                 for s in self.pending_steps
             ],
@@ -232,6 +234,7 @@ class RunWriter:
                 s.get("rng", [{} for _ in s["micro_batches"]]),
                 s.get("skipped", False),
                 s.get("losses", ()),
+                s.get("augmentation", ()),
             )
             for s in state["steps"]
         ]

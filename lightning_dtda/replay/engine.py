@@ -34,6 +34,7 @@ from lightning_dtda.model.gradients import HookCall, trainable_parameters
 from lightning_dtda.replay.layers import _BATCH_NORMS, _train_mode, running_statistics
 from lightning_dtda.replay.optim import FunctionalOptimizer
 from lightning_dtda.replay.relu import ReLUSmoothing
+from lightning_dtda.runs.augmentation import KeyedIndex, ReplayableAugmentation, find_augmentation
 from lightning_dtda.runs.fingerprint import SeededDataset, draws_random_numbers
 from lightning_dtda.runs.format import Step
 from lightning_dtda.runs.trajectory import Trajectory
@@ -70,6 +71,24 @@ def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) ->
     if problems:
         raise UnsupportedTrainingError(
             f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". Use Influence() or Segmented() for it."
+        )
+
+
+def check_augmentation(run: Trajectory, train_data: Dataset) -> None:
+    """Refuse a replay that cannot read the views of randomly augmented examples that training read."""
+    raw = train_data.dataset if isinstance(train_data, SeededDataset) else train_data
+    random = train_data.random if isinstance(train_data, SeededDataset) else draws_random_numbers(train_data)
+    wrap = "wrap the training set in lightning_dtda.ReplayableAugmentation and record the run again"
+    if run.manifest.augmentation == "replayable" and not isinstance(raw, ReplayableAugmentation):
+        found = "holds one inside" if find_augmentation(raw) is not None else "is not one"
+        raise UnsupportedTrainingError(
+            f"Run {run.name} was trained on a ReplayableAugmentation, and train_data ({type(raw).__name__}) {found}; "
+            "pass the same wrapped dataset the training DataLoader had, so the replay reads the views training read."
+        )
+    if random or run.manifest.augmentation == "random":
+        raise UnsupportedTrainingError(
+            f"Run {run.name}'s training set drew random numbers when its items were read (random data augmentation), "
+            f"so a replay cannot see the views training drew. Influence attributes such runs; to replay, {wrap}."
         )
 
 
@@ -117,13 +136,7 @@ class Replay:
         self.model = model
         self.device = next(model.parameters()).device
         check_replayable(model, run, self.device)
-        random = train_data.random if isinstance(train_data, SeededDataset) else draws_random_numbers(train_data)
-        if random:
-            raise UnsupportedTrainingError(
-                f"train_data draws random numbers when its items are read (random data augmentation), so the replay "
-                f"of {run.name} cannot see the views training drew. Influence attributes such runs; to replay, train on "
-                "a dataset whose items are the same at every read."
-            )
+        check_augmentation(run, train_data)
         self.names = list(trainable_parameters(model))
         self.buffer_names = running_statistics(model)
         self.start, self.start_buffers = initial_state(model, run, self.names, self.buffer_names)
@@ -204,7 +217,9 @@ class Replay:
             for step in tqdm(steps, desc=f"replaying {self.run.name}", disable=not progress, leave=False):
                 grads: list[Tensor] | None = None
                 for k, indices in enumerate(step.micro_batches):
-                    batch = move_data_to_device(default_collate([self.train_data[i] for i in indices.tolist()]), device)
+                    key = step.augmentation[k] if step.augmentation else None
+                    items = [self.train_data[i if key is None else KeyedIndex(i, key)] for i in indices.tolist()]
+                    batch = move_data_to_device(default_collate(items), device)
                     _restore_random_states(step, k, device)
                     g, (buffers, loss) = self._batched_grad(params, buffers, weights[:, indices], batch)
                     if self.traced_losses is not None:

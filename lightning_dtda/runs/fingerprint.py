@@ -45,12 +45,12 @@ def _update(h: "hashlib._Hash", item: Any) -> None:
 
 
 @contextlib.contextmanager
-def _seeded(index: int) -> Iterator[None]:
+def _seeded(seed: int) -> Iterator[None]:
     python, numpy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(index)
-        random.seed(index)
-        np.random.seed(index % 2**32)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         try:
             yield
         finally:
@@ -69,10 +69,10 @@ def draws_random_numbers(dataset: Dataset) -> bool:
     return not (torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2])
 
 
-def seeded_item(dataset: Dataset, index: int) -> Any:
-    """``dataset[index]`` read with the global generators seeded by ``index`` (the caller's draws resume
-    afterwards): the same item every time, also from a dataset that augments at random."""
-    with _seeded(index):
+def seeded_item(dataset: Dataset, index: int, seed: int | None = None) -> Any:
+    """``dataset[index]`` read with the global generators seeded by ``seed`` (default: ``index``; the
+    caller's draws resume afterwards): the same item every time, also from a dataset that augments at random."""
+    with _seeded(index if seed is None else seed):
         return dataset[index]
 
 

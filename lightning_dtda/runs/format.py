@@ -19,7 +19,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -142,6 +142,8 @@ class Manifest:
         best_step: The step of the snapshot holding ``ModelCheckpoint``'s best checkpoint (``None``: no
             checkpoint was saved, or the run was recorded before 0.3).
         writer: The recording process (``None`` for runs recorded before 0.2).
+        augmentation: ``"replayable"``: the training set was a ``ReplayableAugmentation``; ``"random"``: it drew
+            random numbers when read, unwrapped (its views are lost); ``None``: neither (or recorded before 0.3).
         format: The run format the manifest was written in (see ``FORMAT``).
     """
 
@@ -170,6 +172,7 @@ class Manifest:
     format: int = field(default=FORMAT)
     module_fingerprint: dict[str, str] | None = None
     best_step: int | None = None
+    augmentation: Literal["replayable", "random"] | None = None
 
     def with_snapshots(
         self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None
@@ -214,6 +217,8 @@ class Manifest:
         }
         if self.best_step is not None:
             data["best_step"] = self.best_step
+        if self.augmentation is not None:
+            data["augmentation"] = self.augmentation
         return {**data, "sha256": _json_digest(data)}
 
     @classmethod
@@ -254,6 +259,7 @@ class Manifest:
                 complete=bool(data["complete"]),
                 stopped=data.get("stopped"),
                 best_step=data.get("best_step"),
+                augmentation=data.get("augmentation"),
                 writer=None if writer is None else RecordingProcess(writer["host"], int(writer["pid"])),
                 format=int(data["format"]),
                 module_fingerprint=data["module"].get("fingerprint"),
@@ -294,6 +300,8 @@ class Step:
     ``losses``: each micro-batch's training loss as ``training_step`` returned it (not divided by the
     accumulation), which a replay compares with its own to find where it leaves the run (``None`` for
     runs recorded before 0.3, under DDP or with manual optimization; NaN where no loss was returned).
+    ``augmentation``: each micro-batch's augmentation key (see ``augmentation.ReplayableAugmentation``;
+    ``None`` for a micro-batch read without one), or ``None`` when the run was not trained through one.
 
     With gradient accumulation over ``A`` micro-batches on ``W`` processes, Lightning divides each
     micro-batch's mean loss by ``A`` and DDP averages over the ranks, so the step's gradient is
@@ -306,6 +314,7 @@ class Step:
     rng: tuple[Mapping[str, Tensor], ...] | None = None
     skipped: bool = False
     losses: tuple[float, ...] | None = None
+    augmentation: tuple[int | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -318,6 +327,7 @@ class StepRecord:
         rng: Per micro-batch, ``{generator: its state at the micro-batch's start}`` for the generators it drew from.
         skipped: The optimizer step did not happen (16-mixed's gradient scaler found inf/NaN gradients).
         losses: Per micro-batch, its training loss (see ``Step``; a float or a scalar tensor); empty when not recorded.
+        augmentation: Per micro-batch, its augmentation key or ``None`` (see ``Step``); empty when not recorded.
     """
 
     micro_batches: Sequence[Sequence[int]]
@@ -325,6 +335,7 @@ class StepRecord:
     rng: Sequence[Mapping[str, Tensor]]
     skipped: bool
     losses: Sequence[float | Tensor] = ()
+    augmentation: Sequence[int | None] = ()
 
 
 def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> dict[str, Any]:
@@ -351,6 +362,9 @@ def encode_steps(first: int, steps: Sequence[StepRecord], num_groups: int) -> di
     block: dict[str, Any] = {}
     if steps and all(len(step.losses) == len(step.micro_batches) for step in steps):
         block["losses"] = torch.tensor([float(loss) for step in steps for loss in step.losses], dtype=torch.float64)
+    keys = [k for step in steps for k in step.augmentation]
+    if len(keys) == len(micro) and any(k is not None for k in keys):  # keys are 63-bit: -1 marks "none"
+        block["augmentation"] = torch.tensor([-1 if k is None else k for k in keys], dtype=torch.long)
     return {
         "first": first,
         "indices": torch.tensor([i for m in micro for i in m], dtype=torch.long),
@@ -380,13 +394,17 @@ def decode_steps(block: Mapping[str, Any]) -> tuple[int, list[Step]]:
                     micro_rng[k][generator] = state.clone()
     skipped = set(block["skipped"].tolist()) if "skipped" in block else set()
     losses = block["losses"].tolist() if "losses" in block else None
+    keys = None if "augmentation" not in block else [None if k < 0 else k for k in block["augmentation"].tolist()]
     steps, start = [], 0
     for k, count in enumerate(block["micro_batches_per_step"].tolist()):
         scheduled = {name: tuple(values[k].tolist()) for name, values in block.get("scheduled", {}).items()}
         rng = None if micro_rng is None else tuple(micro_rng[start : start + count])
         step_losses = None if losses is None else tuple(losses[start : start + count])
+        step_keys = None if keys is None else tuple(keys[start : start + count])
         lrs = tuple(block["lrs"][k].tolist())
-        steps.append(Step(tuple(micro[start : start + count]), lrs, scheduled, rng, k in skipped, step_losses))
+        steps.append(
+            Step(tuple(micro[start : start + count]), lrs, scheduled, rng, k in skipped, step_losses, step_keys)
+        )
         start += count
     return int(block["first"]), steps
 
