@@ -20,6 +20,7 @@ FACTORS: dict[str, tuple[str, ...]] = {
     "layers": ("bn_dropout_cnn", "layernorm_dropout_mlp", "bn1d_mlp", "bn_momentum_none"),
     "stop": ("max_epochs", "early_stopping", "max_steps", "limit_train_batches", "val_check_interval"),
     "precision": ("32-true", "bf16-mixed"),
+    "resume": ("none", "checkpoint"),  # "checkpoint": stopped after the first epoch, resumed from its checkpoint
 }
 
 # Levels the replay refuses before any work, with the words of the refusal.

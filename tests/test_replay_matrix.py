@@ -6,7 +6,7 @@ its cause."""
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from replay_cases import FACTORS, REFUSED, FeatureModule, pairwise
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,26 +38,43 @@ def fit(tmp_path, case: dict[str, str]) -> TensorDataset:
     kwargs = {
         "max_epochs": 4,
         "accumulate_grad_batches": int(case["accumulate"]),
-        "callbacks": [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=3)],
         "check_val_every_n_epoch": 1,
         "precision": case["precision"],
     }
     if case["clip"] != "none":
         kwargs.update(gradient_clip_val=0.5 if case["clip"] == "norm" else 0.05, gradient_clip_algorithm=case["clip"])
-    if stop == "early_stopping":
-        kwargs["callbacks"].append(EarlyStopping("val_loss", patience=0, min_delta=10.0))  # stops after epoch 2
-    elif stop == "max_steps":
+    if stop == "max_steps":
         kwargs["max_steps"] = 5
     elif stop == "limit_train_batches":
         kwargs["limit_train_batches"] = 3
     elif stop == "val_check_interval":
         kwargs["val_check_interval"] = 2
+
+    def train(ckpt_path=None, **overrides):
+        callbacks = [TrajectoryRecorder(tmp_path / "runs", every_n_train_steps=3)]
+        if stop == "early_stopping":
+            callbacks.append(EarlyStopping("val_loss", patience=0, min_delta=10.0))  # stops after epoch 2
+        if case["resume"] == "checkpoint":
+            callbacks.append(ModelCheckpoint(tmp_path / "checkpoints", save_last=True))
+        trainer = pl.Trainer(
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=case["resume"] == "checkpoint",
+            callbacks=callbacks,
+            **{**kwargs, **overrides},
+        )
+        module = FeatureModule(case["optimizer"], case["scheduler"], case["layers"])
+        val = DataLoader(images(12, 1), batch_size=12)
+        trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True), val, ckpt_path=ckpt_path)
+
     pl.seed_everything(0)
-    trainer = pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
-    )
-    module = FeatureModule(case["optimizer"], case["scheduler"], case["layers"])
-    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True), DataLoader(images(12, 1), batch_size=12))
+    if case["resume"] == "checkpoint":  # a job stopped after its first epoch, resumed by another
+        train(max_epochs=1)
+        pl.seed_everything(1)  # a resumed job need not share the first one's random state
+        train(ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    else:
+        train()
     return data
 
 
