@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,6 +161,30 @@ class Attributor:
         for this run (e.g. ``{"damping": ...}``; ``"parameters"``: the names of those tracked, when the
         estimator leaves some trainable ones out), for one run; with ``reduce="mean"``, of the mean
         measurement over the queries (``[1, train]`` and ``[1]``)."""
+        with self._resolved(1 if reduce == "mean" else len(query_data)):  # type: ignore[arg-type]
+            return self._attribute_run(run, query_data, reduce)
+
+    @contextlib.contextmanager
+    def _resolved(self, num_columns: int | None) -> Iterator[str | None]:
+        """Run the estimator that its ``"auto"`` settings choose for ``num_columns`` query columns (``None``:
+        self-influence) for the duration of one call, and yield why (``None``: nothing to choose)."""
+        requested = self.estimator
+
+        def num_params() -> int:
+            return sum(p.numel() for p in trainable_parameters(self.load_model(self.runs[0])).values())
+
+        chosen, reason = requested.resolve(num_params, num_columns)
+        if reason is not None:
+            rank_zero_info(f"{type(requested).__name__}(curvature='auto') uses {chosen.label}: {reason}.")
+        self.estimator = chosen
+        try:
+            yield reason
+        finally:
+            self.estimator = requested
+
+    def _attribute_run(
+        self, run: Trajectory, query_data: Dataset, reduce: Literal["mean"] | None
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
         model, hooks, params, subset = self._prepare(run, query_data)
         query_grads = measurement_gradients(
             model, query_data, self.batch_size, self.device, self.progress, reduce, params
@@ -265,12 +290,13 @@ class Attributor:
             )
         effects, measurements, per_run = [], [], []
         query_fingerprint = fingerprint_dataset(query_data) if self.cache_dir is not None else ""
-        for run in tqdm(self.runs, desc=f"attributing ({self.estimator.label})", disable=not self.progress):
-            e, m, info = self._cached_attribute_run(run, query_data, query_fingerprint, reduce)
-            effects.append(e)
-            measurements.append(m)
-            per_run.append(info)
-        settings = self._settings(per_run)
+        with self._resolved(1 if reduce == "mean" else len(query_data)) as reason:  # type: ignore[arg-type]
+            for run in tqdm(self.runs, desc=f"attributing ({self.estimator.label})", disable=not self.progress):
+                e, m, info = self._cached_attribute_run(run, query_data, query_fingerprint, reduce)
+                effects.append(e)
+                measurements.append(m)
+                per_run.append(info)
+            settings = self._settings(per_run, reason)
         if reduce is not None:
             settings["reduce"] = reduce
         result = AttributionResult(
@@ -280,9 +306,10 @@ class Attributor:
             log_result(result, _as_loggers(loggers), k=top_k)
         return result
 
-    def _settings(self, per_run: list[dict[str, Any]]) -> dict[str, Any]:
+    def _settings(self, per_run: list[dict[str, Any]], reason: str | None) -> dict[str, Any]:
         return {
             **self.estimator.settings(),
+            **({} if reason is None else {"curvature_reason": reason}),
             "per_run": per_run,
             "seeds": [run.seed for run in self.runs],
             "snapshot": self.snapshot,
@@ -311,6 +338,10 @@ class Attributor:
                 (``Unrolled``, ``Segmented``) or the exact GGN solved by Krylov methods; the
                 message says what to use instead.
         """
+        with self._resolved(None) as reason:
+            return self._self_influence(reason)
+
+    def _self_influence(self, reason: str | None) -> SelfInfluence:
         effects, losses, per_run = [], [], []
         for run in tqdm(self.runs, desc=f"self-influence ({self.estimator.label})", disable=not self.progress):
             model, hooks, params, subset = self._prepare(run, None)
@@ -346,5 +377,5 @@ class Attributor:
             losses.append(loss.cpu())
             per_run.append(info)
         return SelfInfluence(
-            torch.stack(effects), torch.stack(losses), [run.name for run in self.runs], self._settings(per_run)
+            torch.stack(effects), torch.stack(losses), [run.name for run in self.runs], self._settings(per_run, reason)
         )

@@ -118,7 +118,7 @@ def test_non_finite_gradients_name_the_examples(runs, data):
 def test_bad_arguments(runs, data):
     with pytest.raises(ValueError, match="damping must be 'auto' or a positive number, got 0"):
         Influence(damping=0)
-    with pytest.raises(ValueError, match="curvature must be one of"):
+    with pytest.raises(ValueError, match="curvature must be 'auto' or one of"):
         Influence(curvature="hessian")
     with pytest.raises(ValueError, match="segments must be a positive integer, got 0"):
         Segmented(segments=0)

@@ -87,7 +87,7 @@ def test_settings_are_the_cache_key(tmp_path):
             Segmented(segments=2),
             Unrolled(),
             Unrolled(relu_smoothing=0.1),
-            Influence(curvature="ekfac", damping="auto"),
+            Influence(curvature="auto", damping="auto"),  # the defaults, spelled out
         )
     }
     assert len(paths) == 7

@@ -5,7 +5,7 @@ from models import LinearRegression, TinyClassifier, classification_data, regres
 from oracles import dense_ggn_effects, pearson, relative_error, spearman
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dtda import Attributor, Influence, TrajectoryRecorder
+from lightning_dtda import Attributor, Influence, TrajectoryRecorder, load_runs
 from lightning_dtda.curvature.fit import fit_curvature
 from lightning_dtda.curvature.ggn import NYSTROM_MAX_COLUMNS, NYSTROM_RANKS
 from lightning_dtda.damping import DAMPING_GRID
@@ -415,3 +415,57 @@ def test_a_factor_eigh_lapack_cannot_converge_on_is_decomposed_after_a_jitter(mo
     assert len(calls) == 2 and not torch.equal(calls[1], calls[0])  # retried on a jittered matrix
     assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, factor, rtol=0, atol=1e-12)
     assert torch.allclose(vectors.T @ vectors, torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_solver_auto_chooses_by_predicted_time_and_says_why():
+    """A tiny model with a few queries: building the GGN (P = 83 columns) beats ~60 products of each query
+    column; a 2,000-parameter model with one query: the other way round (tens of times apart, either way)."""
+    data = classification_data(n=40, dtype=torch.float64)
+    for hidden, columns, expected in ((5, 4, "dense"), (200, 1, "krylov")):
+        model = TinyClassifier(hidden=hidden).double().eval()
+        params = list(model.parameters())
+        curvature = fit_curvature(
+            "ggn", model, torch.nn.CrossEntropyLoss(), params, [data.tensors], 40, solver="auto", num_columns=columns
+        )
+        assert curvature.solver_report["solver"] == expected, curvature.solver_report
+        assert type(curvature).__name__ == {"dense": "DenseGGN", "krylov": "KrylovGGN"}[expected]
+        assert "predicted" in curvature.solver_report["solver_reason"]
+    # Without query columns (self-influence solves every training gradient): dense up to 4,096 parameters.
+    model = TinyClassifier(hidden=5).double().eval()
+    curvature = fit_curvature("ggn", model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [data.tensors], 40)
+    assert type(curvature).__name__ == "DenseGGN" and curvature.solver_report is None
+
+
+def test_the_default_curvature_is_the_exact_ggn_until_the_queries_or_its_memory_make_ekfac_the_choice(
+    classifier_runs, monkeypatch
+):
+    from lightning_dtda.estimators import influence
+
+    folder, data, queries = classifier_runs
+    runs = load_runs(folder)
+    default = Attributor(TinyClassifier, runs, data, progress=False)
+    result = default.attribute(queries)
+    assert result.settings["curvature"] == "ggn" and "exact GGN" in result.settings["curvature_reason"]
+    assert default.estimator.curvature == "auto"  # the Attributor's estimator is unchanged by the call
+    for s, run in enumerate(default.runs):  # the exact damped GGN solve, as Influence("ggn") gives it
+        assert relative_error(result.effects[s], oracle_for(default, run, data, queries)) < 1e-5
+    # More query columns than AUTO_MAX_COLUMNS: EK-FAC, with the reason.
+    many = classification_data(n=influence.AUTO_MAX_COLUMNS + 1, seed=2, dtype=torch.float64)
+    result = Attributor(TinyClassifier, runs[:1], data, progress=False).attribute(many)
+    assert result.settings["curvature"] == "ekfac" and "query columns" in result.settings["curvature_reason"]
+    expected = Attributor(TinyClassifier, runs[:1], data, Influence("ekfac"), progress=False).attribute(many)
+    assert torch.equal(result.effects, expected.effects)
+    # ... unless they are reduced to one: the exact GGN again.
+    assert (
+        Attributor(TinyClassifier, runs[:1], data, progress=False).attribute(many, reduce="mean").settings["curvature"]
+        == "ggn"
+    )
+    # CG blocks beyond the memory budget: EK-FAC.
+    monkeypatch.setattr(influence, "AUTO_BLOCK_BYTES", 48 * 83 * 5 - 1)
+    result = Attributor(TinyClassifier, runs[:1], data, progress=False).attribute(queries)
+    assert result.settings["curvature"] == "ekfac" and "GiB of blocks" in result.settings["curvature_reason"]
+    # Self-influence: every training gradient solved, the dense GGN of 83 parameters.
+    values = Attributor(TinyClassifier, runs[:1], data, progress=False).self_influence()
+    assert values.settings["curvature"] == "ggn" and values.settings["solver"] == "dense"
+    monkeypatch.setattr(influence, "AUTO_SELF_INFLUENCE_DENSE", 82)
+    assert Attributor(TinyClassifier, runs[:1], data, progress=False).self_influence().settings["curvature"] == "ekfac"

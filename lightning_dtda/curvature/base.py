@@ -46,7 +46,12 @@ def forward_differentiable_kernels() -> Iterator[None]:
 
 
 class Curvature:
-    """Base class: ``solve(vectors [K, P], damping)`` returns ``(C + damping * I)^-1 vectors``, ``[K, P]``."""
+    """Base class: ``solve(vectors [K, P], damping)`` returns ``(C + damping * I)^-1 vectors``, ``[K, P]``.
+
+    ``solver_report``: for the GGN with ``solver="auto"``, which solver was chosen and why (see ``choose_solver``).
+    """
+
+    solver_report: dict[str, Any] | None = None
 
     def solve(self, vectors: Tensor, damping: float) -> Tensor:
         raise NotImplementedError
@@ -108,7 +113,12 @@ def check_solver(kind: str, solver: str, subset: int | None) -> None:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
     if solver != "auto" and kind != "ggn":
         raise ValueError(
-            f"solver={solver!r} chooses how curvature='ggn' is solved; curvature={kind!r} has one way. Leave solver='auto'."
+            f"solver={solver!r} chooses how curvature='ggn' is solved; "
+            + (
+                "pass curvature='ggn' with it (curvature='auto' may choose another)."
+                if kind == "auto"
+                else f"curvature={kind!r} has one way. Leave solver='auto'."
+            )
         )
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
         raise ValueError(f"curvature_subset must be None or a positive integer, got {subset!r}.")

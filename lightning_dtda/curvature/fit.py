@@ -12,6 +12,7 @@ from curvlinops import (
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from lightning_dtda.curvature._curvlinops import SummedOverRanks
 from lightning_dtda.curvature.attention import factorable_attention
 from lightning_dtda.curvature.base import (
     CURVATURES,
@@ -20,7 +21,7 @@ from lightning_dtda.curvature.base import (
     dense_ggn,
     forward_differentiable_kernels,
 )
-from lightning_dtda.curvature.ggn import DenseGGN, KrylovGGN
+from lightning_dtda.curvature.ggn import DenseGGN, KrylovGGN, choose_solver
 from lightning_dtda.curvature.kfac import _fit_kfac
 from lightning_dtda.hooks import call_model
 
@@ -35,6 +36,7 @@ def fit_curvature(
     progress: bool = False,
     state: dict[str, Any] | None = None,
     solver: str = "auto",
+    num_columns: int | None = None,
 ) -> Curvature:
     """Fit curvature ``kind`` for ``loss_function(model(X), y)`` averaged over ``data`` at the current weights.
 
@@ -52,7 +54,11 @@ def fit_curvature(
         state: A fitted curvature's ``Curvature.state`` (cached on disk): rebuild from it, with no
             pass over the data.
         solver: For ``"ggn"``: ``"dense"`` (build and eigendecompose), ``"krylov"`` (matrix products
-            only: ``KrylovGGN``) or ``"auto"`` (dense up to ``DENSE_GGN_MAX_PARAMS`` parameters).
+            only: ``KrylovGGN``) or ``"auto"``: by predicted time for solving ``num_columns`` vectors
+            (``choose_solver``; its prediction lands in the curvature's ``solver_report``), or without
+            ``num_columns`` (every training gradient solved: self-influence) dense up to
+            ``DENSE_GGN_MAX_PARAMS`` parameters.
+        num_columns: How many vectors each solve holds (query columns), for ``solver="auto"``.
     """
     if kind == "identity":
         return IdentityCurvature()
@@ -64,9 +70,16 @@ def fit_curvature(
         if state is not None:
             return DenseGGN(state["eigenvalues"], state["eigenvectors"])
         operator = GGNLinearOperator(model, loss_function, params, data, progressbar=False, **common)
-        if dense_ggn(solver, operator.shape[0]):
-            return DenseGGN.from_operator(operator)
-        return KrylovGGN(operator, progress=progress)
+        report = None
+        if solver == "auto" and num_columns is not None:
+            solver, report = choose_solver(SummedOverRanks(operator), num_columns)
+        curvature = (
+            DenseGGN.from_operator(operator)
+            if dense_ggn(solver, operator.shape[0])
+            else KrylovGGN(operator, progress=progress)
+        )
+        curvature.solver_report = report
+        return curvature
     if kind in ("kfac", "ekfac"):
         # The operator finds its layers when it is built and collects factors in the data passes.
         with factorable_attention(model), forward_differentiable_kernels():

@@ -14,7 +14,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_dtda.curvature._curvlinops import PyTorchLinearOperator, SummedOverRanks
-from lightning_dtda.curvature.base import SpectralCurvature, factor_eigh, forward_differentiable_kernels
+from lightning_dtda.curvature.base import (
+    DENSE_GGN_LIMIT,
+    SpectralCurvature,
+    factor_eigh,
+    forward_differentiable_kernels,
+)
 from lightning_dtda.curvature.krylov import conjugate_gradients, lanczos_functions, nystrom, nystrom_preconditioner
 from lightning_dtda.sharding import all_reduce_sum
 
@@ -166,3 +171,63 @@ class KrylovGGN(SpectralCurvature):
 
     def apply(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         return self.apply_functions([fn], vectors)[0]
+
+
+# solver="auto": the products a Krylov solve is expected to take, from the largest counts measured
+# (KrylovGGN's docstring, benchmarks/krylov.py): about 50 for a narrow block after the Nystrom sketch, 10-20
+# for a wide one. Erring high, the dense solve is chosen only where it clearly costs less.
+AUTO_PRODUCTS_NARROW, AUTO_PRODUCTS_WIDE = 60, 25
+
+
+def choose_solver(operator: PyTorchLinearOperator, num_columns: int) -> tuple[str, dict[str, Any]]:
+    """``"dense"`` or ``"krylov"`` for solving ``num_columns`` vectors with ``operator``'s GGN, by predicted
+    time, and the prediction (for the run's settings).
+
+    One timed product with a block of the solve's width (at least 16, at most 256 columns) gives the
+    seconds per column ``c``. Dense: ``P`` columns of products plus the eigendecomposition (a timed
+    256-square ``eigh`` scaled by ``(P / 256)^3``). Krylov: the expected products (``AUTO_PRODUCTS_*``) of
+    ``num_columns`` columns, plus the Nystrom sketch for a narrow block. The probe costs about one Krylov
+    product. Above ``DENSE_GGN_LIMIT`` parameters the answer is ``"krylov"`` without a probe.
+    """
+    num_params = operator.shape[0]
+    if num_params > DENSE_GGN_LIMIT:
+        return "krylov", {"solver": "krylov", "solver_reason": f"{num_params} parameters, above the dense limit"}
+    width = min(num_params, max(num_columns, 16), _DENSE_COLUMNS)
+    probe = torch.randn(num_params, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = time.perf_counter()
+    with forward_differentiable_kernels():
+        operator @ probe.to(device=operator.device, dtype=operator.dtype)
+    per_column = (time.perf_counter() - start) / width
+    narrow = num_columns <= NYSTROM_MAX_COLUMNS
+    products = AUTO_PRODUCTS_NARROW if narrow else AUTO_PRODUCTS_WIDE
+    predicted = torch.tensor(
+        [
+            num_params * per_column + _eigh_seconds(num_params),
+            (products * num_columns + (NYSTROM_RANKS[0] if narrow else 0)) * per_column,
+        ],
+        dtype=torch.float64,
+        device=operator.device,
+    )
+    all_reduce_sum(predicted)  # every rank must take the same branch: the products are collective
+    dense, krylov = predicted.tolist()
+    solver = "dense" if dense < krylov else "krylov"
+    return solver, {
+        "solver": solver,
+        "solver_reason": f"predicted {dense:.3g} s dense against {krylov:.3g} s by Krylov methods",
+    }
+
+
+def _eigh_seconds(num_params: int) -> float:
+    """Predicted seconds of a float64 ``eigh`` of a ``num_params``-square matrix on this machine."""
+    global _EIGH_256
+    if _EIGH_256 is None:
+        a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        a = a @ a.T
+        torch.linalg.eigh(a)  # the first call loads LAPACK
+        start = time.perf_counter()
+        torch.linalg.eigh(a)
+        _EIGH_256 = time.perf_counter() - start
+    return _EIGH_256 * (num_params / 256) ** 3
+
+
+_EIGH_256: float | None = None

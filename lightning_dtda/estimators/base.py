@@ -56,6 +56,11 @@ class Estimator:
             "measurement (the loss) and read effects[:, i, indices[i]]."
         )
 
+    def resolve(self, num_params: Callable[[], int], num_columns: int | None) -> tuple["Estimator", str | None]:
+        """The estimator to run for ``num_columns`` query columns (``None``: self-influence) on a model of
+        ``num_params()`` trainable parameters, and why, where a setting is ``"auto"``; ``(self, None)`` if none is."""
+        return self, None
+
     def settings(self) -> dict[str, Any]:
         """``{"estimator": class name, **fields}``: the cache key and ``AttributionResult.settings["estimator"]``."""
         return {"estimator": type(self).__name__, **asdict(self)}  # type: ignore[call-overload]
@@ -185,7 +190,8 @@ class RunContext:
         or the damping.
 
         Args:
-            solver: How ``"ggn"`` is solved (see ``fit_curvature``).
+            solver: How ``"ggn"`` is solved (see ``fit_curvature``; ``"auto"`` by predicted time for
+                ``query_grads``' columns).
             subset: Fit on this many training examples drawn at random (a fixed draw per run size)
                 instead of all of them.
         """
@@ -209,7 +215,11 @@ class RunContext:
         )
         named = trainable_parameters(model)
         params = [named[name] for name in (self.params or named)]
-        curvature = fit_curvature(kind, model, loss_function, params, data, len(examples), self.progress, state, solver)
+        # The solves hold the query columns; self-influence (no queries) solves every training gradient.
+        columns = len(self.query_grads) or None
+        curvature = fit_curvature(
+            kind, model, loss_function, params, data, len(examples), self.progress, state, solver, columns
+        )
         if (
             path is not None
             and state is None

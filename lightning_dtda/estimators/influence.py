@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -30,6 +31,16 @@ from lightning_dtda.runs.trajectory import Trajectory
 # Query gradients that choose K-FAC's and EK-FAC's "auto" damping: one GGN product of this many
 # columns per candidate damping.
 DAMPING_PROBES = 16
+
+# curvature="auto" takes the exact GGN by block CG, the most faithful curvature on every benchmark task at
+# about EK-FAC's cost for tens of queries (docs/benchmarks/digits_dtda.md), unless its cost, which grows
+# with the query columns while EK-FAC's hardly does, passes AUTO_MAX_COLUMNS (measured: benchmarks/default_curvature.py),
+# or its blocks (about six float64 [P, columns] matrices) pass AUTO_BLOCK_BYTES of memory.
+AUTO_MAX_COLUMNS = 128
+AUTO_BLOCK_BYTES = 4 * 2**30
+# Self-influence solves every training gradient, which block CG cannot: the exact GGN is built densely
+# up to this many parameters (that many columns of products), EK-FAC above.
+AUTO_SELF_INFLUENCE_DENSE = 1024
 
 
 @dataclass(frozen=True)
@@ -67,15 +78,24 @@ class Influence(Estimator):
     one line is logged. ``"ggn"`` and ``"identity"`` track every trainable parameter. ``modules``
     restricts either to named submodules.
 
+    Curvature ``"auto"`` (the default) chooses per call, by the number of query columns ``Q`` (1 with
+    ``reduce="mean"``) and trainable parameters ``P``: the exact GGN by block CG, the most faithful on
+    every benchmark task at about EK-FAC's cost, for up to 128 columns whose CG blocks (about ``48 P Q``
+    bytes) stay within 4 GiB; EK-FAC beyond. Self-influence (every training gradient solved): the dense
+    GGN up to 1,024 parameters, EK-FAC above. The choice and its reason are logged and go into the
+    result's settings (``curvature``, ``curvature_reason``).
+
     Args:
-        curvature: ``"ekfac"`` (default), ``"kfac"`` (curvlinops' Kronecker factorisations of the
-            exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters, see above), ``"ggn"`` (exact, any layer)
-            or ``"identity"`` (``C = 0``: scaled gradient dot products).
+        curvature: ``"auto"`` (default, see above), ``"ekfac"``, ``"kfac"`` (curvlinops' Kronecker
+            factorisations of the exact GGN; ``nn.Linear`` and ``nn.Conv2d`` parameters, see above),
+            ``"ggn"`` (exact, any layer) or ``"identity"`` (``C = 0``: scaled gradient dot products).
         damping: ``"auto"`` (per run, see above) or a positive float.
         solver: How ``"ggn"`` is solved: ``"dense"`` (the matrix built and eigendecomposed; up to
             32,768 parameters), ``"krylov"`` (block conjugate gradients on GGN products, all queries at
-            once, preconditioned by a randomized Nystrom sketch of the GGN; any size) or ``"auto"`` (dense
-            up to 4,096 parameters). The products taken and the final relative residual go into each run's
+            once, preconditioned by a randomized Nystrom sketch of the GGN; any size) or ``"auto"``: the
+            one predicted faster from one timed product (``P`` columns of products and an ``eigh`` against
+            the expected CG products of the query columns; see ``choose_solver``), recorded in each run's
+            settings (``solver``, ``solver_reason``); for self-influence dense up to 4,096 parameters. The products taken and the final relative residual go into each run's
             settings (``cg_products``, ``cg_residual``, ``cg_seconds``; the sketch's ``nystrom_rank`` and
             ``nystrom_seconds``).
         curvature_subset: Fit the curvature on this many training examples drawn at random (the same
@@ -96,21 +116,50 @@ class Influence(Estimator):
     """
 
     # Literal types let a LightningCLI file be checked when it is parsed, before anything trains.
-    curvature: CurvatureKind = "ekfac"
+    curvature: Literal["auto"] | CurvatureKind = "auto"
     damping: Literal["auto"] | float = "auto"
     solver: SolverKind = "auto"
     curvature_subset: int | None = None
     modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}.")
+        if self.curvature not in ("auto", *CURVATURES):
+            raise ValueError(f"curvature must be 'auto' or one of {CURVATURES}, got {self.curvature!r}.")
         check_solver(self.curvature, self.solver, self.curvature_subset)
         object.__setattr__(self, "modules", check_modules(self.modules))
         if self.damping != "auto" and (
             isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0
         ):
             raise ValueError(f"damping must be 'auto' or a positive number, got {self.damping!r}.")
+
+    def resolve(self, num_params: Callable[[], int], num_columns: int | None) -> tuple["Influence", str | None]:
+        """For ``curvature="auto"``, the curvature to use (see the class docstring) and why."""
+        if self.curvature != "auto":
+            return self, None
+        if num_columns is None:
+            params = num_params()
+            if params <= AUTO_SELF_INFLUENCE_DENSE:
+                return replace(self, curvature="ggn", solver="dense"), (
+                    f"self-influence solves all training gradients: the exact GGN built densely ({params} parameters)"
+                )
+            return replace(self, curvature="ekfac"), (
+                f"self-influence solves all training gradients, which block CG cannot; the dense GGN of {params} "
+                f"parameters would take {params} columns of products: EK-FAC"
+            )
+        if num_columns > AUTO_MAX_COLUMNS:
+            return replace(self, curvature="ekfac"), (
+                f"{num_columns} query columns: block CG's cost grows with them, EK-FAC's hardly does (above "
+                f"{AUTO_MAX_COLUMNS}); for the exact GGN pass curvature='ggn', fewer queries or reduce='mean'"
+            )
+        block = 48 * num_params() * num_columns
+        if block > AUTO_BLOCK_BYTES:
+            return replace(self, curvature="ekfac"), (
+                f"block CG on {num_columns} query columns would hold {block / 2**30:.1f} GiB of blocks (above "
+                f"{AUTO_BLOCK_BYTES / 2**30:.0f}): EK-FAC; for the exact GGN pass curvature='ggn' or fewer queries"
+            )
+        return replace(self, curvature="ggn"), (
+            f"the exact GGN ({num_columns} query columns): the most faithful curvature, at about EK-FAC's cost"
+        )
 
     def damping_for(self, run: Trajectory) -> float:
         """The given damping, or the ``"auto"`` rule for ``run`` (for K-FAC/EK-FAC the start of the fitted
@@ -132,7 +181,7 @@ class Influence(Estimator):
         curvature = context.fit_curvature(
             self.curvature, context.model, cache=True, solver=self.solver, subset=self.curvature_subset
         )
-        report: dict[str, Any] = {}
+        report: dict[str, Any] = dict(curvature.solver_report or {})
         if self.damping == "auto" and self.curvature in ("kfac", "ekfac"):
             ggn = context.fit_curvature("ggn", context.model, solver="krylov", subset=self.curvature_subset)
             assert isinstance(ggn, KrylovGGN)

@@ -96,10 +96,7 @@ class Segmented(Estimator):
         return tracked_parameters(model, self.curvature, self.modules, batch)
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
-        effects, products = segmented_effects(
-            context, self.segments, self.curvature, self.solver, self.curvature_subset
-        )
-        return effects, {"lanczos_products": products} if products else {}
+        return segmented_effects(context, self.segments, self.curvature, self.solver, self.curvature_subset)
 
 
 def segmented_effects(
@@ -108,11 +105,11 @@ def segmented_effects(
     kind: str,
     solver: str = "auto",
     subset: int | None = None,
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor, dict[str, Any]]:
     """Removal effects ``[Q, N]`` by segmented unrolling of ``context.run`` with curvature ``kind``, and
-    the GGN products Lanczos took over all segments (0 without Lanczos)."""
+    what to report: the GGN products Lanczos took over all segments and the solver ``"auto"`` chose."""
     run, query_grads = context.run, context.query_grads
-    products = 0
+    products, report = 0, {}
 
     steps = run.snapshot_steps
     weight_decay = run.weight_decay
@@ -139,8 +136,9 @@ def segmented_effects(
             return torch.exp(-time * (e + weight_decay))
 
         weighted, adjoint = curvature.apply_functions([contribution, decay], adjoint)
+        report.update(curvature.solver_report or {})
         if isinstance(curvature, KrylovGGN):
             products += curvature.reports[-1]["lanczos_products"]
         for model in models:  # the example's gradient, averaged over the segment's snapshots
             effects += context.contract(model, weighted / num_train) / len(group)
-    return effects, products
+    return effects, {**report, "lanczos_products": products} if products else report
