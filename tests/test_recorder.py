@@ -63,6 +63,25 @@ def test_replay_reproduces_final_weights(tmp_path, accumulate):
     assert max_diff(replay_sgd(run, data), final) < 1e-6
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_dataloaders_reloaded_every_epoch_are_recorded(tmp_path, workers):
+    """reload_dataloaders_every_n_epochs makes a new loader (and sampler) each epoch: each is followed."""
+    data = classification_data(n=20)
+    datamodule = pl.LightningDataModule.from_datasets(data, batch_size=8, num_workers=workers)
+    fit(
+        tmp_path,
+        None,
+        TrajectoryRecorder(tmp_path / "runs"),
+        datamodule=datamodule,
+        max_epochs=3,
+        reload_dataloaders_every_n_epochs=1,
+    )
+    [run] = load_runs(tmp_path / "runs")
+    epochs = torch.cat([m for s in run.steps for m in s.micro_batches]).split(20)
+    assert len(epochs) == 3 and all(sorted(e.tolist()) == list(range(20)) for e in epochs)
+    assert max_diff(replay_sgd(run, data), run.state_dict()) < 1e-6
+
+
 def test_replay_with_workers_and_step_snapshots(tmp_path):
     # With workers the loader draws indices before on_train_start; the recorder must see them all.
     data = classification_data(n=32)
@@ -342,6 +361,26 @@ def test_a_failing_disk_stops_recording_but_never_training(tmp_path, monkeypatch
         load_runs(tmp_path / "runs")
     [run] = load_runs(tmp_path / "runs", unfinished=True)
     assert run.status == "abandoned" and run.snapshot_steps == [0, 2]
+
+
+def test_a_sampler_replaced_behind_the_recorders_back_stops_recording_but_never_training(tmp_path):
+    """Batches the recorder cannot tell the examples of are never recorded: it warns, stops recording and
+    marks the run stopped; training runs to its end."""
+    from lightning_dtda import load_runs
+
+    class ReplaceSampler(pl.Callback):  # after the recorder's own epoch-start hook
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.train_dataloader.batch_sampler.sampler = torch.utils.data.SequentialSampler(range(16))
+
+    model = TinyClassifier()
+    with pytest.warns(UserWarning, match=r"stopped recording .*found no sampled indices for batch 0.*Training goes on"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), ReplaceSampler()], max_epochs=3).fit(
+            model, DataLoader(classification_data(n=16), batch_size=4, shuffle=True)
+        )
+    assert model.trainer.global_step == 12  # training was not cut short
+    [run] = load_runs(tmp_path / "runs", unfinished=True)
+    assert run.status == "abandoned" and len(run.steps) == 4  # the first epoch, recorded before the sampler changed
 
 
 def test_a_disk_that_fills_up_stops_recording_but_never_training(tmp_path):

@@ -181,6 +181,15 @@ class BatchMembership:
         self._position = 0
         self._micro_batches, self._keys = [], []
 
+    def follow(self, trainer: pl.Trainer) -> None:
+        """At an epoch's start: attach to the train loader again if Lightning made a new one
+        (``reload_dataloaders_every_n_epochs``), whose sampler hands out the indices from now on."""
+        loader = trainer.train_dataloader
+        if getattr(getattr(loader, "batch_sampler", None), "sampler", None) is not self.sampler:
+            if self._micro_batches:
+                raise RuntimeError("the train DataLoader was replaced inside an optimizer step")
+            self.attach(trainer)
+
     def on_batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int, device: torch.device) -> None:
         """Note the indices of the micro-batch about to be trained on (every rank's, in rank order)."""
         sampler = self.sampler
@@ -192,6 +201,11 @@ class BatchMembership:
             self._position = 0
         start = self._position * self.batch_size
         indices = sampler.drawn[start : start + self.batch_size]
+        if not indices:  # never record a batch without its examples: the run would not be the one trained
+            raise RuntimeError(
+                f"it found no sampled indices for batch {batch_idx}: the train DataLoader's sampler handed out fewer "
+                "than the batches trained on (was the loader or its sampler replaced during training?)"
+            )
         if self._position == 0:  # once per pass: the batches hold what the sampler drew
             _check_batch_size(batch, batch_idx, len(indices))
         self._position += 1

@@ -90,6 +90,9 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
     )
 
 
+_REPORT = "Please report this with your Trainer's settings; record the run again once it is fixed."
+
+
 def _warn_missing_hooks(pl_module: pl.LightningModule, batch: Any) -> None:
     """Say at the first batch, not after training, what attribution will need: a hook the module lacks
     for its batches or targets. The model is not run (a forward would move BatchNorm statistics and
@@ -262,8 +265,14 @@ class TrajectoryRecorder(Callback):
     ) -> None:
         # Schedulers step after the optimizer step, so the rate (and momentum) read before any
         # micro-batch of a step is the one that step uses.
+        if self.writer.failed is not None:
+            return
         self._step_settings = [{"lr": g["lr"], **scheduled_settings(g)} for g in trainer.optimizers[0].param_groups]
-        self.membership.on_batch_start(trainer, batch, batch_idx, pl_module.device)
+        try:
+            self.membership.on_batch_start(trainer, batch, batch_idx, pl_module.device)
+        except RuntimeError as err:  # the run cannot be recorded faithfully from here on: stop, keep training
+            self.writer.abandon(str(err), _REPORT)
+            return
         if not self._hooks_checked:
             self._hooks_checked = True
             _warn_missing_hooks(pl_module, batch)
@@ -280,6 +289,8 @@ class TrajectoryRecorder(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.writer.failed is not None:
+            return
         # Keep a generator's state only if this micro-batch drew from it (~5 KB for the CPU's, 16 bytes for CUDA's).
         now = _rng_states(pl_module.device)
         self._step_rng.append({k: v for k, v in self._rng_at_start.items() if not torch.equal(v, now[k])})
@@ -288,7 +299,8 @@ class TrajectoryRecorder(Callback):
         if trainer.global_step == step - 1:  # accumulating: no optimizer step yet
             return
         if trainer.global_step != step or self._step_settings is None:
-            raise RuntimeError(f"TrajectoryRecorder lost track of optimizer steps at step {trainer.global_step}.")
+            self.writer.abandon(f"it lost track of optimizer steps at step {trainer.global_step}", _REPORT)
+            return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         skipped = self._scale_before_step is not None and scaler.get_scale() < self._scale_before_step
         # Under DDP each rank has its own losses; the replay's comparison is for one process.
@@ -298,6 +310,14 @@ class TrajectoryRecorder(Callback):
         self._step_settings, self._step_rng, self._step_losses, self._scale_before_step = None, [], [], None
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.writer.snapshot(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.writer.failed is None:
+            try:
+                self.membership.follow(trainer)
+            except RuntimeError as err:
+                self.writer.abandon(str(err), _REPORT)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

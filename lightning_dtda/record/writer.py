@@ -191,17 +191,26 @@ class RunWriter:
         try:
             return write()
         except OSError as err:
-            self.failed = f"recording failed: {type(err).__name__}: {err}"[:300]
-            rank_zero_warn(
-                f"TrajectoryRecorder stopped recording {self.run_dir}: a file could not be written ({self.failed}). "
-                "Training goes on without it; the run is marked stopped where its manifest can still be written, "
-                "so it is not attributed as finished. Free the space (or fix the folder) and record the run again."
+            self.abandon(
+                f"{type(err).__name__}: {err}",
+                "A file could not be written: free the space (or fix the folder) and record the run again.",
             )
-            if self.manifest is not None and self.run_dir is not None:
-                manifest = self.manifest.with_snapshots(self.snapshots, False, self.failed)
-                with contextlib.suppress(OSError):
-                    save_json(manifest.to_json(), self.run_dir / MANIFEST)
             return None
+
+    def abandon(self, reason: str, fix: str) -> None:
+        """Stop recording for ``reason`` and warn, saying the ``fix``; training goes on. The run is marked
+        stopped where its manifest can still be written, so it is never attributed as finished."""
+        if self.failed is not None:
+            return
+        self.failed = f"recording failed: {reason}"[:300]
+        rank_zero_warn(
+            f"TrajectoryRecorder stopped recording {self.run_dir}: {reason}. Training goes on without it; the run is "
+            f"marked stopped where its manifest can still be written, so it is not attributed as finished. {fix}"
+        )
+        if self.manifest is not None and self.run_dir is not None and rank_zero_only.rank == 0:
+            manifest = self.manifest.with_snapshots(self.snapshots, False, self.failed)
+            with contextlib.suppress(OSError):
+                save_json(manifest.to_json(), self.run_dir / MANIFEST)
 
     def state_dict(self) -> dict[str, Any]:
         return {
