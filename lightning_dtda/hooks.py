@@ -5,7 +5,7 @@ batches are ``(inputs, targets)`` pairs and the loss is cross-entropy (integer t
 squared error (floating targets)::
 
     def attribution_inputs_targets(self, batch) -> tuple[Any, Tensor]:
-        # The model's input and the loss's target. Default: ``batch[0], batch[1]``. Inputs that are a
+        # The model's input and the loss's target. Default: the batch, if it is an (inputs, targets) pair of tensors. Inputs that are a
         # dict are passed as keyword arguments, ``model(**inputs)``; anything else as one, ``model(inputs)``.
     def attribution_loss_function(self) -> nn.Module:
         # nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss with reduction="mean", applied to

@@ -82,9 +82,8 @@ def test_the_views_training_drew_depend_on_the_seed_and_epoch_not_on_workers(rec
     in_process = fit(tmp_path / "in_process", data)
     for name, value in with_workers.state_dict().items():
         torch.testing.assert_close(in_process.state_dict()[name], value, rtol=1e-12, atol=1e-12)
-    # Read without a key, an item is one fixed view; with the run's key, another view.
-    fixed = data[3][0]
-    assert torch.equal(fixed, data[3][0]) and not torch.equal(fixed, data.dataset.x[3, :, 1:7, 1:7])
+    # Read without a key (training without a recorder), an item augments at random, as unwrapped.
+    assert not torch.equal(data[3][0], data[3][0])
 
 
 def test_retrain_replays_the_augmented_run_and_equals_lightning_retraining_of_the_same_seed(recorded):
@@ -124,3 +123,18 @@ def test_a_replay_without_the_wrapper_or_with_the_wrapper_inside_is_refused(reco
         )
     with pytest.raises(RuntimeError, match="Make the ReplayableAugmentation the DataLoader's dataset itself"):
         fit(tmp_path, Subset(data, range(12)))
+
+
+def test_the_recorder_does_not_shift_the_random_numbers_training_draws(tmp_path):
+    """Unwrapped augmentation draws from the global generators; the recorder's probe of the dataset (is it
+    random?) puts them back, so training draws what it would draw without the recorder."""
+    weights = []
+    for recorder in ([TrajectoryRecorder(tmp_path / "runs")], []):
+        pl.seed_everything(0)
+        model = WeightedCNN(lr=0.1)
+        trainer(tmp_path, recorder, max_epochs=1, precision="64-true").fit(
+            model, DataLoader(AugmentedDigits(24), batch_size=6, shuffle=True)
+        )
+        weights.append(model.state_dict())
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-12, atol=1e-12)

@@ -83,9 +83,19 @@ def check_augmentation(run: Trajectory, train_data: Dataset) -> None:
         found = "holds one inside" if find_augmentation(raw) is not None else "is not one"
         raise UnsupportedTrainingError(
             f"Run {run.name} was trained on a ReplayableAugmentation, and train_data ({type(raw).__name__}) {found}; "
-            "pass the same wrapped dataset the training DataLoader had, so the replay reads the views training read."
+            "pass the training set wrapped as the training DataLoader had it, so the replay reads the views training "
+            "read."
         )
-    if random or run.manifest.augmentation == "random":
+    if run.manifest.augmentation == "replayable" and any(
+        key is None for step in run.steps for key in (step.augmentation or (None,))
+    ):
+        raise UnsupportedTrainingError(
+            f"Run {run.name} read some batches of its ReplayableAugmentation without augmentation keys (the first epoch "
+            "of multi-process training with DataLoader workers is drawn before the recorder attaches), so their views "
+            "are lost. Under multi-process training with ReplayableAugmentation use num_workers=0, or attribute with "
+            "Influence, which needs no replay."
+        )
+    if (random and not isinstance(raw, ReplayableAugmentation)) or run.manifest.augmentation == "random":
         raise UnsupportedTrainingError(
             f"Run {run.name}'s training set drew random numbers when its items were read (random data augmentation), "
             f"so a replay cannot see the views training drew. Influence attributes such runs; to replay, {wrap}."

@@ -5,8 +5,9 @@ of an example training saw is lost. ``ReplayableAugmentation`` makes the draw a 
 recording sampler sends with each index (the run's seed and the sampler's pass) and of the index, with
 the generators restored afterwards. The recorder stores each micro-batch's key, and the replay sends
 the same keys, so it reads the very views training read, in DataLoader workers as well (the key travels
-with the index, not in the dataset's state). Read without a key, an item is the fixed view that the
-fingerprint and ``Influence`` see (``fingerprint.seeded_item``).
+with the index, not in the dataset's state). Read without a key (training without a recorder, the
+user's own code), an item augments as the dataset does, at random; the package's own reads without a
+key (the fingerprint, ``Influence``) seed each example by its index (``fingerprint.SeededDataset``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class ReplayableAugmentation(Dataset):
     ``(key, index)``, where ``TrajectoryRecorder`` sends each index with a key that changes with every
     pass over the data (epoch) and with the seed; the generators continue afterwards as if nothing had
     been drawn. ``Unrolled`` and ``evaluation.retrain`` then read each micro-batch exactly as training
-    did, also when the DataLoader has workers. Read without a key (by ``Influence``, the fingerprint, or
-    your own code), an item is one fixed view per example (seeded by its index).
+    did, also when the DataLoader has workers. Read without a key (training without a recorder, your own
+    code), an item augments at random as the dataset does; ``Influence`` and the fingerprint read one fixed
+    view per example (seeded by its index). To retrain a run by hand with the same views, keep a
+    ``TrajectoryRecorder`` in that Trainer too: it is what sends the keys.
 
     It must be the DataLoader's dataset itself (a ``Subset`` or ``ConcatDataset`` around it would pass
     its own indices on without the key); wrap the outermost dataset. Pass the same wrapped dataset to
@@ -77,7 +80,8 @@ class ReplayableAugmentation(Dataset):
         ...         x, y = super().__getitem__(i)
         ...         return x + 0.1 * torch.randn_like(x), y
         >>> data = ReplayableAugmentation(Jitter(torch.zeros(4, 2), torch.zeros(4)))
-        >>> view, again = data[1], data[1]  # read without a key: the fixed view, every time
+        >>> from lightning_dtda.runs.augmentation import KeyedIndex
+        >>> view, again = data[KeyedIndex(1, key=7)], data[KeyedIndex(1, key=7)]  # as the recorder reads it
         >>> torch.equal(view[0], again[0])
         True
     """
@@ -93,7 +97,7 @@ class ReplayableAugmentation(Dataset):
     def __getitem__(self, index: int) -> Any:
         key = getattr(index, "key", None)
         if key is None:
-            return seeded_item(self.dataset, int(index))
+            return self.dataset[int(index)]
         return seeded_item(self.dataset, int(index), seed=mix(key, int(index)))
 
 

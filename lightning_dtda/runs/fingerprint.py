@@ -62,11 +62,23 @@ def draws_random_numbers(dataset: Dataset) -> bool:
     """Whether reading a few of ``dataset``'s items moves a global generator (torch's, NumPy's or
     Python's): only such a dataset is read seeded, which costs ~0.5 ms an item against ~4 us."""
     n = len(dataset)  # type: ignore[arg-type]
-    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
-    for i in sorted({0, n // 2, n - 1}) if n else ():
-        dataset[i]
-    after = torch.get_rng_state(), np.random.get_state()[1], random.getstate()
-    return not (torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2])
+    python, numpy = random.getstate(), np.random.get_state()
+    # The generators are put back: probing must not shift the caller's random numbers (the recorder
+    # probes at the start of training, whose draws would otherwise differ from a run without it).
+    with torch.random.fork_rng(devices=[]):
+        before = torch.get_rng_state()
+        try:
+            for i in sorted({0, n // 2, n - 1}) if n else ():
+                dataset[i]
+            moved = not (
+                torch.equal(before, torch.get_rng_state())
+                and np.array_equal(numpy[1], np.random.get_state()[1])
+                and python == random.getstate()
+            )
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+    return moved
 
 
 def seeded_item(dataset: Dataset, index: int, seed: int | None = None) -> Any:
@@ -87,7 +99,10 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        return seeded_item(self.dataset, int(index)) if self.random else self.dataset[index]
+        # An index with an augmentation key (the replay's) goes through as it is: the key fixes the draw.
+        if self.random and getattr(index, "key", None) is None:
+            return seeded_item(self.dataset, int(index))
+        return self.dataset[index]
 
 
 def fingerprint_dataset(dataset: Dataset) -> str:
