@@ -125,7 +125,7 @@ class Attributor:
         self.runs = [run.upto(snapshot) for run in runs]
         self.snapshot = snapshot
         # Every read of a training example draws the same random numbers (one fixed view of an augmented example).
-        self.train_data = SeededDataset(train_data)
+        self.train_data = SeededDataset(train_data, self.runs[0].manifest.input_dtype)
         self.estimator = estimator
         self.batch_size = batch_size
         self.progress = progress
@@ -290,6 +290,7 @@ class Attributor:
             )
         effects, measurements, per_run = [], [], []
         query_fingerprint = fingerprint_dataset(query_data) if self.cache_dir is not None else ""
+        query_data = SeededDataset(query_data, self.runs[0].manifest.input_dtype)  # cast as the run's inputs were
         with self._resolved(1 if reduce == "mean" else len(query_data)) as reason:  # type: ignore[arg-type]
             for run in tqdm(self.runs, desc=f"attributing ({self.estimator.label})", disable=not self.progress):
                 e, m, info = self._cached_attribute_run(run, query_data, query_fingerprint, reduce)

@@ -77,7 +77,9 @@ def retrain(
             "whose rounding differs from the run's; a ground truth must be the run itself. Record the runs with "
             "precision='32-true' (or '64-true') to score estimators against retraining."
         )
-    train_data = SeededDataset(train_data)  # read as the Attributor reads it
+    # Read as the Attributor reads them: a fixed view of augmented examples, inputs cast as the run's were.
+    train_data = SeededDataset(train_data, runs[0].manifest.input_dtype)
+    query_data = SeededDataset(query_data, runs[0].manifest.input_dtype)
     if weights.ndim != 2 or weights.shape[1] != runs[0].dataset_length:
         raise ValueError(f"weights must be [M, {runs[0].dataset_length}], got {tuple(weights.shape)}.")
     rows = torch.cat([torch.ones(1, weights.shape[1], dtype=weights.dtype), weights])  # row 0: the base run

@@ -163,3 +163,21 @@ def test_runs_recorded_on_randomly_augmented_data_load_and_attribute_with_every_
     # The replay cannot see the random views training drew: refused before any work, naming augmentation.
     with pytest.raises(UnsupportedTrainingError, match="drew random numbers when its items were read"):
         Attributor(TinyClassifier, runs, data, Unrolled(), progress=False).attribute(queries)
+
+
+def test_a_float64_run_on_float32_data_attributes_as_lightning_fed_it(tmp_path):
+    """precision='64-true' casts float32 inputs to float64 for training; attribution and retrain read the same
+    datasets as training got them, and give what float64 datasets give."""
+    from lightning_dtda import leave_one_out_weights, retrain
+
+    data, queries = classification_data(n=18), classification_data(n=3, seed=1)  # float32
+    runs = record(tmp_path, "runs", lambda: TinyClassifier(hidden=5), data)  # precision="64-true"
+    as64 = [TensorDataset(*(t.double() if t.is_floating_point() else t for t in d.tensors)) for d in (data, queries)]
+    runs64 = record(tmp_path, "runs64", lambda: TinyClassifier(hidden=5), as64[0])  # the same run, float64 data
+    for estimator in (Influence("ggn", solver="dense"), Unrolled()):
+        got = Attributor(TinyClassifier, runs, data, estimator, progress=False).attribute(queries)
+        expected = Attributor(TinyClassifier, runs64, as64[0], estimator, progress=False).attribute(as64[1])
+        assert got.effects.dtype == torch.float64 and relative_error(got.effects, expected.effects) < 1e-12
+    weights = leave_one_out_weights(18, [2])
+    got = retrain(TinyClassifier, runs, data, queries, weights, progress=False).effects
+    assert relative_error(got, retrain(TinyClassifier, runs64, *as64, weights, progress=False).effects) < 1e-12

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
 from torch.utils.data import Dataset
 
 # Hashing every example would read a large dataset once more; evenly spaced examples catch a
@@ -89,11 +91,14 @@ def seeded_item(dataset: Dataset, index: int, seed: int | None = None) -> Any:
 
 
 class SeededDataset(Dataset):
-    """``dataset`` whose items are read by ``seeded_item`` if it draws random numbers, as they are if not."""
+    """``dataset`` read as training read it, the same at every read: its items read by ``seeded_item`` if it
+    draws random numbers, as they are if not, and their floating-point tensors cast to ``input_dtype``
+    (as Lightning's ``"64-true"``, ``"16-true"`` and ``"bf16-true"`` precision plugins cast inputs)."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, input_dtype: torch.dtype | None = None) -> None:
         self.dataset = dataset
         self.random = draws_random_numbers(dataset)
+        self.input_dtype = input_dtype
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -101,8 +106,12 @@ class SeededDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         # An index with an augmentation key (the replay's) goes through as it is: the key fixes the draw.
         if self.random and getattr(index, "key", None) is None:
-            return seeded_item(self.dataset, int(index))
-        return self.dataset[index]
+            item = seeded_item(self.dataset, int(index))
+        else:
+            item = self.dataset[index]
+        if self.input_dtype is None:
+            return item
+        return apply_to_collection(item, Tensor, lambda t: t.to(self.input_dtype) if t.is_floating_point() else t)
 
 
 def fingerprint_dataset(dataset: Dataset) -> str:

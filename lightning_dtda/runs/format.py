@@ -185,6 +185,17 @@ class Manifest:
         return OPTIMIZERS.get(self.optimizer_class)
 
     @property
+    def input_dtype(self) -> torch.dtype | None:
+        """The dtype Lightning's precision plugin cast floating-point inputs to (``"64-true"``: float64;
+        ``"16-true"``, ``"bf16-true"``: half), or ``None`` where it passed them as they are."""
+        return {
+            "64-true": torch.float64,
+            "64": torch.float64,
+            "16-true": torch.float16,
+            "bf16-true": torch.bfloat16,
+        }.get(self.precision)
+
+    @property
     def optimizer_name(self) -> str:
         """The optimizer's class name, for messages."""
         return self.optimizer_class.rpartition(".")[2]
