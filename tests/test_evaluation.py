@@ -274,3 +274,27 @@ def test_train_seeds_records_each_seed_once(tmp_path):
 def test_weightings_refuse_what_would_silently_remove_other_examples(call, why):
     with pytest.raises(ValueError, match=why):
         call()
+
+
+def test_a_replay_drifting_by_amplified_rounding_is_accepted_and_a_chaotic_run_refused(tmp_path):
+    """SGD at learning rate 1 with momentum 0.9 amplifies rounding: the float32 replay (vmapped kernels round
+    differently) drifts past the 1e-4 tolerance within 40 steps, as replays started one rounding unit apart do,
+    so retrain accepts it; by 120 steps rounding alone has scrambled the run, and retrain refuses it."""
+    from lightning_dtda import ReplayMismatchError, TrajectoryRecorder
+    from lightning_dtda.replay.check import rounding_drift
+    from lightning_dtda.replay.engine import Replay
+    from lightning_dtda.runs.fingerprint import SeededDataset
+
+    data, queries = classification_data(n=40), classification_data(n=3, seed=1)
+    for steps in (40, 120):
+        pl.seed_everything(0)
+        trainer(
+            tmp_path, [TrajectoryRecorder(tmp_path / f"runs_{steps}", every_n_train_steps=20)], max_steps=steps
+        ).fit(TinyClassifier(hidden=16, lr=1.0, momentum=0.9), DataLoader(data, batch_size=4, shuffle=True))
+    [run] = load_runs(tmp_path / "runs_40")
+    drift = rounding_drift(Replay(instantiate(TinyClassifier, run, 0), run, SeededDataset(data)), 40)
+    assert 1e-5 < drift < 1e-2  # rounding grows by orders of magnitude in 40 steps
+    truth = retrain(TinyClassifier, [run], data, queries, leave_one_out_weights(40, [3]), progress=False)
+    assert torch.isfinite(truth.effects).all()
+    with pytest.raises(ReplayMismatchError, match="lands .* away from its recorded weights"):
+        retrain(TinyClassifier, tmp_path / "runs_120", data, queries, leave_one_out_weights(40, [3]), progress=False)

@@ -17,6 +17,16 @@ from lightning_dtda.runs.trajectory import Trajectory
 _REPLAY_TOLERANCE = 1e-4
 
 
+# A replay is not bitwise the run (vmapped kernels round differently), and training can amplify rounding:
+# on the digits_dtda.py CNN (SGD, ReLU, max-pool, batch norm, float32) one seed of 32 drifted 1e-4 from its
+# recording by step 240 while every loss matched. So a gap beyond the tolerance is measured against the
+# replay's own sensitivity: the same replay started from weights one rounding unit away. A gap within
+# _AMPLIFIED times that drift is rounding the run amplifies, which no replay can avoid, not another run;
+# up to _AMPLIFIED_CAP only: beyond, the run is chaotic (rounding alone scrambles it) and no replay is it.
+_AMPLIFIED = 10.0
+_AMPLIFIED_CAP = 1e-2
+
+
 # A mixed-precision run is replayed in full precision: its bfloat16 / float16 rounding cannot be
 # reproduced by the vmapped replay (replaying under the same autocast landed further away, 6e-3
 # against 4e-3 relative, on a bf16-mixed MLP), so the replay differentiates the run without it.
@@ -103,10 +113,18 @@ def check_replay(
     if gap <= (_MIXED_PRECISION_TOLERANCE if mixed else _REPLAY_TOLERANCE):
         return gap
     last = run.snapshot_steps[snapshot]
+    drift = None
+    if not mixed and gap <= _AMPLIFIED_CAP:
+        drift = replay.rounding_gap = rounding_drift(replay, last)
+        if gap <= _AMPLIFIED * drift:
+            return gap
     traced = None if replay.traced_losses is None else [float(loss) for loss in replay.traced_losses]
+    amplified = (
+        "" if drift is None else f" (rounding alone, from weights one rounding unit apart, drifts {drift:.1e} by then)"
+    )
     message = (
-        f"Replaying {run.name} to step {last} lands {gap:.1e} (relative) away from its recorded weights (most in "
-        f"{worst!r}), so the replay is not the run. {diagnose(run, traced, last)}"
+        f"Replaying {run.name} to step {last} lands {gap:.1e} (relative) away from its recorded weights{amplified} "
+        f"(most in {worst!r}), so the replay is not the run. {diagnose(run, traced, last)}"
     )
     if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1 and not strict:
         rank_zero_warn(
@@ -114,6 +132,27 @@ def check_replay(
         )
         return gap
     raise ReplayMismatchError(message)
+
+
+def rounding_drift(replay: Replay, step: int) -> float:
+    """How far training amplifies rounding by ``step``: the recorded run replayed from its step-0 weights and
+    from those weights moved by one rounding unit (relative ``eps`` of their dtype, random signs), as the
+    largest relative distance between the two over the parameters and running statistics."""
+    params, state = replay.initial(2)
+    generator = torch.Generator().manual_seed(0)
+    signs = [torch.randint(0, 2, p.shape[1:], generator=generator).to(p) * 2 - 1 for p in params]
+    eps = torch.finfo(params[0].dtype).eps
+    params = [torch.stack([p[0], p[1] * (1 + eps * sign)]) for p, sign in zip(params, signs)]
+    ones = torch.ones(2, replay.run.dataset_length, dtype=params[0].dtype, device=params[0].device)
+    traced, replay.traced_losses = replay.traced_losses, None
+    try:
+        with torch.no_grad():
+            params, state = replay.advance(params, state, ones, replay.run.steps[:step])
+    finally:
+        replay.traced_losses = traced
+    return max(
+        ((t[0] - t[1]).abs().max() / t[0].abs().max().clamp(min=1e-12)).item() for t in replay.named(params, state).values()
+    )
 
 
 def replay_checked(

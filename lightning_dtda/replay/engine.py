@@ -184,6 +184,8 @@ class Replay:
         self.traced_losses: list[Tensor] | None = None
         # The relative distance from the recorded weights at the last snapshot checked (see replay_checked).
         self.gap: float | None = None
+        # How far rounding alone drifts by then, where the gap passed the tolerance (see check.rounding_drift).
+        self.rounding_gap: float | None = None
 
         def weighted_loss(
             params: list[Tensor], buffers: list[Tensor], w: Tensor, batch: Any
