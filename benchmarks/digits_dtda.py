@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -48,6 +49,7 @@ from lightning_dtda import (
     QuerySpearman,
     Retraining,
     Segmented,
+    Trajectory,
     Unrolled,
     figures,
     leave_one_out_weights,
@@ -59,6 +61,7 @@ from lightning_dtda import (
 
 STATISTICS = ("mean", "variance", "wasserstein")
 METHODS = {
+    "default": Influence(),
     "identity": Influence(curvature="identity"),
     "kfac": Influence(curvature="kfac"),
     "ekfac": Influence(curvature="ekfac"),
@@ -107,6 +110,77 @@ def cached(path: Path, compute):
     value = compute()
     value.save(path)
     return value
+
+
+@dataclass
+class Task:
+    """One benchmark task with its ground truth (see ``prepare_task``)."""
+
+    module: type[pl.LightningModule]
+    runs: list[Trajectory]
+    train: TensorDataset
+    queries: TensorDataset
+    loo: Retraining
+    lds: Retraining
+    seconds_per_seed: float
+
+
+def prepare_task(
+    model: str,
+    out: Path,
+    truth_seeds: int = 32,
+    epochs: int | None = None,
+    examples: int = 100,
+    subsets: int = 100,
+    subset_seeds: int = 4,
+) -> Task:
+    """Record ``truth_seeds`` runs of task ``model`` ("mlp", "cnn", "adam", "regression") under ``out`` and
+    compute the leave-one-out and subset ground truths, each cached there (a rerun reads them)."""
+    epochs = epochs or (40 if model == "regression" else 20)
+    out.mkdir(parents=True, exist_ok=True)
+    train, queries = diabetes_data() if model == "regression" else benchmark_data()
+    runs_dir = out / "runs"
+    start = time.perf_counter()
+    already = len(list(runs_dir.glob("seed_*"))) if runs_dir.exists() else 0
+    steps = epochs * -(-len(train) // 32)
+    Module, make_module, trainer_kwargs = {
+        "mlp": (DigitsMLP, DigitsMLP, {}),
+        "cnn": (DigitsCNN, lambda: DigitsCNN(total_steps=steps), {"gradient_clip_val": 1.0}),
+        "adam": (AdamMLP, AdamMLP, {}),
+        "regression": (DiabetesMLP, DiabetesMLP, {}),
+    }[model]
+    train_seeds(
+        make_module,
+        DataLoader(train, batch_size=32, shuffle=True),
+        runs_dir,
+        range(truth_seeds),
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trained = truth_seeds - already
+    timing_path = out / "training_seconds.json"
+    if trained > 0:
+        timing_path.write_text(json.dumps({"seconds_per_seed": (time.perf_counter() - start) / trained}))
+    seconds_per_seed = json.loads(timing_path.read_text())["seconds_per_seed"]
+    runs = load_runs(runs_dir)[:truth_seeds]
+
+    removed = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:examples]
+    loo = cached(
+        out / f"loo_{truth_seeds}x{examples}.safetensors",
+        lambda: retrain(Module, runs, train, queries, leave_one_out_weights(len(train), removed)),
+    )
+    lds = cached(
+        out / f"lds_{subset_seeds}x{subsets}.safetensors",
+        lambda: retrain(
+            Module, runs[:subset_seeds], train, queries, random_subset_weights(len(train), subsets, 0.5, seed=2)
+        ),
+    )
+    return Task(Module, runs, train, queries, loo, lds, seconds_per_seed)
 
 
 def score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
@@ -159,8 +233,8 @@ FIRST_COLUMN = {"mlp": "method", "cnn": "method", "adam": "Adam", "regression": 
 HEADLINE = {
     "identity": '`Influence("identity")`',
     "kfac": '`Influence("kfac")`',
-    "ekfac": '`Influence("ekfac")` (default)',
-    "ggn": '`Influence("ggn")`',
+    "ekfac": '`Influence("ekfac")`',
+    "ggn": '`Influence()` (default), `Influence("ggn")`',
     "segmented (ekfac, 4 segments)": '`Segmented(curvature="ekfac")`',
     "segmented (ggn, 4 segments)": '`Segmented(curvature="ggn")`',
     "unrolled": "`Unrolled()`",
@@ -256,56 +330,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.out = args.out or Path("benchmarks/output/digits_dtda" + ("" if args.model == "mlp" else f"_{args.model}"))
-    args.epochs = args.epochs or (40 if args.model == "regression" else 20)
-    args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    train, queries = diabetes_data() if args.model == "regression" else benchmark_data()
-    runs_dir = args.out / "runs"
-    start = time.perf_counter()
-    already = len(list(runs_dir.glob("seed_*"))) if runs_dir.exists() else 0
-    steps = args.epochs * -(-len(train) // 32)
-    Module, make_module, trainer_kwargs = {
-        "mlp": (DigitsMLP, DigitsMLP, {}),
-        "cnn": (DigitsCNN, lambda: DigitsCNN(total_steps=steps), {"gradient_clip_val": 1.0}),
-        "adam": (AdamMLP, AdamMLP, {}),
-        "regression": (DiabetesMLP, DiabetesMLP, {}),
-    }[args.model]
-    train_seeds(
-        make_module,
-        DataLoader(train, batch_size=32, shuffle=True),
-        runs_dir,
-        range(args.truth_seeds),
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
+    task = prepare_task(
+        args.model, args.out, args.truth_seeds, args.epochs, args.examples, args.subsets, args.subset_seeds
     )
-    trained = args.truth_seeds - already
-    timing_path = args.out / "training_seconds.json"
-    if trained > 0:
-        timing_path.write_text(json.dumps({"seconds_per_seed": (time.perf_counter() - start) / trained}))
-    seconds_per_seed = json.loads(timing_path.read_text())["seconds_per_seed"]
-    runs = load_runs(runs_dir)[: args.truth_seeds]
-
-    examples = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.examples]
-    loo = cached(
-        args.out / f"loo_{args.truth_seeds}x{args.examples}.safetensors",
-        lambda: retrain(Module, runs, train, queries, leave_one_out_weights(len(train), examples)),
-    )
-    lds = cached(
-        args.out / f"lds_{args.subset_seeds}x{args.subsets}.safetensors",
-        lambda: retrain(
-            Module,
-            runs[: args.subset_seeds],
-            train,
-            queries,
-            random_subset_weights(len(train), args.subsets, 0.5, seed=2),
-        ),
-    )
+    Module, runs, train, queries, loo, lds = task.module, task.runs, task.train, task.queries, task.loo, task.lds
+    seconds_per_seed = task.seconds_per_seed
 
     rows, refused = [], []
     for method in args.methods:

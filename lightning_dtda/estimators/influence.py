@@ -36,7 +36,7 @@ DAMPING_PROBES = 16
 # about EK-FAC's cost for tens of queries (docs/benchmarks/digits_dtda.md), unless its cost, which grows
 # with the query columns while EK-FAC's hardly does, passes AUTO_MAX_COLUMNS (measured: benchmarks/default_curvature.py),
 # or its blocks (about six float64 [P, columns] matrices) pass AUTO_BLOCK_BYTES of memory.
-AUTO_MAX_COLUMNS = 128
+AUTO_MAX_COLUMNS = 64
 AUTO_BLOCK_BYTES = 4 * 2**30
 # Self-influence solves every training gradient, which block CG cannot: the exact GGN is built densely
 # up to this many parameters (that many columns of products), EK-FAC above.
@@ -80,7 +80,7 @@ class Influence(Estimator):
 
     Curvature ``"auto"`` (the default) chooses per call, by the number of query columns ``Q`` (1 with
     ``reduce="mean"``) and trainable parameters ``P``: the exact GGN by block CG, the most faithful on
-    every benchmark task at about EK-FAC's cost, for up to 128 columns whose CG blocks (about ``48 P Q``
+    every benchmark task at about EK-FAC's cost, for up to 64 columns whose CG blocks (about ``48 P Q``
     bytes) stay within 4 GiB; EK-FAC beyond. Self-influence (every training gradient solved): the dense
     GGN up to 1,024 parameters, EK-FAC above. The choice and its reason are logged and go into the
     result's settings (``curvature``, ``curvature_reason``).

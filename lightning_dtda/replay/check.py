@@ -151,7 +151,8 @@ def rounding_drift(replay: Replay, step: int) -> float:
     finally:
         replay.traced_losses = traced
     return max(
-        ((t[0] - t[1]).abs().max() / t[0].abs().max().clamp(min=1e-12)).item() for t in replay.named(params, state).values()
+        ((t[0] - t[1]).abs().max() / t[0].abs().max().clamp(min=1e-12)).item()
+        for t in replay.named(params, state).values()
     )
 
 
