@@ -33,7 +33,7 @@ class UnsupportedLayerError(ValueError):
 
 class UnsupportedTrainingError(ValueError):
     """A training set-up that the chosen estimator does not model or cannot replay (an optimizer or
-    optimizer setting without a functional twin, ``Segmented`` on Adam, a custom gradient clipping)."""
+    optimizer setting without a functional twin, ``Segmented`` with EK-FAC on Adam, a custom gradient clipping)."""
 
 
 class CorruptFileError(ValueError):

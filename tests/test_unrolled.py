@@ -101,6 +101,64 @@ def test_segmented_with_one_segment_equals_the_closed_form(tmp_path, solver):
     assert relative_error(result.effects[0], expected) < 1e-6
 
 
+class AdamWClassifier(TinyClassifier):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+@pytest.mark.parametrize("cls, solver", [(AdamWClassifier, "dense"), (AdamClassifier, "krylov")])
+def test_segmented_under_adam_with_one_segment_equals_the_preconditioned_closed_form(tmp_path, cls, solver):
+    """Adam's step lr * D g (D = 1 / (sqrt(v_hat) + eps), held fixed): the response of one segment is
+    S f(A) S g / N with S = D^(1/2), A = S (G + l2) S + decoupled and f(c) = (1 - exp(-T c)) / c, T the summed
+    learning rates. D here is read from the optimizer state the recorder saved, the estimator's from its replay."""
+    from oracles import dense_ggn_effects
+
+    data = classification_data(n=20, dtype=torch.float64)
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    pl.seed_everything(0)
+    recorder = TrajectoryRecorder(tmp_path / "runs", every_n_epochs=4, save_optimizer_state=True)
+    trainer(tmp_path, [recorder], max_epochs=4, precision="64-true").fit(
+        cls(hidden=5, lr=0.05, weight_decay=0.05), DataLoader(data, batch_size=6, shuffle=True)
+    )
+    estimator = Segmented(segments=1, curvature="ggn", solver=solver)
+    attributor = Attributor(cls, tmp_path / "runs", data, estimator=estimator, progress=False)
+    [run] = attributor.runs
+    assert run.snapshot_steps == [0, 16]
+    result = attributor.attribute(queries)
+
+    model = attributor.load_model(run)
+    _, G, g_train, g_query = dense_ggn_effects(model, *data.tensors, *queries.tensors, 1.0)
+    state = run.snapshot(1).optimizer_state["state"]
+    v_hat = torch.cat(
+        [state[i]["exp_avg_sq"].flatten() / (1 - 0.999 ** float(state[i]["step"])) for i in range(len(state))]
+    )
+    S = torch.diag((1 / (v_hat.sqrt() + 1e-8)).sqrt())
+    l2, decoupled = (0.0, 0.05) if cls is AdamWClassifier else (0.05, 0.0)
+    A = S @ (G + l2 * torch.eye(len(G), dtype=G.dtype)) @ S + decoupled * torch.eye(len(G), dtype=G.dtype)
+    eigenvalues, V = torch.linalg.eigh(A)
+    time = 0.05 * 16
+    f = (1 - torch.exp(-time * eigenvalues.clamp(min=0))) / eigenvalues.clamp(min=1e-30)
+    expected = g_query @ S @ V @ torch.diag(f) @ V.T @ S @ g_train.T / 20
+    assert relative_error(result.effects[0], expected) < 1e-6
+
+
+def test_more_segments_approach_unrolling_under_adam(tmp_path):
+    data = classification_data(n=20, dtype=torch.float64)
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    runs = record(tmp_path, AdamWClassifier, data, hidden=5, lr=0.05, weight_decay=1e-2)
+    exact = Attributor(AdamWClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries).effects
+    errors = [
+        relative_error(
+            Attributor(AdamWClassifier, runs, data, estimator=Segmented(segments=k, curvature="ggn"), progress=False)
+            .attribute(queries)
+            .effects,
+            exact,
+        )
+        for k in (1, 2)
+    ]
+    assert errors[1] < errors[0] < 1.0, errors
+
+
 def test_more_segments_approach_unrolling(tmp_path):
     data = classification_data(n=20, dtype=torch.float64)
     queries = classification_data(n=3, seed=1, dtype=torch.float64)
@@ -167,9 +225,9 @@ def test_replay_refuses_adam_for_segments_and_missing_membership(tmp_path):
     data = classification_data(n=12, dtype=torch.float64)
     queries = classification_data(n=2, seed=1, dtype=torch.float64)
     runs = record(tmp_path / "adam", AdamClassifier, data)
-    with pytest.raises(UnsupportedTrainingError, match=r"Segmented models SGD.*Use Unrolled\(\) for Adam"):
+    with pytest.raises(UnsupportedTrainingError, match=r"preconditions the curvature.*Segmented\(curvature='ggn'\)"):
         Attributor(
-            AdamClassifier, runs, data, estimator=Segmented(segments=1, curvature="ggn"), progress=False
+            AdamClassifier, runs, data, estimator=Segmented(segments=1, curvature="ekfac"), progress=False
         ).attribute(queries)
 
     runs = record(tmp_path / "gap", TinyClassifier, data)
@@ -594,10 +652,14 @@ def test_segmented_takes_sgd_exactly_not_asgd():
     from pathlib import Path
     from types import SimpleNamespace
 
-    from lightning_dtda.estimators.segmented import _check_sgd
+    from lightning_dtda.estimators.segmented import _check_optimizer
 
     manifest = Trajectory(Path(__file__).parent / "data" / "runs_0_1" / "seed_0").manifest
     run = SimpleNamespace(name="seed_0", manifest=replace(manifest, optimizer_class="torch.optim.asgd.ASGD"))
-    with pytest.raises(UnsupportedTrainingError, match="Segmented models SGD, .* used torch.optim.asgd.ASGD"):
-        _check_sgd(run)
-    _check_sgd(SimpleNamespace(name="seed_0", manifest=replace(manifest, optimizer_class="torch.optim.sgd.SGD")))
+    with pytest.raises(
+        UnsupportedTrainingError, match="Segmented models SGD, Adam and AdamW.* used torch.optim.asgd.ASGD"
+    ):
+        _check_optimizer(run, "ggn")
+    _check_optimizer(
+        SimpleNamespace(name="seed_0", manifest=replace(manifest, optimizer_class="torch.optim.sgd.SGD")), "ekfac"
+    )

@@ -12,6 +12,11 @@ the effect of removing example ``n`` is ``sum_l (f_l(C_l) a_l)^T g_{l,n} / N`` w
 ``f_l(c) = (1 - exp(-eta_l K_l c)) / c``. One segment over a long run recovers the damped
 influence function; ``c = 0`` directions get ``eta_l K_l``, the learning-rate time, as in early
 training. ``C_l`` includes the weight decay; SGD momentum ``beta`` scales ``eta`` by ``1/(1 - beta)``.
+
+Under Adam and AdamW the segment's step is ``eta D (g + l2 theta) + eta decoupled theta`` with Adam's
+``D = 1 / (sqrt(v_hat) + eps)`` held at its value at the segment's last snapshot (from a replay of the
+run): the same formulas hold for ``A = D^{1/2} (G + l2 I) D^{1/2} + decoupled I`` in the coordinates
+``D^{-1/2} r``, the adjoint and the example gradients carried through ``D^{1/2}`` (``PreconditionedGGN``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from torch import Tensor, nn
 
 from lightning_dtda.curvature.base import SolverKind, SpectralCurvature, SpectralKind, check_solver, check_spectral
 from lightning_dtda.curvature.ggn import KrylovGGN
+from lightning_dtda.curvature.preconditioned import PreconditionedGGN
 from lightning_dtda.curvature.tracked import check_modules, tracked_parameters
 from lightning_dtda.damping import learning_rate_time
 from lightning_dtda.errors import UnsupportedTrainingError
 from lightning_dtda.estimators.base import Estimator, RunContext
+from lightning_dtda.replay.check import replay_checked
+from lightning_dtda.replay.engine import Replay
 from lightning_dtda.runs.trajectory import Trajectory
 
 
@@ -43,34 +51,63 @@ def segment_snapshots(run: Trajectory, num_segments: int) -> list[list[int]]:
     return [chunk.tolist() for chunk in np.array_split(np.array(indices), num_segments)]
 
 
-def _check_sgd(run: Trajectory) -> None:
-    if run.manifest.optimizer != "SGD":
+def _check_optimizer(run: Trajectory, kind: str) -> None:
+    optimizer = run.manifest.optimizer
+    if optimizer not in ("SGD", "Adam", "AdamW"):
         raise UnsupportedTrainingError(
-            f"Segmented models SGD, whose step is the learning rate; run {run.name} used {run.manifest.optimizer_class}. "
-            "Use Unrolled() for Adam or AdamW."
+            f"Segmented models SGD, Adam and AdamW, whose steps it knows; run {run.name} used "
+            f"{run.manifest.optimizer_class}. Use Influence()."
         )
+    if optimizer != "SGD" and kind != "ggn":
+        raise UnsupportedTrainingError(
+            f"Segmented on an {optimizer} run preconditions the curvature by Adam's per-entry step sizes, which "
+            f"breaks {kind.upper()}'s Kronecker structure: use Segmented(curvature='ggn')."
+        )
+
+
+def adam_preconditioners(context: RunContext, snapshots: list[int]) -> dict[int, Tensor]:
+    """Adam's preconditioner at each of ``snapshots`` (indices), as ``S = D^{1/2}`` with
+    ``D = 1 / (sqrt(v_hat) + eps)``: ``[P]`` over the tracked parameters. ``v`` comes from a replay of the
+    run (checked against its snapshots, as unrolling's is), so no optimizer state need have been recorded."""
+    run = context.run
+    replay = Replay(context.load_model(0), run, context.train_data)
+    ones = torch.ones(1, run.dataset_length)
+    params, state, checkpoints = replay_checked(replay, ones, context.progress, keep_checkpoints=True)
+    states = [saved for _, saved in checkpoints] + [state]  # the state at each snapshot, in order
+    group = run.optimizer_groups[0]
+    beta2, eps = float(group["betas"][1]), float(group["eps"])
+    names = context.params or replay.names
+    scales = {}
+    for index in snapshots:
+        at, t = states[index], states[index]["step"]
+        v_hat = [at["exp_avg_sq"][replay.names.index(name)][0] / (1 - beta2**t) for name in names]
+        scales[index] = torch.cat([(1.0 / (v.sqrt() + eps)).sqrt().flatten() for v in v_hat]).double()
+    return scales
 
 
 @dataclass(frozen=True)
 class Segmented(Estimator):
     """Segmented unrolling (see the module docstring): the run as ``segments`` segments of locally
-    quadratic SGD, each with the curvature at its last snapshot. One segment over a long run is the
-    damped influence function; more segments follow the run's path more closely.
+    quadratic SGD (or Adam with its preconditioner held fixed per segment), each with the curvature at its
+    last snapshot. One segment over a long run is the damped influence function; more segments follow
+    the run's path more closely.
 
     Args:
         segments: Number of segments; at most the number of snapshots after step 0.
         curvature: ``"ekfac"`` (default) or ``"ggn"`` (exact): functions of the curvature are needed,
-            which EK-FAC's eigenbasis and the GGN's eigendecomposition or Lanczos give.
+            which EK-FAC's eigenbasis and the GGN's eigendecomposition or Lanczos give. Adam and AdamW
+            runs need ``"ggn"``.
         solver: How ``"ggn"``'s functions are computed: ``"dense"`` (eigendecomposition, up to 32,768
             parameters), ``"krylov"`` (Lanczos on GGN products, any size; products per run in the
-            settings) or ``"auto"`` (dense up to 4,096 parameters).
+            settings) or ``"auto"`` (the one predicted faster, as for ``Influence``).
         curvature_subset: Fit each segment's curvature on this many training examples drawn at random.
         modules: Names of submodules to attribute through (``None``: the whole model); ``"ekfac"`` tracks
             only the layers among them that K-FAC factors, as ``Influence`` does.
 
     Raises:
         ValueError: For fewer than one segment, a curvature without functions or an unknown solver; at
-            attribution, for a run with fewer snapshots than segments or an optimizer other than SGD.
+            attribution, for a run with fewer snapshots than segments, an optimizer other than SGD, Adam and
+            AdamW, or an Adam run with ``"ekfac"``.
 
     Example:
 
@@ -112,19 +149,38 @@ def segmented_effects(
     products, report = 0, {}
 
     steps = run.snapshot_steps
-    weight_decay = run.weight_decay
     num_train = run.dataset_length
     adjoint = query_grads
     effects = torch.zeros(len(query_grads), num_train, dtype=query_grads.dtype, device=query_grads.device)
-    _check_sgd(run)  # first: more snapshots would not help an Adam run
+    adam = run.manifest.optimizer in ("Adam", "AdamW")
+    _check_optimizer(run, kind)  # first: more snapshots would not help a run it cannot model
     groups = segment_snapshots(run, num_segments)
+    scales = adam_preconditioners(context, [group[-1] for group in groups]) if adam else {}
+    # SGD: the weight decay is curvature, added to the eigenvalues; Adam's sits inside PreconditionedGGN.
+    weight_decay = 0.0 if adam else run.weight_decay
     for group in groups[::-1]:
         first, last = steps[group[0] - 1], steps[group[-1]]
-        time = learning_rate_time(run, first, last)  # eta_l * K_l
+        # eta_l * K_l; under Adam the raw learning rates, the preconditioner scaling each entry
+        time = (
+            sum(step.lrs[0] for step in run.steps[first:last] if not step.skipped)
+            if adam
+            else learning_rate_time(run, first, last)
+        )
         models = [context.load_model(index) for index in group]
         curvature = context.fit_curvature(
             kind, models[-1], solver=solver, subset=subset
         )  # at the segment's last weights
+        report.update(curvature.solver_report or {})
+        scale = scales.get(group[-1])
+        if scale is not None:  # Adam: functions of S (G + l2) S + decoupled, in the coordinates s = r / S
+            decoupled = run.manifest.optimizer == "AdamW"
+            curvature = PreconditionedGGN(
+                curvature,
+                scale,
+                l2=0.0 if decoupled else run.weight_decay,
+                decoupled=run.weight_decay if decoupled else 0.0,
+            )
+            adjoint = adjoint * scale.to(adjoint)
         assert isinstance(curvature, SpectralCurvature)
 
         def contribution(e: Tensor, time: float = time) -> Tensor:
@@ -136,8 +192,9 @@ def segmented_effects(
             return torch.exp(-time * (e + weight_decay))
 
         weighted, adjoint = curvature.apply_functions([contribution, decay], adjoint)
-        report.update(curvature.solver_report or {})
-        if isinstance(curvature, KrylovGGN):
+        if scale is not None:
+            weighted, adjoint = weighted * scale.to(weighted), adjoint / scale.to(adjoint)
+        if isinstance(curvature, (KrylovGGN, PreconditionedGGN)) and curvature.reports:
             products += curvature.reports[-1]["lanczos_products"]
         for model in models:  # the example's gradient, averaged over the segment's snapshots
             effects += context.contract(model, weighted / num_train) / len(group)
