@@ -183,20 +183,22 @@ def choose_solver(operator: PyTorchLinearOperator, num_columns: int) -> tuple[st
     """``"dense"`` or ``"krylov"`` for solving ``num_columns`` vectors with ``operator``'s GGN, by predicted
     time, and the prediction (for the run's settings).
 
-    One timed product with a block of the solve's width (at least 16, at most 256 columns) gives the
-    seconds per column ``c``. Dense: ``P`` columns of products plus the eigendecomposition (a timed
+    One timed product with a block of the solve's width (at least 16, at most 256 columns), after an untimed
+    one-column product that warms up, gives the seconds per column ``c``. Dense: ``P`` columns of products plus the eigendecomposition (a timed
     256-square ``eigh`` scaled by ``(P / 256)^3``). Krylov: the expected products (``AUTO_PRODUCTS_*``) of
     ``num_columns`` columns, plus the Nystrom sketch for a narrow block. The probe costs about one Krylov
-    product. Above ``DENSE_GGN_LIMIT`` parameters the answer is ``"krylov"`` without a probe.
+    product and a one-column one. Above ``DENSE_GGN_LIMIT`` parameters the answer is ``"krylov"`` without a probe.
     """
     num_params = operator.shape[0]
     if num_params > DENSE_GGN_LIMIT:
         return "krylov", {"solver": "krylov", "solver_reason": f"{num_params} parameters, above the dense limit"}
     width = min(num_params, max(num_columns, 16), _DENSE_COLUMNS)
     probe = torch.randn(num_params, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    start = time.perf_counter()
+    probe = probe.to(device=operator.device, dtype=operator.dtype)
     with forward_differentiable_kernels():
-        operator @ probe.to(device=operator.device, dtype=operator.dtype)
+        operator @ probe[:, :1]  # untimed: the first product pays for warming up (kernels, allocations)
+        start = time.perf_counter()
+        operator @ probe
     per_column = (time.perf_counter() - start) / width
     narrow = num_columns <= NYSTROM_MAX_COLUMNS
     products = AUTO_PRODUCTS_NARROW if narrow else AUTO_PRODUCTS_WIDE

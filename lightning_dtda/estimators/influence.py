@@ -144,7 +144,8 @@ class Influence(Estimator):
                 )
             return replace(self, curvature="ekfac"), (
                 f"self-influence solves all training gradients, which block CG cannot; the dense GGN of {params} "
-                f"parameters would take {params} columns of products: EK-FAC"
+                f"parameters would take {params} columns of products: EK-FAC (Influence('ggn') builds it anyway, up "
+                "to 4,096 parameters)"
             )
         if num_columns > AUTO_MAX_COLUMNS:
             return replace(self, curvature="ekfac"), (
@@ -158,7 +159,8 @@ class Influence(Estimator):
                 f"{AUTO_BLOCK_BYTES / 2**30:.0f}): EK-FAC; for the exact GGN pass curvature='ggn' or fewer queries"
             )
         return replace(self, curvature="ggn"), (
-            f"the exact GGN ({num_columns} query columns): the most faithful curvature, at about EK-FAC's cost"
+            f"the exact GGN ({num_columns} query column{'s' if num_columns > 1 else ''}): the most faithful "
+            "curvature, at about EK-FAC's cost"
         )
 
     def damping_for(self, run: Trajectory) -> float:
