@@ -184,7 +184,7 @@ class Attributor:
         def num_params() -> int:
             return sum(p.numel() for p in trainable_parameters(self.load_model(self.runs[0])).values())
 
-        chosen, reason = requested.resolve(num_params, num_columns)
+        chosen, reason = requested.resolve(self.runs, num_params, num_columns)
         if reason is not None:
             rank_zero_info(f"{type(requested).__name__}(curvature='auto') uses {chosen.label}: {reason}.")
         self.estimator = chosen

@@ -140,7 +140,7 @@ def test_a_bad_setting_in_a_cli_file_is_refused_when_the_file_is_parsed(tmp_path
         cli_callbacks(
             tmp_path, "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 2, curvature: kfac}"
         )
-    assert "Expected a typing.Literal['ekfac', 'ggn']. Got value: kfac" in capsys.readouterr().err
+    assert "Expected a typing.Literal['auto', 'ekfac', 'ggn']. Got value: kfac" in capsys.readouterr().err
     with pytest.raises(ValueError, match="segments must be a positive integer, got 0"):
         cli_callbacks(tmp_path, "estimator:\n  class_path: lightning_dtda.Segmented\n  init_args: {segments: 0}")
 

@@ -157,6 +157,12 @@ def test_more_segments_approach_unrolling_under_adam(tmp_path):
         for k in (1, 2)
     ]
     assert errors[1] < errors[0] < 1.0, errors
+    # Without a curvature, Segmented takes the exact GGN on an Adam run (EK-FAC would be refused), and says so.
+    default = Attributor(AdamWClassifier, runs, data, estimator=Segmented(segments=2), progress=False).attribute(
+        queries
+    )
+    assert default.settings["curvature"] == "ggn" and "AdamW" in default.settings["curvature_reason"]
+    assert relative_error(default.effects, exact) == pytest.approx(errors[1], rel=1e-6)
 
 
 def test_more_segments_approach_unrolling(tmp_path):
@@ -174,6 +180,8 @@ def test_more_segments_approach_unrolling(tmp_path):
         for k in (1, 2)
     ]
     assert errors[1] < errors[0] < 1.0
+    default = Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=2), progress=False).attribute(queries)
+    assert default.settings["curvature"] == "ekfac" and "SGD" in default.settings["curvature_reason"]
     lanczos = (
         Attributor(
             TinyClassifier,

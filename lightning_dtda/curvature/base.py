@@ -20,6 +20,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 CurvatureKind = Literal["ekfac", "kfac", "ggn", "identity"]
 SpectralKind = Literal["ekfac", "ggn"]  # those with an eigenbasis or Krylov functions (see SpectralCurvature)
 SolverKind = Literal["auto", "dense", "krylov"]
+# An estimator's curvature setting: a kind, or "auto" (chosen per call; see Influence.resolve). One flat
+# Literal, so that a LightningCLI error lists every value.
+CurvatureSetting = Literal[("auto", *get_args(CurvatureKind))]  # type: ignore[valid-type]
+SpectralSetting = Literal[("auto", *get_args(SpectralKind))]  # type: ignore[valid-type]
 CURVATURES: tuple[str, ...] = get_args(CurvatureKind)
 SPECTRAL: tuple[str, ...] = get_args(SpectralKind)
 SOLVERS: tuple[str, ...] = get_args(SolverKind)

@@ -8,7 +8,7 @@ say). Its ``Estimator.settings`` are both the cache key of its results and what 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,12 @@ class Estimator:
             "measurement (the loss) and read effects[:, i, indices[i]]."
         )
 
-    def resolve(self, num_params: Callable[[], int], num_columns: int | None) -> tuple["Estimator", str | None]:
-        """The estimator to run for ``num_columns`` query columns (``None``: self-influence) on a model of
-        ``num_params()`` trainable parameters, and why, where a setting is ``"auto"``; ``(self, None)`` if none is."""
+    def resolve(
+        self, runs: Sequence[Trajectory], num_params: Callable[[], int], num_columns: int | None
+    ) -> tuple["Estimator", str | None]:
+        """The estimator to run on ``runs`` for ``num_columns`` query columns (``None``: self-influence) on a
+        model of ``num_params()`` trainable parameters, and why, where a setting is ``"auto"``; ``(self, None)``
+        if none is."""
         return self, None
 
     def settings(self) -> dict[str, Any]:

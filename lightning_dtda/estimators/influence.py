@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -14,7 +14,7 @@ from lightning_dtda.curvature.base import (
     CURVATURES,
     DENSE_GGN_LIMIT,
     Curvature,
-    CurvatureKind,
+    CurvatureSetting,
     SolverKind,
     check_solver,
     dense_ggn,
@@ -116,7 +116,7 @@ class Influence(Estimator):
     """
 
     # Literal types let a LightningCLI file be checked when it is parsed, before anything trains.
-    curvature: Literal["auto"] | CurvatureKind = "auto"
+    curvature: CurvatureSetting = "auto"
     damping: Literal["auto"] | float = "auto"
     solver: SolverKind = "auto"
     curvature_subset: int | None = None
@@ -132,7 +132,9 @@ class Influence(Estimator):
         ):
             raise ValueError(f"damping must be 'auto' or a positive number, got {self.damping!r}.")
 
-    def resolve(self, num_params: Callable[[], int], num_columns: int | None) -> tuple["Influence", str | None]:
+    def resolve(
+        self, runs: Sequence[Trajectory], num_params: Callable[[], int], num_columns: int | None
+    ) -> tuple["Influence", str | None]:
         """For ``curvature="auto"``, the curvature to use (see the class docstring) and why."""
         if self.curvature != "auto":
             return self, None

@@ -21,14 +21,15 @@ run): the same formulas hold for ``A = D^{1/2} (G + l2 I) D^{1/2} + decoupled I`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_dtda.curvature.base import SolverKind, SpectralCurvature, SpectralKind, check_solver, check_spectral
+from lightning_dtda.curvature.base import SolverKind, SpectralCurvature, SpectralSetting, check_solver, check_spectral
 from lightning_dtda.curvature.ggn import KrylovGGN
 from lightning_dtda.curvature.preconditioned import PreconditionedGGN
 from lightning_dtda.curvature.tracked import check_modules, tracked_parameters
@@ -94,9 +95,10 @@ class Segmented(Estimator):
 
     Args:
         segments: Number of segments; at most the number of snapshots after step 0.
-        curvature: ``"ekfac"`` (default) or ``"ggn"`` (exact): functions of the curvature are needed,
-            which EK-FAC's eigenbasis and the GGN's eigendecomposition or Lanczos give. Adam and AdamW
-            runs need ``"ggn"``.
+        curvature: ``"auto"`` (default: ``"ggn"`` for Adam and AdamW runs, which need it, ``"ekfac"`` for
+            SGD runs; logged and in the settings' ``curvature_reason``), ``"ekfac"`` or ``"ggn"`` (exact):
+            functions of the curvature are needed, which EK-FAC's eigenbasis and the GGN's
+            eigendecomposition or Lanczos give.
         solver: How ``"ggn"``'s functions are computed: ``"dense"`` (eigendecomposition, up to 32,768
             parameters), ``"krylov"`` (Lanczos on GGN products, any size; products per run in the
             settings) or ``"auto"`` (the one predicted faster, as for ``Influence``).
@@ -117,7 +119,7 @@ class Segmented(Estimator):
     """
 
     segments: int = 4
-    curvature: SpectralKind = "ekfac"
+    curvature: SpectralSetting = "auto"
     solver: SolverKind = "auto"
     curvature_subset: int | None = None
     modules: tuple[str, ...] | None = None
@@ -125,9 +127,22 @@ class Segmented(Estimator):
     def __post_init__(self) -> None:
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
             raise ValueError(f"segments must be a positive integer, got {self.segments!r}.")
-        check_spectral(self.curvature)
-        check_solver(self.curvature, self.solver, self.curvature_subset)
+        if self.curvature != "auto":
+            check_spectral(self.curvature)
+        check_solver("ggn" if self.curvature == "auto" else self.curvature, self.solver, self.curvature_subset)
         object.__setattr__(self, "modules", check_modules(self.modules))
+
+    def resolve(
+        self, runs: Sequence[Trajectory], num_params: Callable[[], int], num_columns: int | None
+    ) -> tuple["Segmented", str | None]:
+        """For ``curvature="auto"``: ``"ggn"`` if a run trained with Adam or AdamW (whose preconditioner breaks
+        EK-FAC's structure), ``"ekfac"`` for SGD runs; and why."""
+        if self.curvature != "auto":
+            return self, None
+        adam = sorted({run.manifest.optimizer_name for run in runs if run.manifest.optimizer in ("Adam", "AdamW")})
+        if adam:
+            return replace(self, curvature="ggn"), f"runs trained with {', '.join(adam)}: the exact GGN, preconditioned"
+        return replace(self, curvature="ekfac"), "SGD runs: EK-FAC, the cheaper curvature with functions"
 
     def tracked_parameters(self, model: nn.Module, batch: Any) -> list[str]:
         return tracked_parameters(model, self.curvature, self.modules, batch)
