@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from digits_dtda import score
 from docs_tables import invocation, write_table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -28,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_dtda import (
     Attributor,
     Influence,
-    QuerySpearman,
     TrajectoryRecorder,
     leave_one_out_weights,
     load_runs,
@@ -84,12 +84,6 @@ class PaddedClassifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-2)
 
 
-def score(truth, result) -> float:
-    metric = QuerySpearman()
-    metric.update(*truth.table(result, "mean"))
-    return metric.compute().item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4)
@@ -120,10 +114,12 @@ def main() -> None:
             for label, modules in MODULES.items():
                 scores = {
                     curvature: score(
-                        truth,
-                        Attributor(
-                            PaddedClassifier, runs, train, Influence(curvature, modules=modules), progress=False
-                        ).attribute(queries),
+                        *truth.table(
+                            Attributor(
+                                PaddedClassifier, runs, train, Influence(curvature, modules=modules), progress=False
+                            ).attribute(queries),
+                            "mean",
+                        )
                     )
                     for curvature in ("ekfac", "ggn")
                 }
