@@ -138,3 +138,18 @@ def test_the_recorder_does_not_shift_the_random_numbers_training_draws(tmp_path)
         weights.append(model.state_dict())
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=1e-12, atol=1e-12)
+
+
+def test_every_pass_draws_new_views_also_when_lightning_reloads_the_loader(tmp_path):
+    """reload_dataloaders_every_n_epochs makes a new loader (and sampler) each epoch: the run's pass count,
+    not the sampler's, keys the views, so no two epochs repeat them."""
+    data = ReplayableAugmentation(AugmentedDigits(12))
+    datamodule = pl.LightningDataModule.from_datasets(data, batch_size=6)
+    pl.seed_everything(0)
+    recorder = [TrajectoryRecorder(tmp_path / "runs")]
+    trainer(tmp_path, recorder, max_epochs=3, reload_dataloaders_every_n_epochs=1, precision="64-true").fit(
+        WeightedCNN(lr=0.1), datamodule=datamodule
+    )
+    [run] = load_runs(tmp_path / "runs")
+    keys = [step.augmentation[0] for step in run.steps]
+    assert len(set(keys)) == 3  # one key per epoch, all different

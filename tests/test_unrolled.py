@@ -37,6 +37,16 @@ class AdamClassifier(TinyClassifier):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
+class TwoGroupAdam(TinyClassifier):
+    """AdamW with weight decay on the first layer only, as recipes leave biases and norms undecayed."""
+
+    def configure_optimizers(self):
+        first, rest = list(self.net[0].parameters()), list(self.net[2].parameters())
+        return torch.optim.AdamW(
+            [{"params": first, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=0.05
+        )
+
+
 def record(tmp_path, cls, data, seeds=(0,), **hparams):
     for seed in seeds:
         pl.seed_everything(seed)
@@ -233,6 +243,11 @@ def test_replay_refuses_adam_for_segments_and_missing_membership(tmp_path):
     data = classification_data(n=12, dtype=torch.float64)
     queries = classification_data(n=2, seed=1, dtype=torch.float64)
     runs = record(tmp_path / "adam", AdamClassifier, data)
+    with pytest.raises(UnsupportedTrainingError, match="parameter groups differ in learning rate"):
+        runs_groups = record(tmp_path / "groups", TwoGroupAdam, data)
+        Attributor(
+            TwoGroupAdam, runs_groups, data, estimator=Segmented(segments=1, curvature="ggn"), progress=False
+        ).attribute(queries)
     with pytest.raises(UnsupportedTrainingError, match=r"preconditions the curvature.*Segmented\(curvature='ggn'\)"):
         Attributor(
             AdamClassifier, runs, data, estimator=Segmented(segments=1, curvature="ekfac"), progress=False
@@ -686,6 +701,9 @@ def test_attentions_key_bias_moved_by_adam_on_rounding_noise_does_not_fail_the_r
     [run] = load_runs(tmp_path / "runs")
     model = TinyTransformer(dropout=0.1)
     assert functionless_entries(model) == {"layer.self_attn.in_proj_bias": slice(8, 16)}
+    # An extra key without the key bias (add_zero_attn, bias_k) makes the shift uneven: then it counts.
+    assert functionless_entries(torch.nn.MultiheadAttention(8, 2, add_zero_attn=True)) == {}
+    assert functionless_entries(torch.nn.MultiheadAttention(8, 2, add_bias_kv=True)) == {}
     replayed = replay(model, run, data, torch.ones(1, 24))["layer.self_attn.in_proj_bias"][0]
     recorded = run.state_dict()["layer.self_attn.in_proj_bias"]
     key = slice(8, 16)

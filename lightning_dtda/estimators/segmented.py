@@ -59,6 +59,15 @@ def _check_optimizer(run: Trajectory, kind: str) -> None:
             f"Segmented models SGD, Adam and AdamW, whose steps it knows; run {run.name} used "
             f"{run.manifest.optimizer_class}. Use Influence()."
         )
+    if optimizer != "SGD":
+        # One preconditioner model for all parameters: groups that differ in rate, decay or betas are not it.
+        keys = ("lr", "weight_decay", "betas", "eps", "decoupled_weight_decay")
+        groups = {tuple(str(g.get(k)) for k in keys) for g in run.optimizer_groups}
+        if len(groups) > 1:
+            raise UnsupportedTrainingError(
+                f"Segmented models one {optimizer} setting for all parameters; run {run.name}'s parameter groups "
+                "differ in learning rate, weight decay, betas or eps. Use Unrolled() or Influence()."
+            )
     if optimizer != "SGD" and kind != "ggn":
         raise UnsupportedTrainingError(
             f"Segmented on an {optimizer} run preconditions the curvature by Adam's per-entry step sizes, which "
@@ -188,7 +197,8 @@ def segmented_effects(
         report.update(curvature.solver_report or {})
         scale = scales.get(group[-1])
         if scale is not None:  # Adam: functions of S (G + l2) S + decoupled, in the coordinates s = r / S
-            decoupled = run.manifest.optimizer == "AdamW"
+            settings = run.optimizer_groups[0]
+            decoupled = run.manifest.optimizer == "AdamW" or bool(settings.get("decoupled_weight_decay"))
             curvature = PreconditionedGGN(
                 curvature,
                 scale,

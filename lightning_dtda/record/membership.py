@@ -19,6 +19,15 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Itera
 from lightning_dtda.runs.augmentation import KeyedIndex, ReplayableAugmentation, find_augmentation, pass_key
 
 
+class PassCount:
+    """The passes over the data a run's samplers have begun, over every loader (Lightning makes a new one
+    with ``reload_dataloaders_every_n_epochs``) and across a resume: each pass's augmentation key is a
+    function of it, so no two passes of a run draw the same views."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 class RecordingSampler(Sampler[int]):
     """Passes a sampler's indices through unchanged and remembers those of the current pass.
 
@@ -29,9 +38,10 @@ class RecordingSampler(Sampler[int]):
     and each index goes out as a ``KeyedIndex`` with the pass's augmentation ``key``.
     """
 
-    def __init__(self, sampler: Sampler[int], keyed: bool = False) -> None:
+    def __init__(self, sampler: Sampler[int], keyed: bool = False, run_passes: PassCount | None = None) -> None:
         self.sampler = sampler
         self.keyed = keyed
+        self.run_passes = run_passes or PassCount()
         self.drawn: list[int] = []
         self.passes = 0
         self.key: int | None = None
@@ -39,7 +49,8 @@ class RecordingSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         self.drawn = []
         self.passes += 1
-        self.key = key = pass_key(self.passes) if self.keyed else None
+        self.run_passes.value += 1
+        self.key = key = pass_key(self.run_passes.value) if self.keyed else None
         # Chunks, not one index at a time: a Python step per index cost the recorder 2% of training.
         indices = iter(self.sampler)
         while chunk := list(itertools.islice(indices, 256)):
@@ -76,7 +87,7 @@ class RecordingSampler(Sampler[int]):
         return getattr(self.sampler, name)
 
 
-def wrap_loader(loader: Any) -> DataLoader:
+def wrap_loader(loader: Any, run_passes: PassCount | None = None) -> DataLoader:
     """Put a ``RecordingSampler`` into ``loader``'s batch sampler (once: a wrapped loader is kept)."""
     if not isinstance(loader, DataLoader):
         raise RuntimeError(
@@ -105,14 +116,16 @@ def wrap_loader(loader: Any) -> DataLoader:
             "ReplayableAugmentation the DataLoader's dataset itself: wrap the outermost dataset."
         )
     if not isinstance(batch_sampler.sampler, RecordingSampler):
-        batch_sampler.sampler = RecordingSampler(batch_sampler.sampler)
+        batch_sampler.sampler = RecordingSampler(batch_sampler.sampler, run_passes=run_passes)
+    elif run_passes is not None:  # a loader reused from an earlier fit: count this run's passes
+        batch_sampler.sampler.run_passes = run_passes
     batch_sampler.sampler.keyed = keyed
     return loader
 
 
-def _recorded(make_loader: Any) -> Any:
+def _recorded(make_loader: Any, run_passes: PassCount) -> Any:
     def recorded_loader() -> Any:
-        return wrap_loader(make_loader())
+        return wrap_loader(make_loader(), run_passes)
 
     recorded_loader.__dtda_recording__ = True  # type: ignore[attr-defined]
     return recorded_loader
@@ -134,6 +147,7 @@ class BatchMembership:
         self._position = 0
         self._micro_batches: list[list[int]] = []
         self._keys: list[int | None] = []
+        self.passes = PassCount()
 
     def install(self, trainer: pl.Trainer) -> None:
         """Make the train loader record from its first iteration on (single process)."""
@@ -144,7 +158,7 @@ class BatchMembership:
         source = trainer.fit_loop._data_source
         instance = source.instance
         if not isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
-            wrap_loader(instance)
+            wrap_loader(instance, self.passes)
             return
         make_loader = getattr(instance, source.name)
         if getattr(make_loader, "__dtda_recording__", False):  # another recorder of this Trainer did it
@@ -152,7 +166,7 @@ class BatchMembership:
         # ``LightningDataModule.from_datasets`` sets the method as an instance attribute: put back exactly that.
         own = source.name in vars(instance)
         self._patched = (instance, source.name, own, vars(instance).get(source.name))
-        setattr(instance, source.name, _recorded(make_loader))
+        setattr(instance, source.name, _recorded(make_loader, self.passes))
 
     def uninstall(self) -> None:
         if self._patched is not None:
@@ -168,7 +182,7 @@ class BatchMembership:
         loader = trainer.train_dataloader
         if trainer.world_size > 1:
             # Lightning replaced the loader by one with a DistributedSampler after the source made it.
-            wrap_loader(loader)
+            wrap_loader(loader, self.passes)
         sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
         if not isinstance(sampler, RecordingSampler):
             raise RuntimeError(
@@ -213,8 +227,9 @@ class BatchMembership:
             # Ranks draw equal-sized batches; all_gather is a collective, so every rank calls it.
             gathered = trainer.strategy.all_gather(torch.tensor([int(i) for i in indices], device=device))
             self._micro_batches.extend(gathered.reshape(trainer.world_size, -1).tolist())
-            # Every rank's sampler derives its keys from the same seed (seed_everything's).
-            self._keys.extend([sampler.key] * trainer.world_size)
+            # Each rank's own key (ranks may be seeded differently); -1: none.
+            key = torch.tensor(-1 if sampler.key is None else sampler.key, device=device)
+            self._keys.extend(k if k >= 0 else None for k in trainer.strategy.all_gather(key).reshape(-1).tolist())
         else:
             self._micro_batches.append(indices)
             self._keys.append(sampler.key)

@@ -265,13 +265,14 @@ class TrajectoryRecorder(Callback):
     ) -> None:
         # Schedulers step after the optimizer step, so the rate (and momentum) read before any
         # micro-batch of a step is the one that step uses.
-        if self.writer.failed is not None:
-            return
         self._step_settings = [{"lr": g["lr"], **scheduled_settings(g)} for g in trainer.optimizers[0].param_groups]
         try:
+            # Also once recording stopped: under DDP this is a collective every rank must join, and only rank
+            # zero's writer knows that a file could not be written.
             self.membership.on_batch_start(trainer, batch, batch_idx, pl_module.device)
         except RuntimeError as err:  # the run cannot be recorded faithfully from here on: stop, keep training
             self.writer.abandon(str(err), _REPORT)
+        if self.writer.failed is not None:
             return
         if not self._hooks_checked:
             self._hooks_checked = True
@@ -290,6 +291,7 @@ class TrajectoryRecorder(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.writer.failed is not None:
+            self.membership.take_step()  # nothing is recorded any more: do not keep the indices
             return
         # Keep a generator's state only if this micro-batch drew from it (~5 KB for the CPU's, 16 bytes for CUDA's).
         now = _rng_states(pl_module.device)
@@ -366,9 +368,11 @@ class TrajectoryRecorder(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.writer.state_dict(), "best_path": self._best_path}
+        return {**self.writer.state_dict(), "best_path": self._best_path, "passes": self.membership.passes.value}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resuming = self.writer.load_state_dict(state_dict)
         self._best_path = state_dict.get("best_path", "")
+        # A resumed run's augmentation keys continue from its passes over the data, not from the first.
+        self.membership.passes.value = state_dict.get("passes", 0)
