@@ -50,7 +50,9 @@ def _update(h: "hashlib._Hash", item: Any) -> None:
 def _seeded(seed: int) -> Iterator[None]:
     python, numpy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The CPU generator only: torch.manual_seed would reseed CUDA's too, which fork_rng(devices=[])
+        # does not put back (a keyed read on a GPU run would reset its dropout stream).
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
