@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from digits_dtda import score
 from docs_tables import invocation, write_table
+from models import QUIET
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -99,15 +100,9 @@ def main() -> None:
             runs_dir = Path(folder) / "runs"
             for seed in range(args.seeds):
                 pl.seed_everything(seed)
-                pl.Trainer(
-                    max_epochs=15,
-                    accelerator="cpu",
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    callbacks=[TrajectoryRecorder(runs_dir)],
-                ).fit(PaddedClassifier(), DataLoader(train, batch_size=16, shuffle=True))
+                pl.Trainer(max_epochs=15, callbacks=[TrajectoryRecorder(runs_dir)], **QUIET).fit(
+                    PaddedClassifier(), DataLoader(train, batch_size=16, shuffle=True)
+                )
             runs = load_runs(runs_dir)
             removed = torch.arange(0, len(train), 4)
             truth = retrain(PaddedClassifier, runs, train, queries, leave_one_out_weights(len(train), removed))

@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from docs_tables import invocation, scientific, write_table
-from models import AdamMLP, DigitsCNN, DigitsMLP, benchmark_data
+from models import QUIET, AdamMLP, DigitsCNN, DigitsMLP, benchmark_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -150,15 +150,7 @@ def prepare_task(
         "adam": (AdamMLP, AdamMLP, {}),
         "regression": (DiabetesMLP, DiabetesMLP, {}),
     }[model]
-    settings = dict(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
+    settings = dict(max_epochs=epochs, **QUIET, **trainer_kwargs)
     loader = DataLoader(train, batch_size=32, shuffle=True)
     train_seeds(make_module, loader, runs_dir, range(truth_seeds), **settings)
     if truth_seeds > already:

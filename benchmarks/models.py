@@ -20,6 +20,12 @@ from lightning_dtda import Trajectory, TrajectoryRecorder
 # -- The digits MLP of examples/digits.py ------------------------------------------------------------------
 
 
+# Trainer settings for a benchmark's training runs: CPU, nothing logged, checkpointed or drawn.
+QUIET = dict(
+    accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+)
+
+
 class DigitsMLP(pl.LightningModule):
     def __init__(self, hidden: int = 64, lr: float = 0.03, momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
         super().__init__()
@@ -178,15 +184,9 @@ def record_speed_run(setting: str, root: Path) -> Path:
     runs = root / cls.__name__
     if not runs.exists():
         pl.seed_everything(0)
-        pl.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[TrajectoryRecorder(runs)],
-        ).fit(cls(), DataLoader(speed_data(setting)[0], batch_size=32, shuffle=True))
+        pl.Trainer(max_epochs=epochs, callbacks=[TrajectoryRecorder(runs)], **QUIET).fit(
+            cls(), DataLoader(speed_data(setting)[0], batch_size=32, shuffle=True)
+        )
     return runs
 
 
