@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +12,11 @@ from torch import Tensor, nn
 
 from lightning_dtda.errors import ReplayMismatchError
 from lightning_dtda.replay.engine import Replay
+from lightning_dtda.runs.format import Step
 from lightning_dtda.runs.trajectory import Trajectory
+
+# Replay.advance's signature: (params, state, weights [M, N], steps, progress) -> (params, state).
+Advance = Callable[[list[Tensor], dict[str, Any], Tensor, Sequence[Step], bool], tuple[list[Tensor], dict[str, Any]]]
 
 # The replay must land on the recorded weights; a larger gap means it is not the same run.
 _REPLAY_TOLERANCE = 1e-4
@@ -180,12 +185,21 @@ def rounding_drift(replay: Replay, step: int) -> dict[str, float]:
 
 
 def replay_checked(
-    replay: Replay, weights: Tensor, progress: bool = False, keep_checkpoints: bool = False, strict: bool = False
+    replay: Replay,
+    weights: Tensor,
+    progress: bool = False,
+    keep_checkpoints: bool = False,
+    strict: bool = False,
+    advance: Advance | None = None,
 ) -> tuple[list[Tensor], dict[str, Any], list[tuple[list[Tensor], dict[str, Any]]]]:
     """The whole run replayed once per row of ``weights [M, N]`` (no gradients), snapshot interval by
     interval, with row 0, which must be the recorded run (all ones), checked against the recorded
     weights by ``check_replay`` at every snapshot: raising before unrolling's long pass, except at the
     last snapshot, where only ``strict`` raises (see ``check_replay``); ``replay.gap`` is then the last gap.
+
+    Args:
+        advance: Advances one interval, as ``Replay.advance`` (the default, without gradients) and with its
+            arguments; unrolling's keeps the interval's autograd graph for its reverse pass.
 
     Returns:
         The final parameters and state (as ``Replay.advance``), and with ``keep_checkpoints`` the parameters
@@ -204,7 +218,7 @@ def replay_checked(
             for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
                 if keep_checkpoints:
                     checkpoints.append((params, state))
-                params, state = replay.advance(params, state, weights, run.steps[a:b], progress)
+                params, state = (advance or replay.advance)(params, state, weights, run.steps[a:b], progress)
                 # Every snapshot: one that misses raises before unrolling's long reverse pass, and the
                 # last one only warns unless strict (see check_replay).
                 replay.gap = check_replay(run, replay, params, state, index, strict)
