@@ -157,7 +157,7 @@ class Replay:
                     f"Run {run.name}'s scheduler {name} changes the momentum during training, and the run was recorded "
                     "by a version that did not record momentum per step. Record it again with this version."
                 )
-        # Only CPU dropout needs its masks drawn as outside vmap (see _EagerDropoutMasks).
+        # Only CPU dropout needs its masks drawn as outside vmap and grad (see _EagerDropoutMasks).
         self.eager_masks = self.device.type == "cpu" and any(
             states for step in run.steps for states in (step.rng or ())
         )
@@ -202,7 +202,8 @@ class Replay:
             )
 
         # Every weighting draws the same random numbers (dropout masks): those of the recorded run.
-        self._batched_grad = vmap(grad(weighted_loss, has_aux=True), in_dims=(0, 0, 0, None), randomness="same")
+        self._grad = grad(weighted_loss, has_aux=True)
+        self._batched_grad = vmap(self._grad, in_dims=(0, 0, 0, None), randomness="same")
 
     def initial(self, num_models: int) -> tuple[list[Tensor], dict[str, Any]]:
         """The step-0 parameters ``[M, *shape]`` and the initial state: the optimizer's, and the
@@ -225,6 +226,9 @@ class Replay:
         buffers = state.pop("running_stats")
         devices = [device] if device.type == "cuda" else []
         # The replay sets the generators to the run's states; the caller's sequence resumes afterwards.
+        # One weighting (unrolling, segments, the replay check) is not vmapped: its forward and graph cost half as
+        # much. (Its random ops still need eager masks: under grad's wrappers empty_like is contiguous too.)
+        single = len(weights) == 1
         with torch.random.fork_rng(devices=devices), _train_mode(self.model, self._collected, self.eager_masks):
             for step in tqdm(steps, desc=f"replaying {self.run.name}", disable=not progress, leave=False):
                 grads: list[Tensor] | None = None
@@ -233,7 +237,12 @@ class Replay:
                     items = [self.train_data[i if key is None else KeyedIndex(i, key)] for i in indices.tolist()]
                     batch = move_data_to_device(default_collate(items), device)
                     _restore_random_states(step, k, device)
-                    g, (buffers, loss) = self._batched_grad(params, buffers, weights[:, indices], batch)
+                    w = weights[:, indices]
+                    if single:
+                        g, (buffers, loss) = self._grad([p[0] for p in params], [b[0] for b in buffers], w[0], batch)
+                        g, buffers, loss = [t[None] for t in g], [b[None] for b in buffers], loss[None]
+                    else:
+                        g, (buffers, loss) = self._batched_grad(params, buffers, w, batch)
                     if self.traced_losses is not None:
                         self.traced_losses.append(loss[0].detach())
                     grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
