@@ -1,4 +1,4 @@
-"""Speed and peak memory of this project's EK-FAC attribution next to kronfluence's, and the recorder's overhead.
+"""Speed and peak memory of this project's EK-FAC attribution next to kronfluence's.
 
     pip install -e ".[bench]"      # kronfluence, a benchmark-only dependency
     python benchmarks/speed.py
@@ -10,9 +10,8 @@ factors and scoring every (query, train) pair; memory is how far each raised the
 RSS. On the CNN the exact GGN solved by block conjugate gradients (``Influence(curvature="ggn",
 solver="krylov")``, its products on a random subset of ``GGN_SUBSET`` training images) runs the same
 way, with and without its Nystrom preconditioner, with its time as ratios to both EK-FACs and its
-breakdown (products, seconds per product). The
-recorder's overhead is the ratio of Lightning training time with and without it (digits
-example: 20 epochs, a snapshot every epoch), alternated and repeated in one process.
+breakdown (products, seconds per product). The recorder's overhead is measured by
+``recorder_overhead.py``.
 """
 
 from __future__ import annotations
@@ -22,18 +21,15 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from docs_tables import write_table
-from models import GGN_SUBSET, SPEED_SETTINGS, DigitsMLP, final_model, record_speed_run, speed_data
-from torch.utils.data import DataLoader
+from models import GGN_SUBSET, SPEED_SETTINGS, final_model, record_speed_run, speed_data
 
-from lightning_dtda import Attributor, Influence, TrajectoryRecorder, load_runs
+from lightning_dtda import Attributor, Influence, load_runs
 
 BATCH = 128
 
@@ -119,45 +115,6 @@ def child(tool: str, setting: str, runs: Path, damping: float, out: Path) -> Non
     print(json.dumps({"seconds": seconds, "peak_mib": peak, **report}))
 
 
-def recorder_overhead(repeats: int = 41) -> tuple[float, float, float, float]:
-    """Training time with the recorder over training time without it: the quartiles over ``repeats``
-    pairs, and the ratio of the fastest run with it to the fastest without.
-
-    Each pair trains the same seed twice, in alternating order, after one unmeasured warm-up pair; the
-    pair's ratio cancels the slow drifts of a shared machine that make single timings vary by 20%, and
-    the fastest runs are the least disturbed (interference only ever slows a run down).
-    """
-    train_set, _ = speed_data("mlp")
-    ratios, fastest = [], {True: float("inf"), False: float("inf")}
-    with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(repeats + 1):
-            seconds = {}
-            for record in (False, True) if repeat % 2 else (True, False):
-                pl.seed_everything(repeat, verbose=False)
-                callbacks = [TrajectoryRecorder(Path(tmp) / f"r{repeat}")] if record else []
-                trainer = pl.Trainer(
-                    max_epochs=20,
-                    accelerator="cpu",
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    callbacks=callbacks,
-                )
-                start = time.perf_counter()
-                trainer.fit(DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True))
-                seconds[record] = time.perf_counter() - start
-            if repeat > 0:
-                ratios.append(seconds[True] / seconds[False])
-                fastest = {k: min(fastest[k], seconds[k]) for k in fastest}
-    q1, median, q3 = (
-        torch.tensor(ratios, dtype=torch.float64)
-        .quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-        .tolist()
-    )
-    return q1, median, q3, fastest[True] / fastest[False]
-
-
 def pearson(root: Path, first: str, second: str, setting: str) -> float:
     a, b = torch.load(root / f"{first}_{setting}.pt"), torch.load(root / f"{second}_{setting}.pt")
     return torch.corrcoef(torch.stack([a.flatten(), b.flatten().to(a)]))[0, 1].item()
@@ -222,11 +179,6 @@ def main() -> None:
             f"{g['seconds'] - g['cg_seconds']:.1f} s for the query and training gradients; "
             f"Pearson with our EK-FAC {pearson(root, tool, 'ours', 'cnn'):.3f}"
         )
-    q1, median, q3, fastest = recorder_overhead()
-    print(
-        f"\nrecorder overhead on the digits example (with / without, median of 41 pairs): {median:.3f}x "
-        f"(quartiles {q1:.3f}-{q3:.3f}); fastest with / fastest without: {fastest:.3f}x"
-    )
 
 
 if __name__ == "__main__":

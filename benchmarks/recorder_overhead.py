@@ -1,0 +1,113 @@
+"""What the recorder costs training: paired ratios of training time with and without it, and where it goes.
+
+    python benchmarks/recorder_overhead.py    # ~2 min on 2 CPU cores; run it alone on the machine
+
+The digits example (1,000 examples, batch 32, 20 epochs = 640 steps, a snapshot every epoch, membership
+on) is trained ``PAIRS`` times with and ``PAIRS`` times without the recorder, the same seed back to back in
+alternating order after one unmeasured warm-up pair. Each pair's ratio cancels the slow drifts of a shared
+machine that make single timings vary by 20%; the median of the ratios and its quartiles are printed, and
+the ratio of the fastest run with the recorder to the fastest without (interference only ever slows a run
+down). Then one more recorded run with every recorder hook timed: milliseconds per step, per snapshot and
+at the start, and their share of that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from docs_tables import write_table
+from models import QUIET, DigitsMLP, speed_data
+from torch.utils.data import DataLoader
+
+from lightning_dtda import TrajectoryRecorder
+
+PAIRS = 41
+EPOCHS = 20
+
+
+def fit(train_set, recorder: TrajectoryRecorder | None, seed: int) -> float:
+    """Seconds of one ``Trainer.fit`` of the digits MLP (seed ``seed``), with ``recorder`` if given."""
+    pl.seed_everything(seed, verbose=False)
+    trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[recorder] if recorder else [], **QUIET)
+    model, loader = DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True)
+    start = time.perf_counter()
+    trainer.fit(model, loader)
+    return time.perf_counter() - start
+
+
+def paired_ratios(train_set, folder: Path) -> tuple[list[float], dict[bool, float]]:
+    """``PAIRS`` ratios (with / without the recorder) and the fastest run of each kind."""
+    ratios, fastest = [], {True: float("inf"), False: float("inf")}
+    for pair in range(PAIRS + 1):
+        seconds = {}
+        for record in (False, True) if pair % 2 else (True, False):
+            seconds[record] = fit(train_set, TrajectoryRecorder(folder / f"p{pair}") if record else None, pair)
+        if pair > 0:  # the first pair warms up
+            ratios.append(seconds[True] / seconds[False])
+            fastest = {k: min(fastest[k], seconds[k]) for k in fastest}
+    return ratios, fastest
+
+
+class TimedRecorder(TrajectoryRecorder):
+    """The recorder with the seconds spent in each of its hooks added up in ``spent``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spent: collections.Counter[str] = collections.Counter()
+        for name in ("on_train_start", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end"):
+            setattr(self, name, self._timed(name, getattr(self, name)))
+
+    def _timed(self, name, hook):
+        @functools.wraps(hook)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.spent[name] += time.perf_counter() - start
+
+        return timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--write-docs", action="store_true", help="rewrite the table in docs/benchmarks/recorder_overhead.md"
+    )
+    args = parser.parse_args()
+    train_set, _ = speed_data("mlp")
+    with tempfile.TemporaryDirectory() as tmp:
+        ratios, fastest = paired_ratios(train_set, Path(tmp))
+        timed = TimedRecorder(Path(tmp) / "timed")
+        total = fit(train_set, timed, 0)
+    q1, median, q3 = torch.tensor(ratios, dtype=torch.float64).quantile(
+        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    )
+    steps, snapshots = EPOCHS * 32, EPOCHS
+    spent = timed.spent
+    per_step = spent["on_train_batch_start"] + spent["on_train_batch_end"]
+    in_hooks = sum(spent.values())
+    lines = [
+        "| pairs | median ratio | quartiles | fastest with / fastest without | recorder hooks, ms a step | "
+        "ms a snapshot | ms at start | hooks' share of a recorded run |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {PAIRS} | {median:.3f} | {q1:.3f}-{q3:.3f} | {fastest[True] / fastest[False]:.3f} | "
+        f"{per_step / steps * 1e3:.3f} | {spent['on_train_epoch_end'] / snapshots * 1e3:.2f} | "
+        f"{spent['on_train_start'] * 1e3:.1f} | {in_hooks / total:.1%} |",
+    ]
+    print("\n".join(lines))
+    print(f"(ratios: min {min(ratios):.3f}, max {max(ratios):.3f}, stdev {statistics.stdev(ratios):.3f})")
+    if args.write_docs:
+        write_table("recorder_overhead", "main", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
