@@ -34,21 +34,30 @@ from lightning_dtda import Attributor, Influence, load_runs
 BATCH = 128
 
 
-def run_ours(setting: str, runs: Path, damping: float, curvature: str = "ekfac") -> tuple[torch.Tensor, dict]:
+def run_ours(
+    setting: str,
+    runs: Path,
+    damping: float,
+    curvature: str = "ekfac",
+    device: str = "cpu",
+    subset: int | None = GGN_SUBSET,
+) -> tuple[torch.Tensor, dict]:
+    """Our EK-FAC (``curvature="ekfac"``) or exact GGN by block CG with its products on ``subset`` training
+    examples (``None``: all): the effects and the run's settings."""
     cls, _ = SPEED_SETTINGS[setting]
     train_set, queries = speed_data(setting)
     estimator = (
         Influence(curvature="ekfac", damping=damping)
         if curvature == "ekfac"
-        else Influence(curvature="ggn", damping=damping, solver="krylov", curvature_subset=GGN_SUBSET)
+        else Influence(curvature="ggn", damping=damping, solver="krylov", curvature_subset=subset)
     )
     result = Attributor(
-        cls, runs, train_set, estimator=estimator, batch_size=BATCH, device="cpu", progress=False
+        cls, runs, train_set, estimator=estimator, batch_size=BATCH, device=device, progress=False
     ).attribute(queries)
     return result.effects[0], result.settings["per_run"][0]
 
 
-def run_kronfluence(setting: str, runs: Path, damping: float, out: Path) -> torch.Tensor:
+def run_kronfluence(setting: str, runs: Path, damping: float, out: Path, device: str = "cpu") -> torch.Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -70,7 +79,9 @@ def run_kronfluence(setting: str, runs: Path, damping: float, out: Path) -> torc
     [run] = load_runs(runs)
     model = prepare_model(final_model(cls, run), Classification())
     train_set, queries = speed_data(setting)
-    analyzer = Analyzer(f"speed_{setting}", model, Classification(), cpu=True, disable_tqdm=True, output_dir=str(out))
+    analyzer = Analyzer(
+        f"speed_{setting}", model, Classification(), cpu=device == "cpu", disable_tqdm=True, output_dir=str(out)
+    )
     analyzer.fit_all_factors(
         "ekfac",
         train_set,
