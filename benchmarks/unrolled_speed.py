@@ -4,7 +4,8 @@
 
 For the public benchmark's MLP and CNN (``digits_dtda.py``: 500 digits, batch 32, 20 epochs = 320
 steps, snapshots every epoch), one seed is trained with Lightning and the recorder, then unrolled
-for 1 and for Q queries; each is timed three times, interleaved, and the medians printed. Printed per
+for 1 and for Q queries; training, the forward replay and unrolling are each timed three times,
+interleaved, and the medians printed (collating once). Printed per
 model: training seconds; unrolled seconds and their ratio to training; and the breakdown: collating the
 recorded batches (data and Python work per step), the checked forward replay that keeps each snapshot
 interval's autograd graph (within Unrolled's memory budget), the reverse pass for one query (carrying

@@ -95,9 +95,13 @@ def retrain(
             if i == 0:  # row 0 is the recorded run: the replay is checked against its snapshots, as unrolling's is
                 params, state, _ = replay_checked(replayer, rows[:models_per_pass], progress, strict=True)
                 replayed = replayer.named(params, state)
+                chunks.append(measure(model, replayed, query_data))
+            elif i + 1 == len(rows) and models_per_pass > 1:
+                # One row alone would take the replay's unvmapped path, which rounds differently from the
+                # base row's vmapped one: replayed beside the previous row, every effect has the same rounding.
+                chunks.append(measure(model, replayer.final(rows[i - 1 :], progress), query_data)[1:])
             else:
-                replayed = replayer.final(rows[i : i + models_per_pass], progress)
-            chunks.append(measure(model, replayed, query_data))
+                chunks.append(measure(model, replayer.final(rows[i : i + models_per_pass], progress), query_data))
         measured = torch.cat(chunks).cpu()
         base.append(measured[0])
         retrained.append(measured[1:].T)

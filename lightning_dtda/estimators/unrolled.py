@@ -6,9 +6,10 @@ changes it, to first order, by ``-dm/dw_n``. One reverse-mode pass (an adjoint c
 ``dm/dtheta_T`` back through every replayed optimizer step) gives ``dm/dw`` for *all* examples at
 once; the ``Q`` queries' adjoints travel together as a batch.
 
-Memory: the forward replay keeps the parameters and optimizer state only at the recorded
-snapshots; the backward pass recomputes one snapshot interval at a time with autograd, so memory
-is bounded by the interval, not the run's length (gradient checkpointing).
+Memory: the forward replay keeps the parameters and optimizer state at the recorded snapshots and the
+autograd graphs of the last snapshot intervals that fit in ``_GRAPH_BUDGET`` bytes of saved tensors
+(each measured); the reverse pass recomputes the other intervals one at a time with autograd, so memory
+is bounded by the budget and one interval, not the run's length (gradient checkpointing).
 
 ``relu_smoothing`` blurs ReLU's kink in the replay's second derivatives; see ``relu``.
 """
@@ -111,7 +112,7 @@ class Unrolled(Estimator):
 
 # Bytes of autograd graphs the forward replay keeps for the reverse pass, which would otherwise compute each
 # snapshot interval again (about one more replay: on the digits_dtda.py models a whole run's graphs take
-# 8 MB for the MLP, 190 MB for the CNN).
+# 8 MB for the MLP, 190 MB for the CNN). Building a graph costs no more than a replay without one.
 _GRAPH_BUDGET = 2 * 2**30
 
 
@@ -131,7 +132,8 @@ def _graph(
 
 
 def _saved_bytes(outputs: list[Tensor]) -> int:
-    """Bytes of the tensors the autograd graph behind ``outputs`` saves for its backward (each storage once)."""
+    """Bytes of the tensors the autograd graph behind ``outputs`` saves for its backward (each storage once):
+    built-in nodes' ``_saved_*`` attributes and custom ``autograd.Function`` nodes' ``saved_tensors``."""
     storages: set[int] = set()
     total, seen = 0, set()
     stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
@@ -140,44 +142,46 @@ def _saved_bytes(outputs: list[Tensor]) -> int:
         if node in seen:
             continue
         seen.add(node)
-        for name in dir(node):
-            if name.startswith("_saved_"):
-                saved = getattr(node, name)
-                for t in saved if isinstance(saved, (tuple, list)) else (saved,):
-                    if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in storages:
-                        storages.add(t.untyped_storage().data_ptr())
-                        total += t.untyped_storage().nbytes()
+        names = _SAVED_NAMES.get(type(node))
+        if names is None:  # dir() is most of a walk's cost: once per node type
+            names = _SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_saved_")]
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                names.append("saved_tensors")
+        for name in names:
+            saved = getattr(node, name)
+            for t in saved if isinstance(saved, (tuple, list)) else (saved,):
+                if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in storages:
+                    storages.add(t.untyped_storage().data_ptr())
+                    total += t.untyped_storage().nbytes()
         stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
     return total
 
 
+_SAVED_NAMES: dict[type, list[str]] = {}
+
+
 class _IntervalGraphs:
     """The checked forward replay's ``advance`` (see ``replay_checked``) that keeps the autograd graphs of the
-    run's last snapshot intervals, as many as fit in ``budget`` bytes (measured on the first interval), so the
-    reverse pass need not replay them again. ``kept`` holds them by interval (outputs, inputs)."""
+    run's last snapshot intervals, so the reverse pass need not replay them again: every interval's graph is
+    built and measured, and the oldest kept ones are dropped while the kept graphs pass ``budget`` bytes.
+    ``kept`` holds them by interval (outputs, inputs)."""
 
     def __init__(self, replay: Replay, budget: int) -> None:
         self.replay = replay
         self.budget = budget
         self.kept: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        self.remaining = len(replay.run.steps)  # steps from the interval being advanced to the end
-        self.step_bytes: float | None = None
+        self.sizes: dict[int, int] = {}  # bytes of each kept graph
         self.index = 0
-        self.kept_count = 0
 
     def advance(
         self, params: list[Tensor], state: dict[str, Any], weights: Tensor, steps: Sequence[Step], progress: bool
     ) -> tuple[list[Tensor], dict[str, Any]]:
-        index, remaining = self.index, self.remaining
-        self.index, self.remaining = index + 1, remaining - len(steps)
-        if self.step_bytes is not None and self.step_bytes * remaining > self.budget:
-            return self.replay.advance(params, state, weights, steps, progress)
+        index, self.index = self.index, self.index + 1
         p_out, s_out, outputs, inputs = _graph(self.replay, params, state, weights, steps)
-        if self.step_bytes is None:
-            self.step_bytes = _saved_bytes(outputs) / max(len(steps), 1)
-        if self.step_bytes * remaining <= self.budget:
-            self.kept[index] = (outputs, inputs)
-            self.kept_count += 1
+        self.kept[index], self.sizes[index] = (outputs, inputs), _saved_bytes(outputs)
+        while sum(self.sizes.values()) > self.budget:
+            oldest = min(self.sizes)
+            del self.kept[oldest], self.sizes[oldest]
         return p_out, s_out
 
 
@@ -187,7 +191,8 @@ def _vjp(outputs: list[Tensor], inputs: list[Tensor]) -> Callable[[list[Tensor]]
     the digits CNN, 50 queries)."""
 
     def product(cotangents: list[Tensor]) -> tuple[Tensor, ...]:
-        return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, materialize_grads=True)
+        # vmap runs this once for all cotangents: the graph need not outlive it.
+        return torch.autograd.grad(outputs, inputs, cotangents, materialize_grads=True)
 
     return product
 
@@ -219,7 +224,11 @@ def unrolled_effects(
     dtype = replay.start[0].dtype
     ones = torch.ones(1, num_train, dtype=dtype, device=replay.device)
     graphs = _IntervalGraphs(replay, _GRAPH_BUDGET)
-    params, state, checkpoints = replay_checked(replay, ones, keep_checkpoints=True, advance=graphs.advance)
+    try:
+        params, state, checkpoints = replay_checked(replay, ones, keep_checkpoints=True, advance=graphs.advance)
+    except BaseException:
+        graphs.kept.clear()  # a traceback kept alive (a notebook's) must not hold the graphs
+        raise
     device = params[0].device
 
     # Adjoints: one row per query for each parameter and each state tensor. The optimizer's final
