@@ -155,11 +155,14 @@ def prepare_task(
     train_seeds(make_module, loader, runs_dir, range(truth_seeds), **settings)
     if truth_seeds > already:
         seconds_per_seed = (time.perf_counter() - start) / (truth_seeds - already)
-    else:  # all cached: time one seed now, so the cost column divides by a training timed in this process
+    else:  # all cached: time seeds now, so the cost column divides by a training timed in this process
+        times = []
         with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            train_seeds(make_module, loader, folder, [0], **settings)
-            seconds_per_seed = time.perf_counter() - start
+            for seed in range(3):  # the median of three: one timing moved the column by 50% between reruns
+                start = time.perf_counter()
+                train_seeds(make_module, loader, folder, [seed], **settings)
+                times.append(time.perf_counter() - start)
+        seconds_per_seed = sorted(times)[1]
     runs = load_runs(runs_dir)[:truth_seeds]
 
     removed = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:examples]
