@@ -97,8 +97,8 @@ def retrain(
                 replayed = replayer.named(params, state)
                 chunks.append(measure(model, replayed, query_data))
             elif i + 1 == len(rows) and models_per_pass > 1:
-                # One row alone would take the replay's unvmapped path, which rounds differently from the
-                # base row's vmapped one: replayed beside the previous row, every effect has the same rounding.
+                # One row alone rounds unlike the base row's chunk (unvmapped, and even vmapped a batch of one
+                # takes other kernels): replayed beside the previous row, every effect has the same rounding.
                 chunks.append(measure(model, replayer.final(rows[i - 1 :], progress), query_data)[1:])
             else:
                 chunks.append(measure(model, replayer.final(rows[i : i + models_per_pass], progress), query_data))

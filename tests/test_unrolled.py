@@ -154,20 +154,26 @@ def test_segmented_under_adam_with_one_segment_equals_the_preconditioned_closed_
     assert relative_error(result.effects[0], expected) < 1e-6
 
 
-def test_more_segments_approach_unrolling_under_adam(tmp_path):
-    data = classification_data(n=20, dtype=torch.float64)
-    queries = classification_data(n=3, seed=1, dtype=torch.float64)
-    runs = record(tmp_path, AdamWClassifier, data, hidden=5, lr=0.05, weight_decay=1e-2)
-    exact = Attributor(AdamWClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries).effects
+def segment_errors(cls, runs, data, queries):
+    """Unrolled effects, and the relative errors of exact-GGN Segmented with 1 and 2 segments against them."""
+    exact = Attributor(cls, runs, data, estimator=Unrolled(), progress=False).attribute(queries).effects
     errors = [
         relative_error(
-            Attributor(AdamWClassifier, runs, data, estimator=Segmented(segments=k, curvature="ggn"), progress=False)
+            Attributor(cls, runs, data, estimator=Segmented(segments=k, curvature="ggn"), progress=False)
             .attribute(queries)
             .effects,
             exact,
         )
         for k in (1, 2)
     ]
+    return exact, errors
+
+
+def test_more_segments_approach_unrolling_under_adam(tmp_path):
+    data = classification_data(n=20, dtype=torch.float64)
+    queries = classification_data(n=3, seed=1, dtype=torch.float64)
+    runs = record(tmp_path, AdamWClassifier, data, hidden=5, lr=0.05, weight_decay=1e-2)
+    exact, errors = segment_errors(AdamWClassifier, runs, data, queries)
     assert errors[1] < errors[0] < 1.0, errors
     # Without a curvature, Segmented takes the exact GGN on an Adam run (EK-FAC would be refused), and says so.
     default = Attributor(AdamWClassifier, runs, data, estimator=Segmented(segments=2), progress=False).attribute(
@@ -181,16 +187,7 @@ def test_more_segments_approach_unrolling(tmp_path):
     data = classification_data(n=20, dtype=torch.float64)
     queries = classification_data(n=3, seed=1, dtype=torch.float64)
     runs = record(tmp_path, TinyClassifier, data, hidden=5, lr=0.2, momentum=0.5)
-    exact = Attributor(TinyClassifier, runs, data, estimator=Unrolled(), progress=False).attribute(queries).effects
-    errors = [
-        relative_error(
-            Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=k, curvature="ggn"), progress=False)
-            .attribute(queries)
-            .effects,
-            exact,
-        )
-        for k in (1, 2)
-    ]
+    exact, errors = segment_errors(TinyClassifier, runs, data, queries)
     assert errors[1] < errors[0] < 1.0
     default = Attributor(TinyClassifier, runs, data, estimator=Segmented(segments=2), progress=False).attribute(queries)
     assert default.settings["curvature"] == "ekfac" and "SGD" in default.settings["curvature_reason"]

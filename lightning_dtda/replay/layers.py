@@ -71,10 +71,10 @@ class _EagerDropoutMasks(TorchFunctionMode):
     """``F.dropout`` drawing its mask as it does outside ``vmap``.
 
     Torch's CPU kernel fills ``empty_like(input)`` with Bernoulli draws in memory order; under
-    ``vmap(randomness="same")``, and under ``grad`` (whose wrappers are contiguous), the mask is drawn in logical
-    order. For a non-contiguous input (attention's
-    output after its transpose, in every transformer layer) these are different masks, so the replay of
-    a run would drop other units than the run did. This draws into a tensor laid out as the input is.
+    ``vmap(randomness="same")``, and under ``grad`` (whose wrappers are contiguous), the mask is drawn in
+    logical order. For a non-contiguous input (attention's output after its transpose, in every transformer
+    layer) these are different masks, so the replay of a run would drop other units than the run did. This
+    draws into a tensor laid out as the input is.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
