@@ -28,6 +28,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from models import QUIET, DigitsCNN, DigitsMLP, benchmark_data, speed_data
+from recorder_overhead import paired_ratios, quartiles
 from speed import run_kronfluence, run_ours
 from torch.utils.data import DataLoader, Subset
 
@@ -81,20 +82,9 @@ def unrolled_ratio(name: str, cls, make, clip: float | None, device: str, precis
 
 def recorder_ratio(device: str, precision: str, root: Path) -> str:
     """Median (quartiles) of ``PAIRS`` paired ratios of training time with and without the recorder."""
-    train, _ = speed_data("mlp")
-    ratios = []
-    for pair in range(PAIRS + 1):
-        seconds = {}
-        for record in (False, True) if pair % 2 else (True, False):
-            pl.seed_everything(pair, verbose=False)
-            callbacks = [TrajectoryRecorder(root / f"pair{pair}")] if record else []
-            fit = trainer(device, precision, callbacks)
-            seconds[record] = timed(lambda: fit.fit(DigitsMLP(), DataLoader(train, batch_size=32, shuffle=True)))  # noqa: B023
-        if pair:
-            ratios.append(seconds[True] / seconds[False])
-    q1, median, q3 = torch.tensor(ratios, dtype=torch.float64).quantile(
-        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
-    )
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    ratios, _ = paired_ratios(speed_data("mlp")[0], root, PAIRS, accelerator=accelerator, precision=precision)
+    q1, median, q3 = quartiles(ratios)
     return f"| recorder overhead, digits MLP ({PAIRS} pairs) | {precision} | | | {median:.3f}x ({q1:.3f}-{q3:.3f}) |"
 
 

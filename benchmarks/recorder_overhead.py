@@ -35,27 +35,38 @@ PAIRS = 41
 EPOCHS = 20
 
 
-def fit(train_set, recorder: TrajectoryRecorder | None, seed: int) -> float:
-    """Seconds of one ``Trainer.fit`` of the digits MLP (seed ``seed``), with ``recorder`` if given."""
+def fit(train_set, recorder: TrajectoryRecorder | None, seed: int, **settings) -> float:
+    """Seconds of one ``Trainer.fit`` of the digits MLP (seed ``seed``), with ``recorder`` if given; ``settings``
+    replace the quiet CPU Trainer's (``gpu_ratios.py``: accelerator and precision)."""
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[recorder] if recorder else [], **QUIET)
+    trainer = pl.Trainer(callbacks=[recorder] if recorder else [], **(QUIET | {"max_epochs": EPOCHS} | settings))
     model, loader = DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True)
     start = time.perf_counter()
     trainer.fit(model, loader)
     return time.perf_counter() - start
 
 
-def paired_ratios(train_set, folder: Path) -> tuple[list[float], dict[bool, float]]:
-    """``PAIRS`` ratios (with / without the recorder) and the fastest run of each kind."""
+def paired_ratios(train_set, folder: Path, pairs: int = PAIRS, **settings) -> tuple[list[float], dict[bool, float]]:
+    """``pairs`` ratios (with / without the recorder) and the fastest run of each kind (``settings``: see ``fit``)."""
     ratios, fastest = [], {True: float("inf"), False: float("inf")}
-    for pair in range(PAIRS + 1):
+    for pair in range(pairs + 1):
         seconds = {}
         for record in (False, True) if pair % 2 else (True, False):
-            seconds[record] = fit(train_set, TrajectoryRecorder(folder / f"p{pair}") if record else None, pair)
+            recorder = TrajectoryRecorder(folder / f"p{pair}") if record else None
+            seconds[record] = fit(train_set, recorder, pair, **settings)
         if pair > 0:  # the first pair warms up
             ratios.append(seconds[True] / seconds[False])
             fastest = {k: min(fastest[k], seconds[k]) for k in fastest}
     return ratios, fastest
+
+
+def quartiles(ratios: list[float]) -> list[float]:
+    """The first quartile, median and third quartile of ``ratios``."""
+    return (
+        torch.tensor(ratios, dtype=torch.float64)
+        .quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        .tolist()
+    )
 
 
 class TimedRecorder(TrajectoryRecorder):
@@ -91,9 +102,7 @@ def main() -> None:
         ratios, fastest = paired_ratios(train_set, Path(tmp))
         timed = TimedRecorder(Path(tmp) / "timed")
         total = fit(train_set, timed, 0)
-    q1, median, q3 = torch.tensor(ratios, dtype=torch.float64).quantile(
-        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
-    )
+    q1, median, q3 = quartiles(ratios)
     steps, snapshots = EPOCHS * 32, EPOCHS
     spent = timed.spent
     per_step = sum(spent[k] for k in ("on_train_batch_start", "on_train_batch_end", "on_before_optimizer_step"))
