@@ -22,7 +22,7 @@ from lightning_dtda.curvature.embedding import check_embeddings
 from lightning_dtda.curvature.tracked import describe_tracked
 from lightning_dtda.estimators import Estimator, Influence, RunContext
 from lightning_dtda.estimators.base import measurement_gradients
-from lightning_dtda.hooks import Hooks
+from lightning_dtda.hooks import Hooks, first_batch
 from lightning_dtda.model.gradients import trainable_parameters
 from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.reporting.loggers import log_result
@@ -59,7 +59,8 @@ class Attributor:
             folder with a run that has not finished is refused (see ``load_runs``).
         train_data: The training set in the recorded index order: the dataset of the DataLoader the
             runs trained on. Its length and fingerprint must match the recorded ones.
-        estimator: How effects are estimated per run. Default: ``Influence()`` (EK-FAC, ``"auto"`` damping).
+        estimator: How effects are estimated per run. Default: ``Influence()`` (the exact GGN for up to 64 query
+            columns, EK-FAC beyond; ``"auto"`` damping; see ``Influence``).
         batch_size: Examples per chunk of per-example gradients and per curvature batch.
         device: Where to compute; defaults to CUDA when available.
         progress: Show progress bars.
@@ -142,11 +143,11 @@ class Attributor:
         of the parameters the estimator tracks, and whether they leave some trainable ones out."""
         model = self.load_model(run)
         hooks = Hooks(model)
-        first = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
+        first = first_batch(self.train_data, self.device)
         if hooks.default_train_loss:
             hooks.check_loss(first)
             if hooks.default_measurement and query_data is not None:  # the query loss: its targets could broadcast too
-                hooks.check_loss(move_data_to_device(next(iter(DataLoader(query_data, batch_size=2))), self.device))
+                hooks.check_loss(first_batch(query_data, self.device))
         params = self.estimator.tracked_parameters(model, first)
         check_embeddings(model, params, getattr(self.estimator, "curvature", None) == "identity")
         subset = params != list(trainable_parameters(model))

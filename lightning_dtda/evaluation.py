@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_dtda.errors import UnsupportedTrainingError
-from lightning_dtda.hooks import Hooks
+from lightning_dtda.hooks import Hooks, first_batch
 from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.replay.check import replay_checked
 from lightning_dtda.replay.engine import Replay, measure
@@ -88,7 +87,7 @@ def retrain(
         model = instantiate(module, run, 0, device)
         hooks = Hooks(model)
         if hooks.default_train_loss:
-            hooks.check_loss(move_data_to_device(next(iter(DataLoader(train_data, batch_size=2))), device))
+            hooks.check_loss(first_batch(train_data, device))
         replayer = Replay(model, run, train_data)  # one per run: it checks the run and reads snapshot 0
         chunks = []
         for i in range(0, len(rows), models_per_pass):

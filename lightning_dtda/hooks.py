@@ -24,9 +24,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_dtda.errors import MissingHookError
+
+# Examples the checks before attribution look at: as many as the recorder's check sees in a batch of 32, so a
+# regression whose first two targets happen to lie in [0, 1] is not taken for 0/1 labels.
+CHECKED_EXAMPLES = 32
+
+
+def first_batch(data: Any, device: torch.device | str) -> Any:
+    """The first ``CHECKED_EXAMPLES`` examples of ``data``, collated as a ``DataLoader`` does, on ``device``."""
+    return move_data_to_device(next(iter(DataLoader(data, batch_size=CHECKED_EXAMPLES))), device)
+
 
 LOSS_FUNCTIONS = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 

@@ -215,6 +215,21 @@ def test_segmented_needs_curvature_functions_and_solvers_are_checked(runs, data,
         ).attribute(data)
 
 
+def test_a_regression_whose_first_targets_lie_in_0_1_is_not_taken_for_labels(tmp_path):
+    """The check before attribution reads a batch of 32, as the recorder's does, not the first two examples: a
+    standardised regression target whose first two values happen to lie in [0, 1] is attributed."""
+    x, y = regression_data(n=40).tensors
+    y = torch.cat([torch.tensor([[0.2], [0.7]]), y[2:]])
+    assert not ((y >= 0) & (y <= 1)).all()
+    data = TensorDataset(x, y)
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+        LinearRegression(), DataLoader(data, batch_size=8)
+    )
+    result = Attributor(LinearRegression, tmp_path / "runs", data, progress=False).attribute(data)
+    assert torch.isfinite(result.effects).all() and result.effects.abs().max() > 0
+
+
 @pytest.mark.parametrize("estimator", [Influence(curvature="ggn"), Influence(curvature="ekfac"), Unrolled()])
 def test_losses_and_shapes_the_defaults_would_get_wrong_are_refused(tmp_path, estimator):
     """No silent wrong number: [B, 1] outputs against [B] targets would broadcast to [B, B] under MSE, and
@@ -224,12 +239,12 @@ def test_losses_and_shapes_the_defaults_would_get_wrong_are_refused(tmp_path, es
         (
             ColumnRegression,
             TensorDataset(x, y[:, 0]),
-            r"attribution_inputs_targets`: the model's outputs have shape \(2, 1\) and the targets \(2,\), which MSELoss needs to be \(2, 1\)",
+            r"attribution_inputs_targets`: the model's outputs have shape \(16, 1\) and the targets \(16,\), which MSELoss needs to be \(16, 1\)",
         ),
         (
             LogitClassifier,
             TensorDataset(x, (y > 0).float()),
-            "attribution_loss_function`: the float targets checked \\(the first 2 examples'\\) all lie between 0 and 1, which could be targets of binary cross-entropy",
+            "attribution_loss_function`: the float targets checked \\(the first 16 examples'\\) all lie between 0 and 1, which could be targets of binary cross-entropy",
         ),
         # smoothed labels too: binary or soft cross-entropy targets, not regression ones
         (
@@ -357,7 +372,7 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "mse")], max_epochs=1).fit(
         LinearRegression(), DataLoader(regression, batch_size=8)
     )
-    with pytest.raises(MissingHookError, match=r"outputs have shape \(2, 1\) and the targets \(2,\)"):
+    with pytest.raises(MissingHookError, match=r"outputs have shape \(4, 1\) and the targets \(4,\)"):
         Attributor(
             LinearRegression, tmp_path / "mse", regression, Influence(curvature="identity"), progress=False
         ).attribute(TensorDataset(x[:4], y[:4, 0]))

@@ -22,7 +22,7 @@ from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.cache import curvature_file
 from lightning_dtda.curvature.base import Curvature
 from lightning_dtda.curvature.fit import fit_curvature
-from lightning_dtda.hooks import Hooks
+from lightning_dtda.hooks import Hooks, first_batch
 from lightning_dtda.model.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.runs.format import SnapshotEntry
@@ -201,7 +201,7 @@ class RunContext:
         hooks = Hooks(model)
         loss_function = None
         if kind != "identity":
-            first = move_data_to_device(next(iter(DataLoader(self.train_data, batch_size=2))), self.device)
+            first = first_batch(self.train_data, self.device)
             loss_function = hooks.loss_function(first)
             if not hooks.default_train_loss:  # else the Attributor checked it already
                 hooks.check_loss(first)
