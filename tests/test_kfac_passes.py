@@ -56,6 +56,20 @@ def _data(model: nn.Module, loss: nn.Module, generator: torch.Generator) -> list
     return batches
 
 
+def _operator(model: nn.Module, loss_function: nn.Module, params: list, data: list) -> EKFACLinearOperator:
+    """curvlinops' EK-FAC as ours builds it: the type-2 Fisher, weight and bias sharing their factors."""
+    return EKFACLinearOperator(
+        model,
+        loss_function,
+        params,
+        data,
+        fisher_type="type-2",
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+        num_data=sum(len(y) for _, y in data),
+    )
+
+
 @pytest.mark.parametrize("net", [ConvNet, SequenceNet])
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -74,20 +88,7 @@ def test_per_batch_passes_give_curvlinops_factors_and_corrected_eigenvalues(net,
         # a shared bias without its weight, weights without their biases
         or (tracked == "weights or biases alone" and name in ("conv.bias", "token.bias", "plain.weight", "head.weight"))
     ]
-
-    def operator() -> EKFACLinearOperator:
-        return EKFACLinearOperator(
-            model,
-            loss_function,
-            params,
-            data,
-            fisher_type="type-2",
-            separate_weight_and_bias=False,
-            check_deterministic=False,
-            num_data=10,
-        )
-
-    theirs, ours = operator(), operator()
+    theirs, ours = _operator(model, loss_function, params, data), _operator(model, loss_function, params, data)
     theirs.compute_kronecker_factors()
     collect_factors(ours)
     for name in ("_input_covariances", "_gradient_covariances"):
@@ -123,15 +124,7 @@ def test_weight_sharing_is_chunked_without_changing_the_correction(monkeypatch):
     values = []
     for entries in (2**26, 20):  # one chunk; a chunk per example
         monkeypatch.setattr(module, "_CHUNK_ENTRIES", entries)
-        op = EKFACLinearOperator(
-            model,
-            nn.CrossEntropyLoss(),
-            list(model.parameters()),
-            data,
-            fisher_type="type-2",
-            separate_weight_and_bias=False,
-            check_deterministic=False,
-        )
+        op = _operator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
         collect_factors(op)
         eigendecompose_factors(op, factor_eigh)
         collect_corrected_eigenvalues(op)
@@ -153,14 +146,6 @@ def test_a_layer_called_twice_per_forward_pass_is_refused_by_name():
 
     model = Twice()
     data = [(torch.randn(3, 4), torch.randint(4, (3,)))]
-    op = EKFACLinearOperator(
-        model,
-        nn.CrossEntropyLoss(),
-        list(model.parameters()),
-        data,
-        fisher_type="type-2",
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
+    op = _operator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
     with pytest.raises(UnsupportedLayerError, match=r"'shared' was called 2 times.*curvature='ggn'"):
         collect_factors(op)
