@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from docs_tables import write_table
-from models import AdamMLP, benchmark_data
+from models import QUIET, AdamMLP, benchmark_data
 from torch.utils.data import DataLoader, Subset
 
 from lightning_dtda import Attributor, Influence, TrajectoryRecorder, Unrolled, load_runs
@@ -44,11 +44,7 @@ def main() -> None:
     pl.seed_everything(0)
     pl.Trainer(
         max_epochs=20,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         callbacks=[TrajectoryRecorder(root)],
     ).fit(AdamMLP(), DataLoader(train, batch_size=32, shuffle=True))
     [run] = load_runs(root)

@@ -35,7 +35,7 @@ def digits_upsampled(n: int) -> tuple[torch.utils.data.TensorDataset, torch.util
 
 def measure(n: int) -> dict[str, float]:
     import lightning.pytorch as pl
-    from models import DigitsMLP
+    from models import QUIET, DigitsMLP
 
     from lightning_dtda import Attributor, Influence, TrajectoryRecorder
 
@@ -44,11 +44,7 @@ def measure(n: int) -> dict[str, float]:
         pl.seed_everything(0)
         pl.Trainer(
             max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            **QUIET,
             callbacks=[TrajectoryRecorder(tmp)],
         ).fit(DigitsMLP(), torch.utils.data.DataLoader(train, batch_size=32, shuffle=True))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from docs_tables import invocation, write_table
-from models import DigitsMLP, final_model
+from models import QUIET, DigitsMLP, final_model
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import AttributionResult, Attributor, Influence, load_runs, train_seeds
@@ -153,11 +153,7 @@ def main() -> None:
         runs_dir,
         range(args.seeds),
         max_epochs=args.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
     )
     runs = load_runs(runs_dir)[: args.seeds]
     cache = args.out / "cache"

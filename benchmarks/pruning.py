@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from docs_tables import invocation, write_table
-from models import DigitsMLP
+from models import QUIET, DigitsMLP
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import AttributionResult, Attributor, Retraining, Unrolled, load_runs, retrain, train_seeds
@@ -111,11 +111,7 @@ def main() -> None:
         runs_dir,
         [*estimation_seeds, *HELD_OUT_SEEDS],
         max_epochs=20,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
     )
     by_seed = {run.seed: run for run in load_runs(runs_dir)}
     estimation = [by_seed[s] for s in estimation_seeds]

@@ -30,7 +30,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from docs_tables import write_table
-from models import DigitsMLP, speed_data
+from models import QUIET, DigitsMLP, speed_data
 from torch.utils.data import DataLoader
 
 from lightning_dtda import TrajectoryRecorder, load_runs
@@ -87,11 +87,7 @@ def recorder_format_ratio(repeats: int = 41) -> tuple[float, float, float]:
                 pl.seed_everything(repeat, verbose=False)
                 trainer = pl.Trainer(
                     max_epochs=20,
-                    accelerator="cpu",
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
+                    **QUIET,
                     callbacks=[TrajectoryRecorder(Path(tmp) / f"{kind}{repeat}")],
                 )
                 start = time.perf_counter()
@@ -117,11 +113,7 @@ def main() -> None:
         pl.seed_everything(0, verbose=False)
         pl.Trainer(
             max_epochs=2,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            **QUIET,
             callbacks=[TrajectoryRecorder(root / "run")],
         ).fit(DigitsMLP(), DataLoader(speed_data("mlp")[0], batch_size=32, shuffle=True))
         [run] = load_runs(root / "run")
