@@ -147,5 +147,23 @@ def test_a_layer_called_twice_per_forward_pass_is_refused_by_name():
     model = Twice()
     data = [(torch.randn(3, 4), torch.randint(4, (3,)))]
     op = _operator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
-    with pytest.raises(UnsupportedLayerError, match=r"'shared' was called 2 times.*curvature='ggn'"):
+    with pytest.raises(UnsupportedLayerError, match=r"'shared' was called 2 times.*curvature='ggn'.*modules="):
+        collect_factors(op)
+
+
+def test_a_layer_given_sequence_first_inputs_is_refused_by_name():
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, 3]
+            return self.token(x.transpose(0, 1)).mean(0)  # the layer sees [T, B, 3]
+
+    from lightning_dtda.errors import UnsupportedLayerError
+
+    model = SequenceFirst()
+    data = [(torch.randn(2, 5, 3), torch.randint(4, (2,)))]
+    op = _operator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    with pytest.raises(UnsupportedLayerError, match=r"'token' received \(5, 2, 3\) in a batch of 2.*batch_first=True"):
         collect_factors(op)

@@ -228,13 +228,7 @@ def _type2_pass(
             inputs.clear()
             outputs.clear()
             output = operator._model_func(X)
-            called = {name: len(outputs.get(name, [])) for name in modules}
-            wrong = [name for name, calls in called.items() if calls != 1]
-            if wrong:
-                raise UnsupportedLayerError(
-                    f"K-FAC needs each layer called once per forward pass; {wrong[0]!r} was called "
-                    f"{called[wrong[0]]} times. Use curvature='ggn', or leave its parameters out."
-                )
+            _check_layer_calls(inputs, outputs, modules, len(output))
             names = list(modules)
             columns = _hessian_sqrt_columns(operator, output, y)
             # One backward pass per column, to the layers' outputs only: 2x faster here than vmap over the
@@ -263,6 +257,28 @@ def _type2_pass(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _check_layer_calls(
+    inputs: dict[str, Tensor], outputs: dict[str, list[Tensor]], modules: dict[str, nn.Module], batch: int
+) -> None:
+    """Refuse a forward pass whose layer calls K-FAC would factor wrongly without a word: a layer called
+    other than once, or given inputs whose first dimension is not the batch's (a sequence-first layer, or
+    examples flattened with their positions): its statistics would group rows that are no examples."""
+    leave_out = "Use curvature='ggn', or leave its parameters out with Influence(modules=...)."
+    for name in modules:
+        calls = len(outputs.get(name, []))
+        if calls != 1:
+            raise UnsupportedLayerError(
+                f"K-FAC needs each layer called once per forward pass; {name!r} was called {calls} times. {leave_out}"
+            )
+        if inputs[name].shape[0] != batch:
+            raise UnsupportedLayerError(
+                f"K-FAC needs each layer's inputs batch first; {name!r} received {tuple(inputs[name].shape)} in a "
+                f"batch of {batch} (a sequence-first layer, e.g. batch_first=False, or examples flattened with their "
+                f"positions). Use batch_first=True, curvature='ggn', or leave its parameters out with "
+                "Influence(modules=...)."
+            )
 
 
 def _hessian_sqrt_columns(operator: KFACLinearOperator, output: Tensor, y: Tensor) -> Tensor:
