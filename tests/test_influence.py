@@ -57,6 +57,27 @@ def test_ggn_by_conjugate_gradients_equals_dense_solve(classifier_runs):
     assert info["cg_residual"] < 1e-5 and 0 < info["cg_products"] < 83 and info["cg_seconds"] > 0
 
 
+def test_ggn_products_cut_batches_to_bound_their_tangents_and_solve_the_same(classifier_runs, monkeypatch):
+    import lightning_dtda.curvature.ggn as ggn
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())  # 2 outputs of 3 floats: 24 bytes an example
+    x = torch.randn(7, 4)
+    monkeypatch.setattr(ggn, "GGN_TANGENT_BYTES", 480)
+    assert ggn.ggn_batch_size(layer, x, 7, 2, 128) == 10  # 2 columns x 24 bytes
+    assert ggn.ggn_batch_size(layer, x, 7, 2, 4) == 4
+    assert ggn.ggn_batch_size(layer, x, 7, 100, 128) == 1
+    runs, data, queries = classifier_runs
+    monkeypatch.setattr(ggn, "GGN_TANGENT_BYTES", 2000)  # a few examples a batch
+    attributor = Attributor(
+        TinyClassifier, runs, data, estimator=Influence(curvature="ggn", damping=1e-2, solver="krylov"), progress=False
+    )
+    run = attributor.runs[0]
+    inputs, targets = data.tensors
+    assert ggn.ggn_batch_size(attributor.load_model(run), inputs, len(targets), len(queries), 128) < 10
+    effects, _, _ = attributor.attribute_run(run, queries)
+    assert relative_error(effects, oracle_for(attributor, run, data, queries)) < 1e-5
+
+
 def test_one_query_is_solved_with_a_nystrom_preconditioner_in_fewer_products(classifier_runs):
     runs, data, queries = classifier_runs
     one = TensorDataset(*(t[:1] for t in queries.tensors))

@@ -22,6 +22,7 @@ from lightning_dtda._io import load_tree, save_tree
 from lightning_dtda.cache import curvature_file
 from lightning_dtda.curvature.base import Curvature
 from lightning_dtda.curvature.fit import fit_curvature
+from lightning_dtda.curvature.ggn import ggn_batch_size
 from lightning_dtda.hooks import Hooks, first_batch
 from lightning_dtda.model.gradients import stream_gradients, trainable_parameters
 from lightning_dtda.model.instantiate import instantiate
@@ -213,13 +214,17 @@ class RunContext:
             path = curvature_file(self.cache_dir, self.run, kind, solver, subset, tracked)
         state = load_tree(path) if path is not None and path.is_file() else None
         examples = curvature_examples(len(self.train_data), subset)  # type: ignore[arg-type]
+        # The solves hold the query columns; self-influence (no queries) solves every training gradient.
+        columns = len(self.query_grads) or None
+        batch_size = self.batch_size
+        if kind == "ggn" and state is None:
+            inputs, targets = hooks.inputs_targets(first)
+            batch_size = ggn_batch_size(model, inputs, len(targets), columns or self.batch_size, self.batch_size)
         data = _InputsTargets(
-            Subset(self.train_data, [examples[i] for i in shard(len(examples))]), hooks, self.batch_size, self.device
+            Subset(self.train_data, [examples[i] for i in shard(len(examples))]), hooks, batch_size, self.device
         )
         named = trainable_parameters(model)
         params = [named[name] for name in (self.params or named)]
-        # The solves hold the query columns; self-influence (no queries) solves every training gradient.
-        columns = len(self.query_grads) or None
         curvature = fit_curvature(
             kind, model, loss_function, params, data, len(examples), self.progress, state, solver, columns
         )
