@@ -39,6 +39,15 @@ def flatten(tensors: dict[str, Tensor] | list[Tensor], batch_dims: int = 0) -> T
     return torch.cat([t.reshape(*t.shape[:batch_dims], -1) for t in values], dim=-1)
 
 
+def _differentiated(module: nn.Module, wrt: Sequence[str] | None) -> dict[str, Tensor]:
+    """The tensors per-example gradients are taken with respect to: the trainable parameters, or the
+    parameters and buffers named ``wrt``, in that order."""
+    if wrt is None:
+        return dict(trainable_parameters(module))
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return {k: named[k] for k in wrt}
+
+
 def per_example_gradients(
     module: nn.Module, fn: Callable[[Any], Tensor], batch: Any, wrt: Sequence[str] | None = None
 ) -> Tensor:
@@ -49,9 +58,9 @@ def per_example_gradients(
     time under ``vmap``, so the module must not mix examples (use ``eval()`` for BatchNorm).
     """
     wrapper = HookCall(module, fn)
-    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    names = list(trainable_parameters(module)) if wrt is None else list(wrt)
-    params = {f"module.{k}": named[k].detach() for k in names}
+    differentiated = _differentiated(module, wrt)
+    names = list(differentiated)
+    params = {f"module.{k}": t.detach() for k, t in differentiated.items()}
     # The parameters not differentiated enter as constants: left as they are, the trainable ones would
     # carry an autograd graph into the gradients.
     fixed = {f"module.{k}": v.detach() for k, v in module.named_parameters() if k not in names}
@@ -94,9 +103,7 @@ def stream_gradients(
     Raises:
         FloatingPointError: If an example's gradient is not finite; the message names its index.
     """
-    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    held = [named[k] for k in (trainable_parameters(module) if wrt is None else wrt)]
-    row_bytes = sum(t.numel() * t.element_size() for t in held)
+    row_bytes = sum(t.numel() * t.element_size() for t in _differentiated(module, wrt).values())
     loader = DataLoader(data, batch_size=chunk_rows(row_bytes, batch_size), shuffle=False)
     start = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
