@@ -506,3 +506,19 @@ def test_error_classes_subclass_the_builtins_they_replace_and_are_public():
         cls = getattr(errors, name)
         assert issubclass(cls, ValueError) and getattr(lightning_dtda, name) is cls and name in lightning_dtda.__all__
     assert lightning_dtda.hooks.MissingHookError is errors.MissingHookError
+
+
+def test_gradient_chunks_smaller_than_batch_size_keep_the_effects_and_name_the_right_example(runs, data, monkeypatch):
+    import lightning_dtda.model.gradients as gradients
+
+    expected = Attributor(TinyClassifier, runs, data, estimator=Influence("ekfac"), progress=False).attribute(data)
+    # Chunks of one example (the per-example gradients) and of one row (vectors through EK-FAC)
+    monkeypatch.setattr(gradients, "CHUNK_BYTES", 1)
+    chunked = Attributor(TinyClassifier, runs, data, estimator=Influence("ekfac"), progress=False).attribute(data)
+    torch.testing.assert_close(chunked.effects, expected.effects, rtol=1e-5, atol=1e-7)
+    x, y = data.tensors
+    x = x.clone()
+    x[3, 0] = float("nan")
+    bad = TensorDataset(x, y)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients for examples \[3\]"):
+        Attributor(TinyClassifier, runs, data, estimator=Influence("ekfac"), progress=False).attribute(bad)
