@@ -47,3 +47,6 @@ if __name__ == "__main__":
     )
     if trainer.is_global_zero:
         result.save(out / "result.safetensors")
+    # torch asks every script to do this: without it, gloo's worker threads can abort the process at
+    # interpreter exit ("terminate called without an active exception"), as one CI run saw.
+    torch.distributed.destroy_process_group()

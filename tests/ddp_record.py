@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 from models import TinyClassifier, classification_data  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -29,3 +30,4 @@ if __name__ == "__main__":
         classification_data(n=36), batch_size=5, shuffle=True, num_workers=workers, persistent_workers=workers > 0
     )
     trainer.fit(TinyClassifier(momentum=0.9, weight_decay=1e-3), loader)
+    torch.distributed.destroy_process_group()  # see ddp_attribute_after_fit.py
