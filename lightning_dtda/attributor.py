@@ -134,9 +134,10 @@ class Attributor:
         check_poolable(self.runs)  # a list of trajectories has not been through load_runs' check
         self.runs[0].check_dataset(train_data)
 
-    def load_model(self, run: Trajectory, snapshot: int = -1) -> torch.nn.Module:
-        """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``."""
-        return instantiate(self.module, run, snapshot, self.device)
+    def load_model(self, run: Trajectory, snapshot: int = -1, warn: bool = True) -> torch.nn.Module:
+        """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``;
+        ``warn``: about what differs from the run (see ``instantiate``)."""
+        return instantiate(self.module, run, snapshot, self.device, warn)
 
     def _prepare(self, run: Trajectory, query_data: Dataset | None) -> tuple[torch.nn.Module, Hooks, list[str], bool]:
         """The model at ``run``'s final snapshot, its hooks (the default loss checked on the data), the names
@@ -183,7 +184,8 @@ class Attributor:
         requested = self.estimator
 
         def num_params() -> int:
-            return sum(p.numel() for p in trainable_parameters(self.load_model(self.runs[0])).values())
+            # No warning here: the same build warns when the run is attributed.
+            return sum(p.numel() for p in trainable_parameters(self.load_model(self.runs[0], warn=False)).values())
 
         chosen, reason = requested.resolve(self.runs, num_params, num_columns)
         if reason is not None:

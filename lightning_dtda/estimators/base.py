@@ -140,8 +140,9 @@ class RunContext:
         return self.run.dataset_length
 
     def load_model(self, snapshot: int = -1) -> nn.Module:
-        """The module at snapshot ``snapshot`` of the run, in eval mode on ``device``."""
-        return instantiate(self.module, self.run, snapshot, self.device)
+        """The module at snapshot ``snapshot`` of the run, in eval mode on ``device`` (the Attributor built it
+        once already and warned about what differs from the run)."""
+        return instantiate(self.module, self.run, snapshot, self.device, warn=False)
 
     def train_shard(self) -> Subset:
         """This process's share of the training set (all of it unless torch.distributed runs)."""

@@ -33,13 +33,18 @@ def _init_arguments(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def instantiate(
-    module: type[nn.Module] | nn.Module, run: Trajectory, snapshot: int = -1, device: torch.device | str = "cpu"
+    module: type[nn.Module] | nn.Module,
+    run: Trajectory,
+    snapshot: int = -1,
+    device: torch.device | str = "cpu",
+    warn: bool = True,
 ) -> nn.Module:
     """The module of ``run`` at ``snapshot`` (default: the final one), in eval mode on ``device``.
 
     Args:
         module: The LightningModule class, built from the run's recorded hyperparameters, or an
             instance, deep-copied so the caller's module is left untouched.
+        warn: Whether to warn (below); off where the same module was already built for this run.
 
     Raises:
         ValueError: If the run trained another class, or ``module`` is an instance whose parameters do not
@@ -63,9 +68,10 @@ def instantiate(
             "the training script can be imported from it; one of the same name in another module is taken for it), or an "
             "instance of it."
         )
-    if path != run.module_class:
+    if warn and path != run.module_class:
+        # No run name: the message is the same for every seed, so Python shows it once.
         warnings.warn(
-            f"Run {run.name} recorded its module class as {run.module_class}; taking {path}, of the same name, for it.",
+            f"The runs recorded their module class as {run.module_class}; taking {path}, of the same name, for it.",
             stacklevel=2,
         )
     if model is None:
@@ -100,7 +106,7 @@ def instantiate(
             f"{': ' + differences if differ else ''}. Pass the class (it is built from the recorded hyperparameters) or an "
             "instance built with the run's."
         ) from None
-    if differ:
+    if warn and differ:
         warnings.warn(
             f"The module given is not the one trained: {differences}. Effects are the given module's.", stacklevel=2
         )
@@ -111,7 +117,7 @@ def instantiate(
         for w in ("source",) + (() if differ else ("structure",))
         if w in recorded and w in now and recorded[w] != now[w]
     ]
-    if changed:
+    if warn and changed:
         what = {"structure": "its layers (repr)", "source": "its class's source code"}
         warnings.warn(
             f"{path} is not the code that trained run {run.name}: {' and '.join(what[c] for c in changed)} differ from what "
