@@ -23,7 +23,12 @@ class UnfinishedRunError(ValueError):
 
 class ReplayMismatchError(ValueError):
     """Replaying a recorded run does not land on the weights it recorded: the replay is not that run,
-    so effects computed through it (``Unrolled``, ``retrain``) would be another run's."""
+    so effects computed through it (``Unrolled``, ``retrain``) would be another run's. ``gap``: the
+    relative distance, ``step``: where (``None`` where not measured)."""
+
+    def __init__(self, message: str, gap: float | None = None, step: int | None = None) -> None:
+        super().__init__(message)
+        self.gap, self.step = gap, step
 
 
 class UnsupportedLayerError(ValueError):

@@ -101,11 +101,19 @@ def diagnose(run: Trajectory, replayed: list[float] | None, last: int) -> str:
 
 
 def check_replay(
-    run: Trajectory, replay: Replay, params: list[Tensor], state: dict[str, Any], snapshot: int, strict: bool = False
+    run: Trajectory,
+    replay: Replay,
+    params: list[Tensor],
+    state: dict[str, Any],
+    snapshot: int,
+    strict: bool = False,
+    excuse_rounding: bool = True,
 ) -> float:
     """Raise if the replay (row 0 of ``params`` and ``state``) does not reproduce the weights and running
     statistics recorded at ``snapshot``; at the last snapshot of a run with several intervals it only
-    warns, unless ``strict`` (a ground truth must be right or absent; unrolled effects describe the replay)."""
+    warns, unless ``strict`` (a ground truth must be right or absent; unrolled effects describe the replay).
+    ``excuse_rounding``: a gap beyond the tolerance passes if it is rounding the run amplifies (below);
+    without, it raises (``retrain`` then replays with the run's own kernels, see there)."""
     recorded = run.state_dict(snapshot)
     ignored = functionless_entries(replay.model)
     gaps = {n: _relative_gap(t[0], recorded[n].to(t), ignored.get(n)) for n, t in replay.named(params, state).items()}
@@ -118,7 +126,7 @@ def check_replay(
     drift = None
     # Half precision ("16-true", "bf16-true"): one rounding unit is already ~1e-3, which would excuse anything.
     full_precision = not mixed and run.manifest.input_dtype not in (torch.float16, torch.bfloat16)
-    if full_precision and gap <= _AMPLIFIED_CAP:
+    if excuse_rounding and full_precision and gap <= _AMPLIFIED_CAP:
         drifts = rounding_drift(replay, last)
         drift = replay.rounding_gap = max(drifts.values())
         # Tensor by tensor: one sensitive tensor's drift must not excuse another tensor's gap.
@@ -137,7 +145,7 @@ def check_replay(
             message + " Unrolled effects describe the replay; the run's settings record the gap (replay_gap)."
         )
         return gap
-    raise ReplayMismatchError(message)
+    raise ReplayMismatchError(message, gap, last)
 
 
 def functionless_entries(model: nn.Module) -> dict[str, slice]:
@@ -191,6 +199,7 @@ def replay_checked(
     keep_checkpoints: bool = False,
     strict: bool = False,
     advance: Advance | None = None,
+    excuse_rounding: bool = True,
 ) -> tuple[list[Tensor], dict[str, Any], list[tuple[list[Tensor], dict[str, Any]]]]:
     """The whole run replayed once per row of ``weights [M, N]`` (no gradients), snapshot interval by
     interval, with row 0, which must be the recorded run (all ones), checked against the recorded
@@ -200,6 +209,7 @@ def replay_checked(
     Args:
         advance: Advances one interval, as ``Replay.advance`` (the default, without gradients) and with its
             arguments; unrolling's keeps the interval's autograd graph for its reverse pass.
+        excuse_rounding: As ``check_replay``'s.
 
     Returns:
         The final parameters and state (as ``Replay.advance``), and with ``keep_checkpoints`` the parameters
@@ -221,7 +231,7 @@ def replay_checked(
                 params, state = (advance or replay.advance)(params, state, weights, run.steps[a:b], progress)
                 # Every snapshot: one that misses raises before unrolling's long reverse pass, and the
                 # last one only warns unless strict (see check_replay).
-                replay.gap = check_replay(run, replay, params, state, index, strict)
+                replay.gap = check_replay(run, replay, params, state, index, strict, excuse_rounding)
     finally:
         replay.traced_losses = None
     return params, state, checkpoints
