@@ -12,10 +12,13 @@ from torch.utils.data import Dataset, Subset
 from typing_extensions import override
 
 from lightning_dtda.attributor import Attributor
-from lightning_dtda.estimators import Estimator, Influence
+from lightning_dtda.errors import UnsupportedTrainingError
+from lightning_dtda.estimators import Estimator, Influence, Segmented, Unrolled
 from lightning_dtda.record.recorder import TrajectoryRecorder
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult
+from lightning_dtda.runs.format import optimizer_name
+from lightning_dtda.runs.replayable import replay_advice, unreplayable_layers
 from lightning_dtda.runs.trajectory import Trajectory, find_runs
 
 
@@ -118,6 +121,18 @@ class AttributionCallback(Callback):
                 "queries from; pass query_data=..."
             )
         self._attributed_at = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A replaying estimator would meet this only after training: refuse it before any.
+        optimizer = optimizer_name(trainer.optimizers[0])
+        replays = isinstance(self.estimator, Unrolled) or (isinstance(self.estimator, Segmented) and optimizer != "SGD")
+        problems = unreplayable_layers(pl_module) if replays else []
+        if problems:
+            raise UnsupportedTrainingError(
+                f"AttributionCallback's {type(self.estimator).__name__} replays the run, and no replay can reproduce "
+                f"this module's training: {'; '.join(problems)}. {replay_advice(optimizer)}"
+            )
 
     def _runs(self, recorder: TrajectoryRecorder) -> list[Trajectory]:
         recorder.write_manifest()

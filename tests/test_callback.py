@@ -155,3 +155,37 @@ def test_queries_default_to_the_validation_set_even_when_validation_is_off(tmp_p
     x, y = classification_data(n=6, seed=1).tensors  # the first 3 validation examples, not training ones
     expected = torch.nn.functional.cross_entropy(model(x[:3]), y[:3], reduction="none").detach()
     assert torch.allclose(callback.result.measurements[0], expected, atol=1e-6)
+
+
+def test_a_run_no_replay_reproduces_is_named_before_training(tmp_path):
+    """Attention dropout inside torch's fused kernel: the recorder warns at the first batch which estimators
+    will refuse the run, and AttributionCallback refuses a replaying estimator before any step, not after fit
+    (where Unrolled met it). Under AdamW Segmented replays too, so the advice is Influence alone."""
+    from models import TinyTransformer, token_data
+
+    from lightning_dtda import Segmented, Unrolled, UnsupportedTrainingError
+
+    data, loader = token_data(16), DataLoader(token_data(16), batch_size=8)
+    with pytest.warns(
+        UserWarning,
+        match=r"no replay can reproduce it: attention 'layer.self_attn' has dropout=0.1 inside torch's fused attention "
+        r"kernel.*Unrolled, retrain and Segmented will refuse it; Influence\(\) will not",
+    ):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+            TinyTransformer(attention_dropout=True), loader
+        )
+    for estimator in (Unrolled(), Segmented(segments=1, curvature="ggn")):
+        fit = trainer(tmp_path, [TrajectoryRecorder(tmp_path / "more"), AttributionCallback(data, estimator=estimator)])
+        with pytest.raises(
+            UnsupportedTrainingError,
+            match=rf"AttributionCallback's {type(estimator).__name__} replays the run, and no replay can reproduce this "
+            r"module's training: attention 'layer.self_attn'.*Use Influence\(\) for it \(Segmented\(\) replays AdamW",
+        ):
+            fit.fit(TinyTransformer(attention_dropout=True), loader)
+        assert fit.global_step == 0
+    # Influence needs no replay: the callback attributes the same module
+    callback = AttributionCallback(data, progress=False)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "ok"), callback], max_epochs=1).fit(
+        TinyTransformer(attention_dropout=True), loader
+    )
+    assert callback.result.effects.shape == (1, 16, 16) and torch.isfinite(callback.result.effects).all()

@@ -26,7 +26,15 @@ from lightning_dtda.record.membership import BatchMembership
 from lightning_dtda.record.writer import RunWriter
 from lightning_dtda.runs.augmentation import ReplayableAugmentation
 from lightning_dtda.runs.fingerprint import draws_random_numbers, fingerprint_dataset
-from lightning_dtda.runs.format import Manifest, RecordingProcess, jsonable, module_fingerprint, scheduled_settings
+from lightning_dtda.runs.format import (
+    Manifest,
+    RecordingProcess,
+    jsonable,
+    module_fingerprint,
+    optimizer_name,
+    scheduled_settings,
+)
+from lightning_dtda.runs.replayable import unreplayable_layers
 
 
 def _package_version() -> str:
@@ -104,6 +112,19 @@ def _warn_missing_hooks(pl_module: pl.LightningModule, batch: Any) -> None:
         hooks.check_targets(batch)
     except Exception as err:  # whatever it is, attribution would meet it too; training goes on
         rank_zero_warn(f"TrajectoryRecorder records this run, but attributing it will fail as things are: {err}")
+
+
+def _warn_unreplayable(pl_module: pl.LightningModule, optimizer: Any) -> None:
+    """Say at the first batch, not after training, that no replay will reproduce this run (a layer's
+    training is out of its reach), and which estimators still attribute it."""
+    problems = unreplayable_layers(pl_module)
+    if problems:
+        sgd = optimizer_name(optimizer) == "SGD"
+        rank_zero_warn(
+            f"TrajectoryRecorder records this run, but no replay can reproduce it: {'; '.join(problems)}. Unrolled, "
+            f"retrain{'' if sgd else ' and Segmented'} will refuse it; Influence(){' and Segmented()' if sgd else ''} "
+            "will not."
+        )
 
 
 def _training_loss(outputs: Any, accumulation: int) -> Tensor | float:
@@ -280,6 +301,7 @@ class TrajectoryRecorder(Callback):
         if not self._hooks_checked:
             self._hooks_checked = True
             _warn_missing_hooks(pl_module, batch)
+            _warn_unreplayable(pl_module, trainer.optimizers[0])
         self._rng_at_start = _rng_states(pl_module.device)
 
     @override

@@ -37,24 +37,19 @@ from lightning_dtda.replay.relu import ReLUSmoothing
 from lightning_dtda.runs.augmentation import KeyedIndex, ReplayableAugmentation, find_augmentation
 from lightning_dtda.runs.fingerprint import SeededDataset, draws_random_numbers
 from lightning_dtda.runs.format import Step
+from lightning_dtda.runs.replayable import replay_advice, unreplayable_layers
 from lightning_dtda.runs.trajectory import Trajectory
 
 
 def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) -> None:
     """Refuse, before any work, a run whose training the replay cannot reproduce, naming the cause."""
-    problems = []
-    for name, m in model.named_modules():
-        if isinstance(m, _BATCH_NORMS) and m.track_running_stats and m.momentum is None:
-            problems.append(f"batch norm {name!r} averages its statistics cumulatively (momentum=None)")
-        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
-            problems.append(f"instance norm {name!r} tracks running statistics")
-        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
-            problems.append(
-                f"attention {name!r} has dropout={m.dropout} inside torch's fused attention kernel, whose random draws "
-                "the replay's differentiable kernel cannot reproduce (set it to 0)"
-            )
-        elif isinstance(m, _BATCH_NORMS) and run.manifest.world_size > 1:
-            problems.append(f"batch norm {name!r} normalised each process's batch separately (multi-process training)")
+    problems = unreplayable_layers(model)
+    if run.manifest.world_size > 1:
+        problems += [
+            f"batch norm {name!r} normalised each process's batch separately (multi-process training)"
+            for name, m in model.named_modules()
+            if isinstance(m, _BATCH_NORMS)
+        ]
     has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
     steps = run.steps
     if has_dropout and steps and steps[0].rng is None:
@@ -70,7 +65,7 @@ def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) ->
         )
     if problems:
         raise UnsupportedTrainingError(
-            f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". Use Influence() or Segmented() for it."
+            f"Run {run.name} cannot be replayed: " + "; ".join(problems) + ". " + replay_advice(run.manifest.optimizer)
         )
 
 

@@ -32,6 +32,13 @@ MANIFEST = "manifest.json"
 # The optimizers whose step is modelled (replay, learning-rate time), by exact class path: a subclass or
 # another class of the same name (``torch.optim.ASGD`` ends in "SGD") is none of them.
 OPTIMIZERS = {"torch.optim.sgd.SGD": "SGD", "torch.optim.adam.Adam": "Adam", "torch.optim.adamw.AdamW": "AdamW"}
+
+
+def optimizer_name(optimizer: Any) -> str | None:
+    """``"SGD"``, ``"Adam"`` or ``"AdamW"`` for exactly those torch optimizers (see ``OPTIMIZERS``), else ``None``."""
+    return OPTIMIZERS.get(f"{type(optimizer).__module__}.{type(optimizer).__qualname__}")
+
+
 FORMAT = 3  # 3: snapshots are safetensors files; 2: flat archives (see runs.archive); 1: torch.save files
 READABLE_FORMATS = (2, 3)  # the manifest's layout is the same in both; each snapshot file says which it is
 
