@@ -356,7 +356,7 @@ def test_a_failing_disk_stops_recording_but_never_training(tmp_path, monkeypatch
     assert model.trainer.current_epoch == 4 and model.trainer.global_step == 16  # training was not cut short
     assert len(calls) == 3  # recording stopped at the first failure
     with pytest.raises(
-        UnfinishedRunError, match=r"training stopped: recording failed: OSError: \[Errno 28\] No space left"
+        UnfinishedRunError, match=r"_\d+: abandoned \(recording failed: OSError: \[Errno 28\] No space left"
     ):
         load_runs(tmp_path / "runs")
     [run] = load_runs(tmp_path / "runs", unfinished=True)

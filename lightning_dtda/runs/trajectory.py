@@ -67,8 +67,10 @@ class Trajectory:
         """One line for error messages: the run, its status, and how far it got."""
         writer = self.manifest.writer
         where = "" if writer is None else f" (recorded by process {writer.pid} on {writer.host})"
-        if self.manifest.stopped is not None:
-            where = f" (training stopped: {self.manifest.stopped})"
+        stopped = self.manifest.stopped
+        if stopped is not None:
+            # The recorder gives up without stopping training ("recording failed: ..."), or training stops.
+            where = f" ({stopped})" if stopped.startswith("recording failed") else f" (training stopped: {stopped})"
         listed = (
             f"latest listed snapshot at step {self.snapshot_steps[-1]}"
             if self.manifest.snapshots
@@ -224,8 +226,8 @@ def load_runs(path: str | Path, unfinished: bool = False) -> list[Trajectory]:
     if pending:
         lines = "\n".join(f"  - {run.describe_status()}" for run in pending)
         advice = (
-            "Wait for runs in progress, resume abandoned ones with trainer.fit(ckpt_path=...) or delete their "
-            f"folders, or pass load_runs({str(path)!r}, unfinished=True) as the Attributor's runs to pool each "
+            "Wait for runs in progress, resume abandoned ones with trainer.fit(ckpt_path=...) where a checkpoint "
+            f"was saved, record them again or delete their folders, or pass load_runs({str(path)!r}, unfinished=True) as the Attributor's runs to pool each "
             "run's latest snapshot as if it were final."
         )
         if unfinished:
