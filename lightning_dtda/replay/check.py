@@ -136,9 +136,17 @@ def check_replay(
     amplified = (
         "" if drift is None else f" (rounding alone, from weights one rounding unit apart, drifts {drift:.1e} by then)"
     )
+    if mixed:  # what diagnose() would blame (an update, a callback) is the half-precision rounding first
+        cause = (
+            f"The run trained in {run.manifest.precision}, which the replay computes in full precision and accepts "
+            f"within {_MIXED_PRECISION_TOLERANCE:g} only: the run's half-precision rounding has taken it further. "
+            "Record it with precision='32-true' to replay it, or use Influence(), which needs no replay."
+        )
+    else:
+        cause = diagnose(run, traced, last)
     message = (
         f"Replaying {run.name} to step {last} lands {gap:.1e} (relative) away from its recorded weights{amplified} "
-        f"(most in {worst!r}), so the replay is not the run. {diagnose(run, traced, last)}"
+        f"(most in {worst!r}), so the replay is not the run. {cause}"
     )
     if snapshot == len(run.snapshot_steps) - 1 and snapshot > 1 and not strict:
         rank_zero_warn(
