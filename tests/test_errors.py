@@ -3,6 +3,7 @@
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,26 @@ def test_training_data_other_than_recorded(runs, data):
     shuffled = TensorDataset(*data[torch.randperm(16, generator=torch.Generator().manual_seed(0))])
     with pytest.raises(ValueError, match="different content or order"):
         Attributor(TinyClassifier, runs, shuffled)
+
+
+class PrivateNoise(torch.utils.data.Dataset):
+    """Augments with a NumPy generator of its own, which no seeding of the global generators reaches."""
+
+    def __init__(self, data):
+        self.data, self.rng = data, np.random.default_rng(0)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x + torch.from_numpy(self.rng.normal(0, 0.1, tuple(x.shape))).to(x.dtype), y
+
+
+def test_training_data_that_changes_at_every_read_is_named_for_it(runs, data):
+    """Its fingerprint differs from the recorded one, as shuffled data's would, but the cause is its own generator."""
+    with pytest.raises(DatasetMismatchError, match="train_data's items change from one read to the next"):
+        Attributor(TinyClassifier, runs, PrivateNoise(data))
 
 
 def test_truncated_snapshot_file(runs, data):

@@ -189,7 +189,18 @@ class Trajectory:
                 f"train_data has {n} examples but run {self.name} was recorded on {self.dataset_length}. Pass the "
                 "dataset of the training DataLoader, in its original order."
             )
-        if fingerprint_dataset(data) != self.dataset_fingerprint:
+        fingerprint = fingerprint_dataset(data)
+        if fingerprint != self.dataset_fingerprint:
+            if fingerprint_dataset(data) != fingerprint:
+                # Fingerprints seed torch's, NumPy's and Python's global generators: a read that still changes
+                # draws from a generator of the dataset's own.
+                raise DatasetMismatchError(
+                    f"train_data's items change from one read to the next, so it cannot be compared with the data run "
+                    f"{self.name} was recorded on: it draws random numbers from a generator of its own (such as a "
+                    "numpy.random.default_rng it holds), which nothing can seed or replay. Draw augmentation from "
+                    "torch's or NumPy's global generator (and wrap the training set in ReplayableAugmentation to "
+                    "replay it), or pass the data without it."
+                )
             raise DatasetMismatchError(
                 f"train_data differs from the data run {self.name} was recorded on (same length, different "
                 "content or order). Pass the dataset of the training DataLoader, in its original order."
