@@ -260,6 +260,13 @@ def test_train_seeds_records_each_seed_once(tmp_path):
     train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1, 2], **kwargs)  # seed 0 and 1 are skipped
     assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
     assert [r.name for r in load_runs(tmp_path / "runs")] == ["seed_0", "seed_1", "seed_2"]
+    # a finished run of another setup is not skipped as if this call had trained it
+    for make, other, why in [
+        (lambda: TinyClassifier(hidden=7), loader, r"hidden=8, not 7"),
+        (TinyClassifier, DataLoader(classification_data(n=16, seed=3), batch_size=8), "another training set"),
+    ]:
+        with pytest.raises(RuntimeError, match=rf"seed_0 holds a finished run of another setup \({why}\)"):
+            train_seeds(make, other, tmp_path / "runs", seeds=[0], **kwargs)
     # a run another host is recording (its process cannot be checked from here) is not deleted
     import json
 

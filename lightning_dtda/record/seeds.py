@@ -9,9 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 
 from lightning_dtda.record.recorder import TrajectoryRecorder
-from lightning_dtda.runs.format import MANIFEST
+from lightning_dtda.runs.fingerprint import fingerprint_dataset
+from lightning_dtda.runs.format import MANIFEST, jsonable
 from lightning_dtda.runs.trajectory import Trajectory
 
 
@@ -28,7 +30,8 @@ def train_seeds(
     For each seed: ``seed_everything(seed)``, a fresh module from ``make_module()``, a fresh
     ``Trainer(**trainer_kwargs)`` with a ``TrajectoryRecorder`` added, and ``fit``. A seed whose
     run has finished is skipped and its files are left untouched, so an interrupted call can simply be
-    repeated; an abandoned one (a killed job) is recorded again from scratch; one still in progress
+    repeated (a finished run of another module class, other hyperparameters or, for a DataLoader, another
+    training set is refused instead: it would be pooled as if this call had trained it); an abandoned one (a killed job) is recorded again from scratch; one still in progress
     in another process is refused.
 
     Args:
@@ -50,6 +53,8 @@ def train_seeds(
         if (run_dir / MANIFEST).is_file():
             run = Trajectory(run_dir)
             if run.status == "finished":
+                pl.seed_everything(seed, verbose=False)
+                _check_same_setup(run, make_module(), data)
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
             if run.status in ("in progress", "unfinished"):  # unfinished: another host's process, maybe alive
@@ -68,3 +73,26 @@ def train_seeds(
         else:
             trainer.fit(module, data)
     return dirpath
+
+
+def _check_same_setup(run: Trajectory, module: pl.LightningModule, data: Any) -> None:
+    """Refuse to skip a finished run that another module, other hyperparameters or another training set
+    made: the Attributor would pool it as if this call had trained it."""
+    differences = []
+    path = f"{type(module).__module__}.{type(module).__qualname__}"
+    if path != run.module_class:
+        differences.append(f"module {run.module_class}, not {path}")
+    hparams = {k: jsonable(v) for k, v in dict(module.hparams).items()}
+    differences += [
+        f"{k}={v!r}, not {hparams[k]!r}" for k, v in run.manifest.hparams.items() if k in hparams and hparams[k] != v
+    ]
+    dataset = data.dataset if isinstance(data, DataLoader) else None  # a DataModule's is not built before fit
+    if dataset is not None and (
+        len(dataset) != run.dataset_length or fingerprint_dataset(dataset) != run.dataset_fingerprint
+    ):
+        differences.append("another training set")
+    if differences:
+        raise RuntimeError(
+            f"train_seeds: {run.path} holds a finished run of another setup ({'; '.join(differences)}), which would be "
+            "pooled as if this call had trained it. Give another dirpath, or delete the folder to record it again."
+        )
