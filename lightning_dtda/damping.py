@@ -162,3 +162,14 @@ def fit_damping(approximate: Solver, ggn: Products, vectors: Tensor, damping: fl
         ax = ggn.matmat(x.T).T + damping * x
         totals.append((-0.5 * (g * x).sum(1) ** 2 / (x * ax).sum(1)).sum().item())
     return candidates[min(range(len(candidates)), key=totals.__getitem__)], totals
+
+
+def grid_edge(chosen: float, damping: float) -> str | None:
+    """``"smallest"`` or ``"largest"`` where ``fit_damping`` chose (``chosen``, for the GGN damping
+    ``damping``) the first or last candidate of its grid, whose best lies then beyond the range searched;
+    ``None`` inside it."""
+    if chosen <= damping * DAMPING_GRID[0] * (1 + 1e-9):
+        return "smallest"
+    if chosen >= damping * DAMPING_GRID[-1] * (1 - 1e-9):
+        return "largest"
+    return None

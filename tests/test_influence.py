@@ -490,3 +490,31 @@ def test_the_default_curvature_is_the_exact_ggn_until_the_queries_or_its_memory_
     assert values.settings["curvature"] == "ggn" and values.settings["solver"] == "dense"
     monkeypatch.setattr(influence, "AUTO_SELF_INFLUENCE_DENSE", 82)
     assert Attributor(TinyClassifier, runs[:1], data, progress=False).self_influence().settings["curvature"] == "ekfac"
+
+
+@pytest.mark.parametrize("scale, edge", [(1.0, None), (1e6, "largest"), (1e-6, "smallest")])
+def test_a_damping_fit_at_the_edge_of_its_grid_is_named(scale, edge):
+    """Solves by ``scale * G`` point as the exact ``(G + d)^-1 g`` do at a damping of ``scale * d``: inside the
+    grid (scale 1) the fit finds it; far beyond it, it stops at the grid's edge, which ``grid_edge`` names
+    (Influence then warns and reports it)."""
+    from lightning_dtda.damping import fit_damping, grid_edge
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))[0]
+    G = basis @ torch.diag(torch.logspace(-4, 2, 12, dtype=torch.float64)) @ basis.T
+    d = 1e-2
+
+    class Dense:
+        def __init__(self, matrix):
+            self.matrix = matrix
+
+        def solve(self, vectors, lam):
+            return torch.linalg.solve(self.matrix + lam * torch.eye(12, dtype=torch.float64), vectors.T).T
+
+        def matmat(self, columns):
+            return self.matrix @ columns
+
+    chosen, _ = fit_damping(Dense(scale * G), Dense(G), torch.randn(4, 12, generator=generator, dtype=torch.float64), d)
+    assert grid_edge(chosen, d) == edge
+    if edge is None:
+        assert chosen == pytest.approx(d)  # the exact GGN's own damping: its solves are the exact ones

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
@@ -21,7 +22,7 @@ from lightning_dtda.curvature.base import (
 )
 from lightning_dtda.curvature.ggn import KrylovGGN
 from lightning_dtda.curvature.tracked import check_modules, tracked_parameters
-from lightning_dtda.damping import auto_damping, fit_damping
+from lightning_dtda.damping import auto_damping, fit_damping, grid_edge
 from lightning_dtda.estimators.base import Estimator, RunContext, curvature_examples
 from lightning_dtda.hooks import Hooks
 from lightning_dtda.model.gradients import stream_gradients, trainable_parameters
@@ -190,7 +191,18 @@ class Influence(Estimator):
             ggn = context.fit_curvature("ggn", context.model, solver="krylov", subset=self.curvature_subset)
             assert isinstance(ggn, KrylovGGN)
             report["ggn_damping"] = damping
-            damping, _ = fit_damping(curvature, ggn, probes, damping)
+            fitted, _ = fit_damping(curvature, ggn, probes, damping)
+            edge = grid_edge(fitted, damping)
+            if edge is not None:
+                report["damping_at_grid_edge"] = edge
+                rank_zero_warn(
+                    f"Influence({self.curvature!r}) on {context.run.name}: the fitted damping {fitted:.3g} is the "
+                    f"{edge} candidate ({fitted / damping:g} x the GGN's {damping:.3g}), so {'EK-FAC' if self.curvature == 'ekfac' else 'K-FAC'}'s "
+                    "solves would point more like the exact GGN's beyond the range searched: they are far from "
+                    "them here, and its effects' scale is not fitted at all. Compare with Influence('ggn'), or "
+                    "give a damping."
+                )
+            damping = fitted
         return curvature, damping, report
 
     def estimate(self, context: RunContext) -> tuple[Tensor, dict[str, Any]]:
