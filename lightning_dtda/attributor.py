@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
@@ -317,6 +317,8 @@ class Attributor:
         result = AttributionResult(
             torch.stack(effects), torch.stack(measurements), [run.name for run in self.runs], settings
         )
+        if getattr(self.module, "attribution_measurement", None) is None:  # the query loss
+            _warn_negative_losses(result, self.estimator.label)
         if rank_and_world()[0] == 0:
             log_result(result, _as_loggers(loggers), k=top_k)
         return result
@@ -393,4 +395,21 @@ class Attributor:
             per_run.append(info)
         return SelfInfluence(
             torch.stack(effects), torch.stack(losses), [run.name for run in self.runs], self._settings(per_run, reason)
+        )
+
+
+def _warn_negative_losses(result: AttributionResult, label: str) -> None:
+    """Say when removals are predicted to take a (non-negative) query loss below zero: effects that large are
+    beyond what a first-order prediction of the run holds, which nothing else would show."""
+    if bool((result.measurements < 0).any()):  # a loss function of the user's that can be negative
+        return
+    after = result.measurements[:, :, None] + result.effects
+    negative = int((after < 0).sum())
+    if negative:
+        rank_zero_warn(
+            f"{label}: {negative} of {after.numel()} predicted query losses after a removal are negative (lowest "
+            f"{after.min().item():.3g}), which a loss cannot be: those effects are beyond what a first-order "
+            "prediction of the run holds (an approximate curvature far off in scale, a run whose path bends at ReLU "
+            "or max-pool kinks). Their ranking may still serve; their size does not. Compare estimators on "
+            "evaluation.retrain's ground truth for a few examples."
         )

@@ -518,3 +518,23 @@ def test_a_damping_fit_at_the_edge_of_its_grid_is_named(scale, edge):
     assert grid_edge(chosen, d) == edge
     if edge is None:
         assert chosen == pytest.approx(d)  # the exact GGN's own damping: its solves are the exact ones
+
+
+def test_removals_predicted_to_take_a_loss_below_zero_are_warned_about(classifier_runs):
+    """A damping a million times too small blows the identity's effects up past the query losses themselves:
+    the warning counts the predicted losses below zero exactly; a sane damping gives none and no warning."""
+    import warnings
+
+    runs, data, queries = classifier_runs
+    with pytest.warns(UserWarning, match=r"predicted query losses after a removal are negative") as caught:
+        wild = Attributor(TinyClassifier, runs, data, Influence("identity", damping=1e-6), progress=False).attribute(
+            queries
+        )
+    negative = int((wild.measurements[:, :, None] + wild.effects < 0).sum())
+    assert negative > 0 and f": {negative} of {2 * 5 * 40} predicted" in str(caught[-1].message)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*predicted query losses.*")
+        sane = Attributor(TinyClassifier, runs, data, Influence("identity", damping=10.0), progress=False).attribute(
+            queries
+        )
+    assert bool((sane.measurements[:, :, None] + sane.effects >= 0).all())
