@@ -93,9 +93,8 @@ def retrain(
         if hooks.default_train_loss:
             hooks.check_loss(first_batch(train_data, device))
         replayer = Replay(model, run, train_data)  # one per run: it checks the run and reads snapshot 0
-        if models_per_pass == 1:
-            measured = _measured_rows(replayer, model, rows, query_data, 1, progress)
-        else:
+        batched: ReplayMismatchError | None = None
+        if models_per_pass > 1:
             try:
                 # Vectorised kernels round unlike training's. Where the run has kinks (max-pool ties, ReLUs at
                 # zero), that rounding can send a gradient down another path: the replay is then another run,
@@ -104,12 +103,17 @@ def retrain(
                 # land within the tolerance, with no allowance for amplified rounding.
                 measured = _measured_rows(replayer, model, rows, query_data, models_per_pass, progress, False)
             except ReplayMismatchError as err:
-                rank_zero_warn(
-                    f"retrain: {run.name}'s weightings replayed together (models_per_pass={models_per_pass}) land "
-                    f"{err.gap:.1e} (relative) from the run's weights at step {err.step}, beyond its tolerance: "
-                    "replaying them one at a time, with training's kernels (slower; models_per_pass=1 starts there)."
-                )
-                measured = _measured_rows(replayer, model, rows, query_data, 1, progress)
+                batched = err
+        if models_per_pass == 1 or batched is not None:
+            # Raises in turn where the run itself cannot be replayed.
+            measured = _measured_rows(replayer, model, rows, query_data, 1, progress)
+        if batched is not None:
+            rank_zero_warn(
+                f"retrain: {run.name}'s weightings replayed together (models_per_pass={models_per_pass}) land "
+                f"{batched.gap:.1e} (relative) from the run's weights at step {batched.step}, beyond its tolerance; "
+                "one at a time, with training's kernels, they land on them, so they were replayed so (slower; "
+                "models_per_pass=1 starts there)."
+            )
         base.append(measured[0])
         retrained.append(measured[1:].T)
     return Retraining(weights.cpu(), torch.stack(base), torch.stack(retrained), [run.name for run in runs])
