@@ -526,11 +526,11 @@ def test_removals_predicted_to_take_a_loss_below_zero_are_warned_about(classifie
     import warnings
 
     runs, data, queries = classifier_runs
-    with pytest.warns(UserWarning, match=r"predicted query losses after a removal are negative") as caught:
+    with pytest.warns(UserWarning, match=r"predicted query losses after a removal are below zero by more") as caught:
         wild = Attributor(TinyClassifier, runs, data, Influence("identity", damping=1e-6), progress=False).attribute(
             queries
         )
-    negative = int((wild.measurements[:, :, None] + wild.effects < 0).sum())
+    negative = int((wild.measurements[:, :, None] + wild.effects < -0.1 * wild.measurements.mean()).sum())
     assert negative > 0 and f": {negative} of {2 * 5 * 40} predicted" in str(caught[-1].message)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*predicted query losses.*")
