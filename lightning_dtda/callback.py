@@ -164,7 +164,12 @@ class AttributionCallback(Callback):
         )
         self.result = attributor.attribute(self._queries(trainer))  # on a copy of the module
         log_result(self.result, trainer.loggers, k=self.top_k, step=trainer.global_step)
-        self.result.save(Path(recorder.dirpath) / "attribution.safetensors")
+        path = Path(recorder.dirpath) / "attribution.safetensors"
+        self.result.save(path)
+        # Without a logger nothing shows where the result went.
+        rank_zero_info(
+            f"AttributionCallback: saved to {path}{'' if trainer.loggers else ' (the trainer has no logger)'}"
+        )
         current = recorder.writer.last_snapshot_step == trainer.global_step
         self._attributed_at = trainer.global_step if current else None
 
