@@ -52,8 +52,9 @@ def retrain(
         train_data: The training set in recorded index order.
         query_data: The queries to measure.
         weights: ``[M, N]`` per-example loss weights.
-        models_per_pass: How many weightings one vectorised replay trains at once. Where the batched
-            replay of a seed does not land within 1e-4 of the run's weights (vectorised kernels round unlike
+        models_per_pass: How many weightings one vectorised replay trains at once, the recorded run among
+            them (each batch is checked by it). Where a batched replay of a seed does not land within 1e-4 of
+            the run's weights (vectorised kernels round unlike
             training's, and at kinks, such as max-pool ties, that can make another run), that seed's
             weightings are replayed one at a time with training's kernels instead, with a warning.
         device: Where to train.
@@ -111,8 +112,8 @@ def retrain(
             rank_zero_warn(
                 f"retrain: {run.name}'s weightings replayed together (models_per_pass={models_per_pass}) land "
                 f"{batched.gap:.1e} (relative) from the run's weights at step {batched.step}, beyond its tolerance; "
-                "one at a time, with training's kernels, they land on them, so they were replayed so (slower; "
-                "models_per_pass=1 starts there)."
+                "replayed one at a time, with training's kernels, they land on them, and the ground truth is that "
+                "replay's (slower; models_per_pass=1 starts there)."
             )
         base.append(measured[0])
         retrained.append(measured[1:].T)
@@ -128,21 +129,21 @@ def _measured_rows(
     progress: bool,
     excuse_rounding: bool = True,
 ) -> Tensor:
-    """``[M + 1, Q]`` query measurements of the run replayed under each of ``rows`` (row 0: the recorded run,
-    checked against its snapshots, as unrolling's replay is), ``models_per_pass`` rows at a time."""
+    """``[M + 1, Q]`` query measurements of the run replayed under each of ``rows`` (row 0: the recorded run),
+    ``models_per_pass`` rows at a time. One at a time, the recorded run is checked against its snapshots, as
+    unrolling's replay is, and the other rows go through the same kernels; in batches, every batch holds the
+    recorded run too and is checked so, since a batch of another size can take other kernels."""
+    if models_per_pass == 1:
+        params, state, _ = replay_checked(replayer, rows[:1], progress, strict=True, excuse_rounding=excuse_rounding)
+        chunks = [measure(model, replayer.named(params, state), query_data)]
+        chunks += [measure(model, replayer.final(rows[i : i + 1], progress), query_data) for i in range(1, len(rows))]
+        return torch.cat(chunks).cpu()
     chunks = []
-    for i in range(0, len(rows), models_per_pass):
-        if i == 0:
-            params, state, _ = replay_checked(
-                replayer, rows[:models_per_pass], progress, strict=True, excuse_rounding=excuse_rounding
-            )
-            chunks.append(measure(model, replayer.named(params, state), query_data))
-        elif i + 1 == len(rows) and models_per_pass > 1:
-            # One row alone rounds unlike the base row's chunk (unvmapped, and even vmapped a batch of one
-            # takes other kernels): replayed beside the previous row, every effect has the same rounding.
-            chunks.append(measure(model, replayer.final(rows[i - 1 :], progress), query_data)[1:])
-        else:
-            chunks.append(measure(model, replayer.final(rows[i : i + models_per_pass], progress), query_data))
+    for i in range(1, max(len(rows), 2), models_per_pass - 1):
+        batch = torch.cat([rows[:1], rows[i : i + models_per_pass - 1]])
+        params, state, _ = replay_checked(replayer, batch, progress, strict=True, excuse_rounding=excuse_rounding)
+        measured = measure(model, replayer.named(params, state), query_data)
+        chunks.append(measured if i == 1 else measured[1:])
     return torch.cat(chunks).cpu()
 
 

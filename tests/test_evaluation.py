@@ -93,17 +93,22 @@ def test_retraining_a_cnn_with_dropout_batch_norm_and_clipping_equals_lightning_
         assert (truth.effects[0, :, column]).abs().max() > 1e-3  # removing the example did change the queries
 
 
-def test_retraining_rounds_every_row_alike_however_the_rows_are_chunked(tmp_path):
-    """A last chunk of one row would be replayed without vmap, rounding unlike the base row: in float32 the
-    same weightings retrained two and three at a time give identical ground truths."""
+def test_retraining_gives_one_ground_truth_however_the_rows_are_chunked(tmp_path):
+    """Every chunk of weightings is replayed beside the recorded run and checked against its snapshots (a batch
+    of another size can take other kernels): in float32 the same weightings retrained two and three at a time,
+    and one at a time, give the same ground truth up to rounding."""
     data, queries = image_data(24), image_data(3, seed=1)
     fit_weighted_cnn(tmp_path, data, precision="32-true")
-    weights = leave_one_out_weights(24, [2, 9, 17])  # with the base row: chunks of 2 + 2, or 3 + 1
+    weights = leave_one_out_weights(24, [2, 9, 17])  # with the base row: chunks of 2 + 2 + 2, or 3 + 2
     truths = [
         retrain(WeightedCNN, tmp_path / "runs", data, queries, weights, models_per_pass=k, progress=False)
-        for k in (2, 3)
+        for k in (1, 2, 3)
     ]
-    assert torch.equal(truths[0].effects, truths[1].effects)
+    scale = truths[0].effects.abs().max()
+    assert scale > 1e-3
+    for truth in truths[1:]:
+        assert (truth.base - truths[0].base).abs().max() <= 1e-5 * truths[0].base.abs().max()
+        assert (truth.effects - truths[0].effects).abs().max() <= 1e-5 * scale
 
 
 def test_the_ground_truth_of_the_recipe_users_train_equals_lightning_retraining(tmp_path):

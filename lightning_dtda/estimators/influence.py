@@ -195,9 +195,10 @@ class Influence(Estimator):
             edge = grid_edge(fitted, damping)
             if edge is not None:
                 report["damping_at_grid_edge"] = edge
+                name = "EK-FAC" if self.curvature == "ekfac" else "K-FAC"
                 rank_zero_warn(
                     f"Influence({self.curvature!r}) on {context.run.name}: the fitted damping {fitted:.3g} is the "
-                    f"{edge} candidate ({fitted / damping:g} x the GGN's {damping:.3g}), so {'EK-FAC' if self.curvature == 'ekfac' else 'K-FAC'}'s "
+                    f"{edge} candidate ({fitted / damping:g} x the GGN's {damping:.3g}), so {name}'s "
                     "solves would point more like the exact GGN's beyond the range searched: they are far from "
                     "them here, and its effects' scale is not fitted at all. Compare with Influence('ggn'), or "
                     "give a damping."
