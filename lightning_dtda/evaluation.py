@@ -46,6 +46,11 @@ def retrain(
 ) -> Retraining:
     """Replay every run under every weighting and measure the queries.
 
+    Every weighting is replayed twice: as recorded, and from step-0 weights one rounding unit away. How far
+    each effect moves between the two is ``Retraining.rounding``; where it moves by over 1% of its query's
+    largest effect, rounding decides it (the run passes near ties, at max-pool or ReLU kinks: no replay can be
+    checked for a removal, which has no recording), and a warning counts such effects. This doubles the cost.
+
     Args:
         module: The LightningModule class or an instance (as for the Attributor).
         runs: A folder of runs or loaded trajectories; each is one seed.
@@ -87,7 +92,7 @@ def retrain(
     if weights.ndim != 2 or weights.shape[1] != runs[0].dataset_length:
         raise ValueError(f"weights must be [M, {runs[0].dataset_length}], got {tuple(weights.shape)}.")
     rows = torch.cat([torch.ones(1, weights.shape[1], dtype=weights.dtype), weights])  # row 0: the base run
-    base, retrained = [], []
+    base, retrained, rounding = [], [], []
     for run in tqdm(runs, desc="retraining seeds", disable=not progress):
         model = instantiate(module, run, 0, device)
         hooks = Hooks(model)
@@ -115,9 +120,38 @@ def retrain(
                 "replayed one at a time, with training's kernels, they land on them, and the ground truth is that "
                 "replay's (slower; models_per_pass=1 starts there)."
             )
+        # The same replays from step-0 weights one rounding unit away: where the run passes near a tie (max-pool,
+        # a ReLU at zero), rounding alone can send one removal's replay down another path than the run's own
+        # code would take (1e-2 on some digits CNN examples, 1e-7 on the others), and no check sees it, since
+        # only the recorded run has snapshots.
+        twin = _measured_rows(
+            replayer, model, rows, query_data, 1 if batched else models_per_pass, progress, perturbed=True
+        )
         base.append(measured[0])
         retrained.append(measured[1:].T)
-    return Retraining(weights.cpu(), torch.stack(base), torch.stack(retrained), [run.name for run in runs])
+        rounding.append(((twin[1:] - twin[:1]) - (measured[1:] - measured[:1])).abs().T)
+    truth = Retraining(
+        weights.cpu(), torch.stack(base), torch.stack(retrained), [run.name for run in runs], torch.stack(rounding)
+    )
+    _warn_rounding(truth)
+    return truth
+
+
+def _warn_rounding(truth: Retraining) -> None:
+    """Say how many effects rounding decides: moving by over 1% of their query's largest effect (and by over
+    1e-5 of its measurement, far above float32's own noise) when the replays start one rounding unit away."""
+    assert truth.rounding is not None
+    scale = truth.effects.abs().amax(-1, keepdim=True)
+    decided = (truth.rounding > 0.01 * scale) & (truth.rounding > 1e-5 * truth.base.abs().unsqueeze(-1))
+    if bool(decided.any()):
+        runs = [name for name, d in zip(truth.runs, decided) if bool(d.any())]
+        rank_zero_warn(
+            f"retrain: {int(decided.sum())} of {decided.numel()} effects ({', '.join(runs)}) move by over 1% of their "
+            f"query's largest effect when the replays start one rounding unit away (up to "
+            f"{truth.rounding.max().item():.1e}): rounding decides them (the run passes near ties, at max-pool or "
+            "ReLU kinks), so no value of this precision is their ground truth. Retraining.rounding holds each "
+            "effect's change; mask them, or record the runs with precision='64-true' to resolve them."
+        )
 
 
 def _measured_rows(
@@ -128,21 +162,29 @@ def _measured_rows(
     models_per_pass: int,
     progress: bool,
     excuse_rounding: bool = True,
+    perturbed: bool = False,
 ) -> Tensor:
     """``[M + 1, Q]`` query measurements of the run replayed under each of ``rows`` (row 0: the recorded run),
     ``models_per_pass`` rows at a time. One at a time, the recorded run is checked against its snapshots, as
     unrolling's replay is, and the other rows go through the same kernels; in batches, every batch holds the
     recorded run too and is checked so, since a batch of another size can take other kernels."""
+
+    def replayed(batch: Tensor) -> Tensor:
+        if perturbed:  # the twin replays: nothing to check them against
+            return measure(model, replayer.final(batch, progress, perturbed=True), query_data)
+        params, state, _ = replay_checked(replayer, batch, progress, strict=True, excuse_rounding=excuse_rounding)
+        return measure(model, replayer.named(params, state), query_data)
+
     if models_per_pass == 1:
-        params, state, _ = replay_checked(replayer, rows[:1], progress, strict=True, excuse_rounding=excuse_rounding)
-        chunks = [measure(model, replayer.named(params, state), query_data)]
-        chunks += [measure(model, replayer.final(rows[i : i + 1], progress), query_data) for i in range(1, len(rows))]
+        chunks = [replayed(rows[:1])]
+        chunks += [
+            measure(model, replayer.final(rows[i : i + 1], progress, perturbed), query_data)
+            for i in range(1, len(rows))
+        ]
         return torch.cat(chunks).cpu()
     chunks = []
     for i in range(1, max(len(rows), 2), models_per_pass - 1):
-        batch = torch.cat([rows[:1], rows[i : i + models_per_pass - 1]])
-        params, state, _ = replay_checked(replayer, batch, progress, strict=True, excuse_rounding=excuse_rounding)
-        measured = measure(model, replayer.named(params, state), query_data)
+        measured = replayed(torch.cat([rows[:1], rows[i : i + models_per_pass - 1]]))
         chunks.append(measured if i == 1 else measured[1:])
     return torch.cat(chunks).cpu()
 

@@ -1,3 +1,6 @@
+import re
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -84,7 +87,12 @@ def test_replay_leave_one_out_equals_lightning_retraining_with_the_same_seed(tmp
 def test_retraining_a_cnn_with_dropout_batch_norm_and_clipping_equals_lightning_retraining(tmp_path):
     data, queries = image_data(24, dtype=torch.float64), image_data(3, seed=1, dtype=torch.float64)
     fit_weighted_cnn(tmp_path, data)
-    truth = retrain(WeightedCNN, tmp_path / "runs", data, queries, leave_one_out_weights(24, [5, 18]), progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="retrain: .* rounding")  # float64: rounding decides nothing
+        truth = retrain(
+            WeightedCNN, tmp_path / "runs", data, queries, leave_one_out_weights(24, [5, 18]), progress=False
+        )
+    assert truth.rounding.shape == (1, 3, 2) and truth.rounding.max() < 1e-9 * truth.effects.abs().max()
     for column, removed in enumerate((5, 18)):
         lightning = fit_weighted_cnn(tmp_path, data, recorder=False, removed=removed, weight=0.0).eval()
         with torch.no_grad():
@@ -204,6 +212,7 @@ def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
     truth.save(tmp_path / "truth.safetensors")
     loaded = Retraining.load(tmp_path / "truth.safetensors")
     assert torch.equal(loaded.retrained, truth.retrained) and loaded.runs == truth.runs
+    assert torch.equal(loaded.rounding, truth.rounding)
 
 
 def test_subset_predictions_sum_the_removed_examples():
@@ -327,10 +336,21 @@ def test_a_batched_replay_off_the_run_is_redone_with_trainings_kernels_and_a_cha
         replay_checked(replay_40, torch.ones(2, 40), strict=True, excuse_rounding=False)
     assert batched.value.gap > 1e-4
     weights = leave_one_out_weights(40, [3, 7])
-    with pytest.warns(UserWarning, match=r"seed_0's weightings replayed together \(models_per_pass=128\) land"):
+    with pytest.warns(UserWarning) as caught:
         truth = retrain(TinyClassifier, [run], data, queries, weights, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any(
+        re.match(r"retrain: seed_0's weightings replayed together \(models_per_pass=128\) land", m) for m in messages
+    )
     one_at_a_time = retrain(TinyClassifier, [run], data, queries, weights, models_per_pass=1, progress=False)
     assert torch.equal(truth.effects, one_at_a_time.effects) and truth.effects.abs().max() > 1e-4
+    # Even the run's own replay leaves effects that rounding decides: started one rounding unit away, some move
+    # by more than a percent of their query's largest effect, and retrain counts them.
+    decided = (
+        (truth.rounding > 0.01 * truth.effects.abs().amax(-1, keepdim=True))
+        & (truth.rounding > 1e-5 * truth.base.abs().unsqueeze(-1))
+    ).sum()
+    assert decided > 0 and any(f"retrain: {int(decided)} of 6 effects (seed_0) move by over 1%" in m for m in messages)
     [chaotic] = load_runs(tmp_path / "runs_120")
     replay_120 = Replay(instantiate(TinyClassifier, chaotic, 0), chaotic, SeededDataset(data))
     with pytest.raises(ReplayMismatchError, match="lands .* away from its recorded weights"):

@@ -267,10 +267,17 @@ class Replay:
         scale = (value / (norm + 1e-6)).clamp(max=1.0)
         return [g * scale.view(-1, *[1] * (g.ndim - 1)) for g in grads]
 
-    def final(self, weights: Tensor, progress: bool = False) -> dict[str, Tensor]:
+    def final(self, weights: Tensor, progress: bool = False, perturbed: bool = False) -> dict[str, Tensor]:
         """The whole run replayed once per row of ``weights [M, N]``, without gradients: the final
-        parameters and running statistics by name, ``[M, *shape]`` each."""
+        parameters and running statistics by name, ``[M, *shape]`` each. ``perturbed``: from step-0
+        parameters moved by one rounding unit (relative ``eps`` of their dtype, the same random signs for
+        every row), to see how far rounding alone moves each replay."""
         params, state = self.initial(len(weights))
+        if perturbed:
+            generator = torch.Generator().manual_seed(0)
+            eps = torch.finfo(params[0].dtype).eps
+            signs = [torch.randint(0, 2, p.shape[1:], generator=generator).to(p) * 2 - 1 for p in params]
+            params = [p * (1 + eps * sign) for p, sign in zip(params, signs)]
         weights = weights.to(device=params[0].device, dtype=params[0].dtype)
         with torch.no_grad():
             params, state = self.advance(params, state, weights, self.run.steps, progress)

@@ -27,12 +27,16 @@ class Retraining:
         base: ``[S, Q]`` each seed's measurement with every weight 1 (the recorded run, replayed).
         retrained: ``[S, Q, M]`` each seed's measurement under each weighting.
         runs: The run names, one per seed.
+        rounding: ``[S, Q, M]`` how far each effect moves when its replays start one rounding unit away
+            (``retrain`` measures it; ``None`` where not measured). An effect that moves by a sizeable part
+            of itself is decided by rounding (ties at max-pool or ReLU kinks), not by the weighting.
     """
 
     weights: Tensor
     base: Tensor
     retrained: Tensor
     runs: list[str]
+    rounding: Tensor | None = None
 
     @property
     def effects(self) -> Tensor:
@@ -78,6 +82,7 @@ class Retraining:
                 "base": self.base,
                 "retrained": self.retrained,
                 "runs": self.runs,
+                **({} if self.rounding is None else {"rounding": self.rounding}),
             },
             path,
         )
@@ -88,7 +93,7 @@ class Retraining:
         payload = load_tree(path)
         if payload.get("format") != _RETRAINING_FORMAT:
             raise ValueError(f"{path} is not a Retraining file (format {_RETRAINING_FORMAT}).")
-        return cls(payload["weights"], payload["base"], payload["retrained"], payload["runs"])
+        return cls(payload["weights"], payload["base"], payload["retrained"], payload["runs"], payload.get("rounding"))
 
 
 class QuerySpearman(Metric):
