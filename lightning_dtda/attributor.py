@@ -294,7 +294,8 @@ class Attributor:
         Returns:
             An ``AttributionResult`` with ``effects [seeds, queries, train]``; its ``settings``
             hold the estimator's settings, what it chose per run, each run's seed, attributed step
-            (``snapshot_steps``; ``snapshot``: which was asked for) and status (and ``reduce``, when given).
+            (``snapshot_steps``; ``snapshot``: which was asked for), status and training ``precision`` (and
+            ``reduce``, when given).
         """
         if len(query_data) == 0:  # type: ignore[arg-type]
             raise ValueError("query_data is empty; pass at least one query example.")
@@ -332,6 +333,8 @@ class Attributor:
             "snapshot": self.snapshot,
             "snapshot_steps": [run.final_step for run in self.runs],
             "run_status": [run.status for run in self.runs],
+            # A mixed-precision run is attributed in full precision: its settings should say what it trained in.
+            "precision": [run.manifest.precision for run in self.runs],
             "module": self.runs[0].module_class,
             "dataset_fingerprint": self.runs[0].dataset_fingerprint,
             "versions": self.runs[0].manifest.versions,

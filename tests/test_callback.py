@@ -121,6 +121,7 @@ def test_the_end_of_fit_result_is_logged_at_the_last_step_once(tmp_path):
     assert steps == [4, 8]  # epochs 1 and 2; the end of fit reuses the last epoch's result
     saved = AttributionResult.load(tmp_path / "runs" / "attribution.safetensors")
     assert saved.settings["run_status"] == ["finished"] and saved.settings["snapshot_steps"] == [8]
+    assert saved.settings["precision"] == ["32-true"]
 
 
 def test_missing_query_data_is_reported_before_training(tmp_path):
