@@ -318,7 +318,11 @@ class Attributor:
         result = AttributionResult(
             torch.stack(effects), torch.stack(measurements), [run.name for run in self.runs], settings
         )
-        if getattr(self.module, "attribution_measurement", None) is None:  # the query loss
+        # The query loss, of a loss function the library picked (cross-entropy, MSE, BCE: never negative).
+        if all(
+            getattr(self.module, hook, None) is None
+            for hook in ("attribution_measurement", "attribution_loss_function")
+        ):
             _warn_negative_losses(result, self.estimator.label)
         if rank_and_world()[0] == 0:
             log_result(result, _as_loggers(loggers), k=top_k)

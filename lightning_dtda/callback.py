@@ -125,7 +125,7 @@ class AttributionCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A replaying estimator would meet this only after training: refuse it before any.
-        optimizer = optimizer_name(trainer.optimizers[0])
+        optimizer = optimizer_name(trainer.optimizers[0]) if trainer.optimizers else None
         replays = isinstance(self.estimator, Unrolled) or (isinstance(self.estimator, Segmented) and optimizer != "SGD")
         problems = unreplayable_layers(pl_module) if replays else []
         if problems:

@@ -48,7 +48,7 @@ def retrain(
 
     Every weighting is replayed twice: as recorded, and from step-0 weights one rounding unit away. How far
     each effect moves between the two is ``Retraining.rounding``; where it moves by over 1% of its query's
-    largest effect, rounding decides it (the run passes near ties, at max-pool or ReLU kinks: no replay can be
+    largest effect (and by over 1e-5 of the query's measurement), rounding decides it (the run passes near ties, at max-pool or ReLU kinks: no replay can be
     checked for a removal, which has no recording), and a warning counts such effects. This doubles the cost.
 
     Args:
@@ -58,7 +58,8 @@ def retrain(
         query_data: The queries to measure.
         weights: ``[M, N]`` per-example loss weights.
         models_per_pass: How many weightings one vectorised replay trains at once, the recorded run among
-            them (each batch is checked by it). Where a batched replay of a seed does not land within 1e-4 of
+            them (each batch is checked by it, and its effects are taken against it): ``models_per_pass - 1``
+            of ``weights`` per batch. Where a batched replay of a seed does not land within 1e-4 of
             the run's weights (vectorised kernels round unlike
             training's, and at kinks, such as max-pool ties, that can make another run), that seed's
             weightings are replayed one at a time with training's kernels instead, with a warning.
@@ -89,8 +90,10 @@ def retrain(
     # Read as the Attributor reads them: a fixed view of augmented examples, inputs cast as the run's were.
     train_data = SeededDataset(train_data, runs[0].manifest.input_dtype)
     query_data = SeededDataset(query_data, runs[0].manifest.input_dtype)
-    if weights.ndim != 2 or weights.shape[1] != runs[0].dataset_length:
-        raise ValueError(f"weights must be [M, {runs[0].dataset_length}], got {tuple(weights.shape)}.")
+    if weights.ndim != 2 or weights.shape[1] != runs[0].dataset_length or len(weights) == 0:
+        raise ValueError(f"weights must be [M, {runs[0].dataset_length}] with M >= 1, got {tuple(weights.shape)}.")
+    if not isinstance(models_per_pass, int) or models_per_pass < 1:
+        raise ValueError(f"models_per_pass must be a positive integer, got {models_per_pass!r}.")
     rows = torch.cat([torch.ones(1, weights.shape[1], dtype=weights.dtype), weights])  # row 0: the base run
     base, retrained, rounding = [], [], []
     for run in tqdm(runs, desc="retraining seeds", disable=not progress):
@@ -102,12 +105,11 @@ def retrain(
         batched: ReplayMismatchError | None = None
         if models_per_pass > 1:
             try:
-                # Vectorised kernels round unlike training's. Where the run has kinks (max-pool ties, ReLUs at
-                # zero), that rounding can send a gradient down another path: the replay is then another run,
-                # not rounding of this one (1e-2 from a digits CNN's weights, with ties from nearest-neighbour
-                # augmentation, where one weighting at a time landed within 5e-7). So the batched replay must
-                # land within the tolerance, with no allowance for amplified rounding.
-                measured = _measured_rows(replayer, model, rows, query_data, models_per_pass, progress, False)
+                # At kinks, vectorised kernels' other rounding can make another run, not rounding of this one
+                # (see the distributions guide): no allowance for amplified rounding here.
+                measured = _measured_rows(
+                    replayer, model, rows, query_data, models_per_pass, progress, excuse_rounding=False
+                )
             except ReplayMismatchError as err:
                 batched = err
         if models_per_pass == 1 or batched is not None:
@@ -117,15 +119,13 @@ def retrain(
             rank_zero_warn(
                 f"retrain: {run.name}'s weightings replayed together (models_per_pass={models_per_pass}) land "
                 f"{batched.gap:.1e} (relative) from the run's weights at step {batched.step}, beyond its tolerance; "
-                "replayed one at a time, with training's kernels, they land on them, and the ground truth is that "
-                "replay's (slower; models_per_pass=1 starts there)."
+                f"replayed one at a time, with training's kernels, they land within {replayer.gap:.1e}, and the "
+                "ground truth is that replay's (slower; models_per_pass=1 starts there)."
             )
-        # The same replays from step-0 weights one rounding unit away: where the run passes near a tie (max-pool,
-        # a ReLU at zero), rounding alone can send one removal's replay down another path than the run's own
-        # code would take (1e-2 on some digits CNN examples, 1e-7 on the others), and no check sees it, since
-        # only the recorded run has snapshots.
+        # No check reaches a removal's replay (only the recorded run has snapshots): its twin one rounding unit
+        # away shows where rounding decides it.
         twin = _measured_rows(
-            replayer, model, rows, query_data, 1 if batched else models_per_pass, progress, perturbed=True
+            replayer, model, rows, query_data, models_per_pass if batched is None else 1, progress, perturbed=True
         )
         base.append(measured[0])
         retrained.append(measured[1:].T)
@@ -148,7 +148,7 @@ def _warn_rounding(truth: Retraining) -> None:
         rank_zero_warn(
             f"retrain: {int(decided.sum())} of {decided.numel()} effects ({', '.join(runs)}) move by over 1% of their "
             f"query's largest effect when the replays start one rounding unit away (up to "
-            f"{truth.rounding.max().item():.1e}): rounding decides them (the run passes near ties, at max-pool or "
+            f"{truth.rounding[decided].max().item():.1e}): rounding decides them (the run passes near ties, at max-pool or "
             "ReLU kinks), so no value of this precision is their ground truth. Retraining.rounding holds each "
             "effect's change; mask them, or record the runs with precision='64-true' to resolve them."
         )
@@ -182,10 +182,12 @@ def _measured_rows(
             for i in range(1, len(rows))
         ]
         return torch.cat(chunks).cpu()
-    chunks = []
+    chunks: list[Tensor] = []
     for i in range(1, max(len(rows), 2), models_per_pass - 1):
         measured = replayed(torch.cat([rows[:1], rows[i : i + models_per_pass - 1]]))
-        chunks.append(measured if i == 1 else measured[1:])
+        # Each batch's rows against its own recorded run (a batch of another size may round otherwise), then
+        # put on the first batch's.
+        chunks.append(measured if i == 1 else measured[1:] - measured[:1] + chunks[0][:1])
     return torch.cat(chunks).cpu()
 
 

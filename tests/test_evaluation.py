@@ -92,7 +92,7 @@ def test_retraining_a_cnn_with_dropout_batch_norm_and_clipping_equals_lightning_
         truth = retrain(
             WeightedCNN, tmp_path / "runs", data, queries, leave_one_out_weights(24, [5, 18]), progress=False
         )
-    assert truth.rounding.shape == (1, 3, 2) and truth.rounding.max() < 1e-9 * truth.effects.abs().max()
+    assert truth.rounding.shape == (1, 3, 2) and 0 < truth.rounding.max() < 1e-9 * truth.effects.abs().max()
     for column, removed in enumerate((5, 18)):
         lightning = fit_weighted_cnn(tmp_path, data, recorder=False, removed=removed, weight=0.0).eval()
         with torch.no_grad():
@@ -108,10 +108,12 @@ def test_retraining_gives_one_ground_truth_however_the_rows_are_chunked(tmp_path
     data, queries = image_data(24), image_data(3, seed=1)
     fit_weighted_cnn(tmp_path, data, precision="32-true")
     weights = leave_one_out_weights(24, [2, 9, 17])  # with the base row: chunks of 2 + 2 + 2, or 3 + 2
-    truths = [
-        retrain(WeightedCNN, tmp_path / "runs", data, queries, weights, models_per_pass=k, progress=False)
-        for k in (1, 2, 3)
-    ]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="retrain: .* replayed together")  # each k as asked, no fallback
+        truths = [
+            retrain(WeightedCNN, tmp_path / "runs", data, queries, weights, models_per_pass=k, progress=False)
+            for k in (1, 2, 3)
+        ]
     scale = truths[0].effects.abs().max()
     assert scale > 1e-3
     for truth in truths[1:]:
@@ -209,6 +211,11 @@ def test_small_ground_truth_and_its_comparison_with_estimates(tmp_path):
     metric.update(predicted, actual)
     assert metric.compute() > 0.5
 
+    for bad, why in [(dict(weights=torch.ones(0, 30)), r"M >= 1"), (dict(models_per_pass=0), "positive integer")]:
+        with pytest.raises(ValueError, match=why):
+            retrain(
+                TinyClassifier, tmp_path / "runs", data, queries, **({"weights": truth.weights} | bad), progress=False
+            )
     truth.save(tmp_path / "truth.safetensors")
     loaded = Retraining.load(tmp_path / "truth.safetensors")
     assert torch.equal(loaded.retrained, truth.retrained) and loaded.runs == truth.runs
@@ -274,6 +281,10 @@ def test_train_seeds_records_each_seed_once(tmp_path):
     train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1, 2], **kwargs)  # seed 0 and 1 are skipped
     assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
     assert [r.name for r in load_runs(tmp_path / "runs")] == ["seed_0", "seed_1", "seed_2"]
+    # the same class moved to another module path is the same setup, as for the Attributor
+    moved = type("TinyClassifier", (TinyClassifier,), {"__module__": "package.moved"})
+    train_seeds(moved, loader, tmp_path / "runs", seeds=[0], **kwargs)
+    assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
     # a finished run of another setup is not skipped as if this call had trained it
     for make, other, why in [
         (lambda: TinyClassifier(hidden=7), loader, r"hidden=8, not 7"),

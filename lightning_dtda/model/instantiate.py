@@ -10,18 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dtda.runs.format import jsonable, module_fingerprint
+from lightning_dtda.runs.format import jsonable, module_fingerprint, same_class
 from lightning_dtda.runs.trajectory import Trajectory
-
-
-def same_class(cls: type, recorded: str) -> bool:
-    """Whether ``cls`` may stand for the class a run recorded as ``recorded``: it has the same qualified name.
-
-    The module part is not compared: a class defined in the script that trained is recorded as
-    ``__main__.Net`` and imported elsewhere as ``train.Net``, and code moves between modules. The
-    hyperparameters and weights then decide (see ``instantiate``).
-    """
-    return recorded.endswith("." + cls.__qualname__)
 
 
 def _init_arguments(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:

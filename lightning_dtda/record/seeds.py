@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dtda.record.recorder import TrajectoryRecorder
 from lightning_dtda.runs.fingerprint import fingerprint_dataset
-from lightning_dtda.runs.format import MANIFEST, jsonable
+from lightning_dtda.runs.format import MANIFEST, jsonable, same_class
 from lightning_dtda.runs.trajectory import Trajectory
 
 
@@ -79,9 +79,8 @@ def _check_same_setup(run: Trajectory, module: pl.LightningModule, data: Any) ->
     """Refuse to skip a finished run that another module, other hyperparameters or another training set
     made: the Attributor would pool it as if this call had trained it."""
     differences = []
-    path = f"{type(module).__module__}.{type(module).__qualname__}"
-    if path != run.module_class:
-        differences.append(f"module {run.module_class}, not {path}")
+    if not same_class(type(module), run.module_class):  # moved to another module path: the Attributor's rule
+        differences.append(f"module {run.module_class}, not {type(module).__module__}.{type(module).__qualname__}")
     hparams = {k: jsonable(v) for k, v in dict(module.hparams).items()}
     differences += [
         f"{k}={v!r}, not {hparams[k]!r}" for k, v in run.manifest.hparams.items() if k in hparams and hparams[k] != v

@@ -28,8 +28,9 @@ class Retraining:
         retrained: ``[S, Q, M]`` each seed's measurement under each weighting.
         runs: The run names, one per seed.
         rounding: ``[S, Q, M]`` how far each effect moves when its replays start one rounding unit away
-            (``retrain`` measures it; ``None`` where not measured). An effect that moves by a sizeable part
-            of itself is decided by rounding (ties at max-pool or ReLU kinks), not by the weighting.
+            (``retrain`` measures it; ``None`` where not measured). ``retrain`` warns about effects that move
+            by over 1% of their query's largest effect and by over 1e-5 of its measurement: rounding decides
+            those (ties at max-pool or ReLU kinks), not the weighting.
     """
 
     weights: Tensor
@@ -73,8 +74,8 @@ class Retraining:
         return metric.compute().item()
 
     def save(self, path: str | Path) -> None:
-        """Write atomically, as a safetensors file (tensors ``weights``, ``base``, ``retrained``; the run
-        names in its metadata entry ``"lightning_dtda"``)."""
+        """Write atomically, as a safetensors file (tensors ``weights``, ``base``, ``retrained`` and, where
+        measured, ``rounding``; the run names in its metadata entry ``"lightning_dtda"``)."""
         save_tree(
             {
                 "format": _RETRAINING_FORMAT,

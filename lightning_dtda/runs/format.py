@@ -34,6 +34,16 @@ MANIFEST = "manifest.json"
 OPTIMIZERS = {"torch.optim.sgd.SGD": "SGD", "torch.optim.adam.Adam": "Adam", "torch.optim.adamw.AdamW": "AdamW"}
 
 
+def same_class(cls: type, recorded: str) -> bool:
+    """Whether ``cls`` may stand for the class a run recorded as ``recorded``: it has the same qualified name.
+
+    The module part is not compared: a class defined in the script that trained is recorded as
+    ``__main__.Net`` and imported elsewhere as ``train.Net``, and code moves between modules. The
+    hyperparameters and weights then decide (see ``instantiate``).
+    """
+    return recorded.endswith("." + cls.__qualname__)
+
+
 def optimizer_name(optimizer: Any) -> str | None:
     """``"SGD"``, ``"Adam"`` or ``"AdamW"`` for exactly those torch optimizers (see ``OPTIMIZERS``), else ``None``."""
     return OPTIMIZERS.get(f"{type(optimizer).__module__}.{type(optimizer).__qualname__}")
