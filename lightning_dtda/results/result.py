@@ -22,6 +22,7 @@ _RUN_SETTINGS = (
     "snapshot",
     "snapshot_steps",
     "run_status",
+    "precision",
     "module",
     "dataset_fingerprint",
     "versions",
