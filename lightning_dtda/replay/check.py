@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_dtda.errors import ReplayMismatchError
-from lightning_dtda.replay.engine import Replay
+from lightning_dtda.replay.engine import Replay, moved_by_rounding
 from lightning_dtda.runs.format import Step
 from lightning_dtda.runs.trajectory import Trajectory
 
@@ -185,10 +185,7 @@ def rounding_drift(replay: Replay, step: int) -> dict[str, float]:
     from those weights moved by one rounding unit (relative ``eps`` of their dtype, random signs), as the
     relative distance between the two, per parameter and running statistic."""
     params, state = replay.initial(2)
-    generator = torch.Generator().manual_seed(0)
-    signs = [torch.randint(0, 2, p.shape[1:], generator=generator).to(p) * 2 - 1 for p in params]
-    eps = torch.finfo(params[0].dtype).eps
-    params = [torch.stack([p[0], p[1] * (1 + eps * sign)]) for p, sign in zip(params, signs)]
+    params = moved_by_rounding(params, first_row=1)
     ones = torch.ones(2, replay.run.dataset_length, dtype=params[0].dtype, device=params[0].device)
     traced, replay.traced_losses = replay.traced_losses, None
     try:

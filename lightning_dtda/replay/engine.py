@@ -274,10 +274,7 @@ class Replay:
         every row), to see how far rounding alone moves each replay."""
         params, state = self.initial(len(weights))
         if perturbed:
-            generator = torch.Generator().manual_seed(0)
-            eps = torch.finfo(params[0].dtype).eps
-            signs = [torch.randint(0, 2, p.shape[1:], generator=generator).to(p) * 2 - 1 for p in params]
-            params = [p * (1 + eps * sign) for p, sign in zip(params, signs)]
+            params = moved_by_rounding(params)
         weights = weights.to(device=params[0].device, dtype=params[0].dtype)
         with torch.no_grad():
             params, state = self.advance(params, state, weights, self.run.steps, progress)
@@ -286,6 +283,15 @@ class Replay:
     def named(self, params: list[Tensor], state: dict[str, Any]) -> dict[str, Tensor]:
         """The replayed parameters and running statistics by name, ``[M, *shape]`` each."""
         return {**dict(zip(self.names, params)), **dict(zip(self.buffer_names, state["running_stats"]))}
+
+
+def moved_by_rounding(params: list[Tensor], first_row: int = 0) -> list[Tensor]:
+    """``params [M, *shape]`` with rows ``first_row`` on moved by one rounding unit (relative ``eps`` of their
+    dtype), with random signs drawn from a fixed seed: the same for every row and every call."""
+    generator = torch.Generator().manual_seed(0)
+    eps = torch.finfo(params[0].dtype).eps
+    signs = [torch.randint(0, 2, p.shape[1:], generator=generator).to(p) * 2 - 1 for p in params]
+    return [torch.cat([p[:first_row], p[first_row:] * (1 + eps * sign)]) for p, sign in zip(params, signs)]
 
 
 def state_tensors(state: dict[str, Any]) -> list[Tensor]:
