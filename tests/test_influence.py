@@ -538,3 +538,13 @@ def test_removals_predicted_to_take_a_loss_below_zero_are_warned_about(classifie
             queries
         )
     assert bool((sane.measurements[:, :, None] + sane.effects >= 0).all())
+    # A loss function of the user's may be negative (a Gaussian NLL): no warning on its numbers
+    own_loss = type(
+        "TinyClassifier",
+        (TinyClassifier,),
+        {"__module__": "moved", "attribution_loss_function": lambda self: torch.nn.CrossEntropyLoss()},
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*predicted query losses.*")
+        same = Attributor(own_loss, runs, data, Influence("identity", damping=1e-6), progress=False).attribute(queries)
+    assert torch.allclose(same.effects, wild.effects)
