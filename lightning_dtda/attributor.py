@@ -319,10 +319,8 @@ class Attributor:
             torch.stack(effects), torch.stack(measurements), [run.name for run in self.runs], settings
         )
         # The query loss, of a loss function the library picked (cross-entropy, MSE, BCE: never negative).
-        if all(
-            getattr(self.module, hook, None) is None
-            for hook in ("attribution_measurement", "attribution_loss_function")
-        ):
+        hooks = Hooks(self.module)  # type: ignore[arg-type]  # a class answers which hooks it defines too
+        if hooks.default_measurement and hooks.default_loss_function:
             _warn_negative_losses(result, self.estimator.label)
         if rank_and_world()[0] == 0:
             log_result(result, _as_loggers(loggers), k=top_k)

@@ -164,12 +164,8 @@ def fit_damping(approximate: Solver, ggn: Products, vectors: Tensor, damping: fl
     return candidates[min(range(len(candidates)), key=totals.__getitem__)], totals
 
 
-def grid_edge(chosen: float, damping: float) -> str | None:
-    """``"smallest"`` or ``"largest"`` where ``fit_damping`` chose (``chosen``, for the GGN damping
-    ``damping``) the first or last candidate of its grid, whose best lies then beyond the range searched;
-    ``None`` inside it."""
-    if chosen <= damping * DAMPING_GRID[0] * (1 + 1e-9):
-        return "smallest"
-    if chosen >= damping * DAMPING_GRID[-1] * (1 - 1e-9):
-        return "largest"
-    return None
+def grid_edge(totals: list[float]) -> str | None:
+    """``"smallest"`` or ``"largest"`` where the criterion ``totals`` of ``fit_damping`` is least at the first
+    or last candidate of its grid, whose best lies then beyond the range searched; ``None`` inside it."""
+    best = min(range(len(totals)), key=totals.__getitem__)
+    return "smallest" if best == 0 else "largest" if best == len(totals) - 1 else None

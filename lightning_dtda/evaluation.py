@@ -48,8 +48,9 @@ def retrain(
 
     Every weighting is replayed twice: as recorded, and from step-0 weights one rounding unit away. How far
     each effect moves between the two is ``Retraining.rounding``; where it moves by over 1% of its query's
-    largest effect (and by over 1e-5 of the query's measurement), rounding decides it (the run passes near ties, at max-pool or ReLU kinks: no replay can be
-    checked for a removal, which has no recording), and a warning counts such effects. This doubles the cost.
+    largest effect (and by over 1e-5 of the query's measurement), rounding decides it (the run passes near
+    ties, at max-pool or ReLU kinks: no replay can be checked for a removal, which has no recording), and a
+    warning counts such effects. This doubles the cost.
 
     Args:
         module: The LightningModule class or an instance (as for the Attributor).
@@ -59,10 +60,10 @@ def retrain(
         weights: ``[M, N]`` per-example loss weights.
         models_per_pass: How many weightings one vectorised replay trains at once, the recorded run among
             them (each batch is checked by it, and its effects are taken against it): ``models_per_pass - 1``
-            of ``weights`` per batch. Where a batched replay of a seed does not land within 1e-4 of
-            the run's weights (vectorised kernels round unlike
-            training's, and at kinks, such as max-pool ties, that can make another run), that seed's
-            weightings are replayed one at a time with training's kernels instead, with a warning.
+            of ``weights`` per batch. Where a batched replay of a seed does not land within 1e-4 of the
+            run's weights (vectorised kernels round unlike training's, and at kinks, such as max-pool ties,
+            that can make another run), that seed's weightings are replayed one at a time with training's
+            kernels instead, with a warning.
         device: Where to train.
         progress: Show progress bars.
 

@@ -181,6 +181,11 @@ class Hooks:
         return self._user_hook("attribution_measurement") is None
 
     @property
+    def default_loss_function(self) -> bool:
+        """Whether the loss function is the library's choice (no ``attribution_loss_function`` hook)."""
+        return self._user_hook("attribution_loss_function") is None
+
+    @property
     def default_train_loss(self) -> bool:
         """Whether the training loss comes from the loss function (no ``attribution_train_loss`` hook)."""
         return self._user_hook("attribution_train_loss") is None

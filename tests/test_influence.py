@@ -514,8 +514,10 @@ def test_a_damping_fit_at_the_edge_of_its_grid_is_named(scale, edge):
         def matmat(self, columns):
             return self.matrix @ columns
 
-    chosen, _ = fit_damping(Dense(scale * G), Dense(G), torch.randn(4, 12, generator=generator, dtype=torch.float64), d)
-    assert grid_edge(chosen, d) == edge
+    chosen, totals = fit_damping(
+        Dense(scale * G), Dense(G), torch.randn(4, 12, generator=generator, dtype=torch.float64), d
+    )
+    assert grid_edge(totals) == edge
     if edge is None:
         assert chosen == pytest.approx(d)  # the exact GGN's own damping: its solves are the exact ones
 

@@ -191,8 +191,8 @@ class Influence(Estimator):
             ggn = context.fit_curvature("ggn", context.model, solver="krylov", subset=self.curvature_subset)
             assert isinstance(ggn, KrylovGGN)
             report["ggn_damping"] = damping
-            fitted, _ = fit_damping(curvature, ggn, probes, damping)
-            edge = grid_edge(fitted, damping)
+            fitted, totals = fit_damping(curvature, ggn, probes, damping)
+            edge = grid_edge(totals)
             if edge is not None:
                 report["damping_at_grid_edge"] = edge
                 name = "EK-FAC" if self.curvature == "ekfac" else "K-FAC"

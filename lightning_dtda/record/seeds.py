@@ -31,7 +31,8 @@ def train_seeds(
     ``Trainer(**trainer_kwargs)`` with a ``TrajectoryRecorder`` added, and ``fit``. A seed whose
     run has finished is skipped and its files are left untouched, so an interrupted call can simply be
     repeated (a finished run of another module class, other hyperparameters or, for a DataLoader, another
-    training set is refused instead: it would be pooled as if this call had trained it); an abandoned one (a killed job) is recorded again from scratch; one still in progress
+    training set is refused instead: it would be pooled as if this call had trained it); an abandoned one (a
+    killed job) is recorded again from scratch; one still in progress
     in another process is refused.
 
     Args:
