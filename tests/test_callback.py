@@ -180,7 +180,7 @@ def test_a_run_no_replay_reproduces_is_named_before_training(tmp_path):
         with pytest.raises(
             UnsupportedTrainingError,
             match=rf"AttributionCallback's {type(estimator).__name__} replays the run, and no replay can reproduce this "
-            r"module's training: attention 'layer.self_attn'.*Use Influence\(\) for it \(Segmented\(\) replays AdamW",
+            r"module's training: attention 'layer.self_attn'.*Use Influence\(\) for it; Segmented\(\) refuses it too",
         ):
             fit.fit(TinyTransformer(attention_dropout=True), loader)
         assert fit.global_step == 0

@@ -480,8 +480,8 @@ def test_a_transformer_with_attention_dropout_and_layer_norm_replays_exactly(tmp
     assert_unrolled_equals_finite_differences(TinyTransformer, tmp_path / "runs", data, 1e-7, token_data(3, seed=1))
     with pytest.raises(
         ValueError,
-        match=r"attention 'layer.self_attn' has dropout=0.1 inside torch's fused attention.*Use Influence\(\) for it "
-        r"\(Segmented\(\) replays AdamW runs too\)",  # not "or Segmented()": under AdamW it replays too
+        match=r"attention 'layer.self_attn' has dropout=0.1 inside torch's fused attention.*Use Influence\(\) for it"
+        r"; Segmented\(\) refuses it too, since it replays AdamW runs",  # not "or Segmented()": it replays too
     ):
         Attributor(
             TinyTransformer(dropout=0.1, attention_dropout=True),

@@ -27,4 +27,6 @@ def replay_advice(optimizer: str | None) -> str:
     """What attributes a run that cannot be replayed, trained with ``optimizer`` (``Manifest.optimizer``)."""
     if optimizer == "SGD":
         return "Use Influence() or Segmented() for it."
-    return "Use Influence() for it" + (f" (Segmented() replays {optimizer} runs too)." if optimizer else ".")
+    return "Use Influence() for it" + (
+        f"; Segmented() refuses it too, since it replays {optimizer} runs." if optimizer else "."
+    )
