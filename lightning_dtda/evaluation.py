@@ -139,19 +139,17 @@ def retrain(
 
 
 def _warn_rounding(truth: Retraining) -> None:
-    """Say how many effects rounding decides: moving by over 1% of their query's largest effect (and by over
-    1e-5 of its measurement, far above float32's own noise) when the replays start one rounding unit away."""
-    assert truth.rounding is not None
-    scale = truth.effects.abs().amax(-1, keepdim=True)
-    decided = (truth.rounding > 0.01 * scale) & (truth.rounding > 1e-5 * truth.base.abs().unsqueeze(-1))
+    """Say how many effects rounding decides (``Retraining.decided``)."""
+    decided = truth.decided
     if bool(decided.any()):
+        assert truth.rounding is not None
         runs = [name for name, d in zip(truth.runs, decided) if bool(d.any())]
         rank_zero_warn(
             f"retrain: {int(decided.sum())} of {decided.numel()} effects ({', '.join(runs)}) move by over 1% of their "
             f"query's largest effect when the replays start one rounding unit away (up to "
-            f"{truth.rounding[decided].max().item():.1e}): rounding decides them (the run passes near ties, at max-pool or "
-            "ReLU kinks), so no value of this precision is their ground truth. Retraining.rounding holds each "
-            "effect's change; mask them, or record the runs with precision='64-true' to resolve them."
+            f"{truth.rounding[decided].max().item():.1e}): rounding decides them (the run passes near ties, at max-pool "
+            "or ReLU kinks), so no value of this precision is their ground truth (and others may go unseen). "
+            "Retraining.decided marks them; record the runs with precision='64-true' to resolve them."
         )
 
 

@@ -93,6 +93,7 @@ def test_retraining_a_cnn_with_dropout_batch_norm_and_clipping_equals_lightning_
             WeightedCNN, tmp_path / "runs", data, queries, leave_one_out_weights(24, [5, 18]), progress=False
         )
     assert truth.rounding.shape == (1, 3, 2) and 0 < truth.rounding.max() < 1e-9 * truth.effects.abs().max()
+    assert not truth.decided.any()
     for column, removed in enumerate((5, 18)):
         lightning = fit_weighted_cnn(tmp_path, data, recorder=False, removed=removed, weight=0.0).eval()
         with torch.no_grad():
@@ -357,10 +358,9 @@ def test_a_batched_replay_off_the_run_is_redone_with_trainings_kernels_and_a_cha
     assert torch.equal(truth.effects, one_at_a_time.effects) and truth.effects.abs().max() > 1e-4
     # Even the run's own replay leaves effects that rounding decides: started one rounding unit away, some move
     # by more than a percent of their query's largest effect, and retrain counts them.
-    decided = (
-        (truth.rounding > 0.01 * truth.effects.abs().amax(-1, keepdim=True))
-        & (truth.rounding > 1e-5 * truth.base.abs().unsqueeze(-1))
-    ).sum()
+    decided = truth.decided.sum()
+    moved = truth.rounding > 0.01 * truth.effects.abs().amax(-1, keepdim=True)
+    assert torch.equal(truth.decided, moved & (truth.rounding > 1e-5 * truth.base.abs().unsqueeze(-1)))
     assert decided > 0 and any(f"retrain: {int(decided)} of 6 effects (seed_0) move by over 1%" in m for m in messages)
     [chaotic] = load_runs(tmp_path / "runs_120")
     replay_120 = Replay(instantiate(TinyClassifier, chaotic, 0), chaotic, SeededDataset(data))

@@ -28,9 +28,7 @@ class Retraining:
         retrained: ``[S, Q, M]`` each seed's measurement under each weighting.
         runs: The run names, one per seed.
         rounding: ``[S, Q, M]`` how far each effect moves when its replays start one rounding unit away
-            (``retrain`` measures it; ``None`` where not measured). ``retrain`` warns about effects that move
-            by over 1% of their query's largest effect and by over 1e-5 of its measurement: rounding decides
-            those (ties at max-pool or ReLU kinks), not the weighting.
+            (``retrain`` measures it; ``None`` where not measured). See ``decided``.
     """
 
     weights: Tensor
@@ -43,6 +41,18 @@ class Retraining:
     def effects(self) -> Tensor:
         """True per-seed effects ``[S, Q, M]``: retrained minus base measurement."""
         return self.retrained - self.base.unsqueeze(-1)
+
+    @property
+    def decided(self) -> Tensor:
+        """``[S, Q, M]``, ``True`` for effects that rounding decides rather than the weighting: they move by over
+        1% of their query's largest effect (and by over 1e-5 of its measurement, far above float32's own noise)
+        when the replays start one rounding unit away (the run passes near ties, at max-pool or ReLU kinks).
+        A lower bound: other rounding moves others too (see the distributions guide). All ``False`` where
+        ``rounding`` was not measured."""
+        if self.rounding is None:
+            return torch.zeros_like(self.retrained, dtype=torch.bool)
+        scale = self.effects.abs().amax(-1, keepdim=True)
+        return (self.rounding > 0.01 * scale) & (self.rounding > 1e-5 * self.base.abs().unsqueeze(-1))
 
     def statistic(self, name: str) -> Tensor:
         """The true shift of a distributional statistic (see ``distribution.STATISTICS``), ``[Q, M]``."""
