@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -43,6 +44,7 @@ def retrain(
     models_per_pass: int = 128,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    snapshot: Literal["final", "best"] | int = "final",
 ) -> Retraining:
     """Replay every run under every weighting and measure the queries.
 
@@ -66,6 +68,9 @@ def retrain(
             kernels instead, with a warning.
         device: Where to train.
         progress: Show progress bars.
+        snapshot: Where the queries are measured: ``"final"`` (the end of training), ``"best"``
+            (``ModelCheckpoint``'s best checkpoint) or a snapshot's step; the ground truth for an ``Attributor``
+            given the same ``snapshot`` (each run is replayed up to that step).
 
     Raises:
         ReplayMismatchError: If a run's replay does not land on its recorded weights (the same check as
@@ -74,8 +79,10 @@ def retrain(
         UnsupportedTrainingError: For a run the replay cannot reproduce (see ``Unrolled``), and for
             mixed-precision runs, before any work.
         DatasetMismatchError: If ``train_data`` is not what the runs were recorded on.
+        ValueError: For a ``snapshot`` a run does not have (the message lists its snapshots).
     """
     runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+    runs = [run.upto(snapshot) for run in runs]
     check_poolable(runs)
     runs[0].check_dataset(train_data)
     mixed = [f"{run.name} ({run.manifest.precision})" for run in runs if "mixed" in run.manifest.precision]

@@ -49,13 +49,13 @@ def indexed_data(n=24):
     return TensorDataset(x, y, torch.arange(n))
 
 
-def fit(tmp_path, make_module, data, seed, recorder=True):
+def fit(tmp_path, make_module, data, seed, recorder=True, epochs=3):
     from lightning_dtda import TrajectoryRecorder
 
     pl.seed_everything(seed)  # before building the module: the seed fixes the initialisation too
     module = make_module()
     callbacks = [TrajectoryRecorder(tmp_path / "runs")] if recorder else []
-    trainer(tmp_path, callbacks, max_epochs=3, precision="64-true").fit(
+    trainer(tmp_path, callbacks, max_epochs=epochs, precision="64-true").fit(
         module, DataLoader(data, batch_size=5, shuffle=True)
     )
     return module
@@ -82,6 +82,28 @@ def test_replay_leave_one_out_equals_lightning_retraining_with_the_same_seed(tmp
         expected = dict(lightning_loo.named_parameters())
         assert max((t[row] - expected[n]).abs().max().item() for n, t in replayed.items()) < 1e-12
         assert max((t[row] - final[n]).abs().max().item() for n, t in replayed.items()) > 1e-4
+
+
+def test_retrain_at_a_snapshot_equals_lightning_retraining_stopped_there(tmp_path):
+    """retrain(snapshot=step) is the ground truth for Attributor(snapshot=step): Lightning's own leave-one-out
+    retraining with the same seed, stopped at that step (here the second of three epochs)."""
+    data, queries = indexed_data(), classification_data(n=3, seed=1, dtype=torch.float64)
+    fit(tmp_path, lambda: WeightedClassifier(**HPARAMS), data, seed=3)
+    [run] = load_runs(tmp_path / "runs")
+    assert run.snapshot_steps == [0, 5, 10, 15]
+    weights = leave_one_out_weights(24, [7, 11])
+    truth = retrain(WeightedClassifier, [run], data, queries, weights, snapshot=10, progress=False)
+    final = retrain(WeightedClassifier, [run], data, queries, weights, progress=False)
+    for column, removed in enumerate((7, 11)):
+        lightning = fit(
+            tmp_path, lambda: WeightedClassifier(removed=removed, **HPARAMS), data, seed=3, recorder=False, epochs=2
+        ).eval()
+        with torch.no_grad():
+            expected = F.cross_entropy(lightning(queries.tensors[0]), queries.tensors[1], reduction="none")
+        assert (truth.retrained[0, :, column] - expected).abs().max() < 1e-12
+        assert (final.retrained[0, :, column] - expected).abs().max() > 1e-4  # the step matters
+    with pytest.raises(ValueError, match=r"no snapshot at step 7; its snapshots are at steps \[0, 5, 10, 15\]"):
+        retrain(WeightedClassifier, [run], data, queries, weights, snapshot=7, progress=False)
 
 
 def test_retraining_a_cnn_with_dropout_batch_norm_and_clipping_equals_lightning_retraining(tmp_path):
