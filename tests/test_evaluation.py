@@ -1,4 +1,5 @@
 import re
+import shutil
 import warnings
 
 import lightning.pytorch as pl
@@ -309,12 +310,26 @@ def test_train_seeds_records_each_seed_once(tmp_path):
     train_seeds(moved, loader, tmp_path / "runs", seeds=[0], **kwargs)
     assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
     # a finished run of another setup is not skipped as if this call had trained it
-    for make, other, why in [
-        (lambda: TinyClassifier(hidden=7), loader, r"hidden=8, not 7"),
-        (TinyClassifier, DataLoader(classification_data(n=16, seed=3), batch_size=8), "another training set"),
+    for make, other, changed, why in [
+        (lambda: TinyClassifier(hidden=7), loader, {}, r"hidden=8, not 7"),
+        (TinyClassifier, DataLoader(classification_data(n=16, seed=3), batch_size=8), {}, "another training set"),
+        (TinyClassifier, DataLoader(classification_data(n=16), batch_size=4), {}, "batch_size=8, not 4"),
+        (TinyClassifier, loader, {"max_epochs": 2}, "max_epochs=1, not 2"),
+        (TinyClassifier, loader, {"accumulate_grad_batches": 2}, "accumulate_grad_batches=1, not 2"),
+        (TinyClassifier, loader, {"gradient_clip_val": 0.5}, "gradient_clip_val=None, not 0.5"),
+        (TinyClassifier, loader, {"precision": 64}, "precision='32-true', not '64-true'"),
     ]:
         with pytest.raises(RuntimeError, match=rf"seed_0 holds a finished run of another setup \({why}\)"):
-            train_seeds(make, other, tmp_path / "runs", seeds=[0], **kwargs)
+            train_seeds(make, other, tmp_path / "runs", seeds=[0], **{**kwargs, **changed})
+    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0], **{**kwargs, "precision": "32"})  # the same
+    assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
+    # runs trained differently are pooled, but not without a word
+    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[3], **{**kwargs, "max_epochs": 2})
+    with pytest.warns(
+        UserWarning, match=r"trained differently: max_epochs: 1 \(seed_0, seed_1, seed_2\), 2 \(seed_3\)\."
+    ):
+        load_runs(tmp_path / "runs")
+    shutil.rmtree(tmp_path / "runs" / "seed_3")
     # a run another host is recording (its process cannot be checked from here) is not deleted
     import json
 

@@ -30,8 +30,9 @@ def train_seeds(
     For each seed: ``seed_everything(seed)``, a fresh module from ``make_module()``, a fresh
     ``Trainer(**trainer_kwargs)`` with a ``TrajectoryRecorder`` added, and ``fit``. A seed whose
     run has finished is skipped and its files are left untouched, so an interrupted call can simply be
-    repeated (a finished run of another module class, other hyperparameters or, for a DataLoader, another
-    training set is refused instead: it would be pooled as if this call had trained it); an abandoned one (a
+    repeated (a finished run of another module class, other hyperparameters, other ``max_epochs``,
+    ``max_steps``, accumulation, clipping or precision or, for a DataLoader, another batch size or training set
+    is refused instead: it would be pooled as if this call had trained it); an abandoned one (a
     killed job) is recorded again from scratch; one still in progress
     in another process is refused.
 
@@ -55,7 +56,7 @@ def train_seeds(
             run = Trajectory(run_dir)
             if run.status == "finished":
                 pl.seed_everything(seed, verbose=False)
-                _check_same_setup(run, make_module(), data)
+                _check_same_setup(run, make_module(), data, trainer_kwargs)
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
             if run.status in ("in progress", "unfinished"):  # unfinished: another host's process, maybe alive
@@ -76,16 +77,45 @@ def train_seeds(
     return dirpath
 
 
-def _check_same_setup(run: Trajectory, module: pl.LightningModule, data: Any) -> None:
-    """Refuse to skip a finished run that another module, other hyperparameters or another training set
-    made: the Attributor would pool it as if this call had trained it."""
-    differences = []
+# Lightning's shorthands for its precision settings, as the manifest spells them.
+_PRECISION = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+
+
+def _check_same_setup(run: Trajectory, module: pl.LightningModule, data: Any, trainer_kwargs: dict[str, Any]) -> None:
+    """Refuse to skip a finished run that another module, other hyperparameters, another training set or other
+    Trainer settings made: the Attributor would pool it as if this call had trained it."""
+    manifest = run.manifest
+    differences = [
+        f"{key}={recorded!r}, not {given!r}"
+        for key, recorded, given in (
+            ("max_epochs", manifest.max_epochs, trainer_kwargs.get("max_epochs")),
+            ("max_steps", manifest.max_steps, trainer_kwargs.get("max_steps")),
+            (
+                "accumulate_grad_batches",
+                manifest.accumulate_grad_batches,
+                trainer_kwargs.get("accumulate_grad_batches", 1),
+            ),
+            (
+                "gradient_clip_val",
+                (manifest.gradient_clipping or {}).get("value"),
+                trainer_kwargs.get("gradient_clip_val", (manifest.gradient_clipping or {}).get("value")),
+            ),
+            (
+                "precision",
+                manifest.precision,
+                _PRECISION.get(str(trainer_kwargs.get("precision", "32")), str(trainer_kwargs.get("precision", "32"))),
+            ),
+        )
+        if given is not None and recorded != given
+    ]
     if not same_class(type(module), run.module_class):  # moved to another module path: the Attributor's rule
         differences.append(f"module {run.module_class}, not {type(module).__module__}.{type(module).__qualname__}")
     hparams = {k: jsonable(v) for k, v in dict(module.hparams).items()}
     differences += [
         f"{k}={v!r}, not {hparams[k]!r}" for k, v in run.manifest.hparams.items() if k in hparams and hparams[k] != v
     ]
+    if isinstance(data, DataLoader) and data.batch_size is not None and data.batch_size != manifest.batch_size:
+        differences.append(f"batch_size={manifest.batch_size}, not {data.batch_size}")
     dataset = data.dataset if isinstance(data, DataLoader) else None  # a DataModule's is not built before fit
     if dataset is not None and (
         len(dataset) != run.dataset_length or fingerprint_dataset(dataset) != run.dataset_fingerprint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from dataclasses import replace
 from functools import cached_property
@@ -275,7 +276,7 @@ def find_runs(path: Path) -> list[Trajectory]:
 
 def check_poolable(runs: list[Trajectory]) -> None:
     """Raise ``ValueError`` unless the runs trained one module class on one dataset (``DatasetMismatchError``
-    for datasets)."""
+    for datasets); warn if they were trained differently (see ``recipe_differences``)."""
     first = runs[0]
     for run in runs[1:]:
         if run.module_class != first.module_class:
@@ -284,3 +285,52 @@ def check_poolable(runs: list[Trajectory]) -> None:
             raise DatasetMismatchError(
                 f"The runs mix datasets: {first.name} and {run.name} have different fingerprints."
             )
+    differences = recipe_differences(runs)
+    if differences:
+        # Not refused: runs over several learning rates, say, may be the distribution meant. Most often a folder
+        # holds seeds of an earlier setting (train_seeds skips finished seeds), which pooling would mix silently.
+        warnings.warn(
+            f"The runs were trained differently: {'; '.join(differences)}. They are pooled as draws of one "
+            "distribution of training runs; if that is not meant, attribute each setting's runs on their own.",
+            stacklevel=3,
+        )
+
+
+# What the manifest says of how a run was trained, beside its seed (which is meant to differ).
+_RECIPE = (
+    "optimizer_class",
+    "param_groups",
+    "schedulers",
+    "batch_size",
+    "drop_last",
+    "accumulate_grad_batches",
+    "world_size",
+    "precision",
+    "max_epochs",
+    "max_steps",
+    "gradient_clipping",
+)
+
+
+def recipe_differences(runs: list[Trajectory]) -> list[str]:
+    """How the runs' training settings differ, one line per setting that does (``"max_epochs: 5 (seed_0,
+    seed_1), 10 (seed_2)"``): the manifest's optimizer, schedulers, batch size, accumulation, precision, epochs,
+    steps, clipping and hyperparameters (but a hyperparameter that holds each run's own seed)."""
+    recipes = []
+    for run in runs:
+        manifest = run.manifest
+        recipe = {name: getattr(manifest, name) for name in _RECIPE}
+        recipe.update({f"hparams.{k}": v for k, v in manifest.hparams.items()})
+        recipes.append({k: json.dumps(v, sort_keys=True, default=str) for k, v in recipe.items()})
+    seeds = [json.dumps(run.manifest.seed) for run in runs]
+    lines = []
+    for key in dict.fromkeys(k for recipe in recipes for k in recipe):
+        values = [recipe.get(key, "(none)") for recipe in recipes]
+        if len(set(values)) == 1 or (key.startswith("hparams.") and values == seeds):
+            continue
+        groups: dict[str, list[str]] = {}
+        for run, value in zip(runs, values):
+            groups.setdefault(value, []).append(run.name)
+        shown = ", ".join(f"{value[:80]} ({', '.join(names)})" for value, names in groups.items())
+        lines.append(f"{key}: {shown}")
+    return lines
