@@ -28,7 +28,7 @@ from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult, SelfInfluence
 from lightning_dtda.runs.fingerprint import SeededDataset, fingerprint_dataset
-from lightning_dtda.runs.trajectory import Trajectory, check_poolable, load_runs
+from lightning_dtda.runs.trajectory import Trajectory, check_poolable, early_stopped, load_runs
 from lightning_dtda.sharding import rank_and_world
 
 
@@ -133,6 +133,21 @@ class Attributor:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         check_poolable(self.runs)  # a list of trajectories has not been through load_runs' check
         self.runs[0].check_dataset(train_data)
+        stopping = early_stopped(self.runs)
+        if stopping is not None:
+            rank_zero_warn(
+                f"Attributor: {stopping} trained with EarlyStopping. The effects are those on runs of the recorded "
+                "length; without an example a run may also stop at another epoch, which no estimator sees (a "
+                "new-user trial: 2 of 15 removals stopped two epochs later, moving their effects by up to 44%)."
+            )
+        kept = [run for run in runs if run.manifest.best_step not in (None, run.final_step)]
+        if snapshot == "final" and kept:
+            rank_zero_info(
+                "Attributor: attributing each run's final weights; ModelCheckpoint's best checkpoint is elsewhere in "
+                + ", ".join(f"{run.name} (step {run.manifest.best_step} of {run.final_step})" for run in kept[:3])
+                + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+                + ". snapshot='best' attributes the checkpoints you keep."
+            )
 
     def load_model(self, run: Trajectory, snapshot: int = -1, warn: bool = True) -> torch.nn.Module:
         """The module at a snapshot of ``run`` (default: the final one), in eval mode on ``self.device``;

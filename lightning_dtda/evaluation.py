@@ -32,7 +32,7 @@ from lightning_dtda.replay.check import replay_checked
 from lightning_dtda.replay.engine import Replay, measure
 from lightning_dtda.results.retraining import Retraining
 from lightning_dtda.runs.fingerprint import SeededDataset
-from lightning_dtda.runs.trajectory import Trajectory, check_poolable, load_runs
+from lightning_dtda.runs.trajectory import Trajectory, check_poolable, early_stopped, load_runs
 
 
 def retrain(
@@ -45,6 +45,7 @@ def retrain(
     device: str | torch.device = "cpu",
     progress: bool = True,
     snapshot: Literal["final", "best"] | int = "final",
+    fixed_length: bool = False,
 ) -> Retraining:
     """Replay every run under every weighting and measure the queries.
 
@@ -70,14 +71,18 @@ def retrain(
         progress: Show progress bars.
         snapshot: Where the queries are measured: ``"final"`` (the end of training), ``"best"``
             (``ModelCheckpoint``'s best checkpoint) or a snapshot's step; the ground truth for an ``Attributor``
-            given the same ``snapshot`` (each run is replayed up to that step).
+            given the same ``snapshot`` (each run is replayed up to that step, held fixed for every weighting).
+        fixed_length: Accept runs trained with ``EarlyStopping``, whose retraining without an example may stop at
+            another epoch, which no replay can follow: the ground truth is then that of runs of the recorded
+            length. Refused by default.
 
     Raises:
         ReplayMismatchError: If a run's replay does not land on its recorded weights (the same check as
             ``Unrolled``'s, after the first snapshot interval, before the long pass, and at the end, where
             ``Unrolled`` only warns: a ground truth must be right or absent).
-        UnsupportedTrainingError: For a run the replay cannot reproduce (see ``Unrolled``), and for
-            mixed-precision runs, before any work.
+        UnsupportedTrainingError: For a run the replay cannot reproduce (see ``Unrolled``), for
+            mixed-precision runs, and for runs trained with ``EarlyStopping`` unless ``fixed_length``, before any
+            work.
         DatasetMismatchError: If ``train_data`` is not what the runs were recorded on.
         ValueError: For a ``snapshot`` a run does not have (the message lists its snapshots).
     """
@@ -94,6 +99,15 @@ def retrain(
             f"retrain cannot reproduce mixed-precision runs: {', '.join(mixed)}. Its replay runs in full precision, "
             "whose rounding differs from the run's; a ground truth must be the run itself. Record the runs with "
             "precision='32-true' (or '64-true') to score estimators against retraining."
+        )
+    stopping = early_stopped(runs)
+    if stopping is not None and not fixed_length:
+        # A new-user trial (AdamW transformer, EarlyStopping(patience=4)): Lightning's own retraining stopped 2 of
+        # 15 removals two epochs later than the recorded run, moving their effects by up to 44%.
+        raise UnsupportedTrainingError(
+            f"retrain cannot follow EarlyStopping: {stopping}. Without an example a run may stop at another epoch, "
+            "but the replay holds each run's recorded number of steps. Pass fixed_length=True for the ground truth "
+            "of runs of the recorded length (what the estimators estimate), or record runs without EarlyStopping."
         )
     # Read as the Attributor reads them: a fixed view of augmented examples, inputs cast as the run's were.
     train_data = SeededDataset(train_data, runs[0].manifest.input_dtype)

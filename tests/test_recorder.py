@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import sys
 
@@ -405,7 +406,7 @@ def test_a_disk_that_fills_up_stops_recording_but_never_training(tmp_path):
         subprocess.run(["umount", str(disk)], check=False)
 
 
-def test_the_checkpoint_a_user_keeps_is_snapshotted_and_attributed(tmp_path):
+def test_the_checkpoint_a_user_keeps_is_snapshotted_and_attributed(tmp_path, caplog):
     """Every checkpoint ModelCheckpoint saves is snapshotted and its best is noted; Attributor(snapshot="best")
     attributes those weights (against the dense-GGN oracle at the checkpoint's own weights)."""
     from oracles import dense_ggn_effects
@@ -450,6 +451,10 @@ def test_the_checkpoint_a_user_keeps_is_snapshotted_and_attributed(tmp_path):
     assert unrolled.settings["snapshot_steps"] == [8] and torch.isfinite(unrolled.effects).all()
     with pytest.raises(ValueError, match=r"no snapshot at step 5; its snapshots are at steps \[0, 4, 8, 16\]"):
         Attributor(Validated, run.path.parent, data, snapshot=5)
+    # The final weights are not the kept ones: attributing them says so, and where the kept ones are.
+    with caplog.at_level(logging.INFO):
+        Attributor(Validated, run.path.parent, data, progress=False)
+    assert "best checkpoint is elsewhere in seed_0 (step 8 of 16). snapshot='best' attributes" in caplog.text
 
 
 def test_a_checkpoint_saved_inside_an_accumulated_step_is_not_snapshotted(tmp_path):

@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -95,6 +95,11 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
             "custom": is_overridden("configure_gradient_clipping", pl_module),
         },
         writer=RecordingProcess.this_process(),
+        early_stopping=tuple(
+            f"EarlyStopping(monitor={c.monitor!r}, patience={c.patience})"
+            for c in trainer.callbacks
+            if isinstance(c, EarlyStopping)
+        ),
     )
 
 

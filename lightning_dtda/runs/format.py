@@ -161,6 +161,9 @@ class Manifest:
         writer: The recording process (``None`` for runs recorded before 0.2).
         augmentation: ``"replayable"``: the training set was a ``ReplayableAugmentation``; ``"random"``: it drew
             random numbers when read, unwrapped (its views are lost); ``None``: neither (or recorded before 0.3).
+        early_stopping: The Trainer's ``EarlyStopping`` callbacks, e.g. ``("EarlyStopping(monitor='val_loss',
+            patience=3)",)``: the run's length depended on a metric a removal can change. Empty without one (and
+            for runs recorded by earlier versions, which did not look).
         format: The run format the manifest was written in (see ``FORMAT``).
     """
 
@@ -190,6 +193,7 @@ class Manifest:
     module_fingerprint: dict[str, str] | None = None
     best_step: int | None = None
     augmentation: Literal["replayable", "random"] | None = None
+    early_stopping: tuple[str, ...] = ()
 
     def with_snapshots(
         self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None
@@ -247,6 +251,8 @@ class Manifest:
             data["best_step"] = self.best_step
         if self.augmentation is not None:
             data["augmentation"] = self.augmentation
+        if self.early_stopping:
+            data["early_stopping"] = list(self.early_stopping)
         return {**data, "sha256": _json_digest(data)}
 
     @classmethod
@@ -288,6 +294,7 @@ class Manifest:
                 stopped=data.get("stopped"),
                 best_step=data.get("best_step"),
                 augmentation=data.get("augmentation"),
+                early_stopping=tuple(data.get("early_stopping", ())),
                 writer=None if writer is None else RecordingProcess(writer["host"], int(writer["pid"])),
                 format=int(data["format"]),
                 module_fingerprint=data["module"].get("fingerprint"),

@@ -296,6 +296,17 @@ def check_poolable(runs: list[Trajectory]) -> None:
         )
 
 
+def early_stopped(runs: list[Trajectory]) -> str | None:
+    """Which runs trained with ``EarlyStopping``, and with which, as ``"seed_0, seed_1 (EarlyStopping(...))"``;
+    ``None`` if none did. Their length depended on a metric a removal can change, which neither estimators nor
+    ``retrain`` (both hold the recorded number of steps) can follow."""
+    stopped = [run for run in runs if run.manifest.early_stopping]
+    if not stopped:
+        return None
+    callbacks = sorted({c for run in stopped for c in run.manifest.early_stopping})
+    return f"{', '.join(run.name for run in stopped)} ({', '.join(callbacks)})"
+
+
 # What the manifest says of how a run was trained, beside its seed (which is meant to differ).
 _RECIPE = (
     "optimizer_class",
