@@ -118,6 +118,43 @@ def test_training_data_that_changes_at_every_read_is_named_for_it(runs, data):
         Attributor(TinyClassifier, runs, PrivateNoise(data))
 
 
+class GlobalNoise(torch.utils.data.Dataset):
+    """Augments with torch's global generator: replayable only through ReplayableAugmentation."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x + 0.1 * torch.randn(x.shape), y
+
+
+def test_the_recorder_says_at_the_start_what_the_data_or_the_precision_will_keep_from_attribution(tmp_path, data):
+    """Not after training, when the estimators refuse the run: lost views, a generator of the dataset's own,
+    mixed precision. Replayable data in full precision gets none of these warnings."""
+    from lightning_dtda import ReplayableAugmentation
+
+    cases = [
+        (GlobalNoise(data), "32-true", r"\(GlobalNoise\) draws random numbers when read .* not wrapped"),
+        (PrivateNoise(data), "32-true", r"\(PrivateNoise\) changes from one read to the next .* every estimator"),
+        (data, "bf16-mixed", r"precision='bf16-mixed': retrain will refuse it"),
+    ]
+    for index, (train, precision, why) in enumerate(cases):
+        with pytest.warns(UserWarning, match=why):
+            pl.seed_everything(0)
+            trainer(tmp_path, [TrajectoryRecorder(tmp_path / f"runs_{index}")], max_steps=1, precision=precision).fit(
+                TinyClassifier(), DataLoader(train, batch_size=8)
+            )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="TrajectoryRecorder records this run")
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "replayable")], max_steps=1).fit(
+            TinyClassifier(), DataLoader(ReplayableAugmentation(GlobalNoise(data)), batch_size=8)
+        )
+
+
 def test_truncated_snapshot_file(runs, data):
     [run] = load_runs(runs)
     path = run.path / run.snapshots[-1].file

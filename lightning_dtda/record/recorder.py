@@ -25,7 +25,7 @@ from lightning_dtda.hooks import Hooks
 from lightning_dtda.record.membership import BatchMembership
 from lightning_dtda.record.writer import RunWriter
 from lightning_dtda.runs.augmentation import ReplayableAugmentation
-from lightning_dtda.runs.fingerprint import draws_random_numbers, fingerprint_dataset
+from lightning_dtda.runs.fingerprint import changes_between_reads, draws_random_numbers, fingerprint_dataset
 from lightning_dtda.runs.format import (
     Manifest,
     RecordingProcess,
@@ -129,6 +129,30 @@ def _warn_unreplayable(pl_module: pl.LightningModule, optimizer: Any) -> None:
             f"TrajectoryRecorder records this run, but no replay can reproduce it: {'; '.join(problems)}. Unrolled, "
             f"retrain{'' if sgd else ' and Segmented'} will refuse it; Influence(){' and Segmented()' if sgd else ''} "
             "will not."
+        )
+
+
+def _warn_unreplayable_data(manifest: Manifest, dataset: Any) -> None:
+    """Say at the start, not after training, what the training set or the precision will keep from attribution."""
+    if manifest.augmentation == "random":
+        rank_zero_warn(
+            f"TrajectoryRecorder records this run, but its training set ({type(dataset).__name__}) draws random numbers "
+            "when read (augmentation) and is not wrapped in ReplayableAugmentation, so the views it trains on are "
+            "lost: Unrolled and retrain will refuse the run, and Influence() sees one fixed view per example. Make "
+            "ReplayableAugmentation(dataset) the DataLoader's dataset to replay them."
+        )
+    elif changes_between_reads(dataset):
+        rank_zero_warn(
+            f"TrajectoryRecorder records this run, but its training set ({type(dataset).__name__}) changes from one "
+            "read to the next even with the global generators seeded: it draws from a generator of its own (such as "
+            "a numpy.random.default_rng it holds), and every estimator will refuse the run. Draw augmentation from "
+            "torch's or NumPy's global generator, in ReplayableAugmentation(dataset)."
+        )
+    if "mixed" in manifest.precision:
+        rank_zero_warn(
+            f"TrajectoryRecorder records this run in precision={manifest.precision!r}: retrain will refuse it (its "
+            "replay runs in full precision, whose rounding differs), and Unrolled accepts it only while the replay "
+            "stays within 2e-2 of the recorded weights (short runs). Influence() attributes it."
         )
 
 
@@ -284,7 +308,9 @@ class TrajectoryRecorder(Callback):
         seed = self.seed
         if seed is None and "PL_GLOBAL_SEED" in os.environ:
             seed = int(os.environ["PL_GLOBAL_SEED"])
-        self.writer.start(trainer, describe_run(trainer, pl_module, seed, self.membership.batch_size))
+        manifest = describe_run(trainer, pl_module, seed, self.membership.batch_size)
+        _warn_unreplayable_data(manifest, trainer.train_dataloader.dataset)
+        self.writer.start(trainer, manifest)
         self.writer.snapshot(trainer, pl_module)
         rank_zero_info(f"TrajectoryRecorder: recording to {self.run_dir}")
 

@@ -92,6 +92,17 @@ def seeded_item(dataset: Dataset, index: int, seed: int | None = None) -> Any:
         return dataset[index]
 
 
+def changes_between_reads(dataset: Dataset) -> bool:
+    """Whether ``dataset``'s first item differs between two seeded reads: it draws from a generator of its own
+    (a ``numpy.random.default_rng`` it holds), which nothing can seed or replay."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return False
+    first, second = hashlib.sha256(), hashlib.sha256()
+    _update(first, seeded_item(dataset, 0))
+    _update(second, seeded_item(dataset, 0))
+    return first.digest() != second.digest()
+
+
 class SeededDataset(Dataset):
     """``dataset`` read as training read it, the same at every read: its items read by ``seeded_item`` if it
     draws random numbers, as they are if not, and their floating-point tensors cast to ``input_dtype``
