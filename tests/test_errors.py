@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dtda import Attributor, Influence, MissingHookError, Segmented, TrajectoryRecorder, Unrolled, load_runs
-from lightning_dtda.errors import CorruptFileError, DatasetMismatchError
+from lightning_dtda.errors import CorruptFileError, DatasetMismatchError, UnsupportedTrainingError
 
 
 def DictData(data):
@@ -153,6 +153,31 @@ def test_the_recorder_says_at_the_start_what_the_data_or_the_precision_will_keep
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "replayable")], max_steps=1).fit(
             TinyClassifier(), DataLoader(ReplayableAugmentation(GlobalNoise(data)), batch_size=8)
         )
+
+
+class Dropped(TinyClassifier):
+    def __init__(self, dropout: float = 0.3, **hparams):
+        super().__init__(**hparams)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
+
+
+def test_a_replay_of_a_module_with_other_dropout_rates_is_refused_naming_them(tmp_path, data):
+    """A change made after building (dropout set to 0, as the recorder advises for attention) is not in the
+    recorded hyperparameters, so the class is rebuilt without it; an instance that drops out at other rates
+    than the run did is refused too (it failed after the first interval, blaming the loss)."""
+    from lightning_dtda import retrain
+
+    changed = Dropped()
+    changed.net[2].p = 0.0
+    runs = record(tmp_path, changed, data)
+    with pytest.raises(
+        UnsupportedTrainingError, match=r"other rates than run seed_0's model did \(net.2: 0.0 in training, 0.3 here\)"
+    ):
+        Attributor(Dropped, runs, data, Unrolled(), progress=False).attribute(data)
+    assert torch.isfinite(Attributor(changed, runs, data, Unrolled(), progress=False).attribute(data).effects).all()
+    dropped = record(tmp_path, Dropped(), data, name="dropped")
+    with pytest.raises(UnsupportedTrainingError, match=r"\(net.2: 0.3 in training, 0.0 here\)"):
+        retrain(changed, dropped, data, data, torch.ones(1, 16), progress=False)
 
 
 def test_truncated_snapshot_file(runs, data):

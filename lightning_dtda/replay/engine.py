@@ -18,6 +18,7 @@ its loss, nothing else.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,13 +37,27 @@ from lightning_dtda.replay.optim import FunctionalOptimizer
 from lightning_dtda.replay.relu import ReLUSmoothing
 from lightning_dtda.runs.augmentation import KeyedIndex, ReplayableAugmentation, find_augmentation
 from lightning_dtda.runs.fingerprint import SeededDataset, draws_random_numbers
-from lightning_dtda.runs.format import Step
+from lightning_dtda.runs.format import Step, dropout_rates
 from lightning_dtda.runs.replayable import replay_advice, unreplayable_layers
 from lightning_dtda.runs.trajectory import Trajectory
 
 
 def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) -> None:
     """Refuse, before any work, a run whose training the replay cannot reproduce, naming the cause."""
+    recorded = (run.manifest.module_fingerprint or {}).get("dropout")
+    if recorded is not None and json.loads(recorded) != dropout_rates(model):
+        then, now = json.loads(recorded), dropout_rates(model)
+        differences = [
+            f"{name}: {then.get(name)} in training, {now.get(name)} here"
+            for name in sorted({*then, *now})
+            if then.get(name) != now.get(name)
+        ]
+        raise UnsupportedTrainingError(
+            f"The module given drops out at other rates than run {run.name}'s model did ({'; '.join(differences)}), so "
+            "no replay of it is the run. A class is rebuilt from the run's recorded hyperparameters: a change made to "
+            "the model after it was built (such as `layer.self_attn.dropout = 0.0`) is not in them. Pass an instance "
+            "built and changed as the trained one was, or make the change a constructor argument."
+        )
     problems = unreplayable_layers(model)
     if run.manifest.world_size > 1:
         problems += [

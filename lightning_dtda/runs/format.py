@@ -114,15 +114,26 @@ class RecordingProcess:
         return True
 
 
+def dropout_rates(module: Any) -> dict[str, float]:
+    """The dropout probability of each dropout layer and attention by name (``nn.MultiheadAttention`` keeps its
+    own, which its ``repr`` does not show): what a replay must draw as training drew."""
+    return {
+        name: float(m.dropout if isinstance(m, torch.nn.MultiheadAttention) else m.p)
+        for name, m in module.named_modules()
+        if isinstance(m, (torch.nn.MultiheadAttention, torch.nn.modules.dropout._DropoutNd))
+    }
+
+
 def module_fingerprint(module: Any) -> dict[str, str]:
     """Digests of what tells a module's code apart when its class name and weights fit: ``"structure"``,
     of its ``repr`` (its layers and their settings: a ``Tanh`` where a ``ReLU`` was), and ``"source"``,
-    of its class's source code, when Python can find it (a ``forward`` that changed)."""
+    of its class's source code, when Python can find it (a ``forward`` that changed); and ``"dropout"``, its
+    ``dropout_rates`` as JSON, which a replay checks (not in runs recorded by earlier versions)."""
 
     def digest(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    fingerprint = {"structure": digest(repr(module))}
+    fingerprint = {"structure": digest(repr(module)), "dropout": json.dumps(dropout_rates(module), sort_keys=True)}
     try:
         fingerprint["source"] = digest(inspect.getsource(type(module)))
     except (OSError, TypeError):  # defined interactively, or a built-in

@@ -18,7 +18,8 @@ def unreplayable_layers(model: nn.Module) -> list[str]:
         elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
             problems.append(
                 f"attention {name!r} has dropout={m.dropout} inside torch's fused attention kernel, whose random draws "
-                "the replay's differentiable kernel cannot reproduce (set it to 0)"
+                "the replay's differentiable kernel cannot reproduce (build the model with it at 0, through a "
+                "constructor argument: the Attributor rebuilds a class from its hyperparameters)"
             )
     return problems
 
