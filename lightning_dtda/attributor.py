@@ -23,7 +23,7 @@ from lightning_dtda.curvature.tracked import describe_tracked
 from lightning_dtda.estimators import Estimator, Influence, RunContext
 from lightning_dtda.estimators.base import measurement_gradients
 from lightning_dtda.hooks import Hooks, first_batch
-from lightning_dtda.model.gradients import trainable_parameters
+from lightning_dtda.model.gradients import quiet_batching_rules, trainable_parameters
 from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult, SelfInfluence
@@ -195,7 +195,8 @@ class Attributor:
     @contextlib.contextmanager
     def _resolved(self, num_columns: int | None) -> Iterator[str | None]:
         """Run the estimator that its ``"auto"`` settings choose for ``num_columns`` query columns (``None``:
-        self-influence) for the duration of one call, and yield why (``None``: nothing to choose)."""
+        self-influence) for the duration of one call, and yield why (``None``: nothing to choose); torch's
+        batching-rule performance warnings are silenced meanwhile."""
         requested = self.estimator
 
         def num_params() -> int:
@@ -207,7 +208,8 @@ class Attributor:
             rank_zero_info(f"{type(requested).__name__}(curvature='auto') uses {chosen.label}: {reason}.")
         self.estimator = chosen
         try:
-            yield reason
+            with quiet_batching_rules():
+                yield reason
         finally:
             self.estimator = requested
 

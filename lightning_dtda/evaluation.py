@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lightning_dtda.errors import ReplayMismatchError, UnsupportedTrainingError
 from lightning_dtda.hooks import Hooks, first_batch
+from lightning_dtda.model.gradients import quiet_batching_rules
 from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.replay.check import replay_checked
 from lightning_dtda.replay.engine import Replay, measure
@@ -35,6 +36,7 @@ from lightning_dtda.runs.fingerprint import SeededDataset
 from lightning_dtda.runs.trajectory import Trajectory, check_poolable, early_stopped, load_runs
 
 
+@quiet_batching_rules()
 def retrain(
     module: type | torch.nn.Module,
     runs: str | Path | Sequence[Trajectory],

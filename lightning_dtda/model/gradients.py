@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -12,6 +14,16 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+
+@contextlib.contextmanager
+def quiet_batching_rules() -> Iterator[None]:
+    """Silence torch's "performance drop because we have not yet implemented the batching rule" warnings
+    (attention, transformer layers under ``vmap``): they ask torch's users to file an issue, and say nothing
+    about the results, which vmap's fallback loop computes exactly."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        yield
 
 
 class HookCall(nn.Module):
