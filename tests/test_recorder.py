@@ -156,6 +156,7 @@ def test_manifest_describes_the_run(tmp_path):
         "fingerprint": {
             "structure": digest(repr(TinyClassifier())),
             "source": digest(inspect.getsource(TinyClassifier)),
+            "dropout": "{}",  # no dropout layer
         },
     }
     assert manifest["dataset"]["length"] == 16

@@ -478,17 +478,16 @@ def test_a_transformer_with_attention_dropout_and_layer_norm_replays_exactly(tmp
         replay_gap(model, run, data) < 1e-10
     )  # the run's fused attention and the replay's math kernel round differently
     assert_unrolled_equals_finite_differences(TinyTransformer, tmp_path / "runs", data, 1e-7, token_data(3, seed=1))
+    # Dropout inside the fused attention kernel: recorded with a warning, refused by the replay.
+    with pytest.warns(UserWarning, match="no replay can reproduce it: attention 'layer.self_attn' has dropout=0.1"):
+        fit_recorded(tmp_path / "attention", lambda: TinyTransformer(dropout=0.1, attention_dropout=True), data)
     with pytest.raises(
         ValueError,
         match=r"attention 'layer.self_attn' has dropout=0.1 inside torch's fused attention.*Use Influence\(\) for it"
         r"; Segmented\(\) refuses it too, since it replays AdamW runs",  # not "or Segmented()": it replays too
     ):
         Attributor(
-            TinyTransformer(dropout=0.1, attention_dropout=True),
-            tmp_path / "runs",
-            data,
-            estimator=Unrolled(),
-            progress=False,
+            TinyTransformer, tmp_path / "attention" / "runs", data, estimator=Unrolled(), progress=False
         ).attribute(token_data(3, seed=1))
 
 
