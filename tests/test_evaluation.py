@@ -337,6 +337,7 @@ def test_train_seeds_records_each_seed_once(tmp_path):
         (TinyClassifier, DataLoader(classification_data(n=16, seed=3), batch_size=8), {}, "another training set"),
         (TinyClassifier, DataLoader(classification_data(n=16), batch_size=4), {}, "batch_size=8, not 4"),
         (TinyClassifier, loader, {"max_epochs": 2}, "max_epochs=1, not 2"),
+        (TinyClassifier, loader, {"max_epochs": None, "max_steps": 2}, "max_epochs=1, not -1; max_steps=-1, not 2"),
         (TinyClassifier, loader, {"accumulate_grad_batches": 2}, "accumulate_grad_batches=1, not 2"),
         (TinyClassifier, loader, {"gradient_clip_val": 0.5}, "gradient_clip_val=None, not 0.5"),
         (TinyClassifier, loader, {"precision": 64}, "precision='32-true', not '64-true'"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -56,7 +57,7 @@ def train_seeds(
             run = Trajectory(run_dir)
             if run.status == "finished":
                 pl.seed_everything(seed, verbose=False)
-                _check_same_setup(run, make_module(), data, trainer_kwargs)
+                _check_same_setup(run, make_module(), data, trainer_kwargs, extra_callbacks)
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
             if run.status in ("in progress", "unfinished"):  # unfinished: another host's process, maybe alive
@@ -81,33 +82,33 @@ def train_seeds(
 _PRECISION = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
 
 
-def _check_same_setup(run: Trajectory, module: pl.LightningModule, data: Any, trainer_kwargs: dict[str, Any]) -> None:
+def _lightning_limits(trainer_kwargs: dict[str, Any], callbacks: list[Any]) -> tuple[int, int]:
+    """``(max_epochs, max_steps)`` as Lightning resolves them at fit, and the recorder records them: without
+    ``max_epochs``, 1000 unless ``max_steps`` or a time limit is set, and -1 (no limit) if one is."""
+    max_steps = trainer_kwargs.get("max_steps", -1)
+    max_epochs = trainer_kwargs.get("max_epochs")
+    if max_epochs is None:
+        timed = trainer_kwargs.get("max_time") is not None or any(isinstance(c, Timer) for c in callbacks)
+        max_epochs = 1000 if max_steps == -1 and not timed else -1
+    return max_epochs, max_steps
+
+
+def _check_same_setup(
+    run: Trajectory, module: pl.LightningModule, data: Any, trainer_kwargs: dict[str, Any], callbacks: list[Any]
+) -> None:
     """Refuse to skip a finished run that another module, other hyperparameters, another training set or other
     Trainer settings made: the Attributor would pool it as if this call had trained it."""
     manifest = run.manifest
-    differences = [
-        f"{key}={recorded!r}, not {given!r}"
-        for key, recorded, given in (
-            ("max_epochs", manifest.max_epochs, trainer_kwargs.get("max_epochs")),
-            ("max_steps", manifest.max_steps, trainer_kwargs.get("max_steps")),
-            (
-                "accumulate_grad_batches",
-                manifest.accumulate_grad_batches,
-                trainer_kwargs.get("accumulate_grad_batches", 1),
-            ),
-            (
-                "gradient_clip_val",
-                (manifest.gradient_clipping or {}).get("value"),
-                trainer_kwargs.get("gradient_clip_val", (manifest.gradient_clipping or {}).get("value")),
-            ),
-            (
-                "precision",
-                manifest.precision,
-                _PRECISION.get(str(trainer_kwargs.get("precision", "32")), str(trainer_kwargs.get("precision", "32"))),
-            ),
-        )
-        if given is not None and recorded != given
-    ]
+    max_epochs, max_steps = _lightning_limits(trainer_kwargs, callbacks)
+    precision = str(trainer_kwargs.get("precision", "32-true"))
+    settings = (
+        ("max_epochs", manifest.max_epochs, max_epochs),
+        ("max_steps", manifest.max_steps, max_steps),
+        ("accumulate_grad_batches", manifest.accumulate_grad_batches, trainer_kwargs.get("accumulate_grad_batches", 1)),
+        ("gradient_clip_val", (manifest.gradient_clipping or {}).get("value"), trainer_kwargs.get("gradient_clip_val")),
+        ("precision", manifest.precision, _PRECISION.get(precision, precision)),
+    )
+    differences = [f"{key}={recorded!r}, not {given!r}" for key, recorded, given in settings if recorded != given]
     if not same_class(type(module), run.module_class):  # moved to another module path: the Attributor's rule
         differences.append(f"module {run.module_class}, not {type(module).__module__}.{type(module).__qualname__}")
     hparams = {k: jsonable(v) for k, v in dict(module.hparams).items()}
