@@ -122,7 +122,11 @@ class Attributor:
                 f"device={device!r}, but torch finds no CUDA device here; use device='cpu' or leave device=None."
             )
         self.module = module
-        runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+        if isinstance(runs, (str, Path)):
+            runs = load_runs(runs)
+        else:
+            runs = list(runs)
+            check_poolable(runs)  # load_runs checks a folder's
         self.runs = [run.upto(snapshot) for run in runs]
         self.snapshot = snapshot
         # Every read of a training example draws the same random numbers (one fixed view of an augmented example).
@@ -131,7 +135,6 @@ class Attributor:
         self.batch_size = batch_size
         self.progress = progress
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        check_poolable(self.runs)  # a list of trajectories has not been through load_runs' check
         self.runs[0].check_dataset(train_data)
         stopping = early_stopped(self.runs)
         if stopping is not None:

@@ -36,7 +36,6 @@ from lightning_dtda.runs.fingerprint import SeededDataset
 from lightning_dtda.runs.trajectory import Trajectory, check_poolable, early_stopped, load_runs
 
 
-@quiet_batching_rules()
 def retrain(
     module: type | torch.nn.Module,
     runs: str | Path | Sequence[Trajectory],
@@ -88,9 +87,12 @@ def retrain(
         DatasetMismatchError: If ``train_data`` is not what the runs were recorded on.
         ValueError: For a ``snapshot`` a run does not have (the message lists its snapshots).
     """
-    runs = load_runs(runs) if isinstance(runs, (str, Path)) else list(runs)
+    if isinstance(runs, (str, Path)):
+        runs = load_runs(runs)
+    else:
+        runs = list(runs)
+        check_poolable(runs)  # load_runs checks a folder's
     runs = [run.upto(snapshot) for run in runs]
-    check_poolable(runs)
     runs[0].check_dataset(train_data)
     mixed = [f"{run.name} ({run.manifest.precision})" for run in runs if "mixed" in run.manifest.precision]
     if mixed:
@@ -120,40 +122,41 @@ def retrain(
         raise ValueError(f"models_per_pass must be a positive integer, got {models_per_pass!r}.")
     rows = torch.cat([torch.ones(1, weights.shape[1], dtype=weights.dtype), weights])  # row 0: the base run
     base, retrained, rounding = [], [], []
-    for run in tqdm(runs, desc="retraining seeds", disable=not progress):
-        model = instantiate(module, run, 0, device)
-        hooks = Hooks(model)
-        if hooks.default_train_loss:
-            hooks.check_loss(first_batch(train_data, device))
-        replayer = Replay(model, run, train_data)  # one per run: it checks the run and reads snapshot 0
-        batched: ReplayMismatchError | None = None
-        if models_per_pass > 1:
-            try:
-                # At kinks, vectorised kernels' other rounding can make another run, not rounding of this one
-                # (see the distributions guide): no allowance for amplified rounding here.
-                measured = _measured_rows(
-                    replayer, model, rows, query_data, models_per_pass, progress, excuse_rounding=False
+    with quiet_batching_rules():  # vmap's fallback for attention is exact; torch's request is not the user's
+        for run in tqdm(runs, desc="retraining seeds", disable=not progress):
+            model = instantiate(module, run, 0, device)
+            hooks = Hooks(model)
+            if hooks.default_train_loss:
+                hooks.check_loss(first_batch(train_data, device))
+            replayer = Replay(model, run, train_data)  # one per run: it checks the run and reads snapshot 0
+            batched: ReplayMismatchError | None = None
+            if models_per_pass > 1:
+                try:
+                    # At kinks, vectorised kernels' other rounding can make another run, not rounding of this one
+                    # (see the distributions guide): no allowance for amplified rounding here.
+                    measured = _measured_rows(
+                        replayer, model, rows, query_data, models_per_pass, progress, excuse_rounding=False
+                    )
+                except ReplayMismatchError as err:
+                    batched = err
+            if models_per_pass == 1 or batched is not None:
+                # Raises in turn where the run itself cannot be replayed.
+                measured = _measured_rows(replayer, model, rows, query_data, 1, progress)
+            if batched is not None:
+                rank_zero_warn(
+                    f"retrain: {run.name}'s weightings replayed together (models_per_pass={models_per_pass}) land "
+                    f"{batched.gap:.1e} (relative) from the run's weights at step {batched.step}, beyond its tolerance; "
+                    f"replayed one at a time, with training's kernels, they land within {replayer.gap:.1e}, and the "
+                    "ground truth is that replay's (slower; models_per_pass=1 starts there)."
                 )
-            except ReplayMismatchError as err:
-                batched = err
-        if models_per_pass == 1 or batched is not None:
-            # Raises in turn where the run itself cannot be replayed.
-            measured = _measured_rows(replayer, model, rows, query_data, 1, progress)
-        if batched is not None:
-            rank_zero_warn(
-                f"retrain: {run.name}'s weightings replayed together (models_per_pass={models_per_pass}) land "
-                f"{batched.gap:.1e} (relative) from the run's weights at step {batched.step}, beyond its tolerance; "
-                f"replayed one at a time, with training's kernels, they land within {replayer.gap:.1e}, and the "
-                "ground truth is that replay's (slower; models_per_pass=1 starts there)."
+            # No check reaches a removal's replay (only the recorded run has snapshots): its twin one rounding unit
+            # away shows where rounding decides it.
+            twin = _measured_rows(
+                replayer, model, rows, query_data, models_per_pass if batched is None else 1, progress, perturbed=True
             )
-        # No check reaches a removal's replay (only the recorded run has snapshots): its twin one rounding unit
-        # away shows where rounding decides it.
-        twin = _measured_rows(
-            replayer, model, rows, query_data, models_per_pass if batched is None else 1, progress, perturbed=True
-        )
-        base.append(measured[0])
-        retrained.append(measured[1:].T)
-        rounding.append(((twin[1:] - twin[:1]) - (measured[1:] - measured[:1])).abs().T)
+            base.append(measured[0])
+            retrained.append(measured[1:].T)
+            rounding.append(((twin[1:] - twin[:1]) - (measured[1:] - measured[:1])).abs().T)
     truth = Retraining(
         weights.cpu(), torch.stack(base), torch.stack(retrained), [run.name for run in runs], torch.stack(rounding)
     )
@@ -165,7 +168,6 @@ def _warn_rounding(truth: Retraining) -> None:
     """Say how many effects rounding decides (``Retraining.decided``)."""
     decided = truth.decided
     if bool(decided.any()):
-        assert truth.rounding is not None
         runs = [name for name, d in zip(truth.runs, decided) if bool(d.any())]
         rank_zero_warn(
             f"retrain: {int(decided.sum())} of {decided.numel()} effects ({', '.join(runs)}) move by over 1% of their "

@@ -309,6 +309,47 @@ def test_query_spearman_ranks_ties_like_scipy():
     assert abs(torch.corrcoef(torch.stack(first))[0, 1].item() - spearmanr(preds[0], target[0]).statistic) > 1e-3
 
 
+def test_decided_marks_effects_that_move_by_over_a_percent_of_the_querys_largest_and_above_float32_noise():
+    base = torch.tensor([[1.0, 1000.0]])  # [S, Q]: query 1's floor is 1e-5 * 1000 = 1e-2
+    effects = torch.tensor([[[0.5, -0.1, 0.02], [0.5, 0.2, -0.1]]])  # each query's largest: 0.5, so 1% is 5e-3
+    rounding = torch.tensor([[[0.0051, 0.0049, 0.006], [0.02, 0.006, 0.001]]])
+    truth = Retraining(torch.ones(3, 4), base, base.unsqueeze(-1) + effects, ["seed_0"], rounding)
+    assert truth.decided.tolist() == [[[True, False, True], [True, False, False]]]
+    with pytest.raises(ValueError, match="no rounding measurement .* Run retrain again"):
+        _ = Retraining(torch.ones(3, 4), base, base.unsqueeze(-1) + effects, ["seed_0"]).decided
+
+
+class SeededHparams(TinyClassifier):
+    """Hyperparameters a run's seed and a function (whose repr holds a memory address) go into."""
+
+    def __init__(self, seed: int = 0, activation=F.relu, **hparams):
+        super().__init__(**hparams)
+        self.save_hyperparameters()
+
+
+def test_runs_differing_only_by_seed_pool_without_a_word_and_a_differing_setting_is_named(tmp_path):
+    import json
+
+    data = classification_data(n=24, dtype=torch.float64)
+    for seed in (0, 1):
+        fit(tmp_path, lambda seed=seed: SeededHparams(seed=seed, **HPARAMS), data, seed=seed)
+    path = tmp_path / "runs" / "seed_1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("sha256")  # edited by hand: without its checksum, as a manifest before 0.3
+    # as another process repr's the same function
+    manifest["module"]["hparams"]["activation"] = "<function relu at 0x7f0000000001>"
+    path.write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The runs were trained differently")
+        load_runs(tmp_path / "runs")
+    manifest["optimizer"]["param_groups"][0]["lr"] = 0.3
+    path.write_text(json.dumps(manifest))
+    with pytest.warns(
+        UserWarning, match=r"trained differently: param_groups\[0\]\.lr: 0\.2 \(seed_0\), 0\.3 \(seed_1\)\."
+    ):
+        load_runs(tmp_path / "runs")
+
+
 def test_train_seeds_records_each_seed_once(tmp_path):
     loader = DataLoader(classification_data(n=16), batch_size=8, shuffle=True)
     kwargs = dict(
@@ -346,6 +387,12 @@ def test_train_seeds_records_each_seed_once(tmp_path):
             train_seeds(make, other, tmp_path / "runs", seeds=[0], **{**kwargs, **changed})
     train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0], **{**kwargs, "precision": "32"})  # the same
     assert (tmp_path / "runs" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp
+    # Lightning's own defaults, resolved as it resolves them: a repeated call skips
+    defaults = {k: v for k, v in kwargs.items() if k != "max_epochs"} | {"max_steps": 2, "precision": None}
+    train_seeds(TinyClassifier, loader, tmp_path / "defaults", seeds=[0], **defaults)
+    stamp_defaults = (tmp_path / "defaults" / "seed_0" / "manifest.json").stat().st_mtime_ns
+    train_seeds(TinyClassifier, loader, tmp_path / "defaults", seeds=[0], **defaults)
+    assert (tmp_path / "defaults" / "seed_0" / "manifest.json").stat().st_mtime_ns == stamp_defaults
     # runs trained differently are pooled, but not without a word
     train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[3], **{**kwargs, "max_epochs": 2})
     with pytest.warns(

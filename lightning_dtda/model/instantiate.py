@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dtda.runs.format import jsonable, module_fingerprint, same_class
+from lightning_dtda.runs.format import comparable, jsonable, module_fingerprint, same_class
 from lightning_dtda.runs.trajectory import Trajectory
 
 
@@ -78,7 +78,9 @@ def instantiate(
         for k, v in dict(getattr(model, "hparams", {})).items()
         if v is None or isinstance(v, (bool, int, float, str))
     }
-    differ = [k for k, v in run.manifest.hparams.items() if k in given and jsonable(given[k]) != v]
+    differ = [
+        k for k, v in run.manifest.hparams.items() if k in given and comparable(jsonable(given[k])) != comparable(v)
+    ]
     differences = (
         f"run {run.name} was trained with {', '.join(f'{k}={run.manifest.hparams[k]!r}' for k in differ)}; the module given "
         f"has {', '.join(f'{k}={given[k]!r}' for k in differ)}"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dtda.record.recorder import TrajectoryRecorder
 from lightning_dtda.runs.fingerprint import fingerprint_dataset
-from lightning_dtda.runs.format import MANIFEST, jsonable, same_class
+from lightning_dtda.runs.format import MANIFEST, comparable, jsonable, same_class
 from lightning_dtda.runs.trajectory import Trajectory
 
 
@@ -51,13 +51,15 @@ def train_seeds(
     """
     dirpath = Path(dirpath)
     extra_callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
+    probe: pl.Trainer | None = None  # the settings as Lightning resolves them, for comparing with finished runs
     for seed in seeds:
         run_dir = dirpath / f"seed_{seed}"
         if (run_dir / MANIFEST).is_file():
             run = Trajectory(run_dir)
             if run.status == "finished":
                 pl.seed_everything(seed, verbose=False)
-                _check_same_setup(run, make_module(), data, trainer_kwargs, extra_callbacks)
+                probe = probe or pl.Trainer(**trainer_kwargs)
+                _check_same_setup(run, make_module(), data, probe, _lightning_limits(trainer_kwargs, extra_callbacks))
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
             if run.status in ("in progress", "unfinished"):  # unfinished: another host's process, maybe alive
@@ -78,10 +80,6 @@ def train_seeds(
     return dirpath
 
 
-# Lightning's shorthands for its precision settings, as the manifest spells them.
-_PRECISION = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
-
-
 def _lightning_limits(trainer_kwargs: dict[str, Any], callbacks: list[Any]) -> tuple[int, int]:
     """``(max_epochs, max_steps)`` as Lightning resolves them at fit, and the recorder records them: without
     ``max_epochs``, 1000 unless ``max_steps`` or a time limit is set, and -1 (no limit) if one is."""
@@ -94,26 +92,30 @@ def _lightning_limits(trainer_kwargs: dict[str, Any], callbacks: list[Any]) -> t
 
 
 def _check_same_setup(
-    run: Trajectory, module: pl.LightningModule, data: Any, trainer_kwargs: dict[str, Any], callbacks: list[Any]
+    run: Trajectory, module: pl.LightningModule, data: Any, trainer: pl.Trainer, limits: tuple[int, int]
 ) -> None:
     """Refuse to skip a finished run that another module, other hyperparameters, another training set or other
-    Trainer settings made: the Attributor would pool it as if this call had trained it."""
+    Trainer settings (``trainer``, not fitted; ``limits``: ``_lightning_limits``) made: the Attributor would pool it
+    as if this call had trained it."""
     manifest = run.manifest
-    max_epochs, max_steps = _lightning_limits(trainer_kwargs, callbacks)
-    precision = str(trainer_kwargs.get("precision", "32-true"))
+    clipping = manifest.gradient_clipping or {}
+    algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
     settings = (
-        ("max_epochs", manifest.max_epochs, max_epochs),
-        ("max_steps", manifest.max_steps, max_steps),
-        ("accumulate_grad_batches", manifest.accumulate_grad_batches, trainer_kwargs.get("accumulate_grad_batches", 1)),
-        ("gradient_clip_val", (manifest.gradient_clipping or {}).get("value"), trainer_kwargs.get("gradient_clip_val")),
-        ("precision", manifest.precision, _PRECISION.get(precision, precision)),
+        ("max_epochs", manifest.max_epochs, limits[0]),
+        ("max_steps", manifest.max_steps, limits[1]),
+        ("accumulate_grad_batches", manifest.accumulate_grad_batches, trainer.accumulate_grad_batches),
+        ("gradient_clip_val", clipping.get("value"), trainer.gradient_clip_val),
+        ("gradient_clip_algorithm", clipping.get("algorithm", algorithm), algorithm),
+        ("precision", manifest.precision, str(trainer.precision)),
     )
     differences = [f"{key}={recorded!r}, not {given!r}" for key, recorded, given in settings if recorded != given]
     if not same_class(type(module), run.module_class):  # moved to another module path: the Attributor's rule
         differences.append(f"module {run.module_class}, not {type(module).__module__}.{type(module).__qualname__}")
     hparams = {k: jsonable(v) for k, v in dict(module.hparams).items()}
     differences += [
-        f"{k}={v!r}, not {hparams[k]!r}" for k, v in run.manifest.hparams.items() if k in hparams and hparams[k] != v
+        f"{k}={v!r}, not {hparams[k]!r}"
+        for k, v in run.manifest.hparams.items()
+        if k in hparams and comparable(hparams[k]) != comparable(v)
     ]
     if isinstance(data, DataLoader) and data.batch_size is not None and data.batch_size != manifest.batch_size:
         differences.append(f"batch_size={manifest.batch_size}, not {data.batch_size}")

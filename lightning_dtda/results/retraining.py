@@ -47,10 +47,16 @@ class Retraining:
         """``[S, Q, M]``, ``True`` for effects that rounding decides rather than the weighting: they move by over
         1% of their query's largest effect (and by over 1e-5 of its measurement, far above float32's own noise)
         when the replays start one rounding unit away (the run passes near ties, at max-pool or ReLU kinks).
-        A lower bound: other rounding moves others too (see the distributions guide). All ``False`` where
-        ``rounding`` was not measured."""
+        A lower bound: other rounding moves others too (see the distributions guide).
+
+        Raises:
+            ValueError: Where ``rounding`` was not measured (a file saved by an earlier version): nothing is known.
+        """
         if self.rounding is None:
-            return torch.zeros_like(self.retrained, dtype=torch.bool)
+            raise ValueError(
+                "This ground truth has no rounding measurement (saved by an earlier version), so which of its effects "
+                "rounding decides is unknown. Run retrain again to measure it."
+            )
         scale = self.effects.abs().amax(-1, keepdim=True)
         return (self.rounding > 0.01 * scale) & (self.rounding > 1e-5 * self.base.abs().unsqueeze(-1))
 

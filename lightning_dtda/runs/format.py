@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -66,6 +67,21 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Tensor) and value.numel() == 1:
         return value.item()
     return repr(value)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def comparable(value: Any) -> Any:
+    """A ``jsonable`` value with the memory addresses in its reprs left out (``<function relu at 0x7f..>``): the
+    same object repr'd in two processes compares equal."""
+    if isinstance(value, str):
+        return _ADDRESS.sub("", value)
+    if isinstance(value, Mapping):
+        return {k: comparable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

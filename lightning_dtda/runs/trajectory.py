@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_dtda._io import load_json
 from lightning_dtda.errors import DatasetMismatchError, UnfinishedRunError
 from lightning_dtda.runs.fingerprint import fingerprint_dataset
-from lightning_dtda.runs.format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step
+from lightning_dtda.runs.format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step, comparable
 
 # What a run folder says of its training (see Trajectory.status).
 RunStatus = Literal["finished", "in progress", "abandoned", "unfinished"]
@@ -289,10 +290,10 @@ def check_poolable(runs: list[Trajectory]) -> None:
     if differences:
         # Not refused: runs over several learning rates, say, may be the distribution meant. Most often a folder
         # holds seeds of an earlier setting (train_seeds skips finished seeds), which pooling would mix silently.
-        warnings.warn(
+        rank_zero_warn(
             f"The runs were trained differently: {'; '.join(differences)}. They are pooled as draws of one "
             "distribution of training runs; if that is not meant, attribute each setting's runs on their own.",
-            stacklevel=3,
+            stacklevel=6,  # past rank_zero_warn's three frames, this function and load_runs: the user's line
         )
 
 
@@ -314,6 +315,7 @@ _RECIPE = (
     "schedulers",
     "batch_size",
     "drop_last",
+    "batches_per_epoch",
     "accumulate_grad_batches",
     "world_size",
     "precision",
@@ -323,16 +325,26 @@ _RECIPE = (
 )
 
 
+def _flat(name: str, value: Any) -> dict[str, Any]:
+    """``value`` by its leaves' names (``param_groups[0].lr``), so a difference names its setting."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(f"{name}.{key}", item).items()}
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(f"{name}[{i}]", item).items()}
+    return {name: value}
+
+
 def recipe_differences(runs: list[Trajectory]) -> list[str]:
     """How the runs' training settings differ, one line per setting that does (``"max_epochs: 5 (seed_0,
-    seed_1), 10 (seed_2)"``): the manifest's optimizer, schedulers, batch size, accumulation, precision, epochs,
-    steps, clipping and hyperparameters (but a hyperparameter that holds each run's own seed)."""
+    seed_1), 10 (seed_2)"``): the manifest's optimizer, schedulers, batch size, batches per epoch, accumulation,
+    precision, epochs, steps, clipping and hyperparameters (but a hyperparameter that holds each run's own seed;
+    memory addresses in reprs are left out)."""
     recipes = []
     for run in runs:
         manifest = run.manifest
-        recipe = {name: getattr(manifest, name) for name in _RECIPE}
+        recipe = {k: v for name in _RECIPE for k, v in _flat(name, getattr(manifest, name)).items()}
         recipe.update({f"hparams.{k}": v for k, v in manifest.hparams.items()})
-        recipes.append({k: json.dumps(v, sort_keys=True, default=str) for k, v in recipe.items()})
+        recipes.append({k: json.dumps(comparable(v), sort_keys=True, default=str) for k, v in recipe.items()})
     seeds = [json.dumps(run.manifest.seed) for run in runs]
     lines = []
     for key in dict.fromkeys(k for recipe in recipes for k in recipe):
@@ -342,6 +354,9 @@ def recipe_differences(runs: list[Trajectory]) -> list[str]:
         groups: dict[str, list[str]] = {}
         for run, value in zip(runs, values):
             groups.setdefault(value, []).append(run.name)
-        shown = ", ".join(f"{value[:80]} ({', '.join(names)})" for value, names in groups.items())
+        shown = ", ".join(
+            f"{value if len(value) <= 200 else value[:200] + '...'} ({', '.join(names)})"
+            for value, names in groups.items()
+        )
         lines.append(f"{key}: {shown}")
     return lines
