@@ -360,7 +360,18 @@ def test_train_seeds_records_each_seed_once(tmp_path):
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1], **kwargs)
+    fits = []
+
+    class CountsFits(pl.Callback):  # state a fit changes, as EarlyStopping's patience count or ModelCheckpoint's best
+        def __init__(self):
+            self.fits = 0
+
+        def on_fit_start(self, trainer, pl_module):
+            self.fits += 1
+            fits.append(self.fits)
+
+    train_seeds(TinyClassifier, loader, tmp_path / "runs", seeds=[0, 1], callbacks=[CountsFits()], **kwargs)
+    assert fits == [1, 1]  # every seed starts from the callbacks as given, not from the previous seed's
     runs = load_runs(tmp_path / "runs")
     assert [r.name for r in runs] == ["seed_0", "seed_1"] and [r.seed for r in runs] == [0, 1]
     assert not torch.equal(runs[0].state_dict(0)["net.0.weight"], runs[1].state_dict(0)["net.0.weight"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -43,8 +44,9 @@ def train_seeds(
         dirpath: The folder of runs, as given to the Attributor afterwards.
         seeds: The seeds to train.
         recorder: Keyword arguments for ``TrajectoryRecorder`` (not ``dirpath``, ``run_name``, ``seed``).
-        trainer_kwargs: Keyword arguments for ``lightning.pytorch.Trainer``; ``callbacks`` are kept
-            and the recorder appended.
+        trainer_kwargs: Keyword arguments for ``lightning.pytorch.Trainer``; each seed gets a fresh copy of
+            ``callbacks`` as given (``EarlyStopping`` and ``ModelCheckpoint`` keep state across a fit), with the
+            recorder appended.
 
     Returns:
         ``dirpath``.
@@ -71,13 +73,25 @@ def train_seeds(
             shutil.rmtree(run_dir)
         pl.seed_everything(seed)
         module = make_module()
-        callbacks = [*extra_callbacks, TrajectoryRecorder(dirpath, seed=seed, **(recorder or {}))]
+        callbacks = [*_fresh(extra_callbacks), TrajectoryRecorder(dirpath, seed=seed, **(recorder or {}))]
         trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs)
         if isinstance(data, pl.LightningDataModule):
             trainer.fit(module, datamodule=data)
         else:
             trainer.fit(module, data)
     return dirpath
+
+
+def _fresh(callbacks: list[Any]) -> list[Any]:
+    """A copy of each callback as given, for one seed: EarlyStopping's patience count and ModelCheckpoint's best
+    carried over from the previous seed stopped the next seeds after a few steps (a new-user trial)."""
+    try:
+        return copy.deepcopy(callbacks)
+    except Exception as err:  # whatever it holds (a lock, an open file), the seeds must not share its state
+        raise TypeError(
+            f"train_seeds gives every seed a fresh copy of the callbacks, but one of them cannot be copied ({err}). "
+            "Train the seeds in your own loop, building the callbacks anew for each (see the README)."
+        ) from err
 
 
 def _lightning_limits(trainer_kwargs: dict[str, Any], callbacks: list[Any]) -> tuple[int, int]:
