@@ -482,5 +482,10 @@ def test_a_batched_replay_off_the_run_is_redone_with_trainings_kernels_and_a_cha
     assert decided > 0 and any(f"retrain: {int(decided)} of 6 effects (seed_0) move by over 1%" in m for m in messages)
     [chaotic] = load_runs(tmp_path / "runs_120")
     replay_120 = Replay(instantiate(TinyClassifier, chaotic, 0), chaotic, SeededDataset(data))
-    with pytest.raises(ReplayMismatchError, match="lands .* away from its recorded weights"):
+    # Said to be rounding's doing (measured: one rounding unit apart drifts as far), not blamed on the updates.
+    with pytest.raises(
+        ReplayMismatchError,
+        match=r"lands .* away from its recorded weights \(rounding alone, from weights one rounding unit apart, drifts "
+        r".* Rounding alone takes a replay as far .* Record it with precision='64-true'",
+    ):
         replay_checked(replay_120, torch.ones(2, 40), strict=True)

@@ -126,11 +126,13 @@ def check_replay(
     drift = None
     # Half precision ("16-true", "bf16-true"): one rounding unit is already ~1e-3, which would excuse anything.
     full_precision = not mixed and run.manifest.input_dtype not in (torch.float16, torch.bfloat16)
-    if excuse_rounding and full_precision and gap <= _AMPLIFIED_CAP:
+    if excuse_rounding and full_precision:
+        # Measured beyond the cap too, where it excuses nothing: it tells a run that rounding scrambled from a replay
+        # that computes something else (a new-user trial's refusal blamed augmentation for a chaotic float32 CNN).
         drifts = rounding_drift(replay, last)
         drift = replay.rounding_gap = max(drifts.values())
         # Tensor by tensor: one sensitive tensor's drift must not excuse another tensor's gap.
-        if all(g <= max(_REPLAY_TOLERANCE, _AMPLIFIED * drifts[n]) for n, g in gaps.items()):
+        if gap <= _AMPLIFIED_CAP and all(g <= max(_REPLAY_TOLERANCE, _AMPLIFIED * drifts[n]) for n, g in gaps.items()):
             return gap
     traced = None if replay.traced_losses is None else [float(loss) for loss in replay.traced_losses]
     amplified = (
@@ -141,6 +143,13 @@ def check_replay(
             f"The run trained in {run.manifest.precision}, which the replay computes in full precision and accepts "
             f"within {_MIXED_PRECISION_TOLERANCE:g} only: the run's half-precision rounding has taken it further. "
             "Record it with precision='32-true' to replay it, or use Influence(), which needs no replay."
+        )
+    elif drift is not None and gap > _AMPLIFIED_CAP and drift * _AMPLIFIED >= gap:
+        cause = (
+            f"Rounding alone takes a replay as far from its run by then: training amplifies it (large learning rates, "
+            f"ReLU and max-pool kinks), and beyond {_AMPLIFIED_CAP:g} it has scrambled the run, which no replay in "
+            f"{run.manifest.precision} reproduces. Record it with precision='64-true' to replay it, or use "
+            "Influence(), which needs no replay."
         )
     else:
         cause = diagnose(run, traced, last)
