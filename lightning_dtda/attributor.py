@@ -141,7 +141,8 @@ class Attributor:
             rank_zero_warn(
                 f"Attributor: {stopping} trained with EarlyStopping. The effects are those on runs of the recorded "
                 "length; without an example a run may also stop at another epoch, which no estimator sees (a "
-                "new-user trial: 2 of 15 removals stopped two epochs later, moving their effects by up to 44%)."
+                "CNN in a new-user trial: 3 of 5 removals stopped an epoch early, moving their effects by as much as "
+                "the largest effects)."
             )
         kept = [run for run in runs if run.manifest.best_step not in (None, run.final_step)]
         if snapshot == "final" and kept:
@@ -375,11 +376,21 @@ class Attributor:
         Returns:
             A ``SelfInfluence`` with ``effects [seeds, train]`` and the base ``losses [seeds, train]``.
 
+        On randomly augmented runs each example is read in one fixed view (see ``Attributor``), and a warning
+        says that an unlucky view ranks high.
+
         Raises:
             ValueError: For an estimator that cannot give it without one estimate per example
                 (``Unrolled``, ``Segmented``) or the exact GGN solved by Krylov methods; the
                 message says what to use instead.
         """
+        if any(run.manifest.augmentation is not None for run in self.runs):
+            rank_zero_warn(
+                "self_influence: the runs trained on randomly augmented data, and it reads each example in one fixed "
+                "view: an example whose view is an unlucky one (shifted off the frame, cropped away) ranks high for "
+                "its view, not for the example (a new-user trial's top five were such views). Compare "
+                "SelfInfluence.losses with the examples' losses without augmentation before removing any."
+            )
         with self._resolved(None) as reason:
             return self._self_influence(reason)
 

@@ -153,3 +153,12 @@ def test_every_pass_draws_new_views_also_when_lightning_reloads_the_loader(tmp_p
     [run] = load_runs(tmp_path / "runs")
     keys = [step.augmentation[0] for step in run.steps]
     assert len(set(keys)) == 3  # one key per epoch, all different
+
+
+def test_self_influence_on_augmented_runs_warns_that_an_unlucky_view_ranks_high(recorded):
+    """Self-influence reads one fixed view per example: a new-user trial's top five were badly shifted views."""
+    data, _, recorded_path = recorded
+    attributor = Attributor(WeightedCNN, recorded_path / "workers" / "runs", data, progress=False)
+    with pytest.warns(UserWarning, match="one fixed view: an example whose view is an unlucky one"):
+        values = attributor.self_influence()
+    assert values.effects.shape == (1, 24) and torch.isfinite(values.effects).all()
