@@ -608,3 +608,24 @@ def test_gradient_chunks_smaller_than_batch_size_keep_the_effects_and_name_the_r
     bad = TensorDataset(x, y)
     with pytest.raises(FloatingPointError, match=r"non-finite gradients for examples \[3\]"):
         Attributor(TinyClassifier, runs, data, estimator=Influence("ekfac"), progress=False).attribute(bad)
+
+
+def test_the_fingerprint_of_image_items_reads_their_pixels_not_their_repr():
+    """A PIL image's repr holds a memory address: hashed, it made every read another item (the recorder then
+    blamed a generator of the dataset's own) and said nothing of the pixels."""
+    from PIL import Image
+
+    from lightning_dtda.runs.fingerprint import changes_between_reads, fingerprint_dataset
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, value):
+            self.value = value
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return Image.fromarray(np.full((4, 4), self.value + i, dtype=np.uint8)), i
+
+    assert not changes_between_reads(Images(1))
+    assert fingerprint_dataset(Images(1)) == fingerprint_dataset(Images(1)) != fingerprint_dataset(Images(2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,9 @@ from torch.utils.data import Dataset
 # different dataset, a different order or different preprocessing, which are the mistakes that
 # matter here, at a cost independent of the dataset's size.
 _FINGERPRINT_EXAMPLES = 64
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _update(h: "hashlib._Hash", item: Any) -> None:
@@ -42,8 +46,11 @@ def _update(h: "hashlib._Hash", item: Any) -> None:
         h.update(f"S{len(item)}".encode())
         for part in item:
             _update(h, part)
+    elif hasattr(item, "__array_interface__"):  # a PIL image: its pixels, not its repr
+        _update(h, np.asarray(item))
     else:
-        h.update(f"V{item!r}".encode())
+        # Without memory addresses (a PIL image's repr has one): the same item read twice is the same item.
+        h.update(f"V{_ADDRESS.sub('', repr(item))}".encode())
 
 
 @contextlib.contextmanager
