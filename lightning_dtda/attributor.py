@@ -140,9 +140,8 @@ class Attributor:
         if stopping is not None:
             rank_zero_warn(
                 f"Attributor: {stopping} trained with EarlyStopping. The effects are those on runs of the recorded "
-                "length; without an example a run may also stop at another epoch, which no estimator sees (a "
-                "CNN in a new-user trial: 3 of 5 removals stopped an epoch early, moving their effects by as much as "
-                "the largest effects)."
+                "length; without an example a run may also stop at another epoch, which no estimator sees (and which "
+                "can move an effect by as much as the largest effects; see the recording guide)."
             )
         kept = [run for run in runs if run.manifest.best_step not in (None, run.final_step)]
         if snapshot == "final" and kept:
@@ -388,8 +387,8 @@ class Attributor:
             rank_zero_warn(
                 "self_influence: the runs trained on randomly augmented data, and it reads each example in one fixed "
                 "view: an example whose view is an unlucky one (shifted off the frame, cropped away) ranks high for "
-                "its view, not for the example (a new-user trial's top five were such views). Compare "
-                "SelfInfluence.losses with the examples' losses without augmentation before removing any."
+                "its view, not for the example. Compare SelfInfluence.losses with the examples' losses without "
+                "augmentation before removing any."
             )
         with self._resolved(None) as reason:
             return self._self_influence(reason)

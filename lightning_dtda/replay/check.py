@@ -147,8 +147,8 @@ def check_replay(
     elif drift is not None and gap > _AMPLIFIED_CAP and drift * _AMPLIFIED >= gap:
         cause = (
             f"Rounding alone takes a replay as far from its run by then: training amplifies it (large learning rates, "
-            f"ReLU and max-pool kinks), and beyond {_AMPLIFIED_CAP:g} it has scrambled the run, which no replay in "
-            f"{run.manifest.precision} reproduces. Record it with precision='64-true' to replay it, or use "
+            f"ReLU and max-pool kinks), and beyond {_AMPLIFIED_CAP:g} it has scrambled the run: Lightning may repeat it "
+            f"bit for bit, but no replay whose kernels round otherwise does in {run.manifest.precision}. Record it with precision='64-true' to replay it, or use "
             "Influence(), which needs no replay."
         )
     else:
