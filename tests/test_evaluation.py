@@ -63,6 +63,13 @@ def fit(tmp_path, make_module, data, seed, recorder=True, epochs=3):
     return module
 
 
+def lightning_leave_one_out(tmp_path, data, removed, epochs=3):
+    """Lightning's own retraining of seed 3 with example ``removed``'s loss weighted 0."""
+    return fit(
+        tmp_path, lambda: WeightedClassifier(removed=removed, **HPARAMS), data, seed=3, recorder=False, epochs=epochs
+    )
+
+
 def test_replay_leave_one_out_equals_lightning_retraining_with_the_same_seed(tmp_path):
     data = indexed_data()
     fit(tmp_path, lambda: WeightedClassifier(**HPARAMS), data, seed=3)
@@ -74,13 +81,7 @@ def test_replay_leave_one_out_equals_lightning_retraining_with_the_same_seed(tmp
     # weight 1 everywhere is exactly the recorded run
     assert max((t[0] - final[n]).abs().max().item() for n, t in replayed.items()) < 1e-12
     for row, removed in ((1, 7), (2, 11)):
-        lightning_loo = fit(
-            tmp_path,
-            lambda removed=removed: WeightedClassifier(removed=removed, **HPARAMS),
-            data,
-            seed=3,
-            recorder=False,
-        )
+        lightning_loo = lightning_leave_one_out(tmp_path, data, removed)
         expected = dict(lightning_loo.named_parameters())
         assert max((t[row] - expected[n]).abs().max().item() for n, t in replayed.items()) < 1e-12
         assert max((t[row] - final[n]).abs().max().item() for n, t in replayed.items()) > 1e-4
@@ -97,14 +98,7 @@ def test_retrain_at_a_snapshot_equals_lightning_retraining_stopped_there(tmp_pat
     truth = retrain(WeightedClassifier, [run], data, queries, weights, snapshot=10, progress=False)
     final = retrain(WeightedClassifier, [run], data, queries, weights, progress=False)
     for column, removed in enumerate((7, 11)):
-        lightning = fit(
-            tmp_path,
-            lambda removed=removed: WeightedClassifier(removed=removed, **HPARAMS),
-            data,
-            seed=3,
-            recorder=False,
-            epochs=2,
-        ).eval()
+        lightning = lightning_leave_one_out(tmp_path, data, removed, epochs=2).eval()
         with torch.no_grad():
             expected = F.cross_entropy(lightning(queries.tensors[0]), queries.tensors[1], reduction="none")
         assert (truth.retrained[0, :, column] - expected).abs().max() < 1e-12

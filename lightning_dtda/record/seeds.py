@@ -54,6 +54,7 @@ def train_seeds(
     dirpath = Path(dirpath)
     extra_callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
     probe: pl.Trainer | None = None  # the settings as Lightning resolves them, for comparing with finished runs
+    fingerprint: str | None = None  # the DataLoader's dataset's, once (a DataModule's is not built before fit)
     for seed in seeds:
         run_dir = dirpath / f"seed_{seed}"
         if (run_dir / MANIFEST).is_file():
@@ -61,7 +62,10 @@ def train_seeds(
             if run.status == "finished":
                 pl.seed_everything(seed, verbose=False)
                 probe = probe or pl.Trainer(**trainer_kwargs)
-                _check_same_setup(run, make_module(), data, probe, _lightning_limits(trainer_kwargs, extra_callbacks))
+                if fingerprint is None and isinstance(data, DataLoader):
+                    fingerprint = fingerprint_dataset(data.dataset)
+                limits = _lightning_limits(trainer_kwargs, extra_callbacks)
+                _check_same_setup(run, make_module(), data, fingerprint, probe, limits)
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
             if run.status in ("in progress", "unfinished"):  # unfinished: another host's process, maybe alive
@@ -106,11 +110,16 @@ def _lightning_limits(trainer_kwargs: dict[str, Any], callbacks: list[Any]) -> t
 
 
 def _check_same_setup(
-    run: Trajectory, module: pl.LightningModule, data: Any, trainer: pl.Trainer, limits: tuple[int, int]
+    run: Trajectory,
+    module: pl.LightningModule,
+    data: Any,
+    fingerprint: str | None,
+    trainer: pl.Trainer,
+    limits: tuple[int, int],
 ) -> None:
-    """Refuse to skip a finished run that another module, other hyperparameters, another training set or other
-    Trainer settings (``trainer``, not fitted; ``limits``: ``_lightning_limits``) made: the Attributor would pool it
-    as if this call had trained it."""
+    """Refuse to skip a finished run that another module, other hyperparameters, another training set
+    (``fingerprint``: a DataLoader's dataset's) or other Trainer settings (``trainer``, not fitted; ``limits``:
+    ``_lightning_limits``) made: the Attributor would pool it as if this call had trained it."""
     manifest = run.manifest
     clipping = manifest.gradient_clipping or {}
     algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
@@ -133,10 +142,7 @@ def _check_same_setup(
     ]
     if isinstance(data, DataLoader) and data.batch_size is not None and data.batch_size != manifest.batch_size:
         differences.append(f"batch_size={manifest.batch_size}, not {data.batch_size}")
-    dataset = data.dataset if isinstance(data, DataLoader) else None  # a DataModule's is not built before fit
-    if dataset is not None and (
-        len(dataset) != run.dataset_length or fingerprint_dataset(dataset) != run.dataset_fingerprint
-    ):
+    if fingerprint is not None and (len(data.dataset) != run.dataset_length or fingerprint != run.dataset_fingerprint):
         differences.append("another training set")
     if differences:
         raise RuntimeError(

@@ -45,8 +45,8 @@ from lightning_dtda.runs.trajectory import Trajectory
 def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) -> None:
     """Refuse, before any work, a run whose training the replay cannot reproduce, naming the cause."""
     recorded = (run.manifest.module_fingerprint or {}).get("dropout")
-    if recorded is not None and json.loads(recorded) != dropout_rates(model):
-        then, now = json.loads(recorded), dropout_rates(model)
+    then, now = ({} if recorded is None else json.loads(recorded)), dropout_rates(model)
+    if recorded is not None and then != now:
         differences = [
             f"{name}: {then.get(name)} in training, {now.get(name)} here"
             for name in sorted({*then, *now})

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_dtda._io import load_json
 from lightning_dtda.errors import DatasetMismatchError, UnfinishedRunError
-from lightning_dtda.runs.fingerprint import fingerprint_dataset
+from lightning_dtda.runs.fingerprint import changes_between_reads, fingerprint_dataset
 from lightning_dtda.runs.format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step, comparable
 
 # What a run folder says of its training (see Trajectory.status).
@@ -193,7 +193,7 @@ class Trajectory:
             )
         fingerprint = fingerprint_dataset(data)
         if fingerprint != self.dataset_fingerprint:
-            if fingerprint_dataset(data) != fingerprint:
+            if changes_between_reads(data):
                 # Fingerprints seed torch's, NumPy's and Python's global generators: a read that still changes
                 # draws from a generator of the dataset's own.
                 raise DatasetMismatchError(
