@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -76,12 +77,17 @@ def test_spread_wideners_are_found():
     assert indices.tolist() == [0]
 
 
-def test_interval_needs_two_seeds_and_a_valid_level():
-    result = result_with(torch.zeros(1, 1, 3), torch.zeros(1, 1))
-    with pytest.raises(ValueError, match="at least two seeds"):
+def test_interval_needs_three_seeds_warns_below_eight_and_needs_a_valid_level():
+    result = result_with(torch.zeros(2, 1, 3), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="at least three seeds, got 2: with two, any interval is just the two"):
         result.interval("mean")
+    with pytest.warns(UserWarning, match="bootstrap over 4 seeds covers less than its nominal 90%"):
+        result_with(torch.randn(4, 1, 3), torch.randn(4, 1)).interval("mean")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="A percentile bootstrap")
+        result_with(torch.randn(8, 1, 3), torch.randn(8, 1)).interval("mean")
     with pytest.raises(ValueError, match="level must be in"):
-        result_with(torch.zeros(2, 1, 3), torch.zeros(2, 1)).interval("mean", level=1.5)
+        result_with(torch.zeros(3, 1, 3), torch.zeros(3, 1)).interval("mean", level=1.5)
     with pytest.raises(ValueError, match="statistic must be one of"):
         result.statistic("median")
 

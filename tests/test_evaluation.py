@@ -173,7 +173,7 @@ def test_the_ground_truth_of_the_recipe_users_train_equals_lightning_retraining(
     [run] = load_runs(tmp_path / "runs")
     assert run.final_step == 8  # two epochs of 7 batches, accumulated in pairs (the last alone)
     # A removal may move the epoch EarlyStopping stops at, which no replay follows: refused unless asked for.
-    assert run.manifest.early_stopping == ("EarlyStopping(monitor='val_loss', patience=0)",)
+    assert run.manifest.early_stopping == ("EarlyStopping(monitor='val_loss', patience=0, min_delta=10, mode='min')",)
     with pytest.raises(UnsupportedTrainingError, match=r"retrain cannot follow EarlyStopping: seed_0 \(EarlyStopping"):
         retrain(RecipeCNN, tmp_path / "runs", data, queries, leave_one_out_weights(26, [4, 17]), progress=False)
     # Here it stops after the second epoch whatever the data (min_delta=10), so runs of the recorded length are
@@ -214,7 +214,10 @@ def test_unrolled_is_the_derivative_of_the_recipes_ground_truth(tmp_path):
         RecipeCNN(lr=0.05, dropout=0.2), DataLoader(data, batch_size=4, shuffle=True), DataLoader(queries, batch_size=6)
     )
     examples, eps = [4, 17], 1e-6
-    with pytest.warns(UserWarning, match=r"seed_0 \(EarlyStopping\(monitor='val_loss', patience=0\)\) trained with"):
+    with pytest.warns(
+        UserWarning,
+        match=r"seed_0 \(EarlyStopping\(monitor='val_loss', patience=0, min_delta=10, mode='min'\)\) trained with",
+    ):
         attributor = Attributor(RecipeCNN, tmp_path / "runs", data, Unrolled(), progress=False)
     unrolled = attributor.attribute(queries)
     weights = torch.ones(2, 26, dtype=torch.float64)
@@ -309,6 +312,10 @@ def test_decided_marks_effects_that_move_by_over_a_percent_of_the_querys_largest
     rounding = torch.tensor([[[0.0051, 0.0049, 0.006], [0.02, 0.006, 0.001]]])
     truth = Retraining(torch.ones(3, 4), base, base.unsqueeze(-1) + effects, ["seed_0"], rounding)
     assert truth.decided.tolist() == [[[True, False, True], [True, False, False]]]
+    with pytest.raises(ValueError, match="split_half needs at least four seeds \\(two per half\\), got 3"):
+        Retraining(
+            torch.ones(3, 4), base.expand(3, 2), (base.unsqueeze(-1) + effects).expand(3, 2, 3), list("abc")
+        ).split_half("mean")
     with pytest.raises(ValueError, match="no rounding measurement .* Run retrain again"):
         _ = Retraining(torch.ones(3, 4), base, base.unsqueeze(-1) + effects, ["seed_0"]).decided
 
@@ -337,9 +344,12 @@ def test_runs_differing_only_by_seed_pool_without_a_word_and_a_differing_setting
         warnings.filterwarnings("error", message="The runs were trained differently")
         load_runs(tmp_path / "runs")
     manifest["optimizer"]["param_groups"][0]["lr"] = 0.3
+    manifest["early_stopping"] = ["EarlyStopping(monitor='val_loss', patience=8, min_delta=0, mode='min')"]
     path.write_text(json.dumps(manifest))
     with pytest.warns(
-        UserWarning, match=r"trained differently: param_groups\[0\]\.lr: 0\.2 \(seed_0\), 0\.3 \(seed_1\)\."
+        UserWarning,
+        match=r"trained differently: param_groups\[0\]\.lr: 0\.2 \(seed_0\), 0\.3 \(seed_1\); early_stopping: \[\] "
+        r"\(seed_0\), \[\"EarlyStopping\(monitor='val_loss', patience=8.*\(seed_1\)\.",
     ):
         load_runs(tmp_path / "runs")
 
@@ -383,6 +393,12 @@ def test_train_seeds_records_each_seed_once(tmp_path):
         (TinyClassifier, DataLoader(classification_data(n=16, seed=3), batch_size=8), {}, "another training set"),
         (TinyClassifier, DataLoader(classification_data(n=16), batch_size=4), {}, "batch_size=8, not 4"),
         (TinyClassifier, loader, {"max_epochs": 2}, "max_epochs=1, not 2"),
+        (
+            TinyClassifier,
+            loader,
+            {"callbacks": [pl.callbacks.EarlyStopping("train_loss", patience=3)]},
+            r"EarlyStopping=\(\), not \(\"EarlyStopping\(monitor='train_loss', patience=3, min_delta=0, mode='min'\)\",\)",
+        ),
         (TinyClassifier, loader, {"max_epochs": None, "max_steps": 2}, "max_epochs=1, not -1; max_steps=-1, not 2"),
         (TinyClassifier, loader, {"accumulate_grad_batches": 2}, "accumulate_grad_batches=1, not 2"),
         (TinyClassifier, loader, {"gradient_clip_val": 0.5}, "gradient_clip_val=None, not 0.5"),

@@ -47,6 +47,15 @@ def _class_path(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def early_stopping(callbacks: list[Any]) -> tuple[str, ...]:
+    """The ``EarlyStopping`` callbacks among ``callbacks``, as the manifest records them."""
+    return tuple(
+        f"EarlyStopping(monitor={c.monitor!r}, patience={c.patience}, min_delta={abs(c.min_delta):g}, mode={c.mode!r})"
+        for c in callbacks
+        if isinstance(c, EarlyStopping)
+    )
+
+
 def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int | None, batch_size: int) -> Manifest:
     """The manifest of a run about to start (no snapshots yet)."""
     loader = trainer.train_dataloader
@@ -95,11 +104,7 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
             "custom": is_overridden("configure_gradient_clipping", pl_module),
         },
         writer=RecordingProcess.this_process(),
-        early_stopping=tuple(
-            f"EarlyStopping(monitor={c.monitor!r}, patience={c.patience})"
-            for c in trainer.callbacks
-            if isinstance(c, EarlyStopping)
-        ),
+        early_stopping=early_stopping(trainer.callbacks),
     )
 
 

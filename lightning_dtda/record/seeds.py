@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_dtda.record.recorder import TrajectoryRecorder
+from lightning_dtda.record.recorder import TrajectoryRecorder, early_stopping
 from lightning_dtda.runs.fingerprint import fingerprint_dataset
 from lightning_dtda.runs.format import MANIFEST, comparable, jsonable, same_class
 from lightning_dtda.runs.trajectory import Trajectory
@@ -65,7 +65,7 @@ def train_seeds(
                 if fingerprint is None and isinstance(data, DataLoader):
                     fingerprint = fingerprint_dataset(data.dataset)
                 limits = _lightning_limits(trainer_kwargs, extra_callbacks)
-                _check_same_setup(run, make_module(), data, fingerprint, probe, limits)
+                _check_same_setup(run, make_module(), data, fingerprint, probe, limits, extra_callbacks)
                 rank_zero_info(f"train_seeds: {run_dir} is already recorded; skipping seed {seed}.")
                 continue
             if run.status in ("in progress", "unfinished"):  # unfinished: another host's process, maybe alive
@@ -116,10 +116,11 @@ def _check_same_setup(
     fingerprint: str | None,
     trainer: pl.Trainer,
     limits: tuple[int, int],
+    callbacks: list[Any],
 ) -> None:
     """Refuse to skip a finished run that another module, other hyperparameters, another training set
     (``fingerprint``: a DataLoader's dataset's) or other Trainer settings (``trainer``, not fitted; ``limits``:
-    ``_lightning_limits``) made: the Attributor would pool it as if this call had trained it."""
+    ``_lightning_limits``; the ``callbacks``' EarlyStopping) made: the Attributor would pool it as if this call had trained it."""
     manifest = run.manifest
     clipping = manifest.gradient_clipping or {}
     algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
@@ -130,6 +131,7 @@ def _check_same_setup(
         ("gradient_clip_val", clipping.get("value"), trainer.gradient_clip_val),
         ("gradient_clip_algorithm", clipping.get("algorithm", algorithm), algorithm),
         ("precision", manifest.precision, str(trainer.precision)),
+        ("EarlyStopping", manifest.early_stopping, early_stopping(callbacks)),
     )
     differences = [f"{key}={recorded!r}, not {given!r}" for key, recorded, given in settings if recorded != given]
     if not same_class(type(module), run.module_class):  # moved to another module path: the Attributor's rule

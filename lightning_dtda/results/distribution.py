@@ -8,12 +8,16 @@ samples are coupled seed by seed). Each returns ``[Q, K]``: one number per query
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 STATISTICS = ("mean", "variance", "std", "wasserstein")
+
+# Below this many seeds a bootstrap interval is said to be a rough range.
+_FEW_SEEDS = 8
 
 
 def _pushed(base: Tensor, effects: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,8 +82,18 @@ def bootstrap_interval(
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}.")
     num_seeds = base.shape[0]
-    if num_seeds < 2:
-        raise ValueError("A bootstrap over seeds needs at least two seeds.")
+    if num_seeds < 3:
+        # Resampling two seeds spans their own two values: no level's interval, presented as one.
+        raise ValueError(
+            f"A bootstrap over seeds needs at least three seeds, got {num_seeds}: with two, any interval is just the "
+            "two seeds' own values. Record more seeds."
+        )
+    if num_seeds < _FEW_SEEDS:
+        warnings.warn(
+            f"A percentile bootstrap over {num_seeds} seeds covers less than its nominal {level:.0%}: it cannot reach "
+            f"beyond the seeds' own values. Read it as a rough range; {_FEW_SEEDS} or more seeds make it an interval.",
+            stacklevel=3,
+        )
     generator = torch.Generator().manual_seed(seed)
     draws = torch.randint(num_seeds, (num_resamples, num_seeds), generator=generator)
     values = torch.cat(

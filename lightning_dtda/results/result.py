@@ -104,8 +104,8 @@ class AttributionResult:
     ) -> tuple[Tensor, Tensor]:
         """Percentile bootstrap interval over seeds of a statistic, ``(low [queries, train], high [queries, train])``.
 
-        Seeds are resampled in pairs (base measurement with its effects). Needs at least two seeds;
-        with few seeds the interval is wide, and it says so.
+        Seeds are resampled in pairs (base measurement with its effects). Needs at least three seeds (with two,
+        any interval is the two seeds' own values); below eight it warns that it covers less than ``level``.
         """
         return distribution.bootstrap_interval(
             distribution.statistic(statistic), self.measurements, self.effects, level, num_resamples, seed

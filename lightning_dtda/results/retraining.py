@@ -80,8 +80,17 @@ class Retraining:
 
     def split_half(self, statistic: str) -> float:
         """Agreement of the statistic between the first and second half of the seeds (the ceiling
-        any estimator can reach against this ground truth), as a ``QuerySpearman``."""
+        any estimator can reach against this ground truth), as a ``QuerySpearman``. Needs at least four seeds.
+
+        Raises:
+            ValueError: With fewer than four seeds.
+        """
         half = len(self.runs) // 2
+        if half < 2:
+            # One seed against one is not a ceiling, and a variance over one seed does not exist.
+            raise ValueError(
+                f"split_half needs at least four seeds (two per half), got {len(self.runs)}. Retrain more seeds."
+            )
         fn = distribution.statistic(statistic)
         metric = QuerySpearman()
         metric.update(

@@ -322,6 +322,7 @@ _RECIPE = (
     "max_epochs",
     "max_steps",
     "gradient_clipping",
+    "early_stopping",
 )
 
 
@@ -337,7 +338,7 @@ def _flat(name: str, value: Any) -> dict[str, Any]:
 def recipe_differences(runs: list[Trajectory]) -> list[str]:
     """How the runs' training settings differ, one line per setting that does (``"max_epochs: 5 (seed_0,
     seed_1), 10 (seed_2)"``): the manifest's optimizer, schedulers, batch size, batches per epoch, accumulation,
-    precision, epochs, steps, clipping and hyperparameters (but a hyperparameter that holds each run's own seed;
+    precision, epochs, steps, clipping, EarlyStopping and hyperparameters (but a hyperparameter that holds each run's own seed;
     memory addresses in reprs are left out)."""
     recipes = []
     for run in runs:
