@@ -55,7 +55,7 @@ def test_clean_digits_example_runs(tmp_path):
             sys.executable,
             str(ROOT / "examples" / "clean_digits.py"),
             "--seeds",
-            "2",
+            "3",  # a bootstrap interval needs three
             "--epochs",
             "2",
             "--out",

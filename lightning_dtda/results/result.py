@@ -227,7 +227,7 @@ class SelfInfluence:
     def interval(
         self, statistic: str = "mean", level: float = 0.9, num_resamples: int = 1000, seed: int = 0
     ) -> tuple[Tensor, Tensor]:
-        """Percentile bootstrap interval over seeds of a statistic, ``(low [train], high [train])``; needs two seeds."""
+        """Percentile bootstrap interval over seeds of a statistic, ``(low [train], high [train])``; needs three seeds (see ``AttributionResult.interval``)."""
         low, high = distribution.bootstrap_interval(
             distribution.statistic(statistic), self.losses, self.effects.unsqueeze(-1), level, num_resamples, seed
         )
