@@ -84,7 +84,7 @@ def recorder_ratio(device: str, precision: str, root: Path) -> str:
     """Median (quartiles) of ``PAIRS`` paired ratios of training time with and without the recorder."""
     accelerator = "gpu" if device == "cuda" else "cpu"
     ratios, _ = paired_ratios(speed_data("mlp")[0], root, PAIRS, accelerator=accelerator, precision=precision)
-    q1, median, q3 = quartiles(ratios)
+    q1, median, q3 = quartiles(ratios["recorder"])
     return f"| recorder overhead, digits MLP ({PAIRS} pairs) | {precision} | | | {median:.3f}x ({q1:.3f}-{q3:.3f}) |"
 
 

@@ -1,10 +1,11 @@
 """What the recorder costs training: paired ratios of training time with and without it, and where it goes.
 
-    python benchmarks/recorder_overhead.py    # ~2.5 min on 2 CPU cores; run it alone on the machine
+    python benchmarks/recorder_overhead.py    # ~5 min on 2 CPU cores; run it alone on the machine
 
 The digits example (1,000 examples, batch 32, 20 epochs = 640 steps, a snapshot every epoch, membership
-on) is trained ``PAIRS`` times with and ``PAIRS`` times without the recorder, the same seed back to back in
-alternating order after one unmeasured warm-up pair. Each pair's ratio cancels the slow drifts of a shared
+on) is trained ``PAIRS`` times with the recorder, ``PAIRS`` times without and ``PAIRS`` times with a callback
+that overrides nothing (the floor any callback pays Lightning's dispatch), the same seed back to back in
+alternating order after one unmeasured warm-up round. Each pair's ratio cancels the slow drifts of a shared
 machine that make single timings vary by 20%; the median of the ratios and its quartiles are printed, and
 the ratio of the fastest run with the recorder to the fastest without (interference only ever slows a run
 down). Then one more recorded run with every hook the recorder overrides timed: milliseconds per step (the
@@ -35,27 +36,43 @@ PAIRS = 41
 EPOCHS = 20
 
 
-def fit(train_set, recorder: TrajectoryRecorder | None, seed: int, **settings) -> float:
-    """Seconds of one ``Trainer.fit`` of the digits MLP (seed ``seed``), with ``recorder`` if given; ``settings``
-    replace the quiet CPU Trainer's (``gpu_ratios.py``: accelerator and precision)."""
+class EmptyCallback(pl.Callback):
+    """A callback that overrides nothing: what Lightning's dispatch to one more callback costs, which no
+    callback can avoid."""
+
+
+def fit(train_set, callback: pl.Callback | None, seed: int, **settings) -> float:
+    """Seconds of one ``Trainer.fit`` of the digits MLP (seed ``seed``), with ``callback`` (the recorder) if
+    given; ``settings`` replace the quiet CPU Trainer's (``gpu_ratios.py``: accelerator and precision)."""
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(callbacks=[recorder] if recorder else [], **(QUIET | {"max_epochs": EPOCHS} | settings))
+    trainer = pl.Trainer(callbacks=[callback] if callback else [], **(QUIET | {"max_epochs": EPOCHS} | settings))
     model, loader = DigitsMLP(), DataLoader(train_set, batch_size=32, shuffle=True)
     start = time.perf_counter()
     trainer.fit(model, loader)
     return time.perf_counter() - start
 
 
-def paired_ratios(train_set, folder: Path, pairs: int = PAIRS, **settings) -> tuple[list[float], dict[bool, float]]:
-    """``pairs`` ratios (with / without the recorder) and the fastest run of each kind (``settings``: see ``fit``)."""
-    ratios, fastest = [], {True: float("inf"), False: float("inf")}
+def paired_ratios(
+    train_set, folder: Path, pairs: int = PAIRS, control: bool = False, **settings
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """``pairs`` ratios to the run without a callback, of the run with the recorder (``"recorder"``) and, with
+    ``control``, of the run with ``EmptyCallback`` (``"empty callback"``), each round in alternating order; and
+    the fastest run of each kind (``"without"`` too). ``settings``: see ``fit``."""
+    kinds = ["without", "recorder", *(["empty callback"] if control else [])]
+    ratios: dict[str, list[float]] = {k: [] for k in kinds[1:]}
+    fastest = dict.fromkeys(kinds, float("inf"))
     for pair in range(pairs + 1):
         seconds = {}
-        for record in (False, True) if pair % 2 else (True, False):
-            recorder = TrajectoryRecorder(folder / f"p{pair}") if record else None
-            seconds[record] = fit(train_set, recorder, pair, **settings)
-        if pair > 0:  # the first pair warms up
-            ratios.append(seconds[True] / seconds[False])
+        for kind in kinds if pair % 2 else kinds[::-1]:
+            callback = {
+                "without": None,
+                "recorder": TrajectoryRecorder(folder / f"p{pair}"),
+                "empty callback": EmptyCallback(),
+            }
+            seconds[kind] = fit(train_set, callback[kind], pair, **settings)
+        if pair > 0:  # the first round warms up
+            for kind in ratios:
+                ratios[kind].append(seconds[kind] / seconds["without"])
             fastest = {k: min(fastest[k], seconds[k]) for k in fastest}
     return ratios, fastest
 
@@ -99,25 +116,29 @@ def main() -> None:
     args = parser.parse_args()
     train_set, _ = speed_data("mlp")
     with tempfile.TemporaryDirectory() as tmp:
-        ratios, fastest = paired_ratios(train_set, Path(tmp))
+        ratios, fastest = paired_ratios(train_set, Path(tmp), control=True)
         timed = TimedRecorder(Path(tmp) / "timed")
         total = fit(train_set, timed, 0)
-    q1, median, q3 = quartiles(ratios)
+    q1, median, q3 = quartiles(ratios["recorder"])
+    e1, empty, e3 = quartiles(ratios["empty callback"])
     steps, snapshots = EPOCHS * 32, EPOCHS
     spent = timed.spent
     per_step = sum(spent[k] for k in ("on_train_batch_start", "on_train_batch_end", "on_before_optimizer_step"))
     start = spent["setup"] + spent["on_train_start"]
     in_hooks = sum(spent.values())
     lines = [
-        "| pairs | median ratio | quartiles | fastest with / fastest without | recorder hooks, ms a step | "
-        "ms a snapshot | ms at start | ms at the end | hooks' share of a recorded run |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {PAIRS} | {median:.3f} | {q1:.3f}-{q3:.3f} | {fastest[True] / fastest[False]:.3f} | "
+        "| pairs | median ratio | quartiles | fastest with / fastest without | an empty callback: median ratio "
+        "(quartiles) | recorder hooks, ms a step | ms a snapshot | ms at start | ms at the end | hooks' share of a "
+        "recorded run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {PAIRS} | {median:.3f} | {q1:.3f}-{q3:.3f} | {fastest['recorder'] / fastest['without']:.3f} | "
+        f"{empty:.3f} ({e1:.3f}-{e3:.3f}) | "
         f"{per_step / steps * 1e3:.3f} | {spent['on_train_epoch_end'] / snapshots * 1e3:.2f} | "
         f"{start * 1e3:.1f} | {(spent['on_train_end'] + spent['teardown']) * 1e3:.1f} | {in_hooks / total:.1%} |",
     ]
     print("\n".join(lines))
-    print(f"(ratios: min {min(ratios):.3f}, max {max(ratios):.3f}, stdev {statistics.stdev(ratios):.3f})")
+    for kind, values in ratios.items():
+        print(f"({kind}: min {min(values):.3f}, max {max(values):.3f}, stdev {statistics.stdev(values):.3f})")
     if args.write_docs:
         write_table("recorder_overhead", "main", "\n".join(lines))
 

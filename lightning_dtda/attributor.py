@@ -157,16 +157,24 @@ class Attributor:
         ``warn``: about what differs from the run (see ``instantiate``)."""
         return instantiate(self.module, run, snapshot, self.device, warn)
 
+    def _check_hooks(self, query_data: Dataset | None) -> torch.nn.Module:
+        """Refuse a module whose batches its hooks (or their defaults) cannot read, or whose default loss would
+        broadcast, on the first examples of the training and the query data: before anything runs or is said.
+        Returns the first run's model it checked."""
+        model = self.load_model(self.runs[0], warn=False)  # no warning here: the same build warns when attributed
+        hooks = Hooks(model)
+        if hooks.default_train_loss:
+            hooks.check_loss(first_batch(self.train_data, self.device))
+            if hooks.default_measurement and query_data is not None:  # the query loss: its targets could broadcast too
+                hooks.check_loss(first_batch(query_data, self.device))
+        return model
+
     def _prepare(self, run: Trajectory, query_data: Dataset | None) -> tuple[torch.nn.Module, Hooks, list[str], bool]:
-        """The model at ``run``'s final snapshot, its hooks (the default loss checked on the data), the names
-        of the parameters the estimator tracks, and whether they leave some trainable ones out."""
+        """The model at ``run``'s final snapshot, its hooks, the names of the parameters the estimator tracks,
+        and whether they leave some trainable ones out."""
         model = self.load_model(run)
         hooks = Hooks(model)
         first = first_batch(self.train_data, self.device)
-        if hooks.default_train_loss:
-            hooks.check_loss(first)
-            if hooks.default_measurement and query_data is not None:  # the query loss: its targets could broadcast too
-                hooks.check_loss(first_batch(query_data, self.device))
         params = self.estimator.tracked_parameters(model, first)
         check_embeddings(model, params, getattr(self.estimator, "curvature", None) == "identity")
         subset = params != list(trainable_parameters(model))
@@ -192,21 +200,23 @@ class Attributor:
         for this run (e.g. ``{"damping": ...}``; ``"parameters"``: the names of those tracked, when the
         estimator leaves some trainable ones out), for one run; with ``reduce="mean"``, of the mean
         measurement over the queries (``[1, train]`` and ``[1]``)."""
-        with self._resolved(1 if reduce == "mean" else len(query_data)):  # type: ignore[arg-type]
+        with self._resolved(1 if reduce == "mean" else len(query_data), query_data):  # type: ignore[arg-type]
             return self._attribute_run(run, query_data, reduce)
 
     @contextlib.contextmanager
-    def _resolved(self, num_columns: int | None) -> Iterator[str | None]:
-        """Run the estimator that its ``"auto"`` settings choose for ``num_columns`` query columns (``None``:
-        self-influence) for the duration of one call, and yield why (``None``: nothing to choose); torch's
-        batching-rule performance warnings are silenced meanwhile."""
+    def _resolved(self, num_columns: int | None, query_data: Dataset | None) -> Iterator[str | None]:
+        """Run the estimator that its ``"auto"`` settings choose for ``num_columns`` query columns of
+        ``query_data`` (``None``: self-influence) for the duration of one call, and yield why (``None``: nothing to
+        choose), once the hooks are checked (``_check_hooks``); torch's batching-rule performance warnings are
+        silenced meanwhile."""
+        checked = [self._check_hooks(query_data)]
         requested = self.estimator
 
         def num_params() -> int:
-            # No warning here: the same build warns when the run is attributed.
-            return sum(p.numel() for p in trainable_parameters(self.load_model(self.runs[0], warn=False)).values())
+            return sum(p.numel() for p in trainable_parameters(checked[0]).values())
 
         chosen, reason = requested.resolve(self.runs, num_params, num_columns)
+        checked.clear()  # the model is not held (on the device) through the whole attribution
         if reason is not None:
             rank_zero_info(f"{type(requested).__name__}(curvature='auto') uses {chosen.label}: {reason}.")
         self.estimator = chosen
@@ -326,7 +336,7 @@ class Attributor:
         effects, measurements, per_run = [], [], []
         query_fingerprint = fingerprint_dataset(query_data) if self.cache_dir is not None else ""
         query_data = SeededDataset(query_data, self.runs[0].manifest.input_dtype)  # cast as the run's inputs were
-        with self._resolved(1 if reduce == "mean" else len(query_data)) as reason:  # type: ignore[arg-type]
+        with self._resolved(1 if reduce == "mean" else len(query_data), query_data) as reason:  # type: ignore[arg-type]
             for run in tqdm(self.runs, desc=f"attributing ({self.estimator.label})", disable=not self.progress):
                 e, m, info = self._cached_attribute_run(run, query_data, query_fingerprint, reduce)
                 effects.append(e)
@@ -390,7 +400,7 @@ class Attributor:
                 "its view, not for the example. Compare SelfInfluence.losses with the examples' losses without "
                 "augmentation before removing any."
             )
-        with self._resolved(None) as reason:
+        with self._resolved(None, None) as reason:
             return self._self_influence(reason)
 
     def _self_influence(self, reason: str | None) -> SelfInfluence:

@@ -84,10 +84,18 @@ class Hooks:
             return hook(batch)
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(b, Tensor) for b in batch):
             return batch[0], batch[1]
+        # Said now, not after the next run: the loss function's hook is checked only on the targets this one returns.
+        loss = (
+            ""
+            if self._user_hook("attribution_loss_function") is not None
+            else "; if the targets it returns are floats all between 0 and 1, `attribution_loss_function` is needed "
+            "too (binary cross-entropy, cross-entropy on probabilities or squared error: they cannot tell which)"
+        )
         raise _missing(
             self.module,
             "attribution_inputs_targets",
-            f"the default expects a batch that is an (inputs, targets) pair of tensors, got {type(batch).__name__}",
+            f"the default expects a batch that is an (inputs, targets) pair of tensors, got {type(batch).__name__}"
+            + loss,
         )
 
     def loss_function(self, batch: Any) -> nn.Module:
