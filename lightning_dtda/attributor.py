@@ -28,7 +28,7 @@ from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult, SelfInfluence
 from lightning_dtda.runs.fingerprint import SeededDataset, fingerprint_dataset
-from lightning_dtda.runs.trajectory import Trajectory, check_poolable, early_stopped, load_runs
+from lightning_dtda.runs.trajectory import Trajectory, check_not_averaged, check_poolable, load_runs, metric_driven
 from lightning_dtda.sharding import rank_and_world
 
 
@@ -127,6 +127,7 @@ class Attributor:
         else:
             runs = list(runs)
             check_poolable(runs)  # load_runs checks a folder's
+        check_not_averaged(runs)
         self.runs = [run.upto(snapshot) for run in runs]
         self.snapshot = snapshot
         # Every read of a training example draws the same random numbers (one fixed view of an augmented example).
@@ -136,12 +137,13 @@ class Attributor:
         self.progress = progress
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.runs[0].check_dataset(train_data)
-        stopping = early_stopped(self.runs)
-        if stopping is not None:
+        driven = metric_driven(self.runs)
+        if driven is not None:
             rank_zero_warn(
-                f"Attributor: {stopping} trained with EarlyStopping. The effects are those on runs of the recorded "
-                "length; without an example a run may also stop at another epoch, which no estimator sees (and which "
-                "can move an effect by as much as the largest effects; see the recording guide)."
+                f"Attributor: {driven} followed a validation metric. The effects are those on runs as recorded; without "
+                "an example a run may also stop at another epoch, or lower its learning rate at another step, which no "
+                "estimator sees (and which can move an effect by as much as the largest effects; see the recording "
+                "guide)."
             )
         kept = [run for run in runs if run.manifest.best_step not in (None, run.final_step)]
         if snapshot == "final" and kept:
@@ -327,6 +329,12 @@ class Attributor:
             (``snapshot_steps``; ``snapshot``: which was asked for), status and training ``precision`` (and
             ``reduce``, when given).
         """
+        if isinstance(query_data, (tuple, list)) and query_data and all(isinstance(t, Tensor) for t in query_data):
+            # Read as a list of examples, two tensors are two "examples" that collate into a shape error.
+            raise TypeError(
+                f"query_data is a {type(query_data).__name__} of tensors; pass a Dataset, such as "
+                "TensorDataset(inputs, targets), batched like the training data."
+            )
         if len(query_data) == 0:  # type: ignore[arg-type]
             raise ValueError("query_data is empty; pass at least one query example.")
         if reduce not in (None, "mean"):

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_dtda.attributor import Attributor
 from lightning_dtda.errors import UnsupportedTrainingError
 from lightning_dtda.estimators import Estimator, Influence, Segmented, Unrolled
-from lightning_dtda.record.recorder import TrajectoryRecorder
+from lightning_dtda.record.recorder import TrajectoryRecorder, unreplayable_callbacks, weight_averaging
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult
 from lightning_dtda.runs.format import optimizer_name
@@ -127,7 +127,15 @@ class AttributionCallback(Callback):
         # A replaying estimator would meet this only after training: refuse it before any.
         optimizer = optimizer_name(trainer.optimizers[0]) if trainer.optimizers else None
         replays = isinstance(self.estimator, Unrolled) or (isinstance(self.estimator, Segmented) and optimizer != "SGD")
+        averaging = weight_averaging(trainer.callbacks)  # type: ignore[attr-defined]
+        if averaging:
+            raise UnsupportedTrainingError(
+                f"AttributionCallback cannot attribute a run trained with {', '.join(averaging)}: fit leaves an average "
+                "of the weights training passed through, which the snapshots do not hold."
+            )
         problems = unreplayable_layers(pl_module) if replays else []
+        if replays:
+            problems += [f"{name} changes its training" for name in unreplayable_callbacks(trainer.callbacks)]  # type: ignore[attr-defined]
         if problems:
             raise UnsupportedTrainingError(
                 f"AttributionCallback's {type(self.estimator).__name__} replays the run, and no replay can reproduce "

@@ -33,7 +33,7 @@ from lightning_dtda.replay.check import replay_checked
 from lightning_dtda.replay.engine import Replay, measure
 from lightning_dtda.results.retraining import Retraining
 from lightning_dtda.runs.fingerprint import SeededDataset
-from lightning_dtda.runs.trajectory import Trajectory, check_poolable, early_stopped, load_runs
+from lightning_dtda.runs.trajectory import Trajectory, check_not_averaged, check_poolable, load_runs, metric_driven
 
 
 def retrain(
@@ -46,7 +46,7 @@ def retrain(
     device: str | torch.device = "cpu",
     progress: bool = True,
     snapshot: Literal["final", "best"] | int = "final",
-    fixed_length: bool = False,
+    as_recorded: bool = False,
 ) -> Retraining:
     """Replay every run under every weighting and measure the queries.
 
@@ -73,17 +73,18 @@ def retrain(
         snapshot: Where the queries are measured: ``"final"`` (the end of training), ``"best"``
             (``ModelCheckpoint``'s best checkpoint) or a snapshot's step; the ground truth for an ``Attributor``
             given the same ``snapshot`` (each run is replayed up to that step, held fixed for every weighting).
-        fixed_length: Accept runs trained with ``EarlyStopping``, whose retraining without an example may stop at
-            another epoch, which no replay can follow: the ground truth is then that of runs of the recorded
-            length. Refused by default.
+        as_recorded: Accept runs whose course followed a validation metric (``EarlyStopping``'s last epoch,
+            ``ReduceLROnPlateau``'s learning rates), which a removal may move and no replay can follow: the
+            ground truth is then that of runs of the recorded length and learning rates (what the estimators
+            estimate). Refused by default.
 
     Raises:
         ReplayMismatchError: If a run's replay does not land on its recorded weights (the same check as
             ``Unrolled``'s, after the first snapshot interval, before the long pass, and at the end, where
             ``Unrolled`` only warns: a ground truth must be right or absent).
         UnsupportedTrainingError: For a run the replay cannot reproduce (see ``Unrolled``), for
-            mixed-precision runs, and for runs trained with ``EarlyStopping`` unless ``fixed_length``, before any
-            work.
+            mixed-precision runs, runs trained with weight averaging, and runs trained with ``EarlyStopping`` or
+            ``ReduceLROnPlateau`` unless ``as_recorded``, before any work.
         DatasetMismatchError: If ``train_data`` is not what the runs were recorded on.
         ValueError: For a ``snapshot`` a run does not have (the message lists its snapshots).
     """
@@ -92,6 +93,7 @@ def retrain(
     else:
         runs = list(runs)
         check_poolable(runs)  # load_runs checks a folder's
+    check_not_averaged(runs)
     runs = [run.upto(snapshot) for run in runs]
     runs[0].check_dataset(train_data)
     mixed = [f"{run.name} ({run.manifest.precision})" for run in runs if "mixed" in run.manifest.precision]
@@ -104,14 +106,16 @@ def retrain(
             "whose rounding differs from the run's; a ground truth must be the run itself. Record the runs with "
             "precision='32-true' (or '64-true') to score estimators against retraining."
         )
-    stopping = early_stopped(runs)
-    if stopping is not None and not fixed_length:
-        # A new-user trial (AdamW transformer, EarlyStopping(patience=4)): Lightning's own retraining stopped 2 of
-        # 15 removals two epochs later than the recorded run, moving their effects by up to 44%.
+    driven = metric_driven(runs)
+    if driven is not None and not as_recorded:
+        # New-user trials: Lightning's own retraining stopped 2 of 15 removals two epochs later than the recorded
+        # run (EarlyStopping, effects moved by up to 44%); ReduceLROnPlateau lowered the rate three epochs earlier
+        # for 20 of 40 removals (effects off by more than their size).
         raise UnsupportedTrainingError(
-            f"retrain cannot follow EarlyStopping: {stopping}. Without an example a run may stop at another epoch, "
-            "but the replay holds each run's recorded number of steps. Pass fixed_length=True for the ground truth "
-            "of runs of the recorded length (what the estimators estimate), or record runs without EarlyStopping."
+            f"retrain cannot follow a validation metric: {driven}. Without an example a run may stop at another "
+            "epoch, or lower its learning rate at another step, but the replay holds each run's recorded steps and "
+            "learning rates. Pass as_recorded=True for the ground truth of runs as recorded (what the estimators "
+            "estimate), or record runs whose length and schedule do not follow a metric."
         )
     # Read as the Attributor reads them: a fixed view of augmented examples, inputs cast as the run's were.
     train_data = SeededDataset(train_data, runs[0].manifest.input_dtype)

@@ -190,3 +190,23 @@ def test_a_run_no_replay_reproduces_is_named_before_training(tmp_path):
         TinyTransformer(attention_dropout=True), loader
     )
     assert callback.result.effects.shape == (1, 16, 16) and torch.isfinite(callback.result.effects).all()
+
+
+def test_callbacks_no_attribution_follows_are_named_before_training(tmp_path):
+    """Weight averaging (any estimator) and a changing accumulation (a replaying one) are refused before any
+    step, not after training."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging
+
+    from lightning_dtda import Unrolled, UnsupportedTrainingError
+
+    data = classification_data(n=16)
+    cases = [
+        (StochasticWeightAveraging(swa_lrs=0.05), Influence(), r"cannot attribute a run trained with Stochastic"),
+        (GradientAccumulationScheduler({1: 2}), Unrolled(), r"GradientAccumulationScheduler changes its training"),
+    ]
+    for callback, estimator, refusal in cases:
+        attribution = AttributionCallback(data, estimator=estimator, progress=False)
+        fit = trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), callback, attribution], max_epochs=2)
+        with pytest.raises(UnsupportedTrainingError, match=refusal):
+            fit.fit(TinyClassifier(), DataLoader(data, batch_size=4))
+        assert fit.global_step == 0

@@ -216,6 +216,8 @@ def test_bad_arguments(runs, data):
         Attributor(TinyClassifier, runs, data, estimator="ekfac")
     with pytest.raises(ValueError, match="query_data is empty"):
         Attributor(TinyClassifier, runs, data, progress=False).attribute(TensorDataset(*data[:0]))
+    with pytest.raises(TypeError, match=r"query_data is a tuple of tensors; pass a Dataset, such as TensorDataset"):
+        Attributor(TinyClassifier, runs, data, progress=False).attribute(data.tensors)
 
 
 def test_folders_without_runs_or_with_mixed_runs(tmp_path, data):
@@ -636,3 +638,78 @@ def test_the_fingerprint_of_image_items_reads_their_pixels_not_their_repr():
 
     assert not changes_between_reads(Images(1))
     assert fingerprint_dataset(Images(1)) == fingerprint_dataset(Images(1)) != fingerprint_dataset(Images(2))
+
+
+def test_weight_averaging_is_refused_by_every_estimator_and_retrain(tmp_path, data):
+    """StochasticWeightAveraging leaves fit with an average the snapshots do not hold (a new-user trial: every
+    effect off by 10-90x the largest, without a word): the recorder warns at the start, and nothing attributes it."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    from lightning_dtda.evaluation import leave_one_out_weights, retrain
+
+    model = TinyClassifier()
+    pl.seed_everything(0)
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2, annealing_epochs=1)
+    with pytest.warns(UserWarning, match=r"StochasticWeightAveraging will leave fit with an average"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs"), swa], max_epochs=4).fit(
+            model, DataLoader(data, batch_size=8, shuffle=True)
+        )
+    [run] = load_runs(tmp_path / "runs")
+    assert run.manifest.weight_averaging == ("StochasticWeightAveraging",)
+    final = run.state_dict(-1)
+    assert max((final[k] - v).abs().max().item() for k, v in model.state_dict().items() if k in final) > 1e-3
+    refusal = r"Runs trained with weight averaging: seed_0 \(StochasticWeightAveraging\)"
+    for estimator in (Influence(), Unrolled()):
+        with pytest.raises(UnsupportedTrainingError, match=refusal):
+            Attributor(TinyClassifier, tmp_path / "runs", data, estimator=estimator, progress=False)
+    with pytest.raises(UnsupportedTrainingError, match=refusal):
+        retrain(TinyClassifier, tmp_path / "runs", data, data, leave_one_out_weights(16, [3]), progress=False)
+
+
+def test_a_changing_accumulation_is_refused_before_any_replay(tmp_path, data):
+    """GradientAccumulationScheduler changes the accumulation the replay divides by (a new-user trial: Unrolled's
+    effects off by over 100% with a warning only, when it changed in the last epoch); Influence is unaffected."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match=r"GradientAccumulationScheduler changes training where no replay follows"):
+        trainer(
+            tmp_path, [TrajectoryRecorder(tmp_path / "runs"), GradientAccumulationScheduler({1: 2})], max_epochs=2
+        ).fit(TinyClassifier(), DataLoader(data, batch_size=4, shuffle=True))
+    [run] = load_runs(tmp_path / "runs")
+    assert run.manifest.unreplayable_callbacks == ("GradientAccumulationScheduler",)
+    with pytest.raises(UnsupportedTrainingError, match=r"GradientAccumulationScheduler changed its training"):
+        Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(data)
+    result = Attributor(TinyClassifier, tmp_path / "runs", data, estimator=Influence("ggn"), progress=False).attribute(
+        data
+    )
+    assert torch.isfinite(result.effects).all()
+
+
+def test_retrain_refuses_a_learning_rate_that_followed_a_validation_metric(tmp_path, data):
+    """ReduceLROnPlateau lowers the rate when a validation loss stalls, which a removal can move (a new-user trial:
+    20 of 40 removals lowered it three epochs earlier, effects off by more than their size)."""
+    from lightning_dtda.evaluation import leave_one_out_weights, retrain
+
+    class Plateau(TinyClassifier):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=2).fit(
+        Plateau(), DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
+    )
+    weights = leave_one_out_weights(16, [3])
+    with pytest.raises(
+        UnsupportedTrainingError, match=r"retrain cannot follow a validation metric: seed_0 \(ReduceLROnPlateau\)"
+    ):
+        retrain(Plateau, tmp_path / "runs", data, data, weights, progress=False)
+    with pytest.warns(UserWarning, match=r"seed_0 \(ReduceLROnPlateau\) followed a validation metric"):
+        Attributor(Plateau, tmp_path / "runs", data, estimator=Influence("ggn"), progress=False)
+    truth = retrain(Plateau, tmp_path / "runs", data, data, weights, progress=False, as_recorded=True)
+    assert truth.effects.abs().max() > 0

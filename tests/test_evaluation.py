@@ -174,7 +174,9 @@ def test_the_ground_truth_of_the_recipe_users_train_equals_lightning_retraining(
     assert run.final_step == 8  # two epochs of 7 batches, accumulated in pairs (the last alone)
     # A removal may move the epoch EarlyStopping stops at, which no replay follows: refused unless asked for.
     assert run.manifest.early_stopping == ("EarlyStopping(monitor='val_loss', patience=0, min_delta=10, mode='min')",)
-    with pytest.raises(UnsupportedTrainingError, match=r"retrain cannot follow EarlyStopping: seed_0 \(EarlyStopping"):
+    with pytest.raises(
+        UnsupportedTrainingError, match=r"retrain cannot follow a validation metric: seed_0 \(EarlyStopping"
+    ):
         retrain(RecipeCNN, tmp_path / "runs", data, queries, leave_one_out_weights(26, [4, 17]), progress=False)
     # Here it stops after the second epoch whatever the data (min_delta=10), so runs of the recorded length are
     # what Lightning retrains.
@@ -185,7 +187,7 @@ def test_the_ground_truth_of_the_recipe_users_train_equals_lightning_retraining(
         queries,
         leave_one_out_weights(26, [4, 17]),
         progress=False,
-        fixed_length=True,
+        as_recorded=True,
     )
     base = losses(recorded)
     assert ((truth.base[0] - base).abs() / base.abs()).max() < 1e-5
@@ -216,13 +218,14 @@ def test_unrolled_is_the_derivative_of_the_recipes_ground_truth(tmp_path):
     examples, eps = [4, 17], 1e-6
     with pytest.warns(
         UserWarning,
-        match=r"seed_0 \(EarlyStopping\(monitor='val_loss', patience=0, min_delta=10, mode='min'\)\) trained with",
+        match=r"seed_0 \(EarlyStopping\(monitor='val_loss', patience=0, min_delta=10, mode='min'\)\) followed a "
+        "validation metric",
     ):
         attributor = Attributor(RecipeCNN, tmp_path / "runs", data, Unrolled(), progress=False)
     unrolled = attributor.attribute(queries)
     weights = torch.ones(2, 26, dtype=torch.float64)
     weights[0, 4] = weights[1, 17] = 1 - eps
-    truth = retrain(RecipeCNN, tmp_path / "runs", data, queries, weights, progress=False, fixed_length=True)
+    truth = retrain(RecipeCNN, tmp_path / "runs", data, queries, weights, progress=False, as_recorded=True)
     predicted = unrolled.effects[0][:, examples]  # removing: weight 1 -> 0
     finite = truth.effects[0] / eps  # per unit of weight removed
     assert predicted.abs().max() > 1e-3

@@ -493,3 +493,41 @@ def test_a_dataloader_given_as_train_data_says_to_pass_its_dataset(tmp_path):
     )
     with pytest.raises(TypeError, match=r"train_data is a DataLoader; pass its dataset \(train_loader.dataset\)"):
         Attributor(TinyClassifier, tmp_path / "runs", DataLoader(data, batch_size=4))
+
+
+def test_a_learning_rate_finder_beside_the_recorder(tmp_path):
+    """LearningRateFinder saves and restores its own checkpoint before training begins (the recorder, with no
+    run yet, raised there and cost the user their fit); the run recorded is the training after it."""
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    model = TinyClassifier()
+    pl.seed_everything(0)
+    finder = LearningRateFinder(min_lr=1e-3, max_lr=0.5, num_training_steps=5)
+    trainer(tmp_path, [finder, TrajectoryRecorder(tmp_path / "runs")], max_epochs=2).fit(
+        model, DataLoader(classification_data(n=16), batch_size=4, shuffle=True)
+    )
+    [run] = load_runs(tmp_path / "runs")
+    assert run.snapshot_steps == [0, 4, 8]
+    final = run.state_dict(-1)
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_training_set_that_changes_at_a_reload_stops_recording_but_never_training(tmp_path):
+    """A DataModule reloaded every epoch whose set shrinks (hard-example mining): the recorded indices would name
+    examples of another set (a new-user trial: a bare IndexError in retrain, effects of the wrong shape from
+    Influence). The recorder stops and says why; training runs to its end."""
+    data = classification_data(n=16)
+
+    class Shrinking(pl.LightningDataModule):
+        def train_dataloader(self):
+            kept = data if self.trainer.current_epoch == 0 else torch.utils.data.Subset(data, range(8))
+            return DataLoader(kept, batch_size=4, shuffle=True)
+
+    model = TinyClassifier()
+    with pytest.warns(UserWarning, match=r"stopped recording .*the training set changed from 16 to 8 examples"):
+        trainer(
+            tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=3, reload_dataloaders_every_n_epochs=1
+        ).fit(model, datamodule=Shrinking())
+    assert model.trainer.global_step == 8  # 4 steps, then 2 and 2
+    [run] = load_runs(tmp_path / "runs", unfinished=True)
+    assert run.status == "abandoned" and run.snapshot_steps == [0, 4]

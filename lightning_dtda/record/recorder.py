@@ -14,7 +14,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    Callback,
+    EarlyStopping,
+    GradientAccumulationScheduler,
+    ModelPruning,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -54,6 +62,20 @@ def early_stopping(callbacks: list[Any]) -> tuple[str, ...]:
         for c in callbacks
         if isinstance(c, EarlyStopping)
     )
+
+
+def _names(callbacks: list[Any], kinds: tuple[type, ...]) -> tuple[str, ...]:
+    return tuple(sorted({type(c).__name__ for c in callbacks if isinstance(c, kinds)}))
+
+
+def weight_averaging(callbacks: list[Any]) -> tuple[str, ...]:
+    """The class names of the weight-averaging callbacks among ``callbacks``, as the manifest records them."""
+    return _names(callbacks, (StochasticWeightAveraging, WeightAveraging))
+
+
+def unreplayable_callbacks(callbacks: list[Any]) -> tuple[str, ...]:
+    """The class names of the callbacks among ``callbacks`` that change training where no replay follows."""
+    return _names(callbacks, (GradientAccumulationScheduler, BaseFinetuning, ModelPruning))
 
 
 def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int | None, batch_size: int) -> Manifest:
@@ -105,6 +127,8 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
         },
         writer=RecordingProcess.this_process(),
         early_stopping=early_stopping(trainer.callbacks),
+        weight_averaging=weight_averaging(trainer.callbacks),
+        unreplayable_callbacks=unreplayable_callbacks(trainer.callbacks),
     )
 
 
@@ -138,7 +162,8 @@ def _warn_unreplayable(pl_module: pl.LightningModule, optimizer: Any) -> None:
 
 
 def _warn_unreplayable_data(manifest: Manifest, dataset: Any) -> None:
-    """Say at the start, not after training, what the training set or the precision will keep from attribution."""
+    """Say at the start, not after training, what the training set, the callbacks or the precision will keep from
+    attribution."""
     if manifest.augmentation == "random":
         rank_zero_warn(
             f"TrajectoryRecorder records this run, but its training set ({type(dataset).__name__}) draws random numbers "
@@ -152,6 +177,18 @@ def _warn_unreplayable_data(manifest: Manifest, dataset: Any) -> None:
             "read to the next even with the global generators seeded: it draws from a generator of its own (such as "
             "a numpy.random.default_rng it holds), and every estimator will refuse the run. Draw augmentation from "
             "torch's or NumPy's global generator, in ReplayableAugmentation(dataset)."
+        )
+    if manifest.weight_averaging:
+        rank_zero_warn(
+            f"TrajectoryRecorder records this run, but {', '.join(manifest.weight_averaging)} will leave fit with an "
+            "average of the weights training passed through, which the snapshots do not hold: every estimator and "
+            "retrain will refuse the run. Record runs without weight averaging to attribute them."
+        )
+    if manifest.unreplayable_callbacks:
+        rank_zero_warn(
+            f"TrajectoryRecorder records this run, but {', '.join(manifest.unreplayable_callbacks)} changes training "
+            "where no replay follows (the accumulation, the trainable parameters or the weights): Unrolled and "
+            "retrain will refuse the run; Influence() attributes its final weights."
         )
     if "mixed" in manifest.precision:
         rank_zero_warn(
@@ -381,6 +418,16 @@ class TrajectoryRecorder(Callback):
                 self.membership.follow(trainer)
             except RuntimeError as err:
                 self.writer.abandon(str(err), _REPORT)
+        manifest, dataset = self.writer.manifest, getattr(trainer.train_dataloader, "dataset", None)
+        if self.writer.failed is None and manifest is not None and len(dataset) != manifest.dataset_length:
+            # A reloaded DataModule (reload_dataloaders_every_n_epochs) whose training set grew or shrank: the
+            # recorded indices would name examples of another set.
+            self.writer.abandon(
+                f"the training set changed from {manifest.dataset_length} to {len(dataset)} examples when the "
+                "train DataLoader was reloaded",
+                "Attribution indexes examples in one training set: keep the set fixed over the run (a curriculum can "
+                "weight or sample its examples instead).",
+            )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -414,6 +461,8 @@ class TrajectoryRecorder(Callback):
         # are snapshotted, and ModelCheckpoint's best is noted (its path is updated before it saves).
         # Not in the middle of an accumulated step: batch norm statistics would already hold forwards of a
         # step the snapshot's steps do not (a replay to that step could not reproduce them).
+        if self.run_dir is None:  # before training began (LearningRateFinder's and BatchSizeFinder's own checkpoint)
+            return
         between_steps = not self._step_rng
         if between_steps:
             self.writer.snapshot(trainer, pl_module)

@@ -59,6 +59,9 @@ def check_replayable(model: nn.Module, run: Trajectory, device: torch.device) ->
             "built and changed as the trained one was, or make the change a constructor argument."
         )
     problems = unreplayable_layers(model)
+    problems += [
+        f"{name} changed its training (see the recording guide)" for name in run.manifest.unreplayable_callbacks
+    ]
     if run.manifest.world_size > 1:
         problems += [
             f"batch norm {name!r} normalised each process's batch separately (multi-process training)"

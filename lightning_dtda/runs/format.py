@@ -191,6 +191,12 @@ class Manifest:
         early_stopping: The Trainer's ``EarlyStopping`` callbacks, e.g. ``("EarlyStopping(monitor='val_loss',
             patience=3)",)``: the run's length depended on a metric a removal can change. Empty without one (and
             for runs recorded by earlier versions, which did not look).
+        weight_averaging: The class names of the Trainer's weight-averaging callbacks (``StochasticWeightAveraging``,
+            ``WeightAveraging``, ``EMAWeightAveraging``): the model ``fit`` left is an average, not the weights
+            the snapshots hold, so nothing attributes the run. Empty without one (and for earlier versions' runs).
+        unreplayable_callbacks: The class names of the Trainer's callbacks that change training where no replay
+            follows (``GradientAccumulationScheduler``: the accumulation; ``BaseFinetuning``: the trainable
+            parameters; ``ModelPruning``: the weights). Empty without one (and for earlier versions' runs).
         format: The run format the manifest was written in (see ``FORMAT``).
     """
 
@@ -221,6 +227,8 @@ class Manifest:
     best_step: int | None = None
     augmentation: Literal["replayable", "random"] | None = None
     early_stopping: tuple[str, ...] = ()
+    weight_averaging: tuple[str, ...] = ()
+    unreplayable_callbacks: tuple[str, ...] = ()
 
     def with_snapshots(
         self, snapshots: Sequence[SnapshotEntry], complete: bool, stopped: str | None = None
@@ -280,6 +288,10 @@ class Manifest:
             data["augmentation"] = self.augmentation
         if self.early_stopping:
             data["early_stopping"] = list(self.early_stopping)
+        if self.weight_averaging:
+            data["weight_averaging"] = list(self.weight_averaging)
+        if self.unreplayable_callbacks:
+            data["unreplayable_callbacks"] = list(self.unreplayable_callbacks)
         return {**data, "sha256": _json_digest(data)}
 
     @classmethod
@@ -322,6 +334,8 @@ class Manifest:
                 best_step=data.get("best_step"),
                 augmentation=data.get("augmentation"),
                 early_stopping=tuple(data.get("early_stopping", ())),
+                weight_averaging=tuple(data.get("weight_averaging", ())),
+                unreplayable_callbacks=tuple(data.get("unreplayable_callbacks", ())),
                 writer=None if writer is None else RecordingProcess(writer["host"], int(writer["pid"])),
                 format=int(data["format"]),
                 module_fingerprint=data["module"].get("fingerprint"),

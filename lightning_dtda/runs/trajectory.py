@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_dtda._io import load_json
-from lightning_dtda.errors import DatasetMismatchError, UnfinishedRunError
+from lightning_dtda.errors import DatasetMismatchError, UnfinishedRunError, UnsupportedTrainingError
 from lightning_dtda.runs.fingerprint import changes_between_reads, fingerprint_dataset
 from lightning_dtda.runs.format import MANIFEST, Manifest, SnapshotContent, SnapshotEntry, Step, comparable
 
@@ -297,15 +297,33 @@ def check_poolable(runs: list[Trajectory]) -> None:
         )
 
 
-def early_stopped(runs: list[Trajectory]) -> str | None:
-    """Which runs trained with ``EarlyStopping``, and with which, as ``"seed_0, seed_1 (EarlyStopping(...))"``;
-    ``None`` if none did. Their length depended on a metric a removal can change, which neither estimators nor
-    ``retrain`` (both hold the recorded number of steps) can follow."""
-    stopped = [run for run in runs if run.manifest.early_stopping]
-    if not stopped:
+def metric_driven(runs: list[Trajectory]) -> str | None:
+    """Which runs' course followed a validation metric, and through what, as ``"seed_0, seed_1 (EarlyStopping(...),
+    ReduceLROnPlateau)"``; ``None`` if none did. A removal can change the metric, and with it the epoch training
+    stopped at or the steps the learning rate fell at, which neither estimators nor ``retrain`` (both hold the
+    recorded steps and learning rates) can follow."""
+
+    def causes(run: Trajectory) -> list[str]:
+        plateaus = [s["class"].rpartition(".")[2] for s in run.manifest.schedulers if s["class"].endswith("Plateau")]
+        return [*run.manifest.early_stopping, *plateaus]
+
+    driven = [run for run in runs if causes(run)]
+    if not driven:
         return None
-    callbacks = sorted({c for run in stopped for c in run.manifest.early_stopping})
-    return f"{', '.join(run.name for run in stopped)} ({', '.join(callbacks)})"
+    return f"{', '.join(run.name for run in driven)} ({', '.join(sorted({c for run in driven for c in causes(run)}))})"
+
+
+def check_not_averaged(runs: list[Trajectory]) -> None:
+    """Refuse runs trained with weight averaging: the model ``fit`` left is an average the snapshots do not hold."""
+    averaged = [
+        f"{run.name} ({', '.join(run.manifest.weight_averaging)})" for run in runs if run.manifest.weight_averaging
+    ]
+    if averaged:
+        raise UnsupportedTrainingError(
+            f"Runs trained with weight averaging: {', '.join(averaged)}. The model fit left is an average of the "
+            "weights training passed through, which the snapshots do not hold, and no estimator or replay follows "
+            "the averaging: its effects would be those of another model. Record the runs without weight averaging."
+        )
 
 
 # What the manifest says of how a run was trained, beside its seed (which is meant to differ).
@@ -323,6 +341,8 @@ _RECIPE = (
     "max_steps",
     "gradient_clipping",
     "early_stopping",
+    "weight_averaging",
+    "unreplayable_callbacks",
 )
 
 
