@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -419,11 +419,12 @@ class TrajectoryRecorder(Callback):
             except RuntimeError as err:
                 self.writer.abandon(str(err), _REPORT)
         manifest, dataset = self.writer.manifest, getattr(trainer.train_dataloader, "dataset", None)
-        if self.writer.failed is None and manifest is not None and len(dataset) != manifest.dataset_length:
+        length = len(dataset) if isinstance(dataset, Sized) else None  # never an error of ours in the user's fit
+        if self.writer.failed is None and manifest is not None and length not in (None, manifest.dataset_length):
             # A reloaded DataModule (reload_dataloaders_every_n_epochs) whose training set grew or shrank: the
             # recorded indices would name examples of another set.
             self.writer.abandon(
-                f"the training set changed from {manifest.dataset_length} to {len(dataset)} examples when the "
+                f"the training set changed from {manifest.dataset_length} to {length} examples when the "
                 "train DataLoader was reloaded",
                 "Attribution indexes examples in one training set: keep the set fixed over the run (a curriculum can "
                 "weight or sample its examples instead).",
