@@ -145,6 +145,16 @@ class Attributor:
                 "estimator sees (and which can move an effect by as much as the largest effects; see the recording "
                 "guide)."
             )
+        half = sorted(
+            {run.manifest.precision for run in self.runs if run.manifest.precision in ("16-true", "bf16-true")}
+        )
+        if half:
+            # A new-user trial (bf16-true): effects came back in bfloat16, steps of 0.008 in a loss near 1.
+            rank_zero_warn(
+                f"Attributor: the runs trained in precision={half[0]!r}, so their models compute in half precision "
+                "and the effects carry about three significant digits. Record in '32-true' (or '64-true') to "
+                "attribute to more."
+            )
         kept = [run for run in runs if run.manifest.best_step not in (None, run.final_step)]
         if snapshot == "final" and kept:
             rank_zero_info(

@@ -713,3 +713,31 @@ def test_retrain_refuses_a_learning_rate_that_followed_a_validation_metric(tmp_p
         Attributor(Plateau, tmp_path / "runs", data, estimator=Influence("ggn"), progress=False)
     truth = retrain(Plateau, tmp_path / "runs", data, data, weights, progress=False, as_recorded=True)
     assert truth.effects.abs().max() > 0
+
+
+def test_parameters_the_optimizer_was_not_given_are_named_before_any_replay(tmp_path, data):
+    """Only the head given to the optimizer, the body left requires_grad=True: training held the body fixed, and
+    the replay trained it (a new-user trial: a late ReplayMismatchError 0.87 away, naming other causes)."""
+
+    class HeadOnly(TinyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+        HeadOnly(), DataLoader(data, batch_size=8)
+    )
+    with pytest.raises(
+        UnsupportedTrainingError,
+        match=r"parameters net\.0\.weight, net\.0\.bias require gradients, but the run's optimizer was not given them",
+    ):
+        Attributor(HeadOnly, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(data)
+
+
+def test_half_precision_runs_say_how_few_digits_their_effects_carry(tmp_path, data):
+    pl.seed_everything(0)
+    trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1, precision="bf16-true").fit(
+        TinyClassifier(), DataLoader(data, batch_size=8)
+    )
+    with pytest.warns(UserWarning, match=r"precision='bf16-true', so their models compute in half precision"):
+        Attributor(TinyClassifier, tmp_path / "runs", data, progress=False)

@@ -531,3 +531,26 @@ def test_a_training_set_that_changes_at_a_reload_stops_recording_but_never_train
     assert model.trainer.global_step == 8  # 4 steps, then 2 and 2
     [run] = load_runs(tmp_path / "runs", unfinished=True)
     assert run.status == "abandoned" and run.snapshot_steps == [0, 4]
+
+
+def test_two_optimizer_steps_in_one_manual_training_step_are_named(tmp_path):
+    """The recorder stops (training goes on) saying what manual optimization did, not asking for a bug report."""
+
+    class TwoSteps(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            for _ in range(2):
+                optimizer.zero_grad()
+                self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+                optimizer.step()
+
+    model = TwoSteps()
+    with pytest.warns(UserWarning, match=r"training_step stepped the optimizer 2 times in one batch \(step 2\)"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+            model, DataLoader(classification_data(n=16), batch_size=4)
+        )
+    assert model.trainer.global_step == 8

@@ -399,6 +399,14 @@ class TrajectoryRecorder(Callback):
         if trainer.global_step == step - 1:  # accumulating: no optimizer step yet
             return
         if trainer.global_step != step or self._step_settings is None:
+            if not pl_module.automatic_optimization:  # two optimizer steps in one training_step, say
+                self.writer.abandon(
+                    f"training_step stepped the optimizer {trainer.global_step - step + 1} times in one batch "
+                    f"(step {trainer.global_step}) under manual optimization",
+                    "The recorder supports manual optimization with one optimizer step per training_step (and "
+                    "micro-batch); Lightning's automatic optimization records any accumulation.",
+                )
+                return
             self.writer.abandon(f"it lost track of optimizer steps at step {trainer.global_step}", _REPORT)
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)

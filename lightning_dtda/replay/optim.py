@@ -73,7 +73,16 @@ class FunctionalOptimizer:
                 raise ValueError("SGD with both dampening and nesterov is not a valid torch optimizer.")
         index = {n: i for i, g in enumerate(groups) for n in g.get("param_names", [])}
         missing = [n for n in param_names if n not in index]
-        if missing and len(groups) == 1:
+        if missing and any("param_names" in g for g in groups):
+            # A new-user trial (only the head given to the optimizer, the body left requires_grad=True): the
+            # replay trained the body too, and missed the run by 0.87 with a message that named other causes.
+            raise UnsupportedTrainingError(
+                f"The module's parameters {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} require "
+                f"gradients, but the run's optimizer was not given them, so training held them fixed. Call "
+                "requires_grad_(False) on them where the module is built (every estimator then leaves them out), or "
+                "give them to the optimizer."
+            )
+        if missing and len(groups) == 1:  # runs recorded before parameter names were
             index = {n: 0 for n in param_names}
         elif missing:
             raise ValueError(f"The manifest does not say which parameter group holds {missing[:3]}.")
