@@ -399,7 +399,7 @@ class TrajectoryRecorder(Callback):
         if trainer.global_step == step - 1:  # accumulating: no optimizer step yet
             return
         if trainer.global_step != step or self._step_settings is None:
-            if not pl_module.automatic_optimization:  # two optimizer steps in one training_step, say
+            if trainer.global_step > step and not pl_module.automatic_optimization:  # two steps in one training_step
                 self.writer.abandon(
                     f"training_step stepped the optimizer {trainer.global_step - step + 1} times in one batch "
                     f"(step {trainer.global_step}) under manual optimization",
