@@ -554,3 +554,29 @@ def test_two_optimizer_steps_in_one_manual_training_step_are_named(tmp_path):
             model, DataLoader(classification_data(n=16), batch_size=4)
         )
     assert model.trainer.global_step == 8
+
+
+def test_accumulation_under_manual_optimization_stops_recording_at_once(tmp_path):
+    """A replay cannot know how the user's own accumulation scales the loss (a new-user trial: refused only after
+    the first snapshot interval, as a mismatch); the recorder stops at the first batch without a step."""
+
+    class Accumulates(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]) / 2)
+            if batch_idx % 2 == 1:
+                optimizer.step()
+                optimizer.zero_grad()
+
+    model = Accumulates()
+    with pytest.warns(UserWarning, match=r"training_step did not step the optimizer \(batch 0\) under manual optimiz"):
+        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
+            model, DataLoader(classification_data(n=16), batch_size=4)
+        )
+    assert model.trainer.global_step == 2
+    [run] = load_runs(tmp_path / "runs", unfinished=True)
+    assert run.status == "abandoned"

@@ -133,6 +133,10 @@ def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
 
 
 _REPORT = "Please report this with your Trainer's settings; record the run again once it is fixed."
+_MANUAL = (
+    "The recorder supports manual optimization with one optimizer step per training_step; Lightning's automatic "
+    "optimization records any accumulation."
+)
 
 
 def _warn_missing_hooks(pl_module: pl.LightningModule, batch: Any) -> None:
@@ -397,14 +401,19 @@ class TrajectoryRecorder(Callback):
         self._step_losses.append(_training_loss(outputs, trainer.accumulate_grad_batches))
         step = self.writer.next_step
         if trainer.global_step == step - 1:  # accumulating: no optimizer step yet
+            if not pl_module.automatic_optimization:  # how the user's own accumulation scales the loss is unknown
+                self.writer.abandon(
+                    f"training_step did not step the optimizer (batch {batch_idx}) under manual "
+                    "optimization, accumulating over batches no replay can follow",
+                    _MANUAL,
+                )
             return
         if trainer.global_step != step or self._step_settings is None:
             if trainer.global_step > step and not pl_module.automatic_optimization:  # two steps in one training_step
                 self.writer.abandon(
                     f"training_step stepped the optimizer {trainer.global_step - step + 1} times in one batch "
                     f"(step {trainer.global_step}) under manual optimization",
-                    "The recorder supports manual optimization with one optimizer step per training_step (and "
-                    "micro-batch); Lightning's automatic optimization records any accumulation.",
+                    _MANUAL,
                 )
                 return
             self.writer.abandon(f"it lost track of optimizer steps at step {trainer.global_step}", _REPORT)
