@@ -533,50 +533,39 @@ def test_a_training_set_that_changes_at_a_reload_stops_recording_but_never_train
     assert run.status == "abandoned" and run.snapshot_steps == [0, 4]
 
 
-def test_two_optimizer_steps_in_one_manual_training_step_are_named(tmp_path):
-    """The recorder stops (training goes on) saying what manual optimization did, not asking for a bug report."""
+class ManualSteps(TinyClassifier):
+    """Manual optimization with ``steps`` optimizer steps per batch: 2, or 0.5 (its own accumulation over two)."""
 
-    class TwoSteps(TinyClassifier):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
+    def __init__(self, steps: float = 1):
+        super().__init__()
+        self.steps = steps
+        self.automatic_optimization = False
 
-        def training_step(self, batch, batch_idx):
-            optimizer = self.optimizers()
-            for _ in range(2):
-                optimizer.zero_grad()
-                self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
-                optimizer.step()
-
-    model = TwoSteps()
-    with pytest.warns(UserWarning, match=r"training_step stepped the optimizer 2 times in one batch \(step 2\)"):
-        trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
-            model, DataLoader(classification_data(n=16), batch_size=4)
-        )
-    assert model.trainer.global_step == 8
-
-
-def test_accumulation_under_manual_optimization_stops_recording_at_once(tmp_path):
-    """A replay cannot know how the user's own accumulation scales the loss (a new-user trial: refused only after
-    the first snapshot interval, as a mismatch); the recorder stops at the first batch without a step."""
-
-    class Accumulates(TinyClassifier):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            optimizer = self.optimizers()
-            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]) / 2)
-            if batch_idx % 2 == 1:
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        for _ in range(max(1, int(self.steps))):
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]) * min(1.0, self.steps))
+            if self.steps >= 1 or batch_idx % 2 == 1:
                 optimizer.step()
                 optimizer.zero_grad()
 
-    model = Accumulates()
-    with pytest.warns(UserWarning, match=r"training_step did not step the optimizer \(batch 0\) under manual optimiz"):
+
+@pytest.mark.parametrize(
+    ("steps", "said", "global_step"),
+    [
+        (2, r"training_step stepped the optimizer 2 times in one batch \(step 2\) under manual optimization", 8),
+        (0.5, r"training_step did not step the optimizer \(batch 0\) under manual optimization", 2),
+    ],
+)
+def test_manual_optimization_other_than_one_step_a_batch_stops_recording_at_once(tmp_path, steps, said, global_step):
+    """Two steps in one batch, or the module's own accumulation (whose loss scaling no replay can know; a new-user
+    trial: refused only after the first snapshot interval, as a mismatch): the recorder stops at once, saying
+    what manual optimization did rather than asking for a bug report; training goes on."""
+    model = ManualSteps(steps)
+    with pytest.warns(UserWarning, match=said):
         trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
             model, DataLoader(classification_data(n=16), batch_size=4)
         )
-    assert model.trainer.global_step == 2
+    assert model.trainer.global_step == global_step
     [run] = load_runs(tmp_path / "runs", unfinished=True)
     assert run.status == "abandoned"
