@@ -64,12 +64,11 @@ def paired_ratios(
     for pair in range(pairs + 1):
         seconds = {}
         for kind in kinds if pair % 2 else kinds[::-1]:
-            callback = {
-                "without": None,
-                "recorder": TrajectoryRecorder(folder / f"p{pair}"),
-                "empty callback": EmptyCallback(),
-            }
-            seconds[kind] = fit(train_set, callback[kind], pair, **settings)
+            if kind == "recorder":
+                callback: pl.Callback | None = TrajectoryRecorder(folder / f"p{pair}")
+            else:
+                callback = EmptyCallback() if kind == "empty callback" else None
+            seconds[kind] = fit(train_set, callback, pair, **settings)
         if pair > 0:  # the first round warms up
             for kind in ratios:
                 ratios[kind].append(seconds[kind] / seconds["without"])

@@ -28,7 +28,7 @@ from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult, SelfInfluence
 from lightning_dtda.runs.fingerprint import SeededDataset, fingerprint_dataset
-from lightning_dtda.runs.trajectory import Trajectory, check_not_averaged, check_poolable, load_runs, metric_driven
+from lightning_dtda.runs.trajectory import Trajectory, metric_driven, runs_to_attribute
 from lightning_dtda.sharding import rank_and_world
 
 
@@ -122,13 +122,7 @@ class Attributor:
                 f"device={device!r}, but torch finds no CUDA device here; use device='cpu' or leave device=None."
             )
         self.module = module
-        if isinstance(runs, (str, Path)):
-            runs = load_runs(runs)
-        else:
-            runs = list(runs)
-            check_poolable(runs)  # load_runs checks a folder's
-        check_not_averaged(runs)
-        self.runs = [run.upto(snapshot) for run in runs]
+        self.runs = runs_to_attribute(runs, train_data, snapshot)
         self.snapshot = snapshot
         # Every read of a training example draws the same random numbers (one fixed view of an augmented example).
         self.train_data = SeededDataset(train_data, self.runs[0].manifest.input_dtype)
@@ -136,7 +130,6 @@ class Attributor:
         self.batch_size = batch_size
         self.progress = progress
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.runs[0].check_dataset(train_data)
         driven = metric_driven(self.runs)
         if driven is not None:
             rank_zero_warn(
@@ -155,7 +148,7 @@ class Attributor:
                 "and the effects carry about three significant digits. Record in '32-true' (or '64-true') to "
                 "attribute to more."
             )
-        kept = [run for run in runs if run.manifest.best_step not in (None, run.final_step)]
+        kept = [run for run in self.runs if run.manifest.best_step not in (None, run.final_step)]
         if snapshot == "final" and kept:
             rank_zero_info(
                 "Attributor: attributing each run's final weights; ModelCheckpoint's best checkpoint is elsewhere in "
@@ -174,11 +167,7 @@ class Attributor:
         broadcast, on the first examples of the training and the query data: before anything runs or is said.
         Returns the first run's model it checked."""
         model = self.load_model(self.runs[0], warn=False)  # no warning here: the same build warns when attributed
-        hooks = Hooks(model)
-        if hooks.default_train_loss:
-            hooks.check_loss(first_batch(self.train_data, self.device))
-            if hooks.default_measurement and query_data is not None:  # the query loss: its targets could broadcast too
-                hooks.check_loss(first_batch(query_data, self.device))
+        Hooks(model).check_defaults(self.train_data, query_data, self.device)
         return model
 
     def _prepare(self, run: Trajectory, query_data: Dataset | None) -> tuple[torch.nn.Module, Hooks, list[str], bool]:

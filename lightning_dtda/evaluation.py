@@ -26,14 +26,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_dtda.errors import ReplayMismatchError, UnsupportedTrainingError
-from lightning_dtda.hooks import Hooks, first_batch
+from lightning_dtda.hooks import Hooks
 from lightning_dtda.model.gradients import quiet_batching_rules
 from lightning_dtda.model.instantiate import instantiate
 from lightning_dtda.replay.check import replay_checked
 from lightning_dtda.replay.engine import Replay, measure
 from lightning_dtda.results.retraining import Retraining
 from lightning_dtda.runs.fingerprint import SeededDataset
-from lightning_dtda.runs.trajectory import Trajectory, check_not_averaged, check_poolable, load_runs, metric_driven
+from lightning_dtda.runs.trajectory import Trajectory, metric_driven, runs_to_attribute
 
 
 def retrain(
@@ -88,14 +88,7 @@ def retrain(
         DatasetMismatchError: If ``train_data`` is not what the runs were recorded on.
         ValueError: For a ``snapshot`` a run does not have (the message lists its snapshots).
     """
-    if isinstance(runs, (str, Path)):
-        runs = load_runs(runs)
-    else:
-        runs = list(runs)
-        check_poolable(runs)  # load_runs checks a folder's
-    check_not_averaged(runs)
-    runs = [run.upto(snapshot) for run in runs]
-    runs[0].check_dataset(train_data)
+    runs = runs_to_attribute(runs, train_data, snapshot)
     mixed = [f"{run.name} ({run.manifest.precision})" for run in runs if "mixed" in run.manifest.precision]
     if mixed:
         # The replay runs in full precision and lands up to 2e-2 (relative) from a mixed-precision run's
@@ -129,9 +122,7 @@ def retrain(
     with quiet_batching_rules():  # vmap's fallback for attention is exact; torch's request is not the user's
         for run in tqdm(runs, desc="retraining seeds", disable=not progress):
             model = instantiate(module, run, 0, device)
-            hooks = Hooks(model)
-            if hooks.default_train_loss:
-                hooks.check_loss(first_batch(train_data, device))
+            Hooks(model).check_defaults(train_data, query_data, device)
             replayer = Replay(model, run, train_data)  # one per run: it checks the run and reads snapshot 0
             batched: ReplayMismatchError | None = None
             if models_per_pass > 1:

@@ -183,6 +183,14 @@ class Hooks:
                 "there as training_step does",
             )
 
+    def check_defaults(self, train_data: Any, query_data: Any, device: torch.device | str) -> None:
+        """``check_loss`` on the first examples of ``train_data`` and of ``query_data`` (``None``: none), wherever
+        the default loss serves: for the training loss, and for the measurement of the queries."""
+        if self.default_train_loss:
+            self.check_loss(first_batch(train_data, device))
+            if self.default_measurement and query_data is not None:  # the queries' targets could broadcast too
+                self.check_loss(first_batch(query_data, device))
+
     @property
     def default_measurement(self) -> bool:
         """Whether the measurement is the training loss (no ``attribution_measurement`` hook)."""

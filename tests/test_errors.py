@@ -442,6 +442,8 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
     """K-FAC leaves out pos_weight (and class weights, label smoothing); query
     targets shaped unlike the outputs would broadcast the measurement; a keyword-only forward cannot take
     the inputs positionally."""
+    from lightning_dtda import retrain
+
     x, y = regression_data(n=16).tensors
     labels = (y[:, :1] > 0).float()
 
@@ -471,6 +473,10 @@ def test_what_kfac_and_the_queries_would_get_silently_wrong_is_refused(tmp_path)
         Attributor(
             LinearRegression, tmp_path / "mse", regression, Influence(curvature="identity"), progress=False
         ).attribute(TensorDataset(x[:4], y[:4, 0]))
+    with pytest.raises(
+        MissingHookError, match=r"outputs have shape \(4, 1\) and the targets \(4,\)"
+    ):  # the ground truth
+        retrain(LinearRegression, tmp_path / "mse", regression, TensorDataset(x[:4], y[:4, 0]), torch.ones(1, 16))
 
     class KeywordOnly(LinearRegression):
         def forward(self, *, features):

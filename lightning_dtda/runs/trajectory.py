@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -313,8 +314,17 @@ def metric_driven(runs: list[Trajectory]) -> str | None:
     return f"{', '.join(run.name for run in driven)} ({', '.join(sorted({c for run in driven for c in causes(run)}))})"
 
 
-def check_not_averaged(runs: list[Trajectory]) -> None:
-    """Refuse runs trained with weight averaging: the model ``fit`` left is an average the snapshots do not hold."""
+def runs_to_attribute(
+    runs: str | Path | Sequence[Trajectory], train_data: Any, snapshot: Literal["final", "best"] | int
+) -> list[Trajectory]:
+    """The runs the Attributor and ``retrain`` take, each up to ``snapshot``: a folder loaded (``load_runs``), or
+    trajectories checked as it checks a folder's (``check_poolable``); refused if trained with weight averaging
+    (the model fit left is an average the snapshots do not hold) or on another dataset than ``train_data``."""
+    if isinstance(runs, (str, Path)):
+        runs = load_runs(runs)
+    else:
+        runs = list(runs)
+        check_poolable(runs)
     averaged = [
         f"{run.name} ({', '.join(run.manifest.weight_averaging)})" for run in runs if run.manifest.weight_averaging
     ]
@@ -324,6 +334,9 @@ def check_not_averaged(runs: list[Trajectory]) -> None:
             "weights training passed through, which the snapshots do not hold, and no estimator or replay follows "
             "the averaging: its effects would be those of another model. Record the runs without weight averaging."
         )
+    runs = [run.upto(snapshot) for run in runs]
+    runs[0].check_dataset(train_data)
+    return runs
 
 
 # What the manifest says of how a run was trained, beside its seed (which is meant to differ).
