@@ -25,6 +25,7 @@ from lightning_dtda.estimators.base import measurement_gradients
 from lightning_dtda.hooks import Hooks, first_batch
 from lightning_dtda.model.gradients import quiet_batching_rules, trainable_parameters
 from lightning_dtda.model.instantiate import instantiate
+from lightning_dtda.replay.optim import check_optimized
 from lightning_dtda.reporting.loggers import log_result
 from lightning_dtda.results.result import AttributionResult, SelfInfluence
 from lightning_dtda.runs.fingerprint import SeededDataset, fingerprint_dataset
@@ -163,10 +164,12 @@ class Attributor:
         return instantiate(self.module, run, snapshot, self.device, warn)
 
     def _check_hooks(self, query_data: Dataset | None) -> torch.nn.Module:
-        """Refuse a module whose batches its hooks (or their defaults) cannot read, or whose default loss would
-        broadcast, on the first examples of the training and the query data: before anything runs or is said.
-        Returns the first run's model it checked."""
+        """Refuse, before anything runs or is said, a module whose batches its hooks (or their defaults) cannot read,
+        or whose default loss would broadcast, on the first examples of the training and the query data; and one
+        whose trainable parameters include some the run's optimizer was not given (``check_optimized``). Returns the
+        first run's model it checked."""
         model = self.load_model(self.runs[0], warn=False)  # no warning here: the same build warns when attributed
+        check_optimized(list(trainable_parameters(model)), self.runs[0].manifest.param_groups)
         Hooks(model).check_defaults(self.train_data, query_data, self.device)
         return model
 

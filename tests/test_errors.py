@@ -733,11 +733,12 @@ def test_parameters_the_optimizer_was_not_given_are_named_before_any_replay(tmp_
     trainer(tmp_path, [TrajectoryRecorder(tmp_path / "runs")], max_epochs=1).fit(
         HeadOnly(), DataLoader(data, batch_size=8)
     )
-    with pytest.raises(
-        UnsupportedTrainingError,
-        match=r"parameters net\.0\.weight, net\.0\.bias require gradients, but the run's optimizer was not given them",
-    ):
-        Attributor(HeadOnly, tmp_path / "runs", data, estimator=Unrolled(), progress=False).attribute(data)
+    for estimator in (Unrolled(), Influence()):  # Influence attributed through the untrained body, without a word
+        with pytest.raises(
+            UnsupportedTrainingError,
+            match=r"parameters net\.0\.weight, net\.0\.bias require gradients, but the run's optimizer was not given them",
+        ):
+            Attributor(HeadOnly, tmp_path / "runs", data, estimator=estimator, progress=False).attribute(data)
 
 
 def test_half_precision_runs_say_how_few_digits_their_effects_carry(tmp_path, data):

@@ -377,7 +377,8 @@ def recipe_differences(runs: list[Trajectory]) -> list[str]:
     for run in runs:
         manifest = run.manifest
         recipe = {k: v for name in _RECIPE for k, v in _flat(name, getattr(manifest, name)).items()}
-        recipe.update({f"hparams.{k}": v for k, v in manifest.hparams.items()})
+        # Not the keys Lightning adds itself (LightningCLI's "_instantiator"): one run from the CLI, one from Python.
+        recipe.update({f"hparams.{k}": v for k, v in manifest.hparams.items() if not k.startswith("_")})
         recipes.append({k: json.dumps(comparable(v), sort_keys=True, default=str) for k, v in recipe.items()})
     seeds = [json.dumps(run.manifest.seed) for run in runs]
     lines = []
